@@ -1,0 +1,337 @@
+"""The ``qhx-edge`` command line: the stable contract of DESIGN.md.
+
+``qhx-edge [--home DIR] [--json] COMMAND ...``.  With ``--json`` every command
+prints exactly one JSON object: ``{"ok": true, ...}`` or
+``{"ok": false, "error": {"kind": ..., "message": ...}}``.  Exit codes: 0
+success, 1 input rejected, 2 usage error, 3 environment error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from qhx_edge import clock, node, pack, policyfile
+from qhx_edge.authority import Authority, fingerprint
+from qhx_edge.errors import AlreadyInitialised, MissingFile, QhxError
+from qhx_edge.fsutil import atomic_write
+from qhx_edge.keystore import passphrase_from_env
+from qhx_edge.suites import DEFAULT_SUITE, SUITES
+
+DEFAULT_HOME = "~/.local/share/qhx-edge"
+
+
+class Ctx:
+    def __init__(self, home: Path, as_json: bool) -> None:
+        self.home = home
+        self.json = as_json
+
+    def emit(self, data: dict[str, Any], text: str | Callable[[], str]) -> None:
+        if self.json:
+            click.echo(json.dumps({"ok": True, **data}, sort_keys=True))
+        else:
+            click.echo(text() if callable(text) else text)
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def _prompt(label: str, confirm: bool) -> str:
+    return str(click.prompt(label, hide_input=True, confirmation_prompt=confirm, err=True))
+
+
+def _open_authority(ctx: Ctx) -> Authority:
+    return Authority.open(ctx.home, lambda: passphrase_from_env(_prompt))
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise MissingFile(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise MissingFile(f"{path} is a directory") from None
+
+
+def _when(ts: int | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _published(docs: list[bytes]) -> list[dict[str, Any]]:
+    from qhx_edge.documents import parse
+
+    out = []
+    for raw in docs:
+        d = parse(raw)
+        out.append({"type": d.type, "version": d.payload.version, "digest": d.digest.hex()})
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="QHX_EDGE_HOME",
+              default=DEFAULT_HOME, show_default=True, help="Home directory (QHX_EDGE_HOME).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def cli(cctx: click.Context, home: Path, as_json: bool) -> None:
+    """qhx-edge: offline-first workload trust gateway for field nodes."""
+    cctx.obj = Ctx(home.expanduser(), as_json)
+
+
+# --- authority -------------------------------------------------------------------------
+
+
+@cli.group()
+def authority() -> None:
+    """A trust domain's authority: root keys, CAs and published documents."""
+
+
+@authority.command("init")
+@click.option("--domain", required=True, help="Trust domain name, e.g. alpha.example.")
+@click.option("--suite", type=click.Choice(sorted(SUITES)), default=DEFAULT_SUITE, show_default=True)
+@click.option("--root-keys", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--root-threshold", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--no-passphrase", is_flag=True, help="Store private keys unencrypted (demos and tests only).")
+@pass_ctx
+def authority_init(ctx: Ctx, domain: str, suite: str, root_keys: int, root_threshold: int, no_passphrase: bool) -> None:
+    """Create root and role keys, the domain CAs, and root, bundle, policy and freshness v1."""
+    if root_threshold > root_keys:
+        raise click.UsageError("--root-threshold cannot exceed --root-keys")
+    if Authority.exists(ctx.home):
+        raise AlreadyInitialised(f"{ctx.home} already holds an authority")
+    secret = None if no_passphrase else passphrase_from_env(_prompt, confirm=True)
+    auth = Authority.init(ctx.home, domain, suite=suite, root_keys=root_keys, root_threshold=root_threshold,
+                          passphrase=secret, now=clock.now())
+    st = auth.status()
+    ctx.emit(st, lambda: (
+        f"authority for {domain} created in {ctx.home} (suite {suite}, root {root_threshold}-of-{root_keys})\n"
+        f"root fingerprint: {st['root_fingerprint']}"
+    ))
+
+
+def _emit_published(ctx: Ctx, docs: list[bytes], what: str) -> None:
+    items = _published(docs)
+    ctx.emit({"published": items}, lambda: "\n".join(f"published {i['type']} v{i['version']} ({what})" for i in items))
+
+
+@authority.group("publish")
+def authority_publish() -> None:
+    """Publish a new version of a document."""
+
+
+@authority_publish.command("bundle")
+@pass_ctx
+def publish_bundle(ctx: Ctx) -> None:
+    """Re-issue the trust bundle (and a freshness epoch naming it)."""
+    _emit_published(ctx, _open_authority(ctx).publish_bundle(clock.now()), "bundle")
+
+
+@authority_publish.command("freshness")
+@click.option("--lifetime", default=None, help="Expiry after issue (default: the policy's hard budget), e.g. 72h.")
+@pass_ctx
+def publish_freshness(ctx: Ctx, lifetime: str | None) -> None:
+    """Issue a new freshness epoch for the current versions."""
+    life = policyfile.duration(lifetime, "--lifetime") if lifetime is not None else None
+    _emit_published(ctx, _open_authority(ctx).publish_freshness(clock.now(), life), "freshness")
+
+
+@authority_publish.command("policy")
+@click.argument("file")
+@pass_ctx
+def publish_policy(ctx: Ctx, file: str) -> None:
+    """Publish the policy in FILE.toml (and a freshness epoch naming it)."""
+    fields = policyfile.load_policy_file(Path(file))
+    _emit_published(ctx, _open_authority(ctx).publish_policy(fields, clock.now()), "policy")
+
+
+@authority.command("rotate-root")
+@click.option("--root-keys", type=click.IntRange(1, 64), default=None)
+@click.option("--root-threshold", type=click.IntRange(1, 64), default=None)
+@click.option("--rotate-role", "roles", multiple=True,
+              type=click.Choice(["pki", "policy", "freshness", "federation", "notary"]),
+              help="Also replace this role's key (repeatable).")
+@pass_ctx
+def rotate_root(ctx: Ctx, root_keys: int | None, root_threshold: int | None, roles: tuple[str, ...]) -> None:
+    """Issue root v+1 with new root keys, signed by the old and the new thresholds."""
+    auth = _open_authority(ctx)
+    docs = auth.rotate_root(clock.now(), root_keys=root_keys, root_threshold=root_threshold, roles=roles)
+    _emit_published(ctx, docs, "rotate-root")
+
+
+@authority.command("rotate-ca")
+@pass_ctx
+def rotate_ca(ctx: Ctx) -> None:
+    """Make a new CA generation; the bundle carries the new and the previous one."""
+    _emit_published(ctx, _open_authority(ctx).rotate_ca(clock.now()), "rotate-ca")
+
+
+@authority.command("anchor")
+@click.option("--to", "to", required=True, help="Where to write the root document.")
+@pass_ctx
+def authority_anchor(ctx: Ctx, to: str) -> None:
+    """Write the current root document: a node's out-of-band trust anchor."""
+    data = _open_authority(ctx).anchor()
+    atomic_write(Path(to), data)
+    fp = fingerprint(data)
+    ctx.emit({"anchor": to, "fingerprint": fp}, f"anchor written to {to}\nfingerprint: {fp}\n"
+             "Give the fingerprint to the node operator through a separate channel.")
+
+
+# --- node ------------------------------------------------------------------------------
+
+
+@cli.group("node")
+def node_group() -> None:
+    """A field node's store of trust material."""
+
+
+@node_group.command("init")
+@click.option("--anchor", required=True, help="Root document from the authority (out of band).")
+@click.option("--expect-fingerprint", default=None, help="Refuse unless the anchor has this fingerprint.")
+@click.option("--clock-tolerance", type=click.IntRange(0, 86400), default=node.DEFAULT_CLOCK_TOLERANCE,
+              show_default=True, help="Seconds the clock may lag trusted time.")
+@pass_ctx
+def node_init(ctx: Ctx, anchor: str, expect_fingerprint: str | None, clock_tolerance: int) -> None:
+    """Create a node store anchored to a root document (never trust on first use)."""
+    info = node.init(ctx.home, _read(anchor), clock.now(), expect=expect_fingerprint, tolerance=clock_tolerance)
+    ctx.emit(info, lambda: (
+        f"node {info['node_id']} of {info['domain']} anchored to root v{info['root_version']}\n"
+        f"anchor fingerprint: {info['fingerprint']}\n"
+        "Compare it with the authority's fingerprint before relying on this node."
+    ))
+
+
+# --- packs -------------------------------------------------------------------------------
+
+
+@cli.group("pack")
+def pack_group() -> None:
+    """Move documents between homes in pack files."""
+
+
+@pack_group.command("export")
+@click.option("--to", "to", required=True, help="Pack file to write (atomically).")
+@click.option("--history", is_flag=True, help="Node homes: include every held version.")
+@pass_ctx
+def pack_export(ctx: Ctx, to: str, history: bool) -> None:
+    """Write the current documents of this home into one pack file."""
+    if Authority.exists(ctx.home):
+        docs = _open_authority(ctx).export_documents()
+    else:
+        n = node.Node(ctx.home)
+        try:
+            docs = n.export_documents(history=history)
+        finally:
+            n.close()
+    size = pack.write(Path(to), docs)
+    ctx.emit({"pack": to, "documents": len(docs), "bytes": size}, f"wrote {len(docs)} documents ({size} bytes) to {to}")
+
+
+@pack_group.command("import")
+@click.argument("file")
+@pass_ctx
+def pack_import(ctx: Ctx, file: str) -> None:
+    """Verify FILE and apply it atomically (all documents or none)."""
+    n = node.Node(ctx.home)
+    try:
+        result = n.import_pack(pack.read(Path(file)), clock.now(), source=f"pack {Path(file).name}")
+    finally:
+        n.close()
+    data = result.to_json()
+    ctx.emit(data, lambda: (
+        ("applied: " if result.applied else "nothing new: ")
+        + ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items()))
+    ))
+
+
+# --- status and documents -------------------------------------------------------------------
+
+
+@cli.command()
+@pass_ctx
+def status(ctx: Ctx) -> None:
+    """Held versions, freshness, staleness and mode per domain."""
+    if Authority.exists(ctx.home):
+        st = _open_authority(ctx).status()
+        ctx.emit({"authority": st}, lambda: json.dumps(st, indent=2))
+        return
+    n = node.Node(ctx.home)
+    try:
+        st = n.status(clock.now())
+    finally:
+        n.close()
+
+    def text() -> str:
+        lines = [f"node {st['node_id']} ({st['home_domain']})  clock: {st['clock']}"]
+        for dom, d in st["domains"].items():
+            v = d["versions"]
+            lines.append(
+                f"  {dom} [{d['relation']}] mode {d['mode']}, staleness {d['staleness']} s, max TTL {d['max_ttl']} s\n"
+                f"    root v{v['root']} bundle v{v['bundle']} policy v{v['policy']} freshness v{v['freshness']}"
+                f" issued {_when(d['freshness_issued_at'])}"
+            )
+        return "\n".join(lines)
+
+    ctx.emit(st, text)
+
+
+@cli.group("doc")
+def doc_group() -> None:
+    """Held documents."""
+
+
+@doc_group.command("list")
+@pass_ctx
+def doc_list(ctx: Ctx) -> None:
+    """List held documents (domain, type, version, digest)."""
+    n = node.Node(ctx.home)
+    try:
+        docs = n.store.list_documents()
+    finally:
+        n.close()
+    ctx.emit({"documents": docs}, lambda: "\n".join(
+        f"{d['domain']:<24} {d['type']:<10} v{d['version']:<5} {d['digest'][:16]} {'current' if d['current'] else ''}"
+        for d in docs
+    ))
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def _fail(as_json: bool, kind: str, message: str, code: int) -> NoReturn:
+    if as_json:
+        click.echo(json.dumps({"ok": False, "error": {"kind": kind, "message": message}}, sort_keys=True))
+    else:
+        click.echo(f"error [{kind}]: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args[: args.index("--") if "--" in args else len(args)]
+    try:
+        cli.main(args=args, prog_name="qhx-edge", standalone_mode=False)
+    except QhxError as exc:
+        _fail(as_json, exc.kind, exc.message, exc.exit_code)
+    except click.exceptions.Abort:
+        _fail(as_json, "aborted", "aborted", 2)
+    except click.ClickException as exc:
+        if not as_json:
+            exc.show()
+            sys.exit(2)
+        _fail(as_json, "usage", exc.format_message(), 2)
+    except OSError as exc:
+        _fail(as_json, "os-error", f"{exc.strerror or exc}: {getattr(exc, 'filename', '') or ''}".strip(), 3)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

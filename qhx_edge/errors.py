@@ -1,0 +1,169 @@
+"""Typed errors of qhx-edge, one class per stable ``kind``.
+
+Errors split by who is at fault (the python-tuf split):
+
+* :class:`Rejected` -- the *input* is bad (a document, a pack, a clock reading
+  that contradicts trusted time). CLI exit code 1; ``error.kind`` is the stable
+  string below, printed in ``--json`` output and written to the audit log.
+* :class:`EnvironmentFault` -- the *environment* is wrong (a missing file, a
+  locked store, a wrong passphrase, no TPM). CLI exit code 3.
+
+Usage errors (exit code 2) are click's own.  Every implementation error from a
+library (cbor2, cryptography, sqlite3) is wrapped into one of these before it
+leaves the package, so a caller only ever has to catch :class:`QhxError`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class QhxError(Exception):
+    """Base of every error qhx-edge raises on purpose."""
+
+    kind: ClassVar[str] = "error"
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "message": self.message}
+
+
+class Rejected(QhxError):
+    """Input rejected: the store is left unchanged (exit code 1)."""
+
+    kind = "rejected"
+    exit_code = 1
+
+
+class Malformed(Rejected):
+    kind = "malformed"
+
+
+class NonDeterministic(Rejected):
+    kind = "non-deterministic"
+
+
+class Oversize(Rejected):
+    kind = "oversize"
+
+
+class BadSignature(Rejected):
+    kind = "bad-signature"
+
+
+class ThresholdNotMet(Rejected):
+    kind = "threshold"
+
+
+class WrongRole(Rejected):
+    kind = "wrong-role"
+
+
+class UnknownDomain(Rejected):
+    kind = "unknown-domain"
+
+
+class DomainMismatch(Rejected):
+    kind = "domain-mismatch"
+
+
+class Rollback(Rejected):
+    kind = "rollback"
+
+
+class EqualVersionConflict(Rejected):
+    kind = "equal-version-conflict"
+
+
+class Expired(Rejected):
+    kind = "expired"
+
+
+class NotYetValid(Rejected):
+    kind = "not-yet-valid"
+
+
+class MixAndMatch(Rejected):
+    kind = "mix-and-match"
+
+
+class ClockRollback(Rejected):
+    kind = "clock-rollback"
+
+
+class NoAgreement(Rejected):
+    kind = "no-agreement"
+
+
+class ScopeViolation(Rejected):
+    kind = "scope-violation"
+
+
+class Stale(Rejected):
+    kind = "stale"
+
+
+class NotRecipient(Rejected):
+    kind = "not-recipient"
+
+
+class AttestationFailed(Rejected):
+    kind = "attestation-failed"
+
+
+class PolicyDenied(Rejected):
+    kind = "policy-denied"
+
+
+class Downgrade(Rejected):
+    kind = "downgrade"
+
+
+class EnvironmentFault(QhxError):
+    """The environment is wrong, not the input (exit code 3)."""
+
+    kind = "environment"
+    exit_code = 3
+
+
+class MissingFile(EnvironmentFault):
+    kind = "missing-file"
+
+
+class StoreLocked(EnvironmentFault):
+    kind = "store-locked"
+
+
+class NotInitialised(EnvironmentFault):
+    kind = "not-initialised"
+
+
+class AlreadyInitialised(EnvironmentFault):
+    kind = "already-initialised"
+
+
+class PassphraseError(EnvironmentFault):
+    kind = "passphrase"
+
+
+class StoreCorrupt(EnvironmentFault):
+    kind = "store-corrupt"
+
+
+class NoTpm(EnvironmentFault):
+    kind = "no-tpm"
+
+
+def all_kinds() -> dict[str, type[QhxError]]:
+    """Every stable kind and its class (used by docs and tests)."""
+    out: dict[str, type[QhxError]] = {}
+    stack: list[type[QhxError]] = [QhxError]
+    while stack:
+        cls = stack.pop()
+        out[cls.kind] = cls
+        stack.extend(cls.__subclasses__())
+    return out

@@ -1,0 +1,370 @@
+"""The node store: one SQLite file holding everything a node believes.
+
+* the exact signed bytes of every accepted document and its history;
+* persisted high-water marks per (domain, type) -- the rollback guard;
+* the persisted clock high-water mark (trusted time);
+* a hash-chained audit log of every accept and reject.
+
+Durability: WAL journal, ``synchronous=FULL`` (every commit is fsynced before
+it is acknowledged), foreign keys on.  Every change of trust state happens in
+one ``BEGIN IMMEDIATE`` transaction, so a crash leaves the old or the new
+state and nothing between.  Rejections are written to the audit log in their
+own transaction *after* the rejected change has been rolled back, so the
+audit log grows while the trust state (every other table) stays unchanged.
+
+Schema changes are numbered migrations applied in order and recorded in
+``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from qhx_edge import cbor
+from qhx_edge.documents import Freshness, Root, Signed, parse
+from qhx_edge.errors import NotInitialised, StoreCorrupt, StoreLocked
+from qhx_edge.verify import DomainView, Mark, Outcome, TrustState
+
+STORE_FILE = "node.sqlite"
+GENESIS = b"\x00" * 32
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the trust core.
+    """
+    CREATE TABLE node (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        node_id TEXT NOT NULL,
+        home_domain TEXT NOT NULL,
+        clock_tolerance INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE domains (
+        domain TEXT PRIMARY KEY,
+        relation TEXT NOT NULL CHECK (relation IN ('home', 'partner')),
+        anchor_fingerprint TEXT NOT NULL,
+        added_at INTEGER NOT NULL
+    );
+    CREATE TABLE documents (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL REFERENCES domains(domain),
+        type TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        issued_at INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        accepted_at INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        UNIQUE (domain, type, version)
+    );
+    CREATE INDEX documents_digest ON documents(digest);
+    CREATE TABLE high_water (
+        domain TEXT NOT NULL REFERENCES domains(domain),
+        type TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        PRIMARY KEY (domain, type)
+    );
+    CREATE TABLE clock (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        high_water INTEGER NOT NULL
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        kind TEXT,
+        domain TEXT,
+        type TEXT,
+        version INTEGER,
+        digest BLOB,
+        detail TEXT NOT NULL,
+        prev BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    """,
+)
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    event: str  # init | accept | reject | reset | ...
+    detail: str
+    kind: str | None = None
+    domain: str | None = None
+    type: str | None = None
+    version: int | None = None
+    digest: bytes | None = None
+
+
+def _entry_hash(prev: bytes, seq: int, at: int, e: AuditEntry) -> bytes:
+    body = cbor.encode([seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail])
+    return hashlib.sha256(prev + body).digest()
+
+
+class Store:
+    """A node's SQLite store.  Use :meth:`create` or :meth:`open`."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+        self.db = sqlite_utils.Database(conn)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=2.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise StoreLocked(f"{path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreCorrupt(f"{path} is not a usable SQLite store: {exc}") from exc
+        return conn
+
+    @classmethod
+    def open(cls, home: Path) -> Store:
+        path = Path(home) / STORE_FILE
+        if not path.exists():
+            raise NotInitialised(f"{home} is not a node home (no {STORE_FILE}); run 'node init'")
+        store = cls(cls._connect(path), path)
+        store.migrate()
+        return store
+
+    @classmethod
+    def create(cls, home: Path) -> Store:
+        Path(home).mkdir(parents=True, exist_ok=True)
+        path = Path(home) / STORE_FILE
+        store = cls(cls._connect(path), path)
+        store.migrate()
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def migrate(self) -> None:
+        current = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(MIGRATIONS):
+            raise StoreCorrupt(f"store schema v{current} is newer than this qhx-edge (v{len(MIGRATIONS)})")
+        for number in range(current, len(MIGRATIONS)):
+            with self.transaction():
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreLocked(f"{self.path} is locked by another process: {exc}") from exc
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    # --- reading -------------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        row = self.conn.execute("SELECT node_id, home_domain, clock_tolerance, created_at FROM node").fetchone()
+        if row is None:
+            raise NotInitialised(f"{self.path} holds no node (interrupted 'node init'?)")
+        return {"node_id": row[0], "home_domain": row[1], "clock_tolerance": row[2], "created_at": row[3]}
+
+    def clock_high_water(self) -> int:
+        row = self.conn.execute("SELECT high_water FROM clock").fetchone()
+        return int(row[0]) if row else 0
+
+    def domains(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT domain, relation, anchor_fingerprint, added_at FROM domains ORDER BY domain")
+        return [dict(zip(("domain", "relation", "anchor_fingerprint", "added_at"), r, strict=True)) for r in rows]
+
+    def marks(self, domain: str) -> dict[str, Mark]:
+        rows = self.conn.execute("SELECT type, version, digest FROM high_water WHERE domain = ?", (domain,))
+        return {t: Mark(v, bytes(d)) for t, v, d in rows}
+
+    def document(self, domain: str, type_: str, version: int) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT body FROM documents WHERE domain = ? AND type = ? AND version = ?", (domain, type_, version)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def current(self, domain: str, type_: str) -> Signed[Any] | None:
+        mark = self.marks(domain).get(type_)
+        if mark is None:
+            return None
+        body = self.document(domain, type_, mark.version)
+        if body is None or hashlib.sha256(body).digest() != mark.digest:
+            raise StoreCorrupt(f"held {type_} v{mark.version} of {domain} is missing or does not match its mark")
+        return parse(body)
+
+    def trust_state(self) -> TrustState:
+        views = {}
+        for d in self.domains():
+            domain = d["domain"]
+            root = self.current(domain, "root")
+            if root is None or not isinstance(root.payload, Root):
+                raise StoreCorrupt(f"no root held for {domain}")
+            fresh = self.current(domain, "freshness")
+            history = {
+                (t, v): bytes(dg)
+                for t, v, dg in self.conn.execute(
+                    "SELECT type, version, digest FROM documents WHERE domain = ?", (domain,)
+                )
+            }
+            views[domain] = DomainView(
+                root=root,  # type: ignore[arg-type]
+                marks=self.marks(domain),
+                freshness=fresh if fresh is not None and isinstance(fresh.payload, Freshness) else None,  # type: ignore[arg-type]
+                history=history,
+            )
+        return TrustState(views, self.clock_high_water())
+
+    def list_documents(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT d.domain, d.type, d.version, d.digest, d.issued_at, d.expires, "
+            "h.version IS NOT NULL AS current FROM documents d LEFT JOIN high_water h "
+            "ON h.domain = d.domain AND h.type = d.type AND h.version = d.version "
+            "ORDER BY d.domain, d.type, d.version"
+        )
+        keys = ("domain", "type", "version", "digest", "issued_at", "expires", "current")
+        out = []
+        for r in rows:
+            item = dict(zip(keys, r, strict=True))
+            item["digest"] = bytes(item["digest"]).hex()
+            item["current"] = bool(item["current"])
+            out.append(item)
+        return out
+
+    def held_documents(self, *, history: bool = False) -> list[bytes]:
+        """Current documents (and with ``history`` all versions), roots first in version order."""
+        if history:
+            sql = "SELECT body FROM documents ORDER BY domain, type != 'root', type, version"
+        else:
+            sql = (
+                "SELECT d.body FROM documents d JOIN high_water h ON h.domain = d.domain AND h.type = d.type "
+                "AND (h.version = d.version OR d.type = 'root') ORDER BY d.domain, d.type != 'root', d.type, d.version"
+            )
+        return [bytes(r[0]) for r in self.conn.execute(sql)]
+
+    # --- writing -------------------------------------------------------------------
+
+    def _audit(self, conn: sqlite3.Connection, at: int, entries: Sequence[AuditEntry]) -> None:
+        row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        rows = []
+        for e in entries:
+            seq += 1
+            h = _entry_hash(prev, seq, at, e)
+            rows.append((seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail, prev, h))
+            prev = h
+        conn.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def audit(self, at: int, entries: Sequence[AuditEntry]) -> None:
+        """Append entries to the audit log in their own transaction."""
+        with self.transaction() as conn:
+            self._audit(conn, at, entries)
+
+    def initialise(self, node_id: str, anchor: Signed[Root], fingerprint: str, tolerance: int, now: int) -> None:
+        p = anchor.payload
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO node VALUES (1, ?, ?, ?, ?)", (node_id, p.domain, tolerance, now)
+            )
+            conn.execute("INSERT INTO domains VALUES (?, 'home', ?, ?)", (p.domain, fingerprint, now))
+            self._insert_docs(conn, [anchor], now)
+            conn.execute("INSERT INTO high_water VALUES (?, 'root', ?, ?)", (p.domain, p.version, anchor.digest))
+            conn.execute("INSERT INTO clock VALUES (1, ?)", (p.issued_at,))
+            self._audit(
+                conn, now,
+                [AuditEntry("init", f"node {node_id} anchored to {p.domain} root v{p.version} fingerprint {fingerprint}",
+                            None, p.domain, "root", p.version, anchor.digest)],
+            )
+
+    @staticmethod
+    def _insert_docs(conn: sqlite3.Connection, docs: Sequence[Signed[Any]], now: int) -> None:
+        conn.executemany(
+            "INSERT INTO documents (domain, type, version, digest, issued_at, expires, accepted_at, body) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            [
+                (d.payload.domain, d.type, d.payload.version, d.digest, d.payload.issued_at, d.payload.expires, now, d.raw)
+                for d in docs
+            ],
+        )
+
+    def apply(self, outcome: Outcome, now: int, detail: str) -> None:
+        """Persist an accepted outcome in one transaction, with its audit entries."""
+        entries: list[AuditEntry] = []
+        with self.transaction() as conn:
+            for domain, type_ in sorted(outcome.resets):
+                # TUF 5.3.11: the role's keys changed, so its old versions no longer bind us.
+                conn.execute("DELETE FROM high_water WHERE domain = ? AND type = ?", (domain, type_))
+                conn.execute("DELETE FROM documents WHERE domain = ? AND type = ?", (domain, type_))
+                entries.append(AuditEntry("reset", f"{type_} keys rotated: high-water mark reset ({detail})", None, domain, type_))
+            docs = outcome.accepted
+            self._insert_docs(conn, docs, now)
+            for (domain, type_), mark in sorted(outcome.marks.items()):
+                conn.execute(
+                    "INSERT INTO high_water VALUES (?,?,?,?) ON CONFLICT (domain, type) "
+                    "DO UPDATE SET version = excluded.version, digest = excluded.digest",
+                    (domain, type_, mark.version, mark.digest),
+                )
+            conn.execute("UPDATE clock SET high_water = MAX(high_water, ?)", (outcome.clock_high_water,))
+            for v in outcome.verdicts:
+                if v.doc is not None and v.status in ("applied", "history"):
+                    p = v.doc.payload
+                    entries.append(AuditEntry("accept", f"{v.status}: {detail}", None, p.domain, p.type, p.version, v.doc.digest))
+            self._audit(conn, now, entries)
+
+    # --- integrity -------------------------------------------------------------------
+
+    def trust_digest(self) -> str:
+        """SHA-256 over every table but the audit log: equal digests, equal trust state."""
+        h = hashlib.sha256()
+        for table in sorted(self.db.table_names()):
+            if table == "audit" or table.startswith("sqlite_"):
+                continue
+            cols = [c.name for c in self.db[table].columns]
+            h.update(cbor.encode([table, cols]))
+            order = ", ".join(f'"{c}"' for c in cols)
+            for row in self.conn.execute(f'SELECT * FROM "{table}" ORDER BY {order}'):
+                h.update(cbor.encode([bytes(x) if isinstance(x, memoryview) else x for x in row]))
+        return h.hexdigest()
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        keys = ("seq", "at", "event", "kind", "domain", "type", "version", "digest", "detail", "prev", "hash")
+        return [dict(zip(keys, r, strict=True)) for r in self.conn.execute("SELECT * FROM audit ORDER BY seq")]
+
+    def verify_audit_chain(self) -> int:
+        """Check every link of the audit chain; return its length or raise StoreCorrupt."""
+        prev = GENESIS
+        n = 0
+        for row in self.conn.execute("SELECT * FROM audit ORDER BY seq"):
+            seq, at, event, kind, domain, type_, version, digest, detail, rprev, rhash = row
+            n += 1
+            if seq != n or bytes(rprev) != prev:
+                raise StoreCorrupt(f"audit chain broken at entry {seq}")
+            entry = AuditEntry(event, detail, kind, domain, type_, version, bytes(digest) if digest is not None else None)
+            if _entry_hash(prev, seq, at, entry) != bytes(rhash):
+                raise StoreCorrupt(f"audit entry {seq} does not match its hash")
+            prev = bytes(rhash)
+        return n
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])

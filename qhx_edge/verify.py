@@ -1,0 +1,414 @@
+"""The trust core: pure verification of signed documents.
+
+Input: document bytes, a reference time and the node's trusted state (held
+roots, persisted high-water marks, the held freshness epoch, the trusted clock
+mark).  Output: a verdict per document and the state changes to persist.  No
+files, no sockets, no clock reads: the caller passes ``now`` once per
+operation (TUF client workflow §5.1, "fix the reference time").
+
+Invariants enforced here (DESIGN.md "Verification rules"):
+
+1. Clock first: ``now`` behind the clock high-water mark by more than the
+   tolerance is ``clock-rollback`` for the whole batch, whatever it holds.
+   The mark is trusted time -- the latest ``issued_at`` among verified
+   documents -- never the local clock, so a clock once pushed forward by an
+   attacker cannot lock the node out.
+2. Thresholds count **distinct** key ids; a key is satisfied only if every
+   algorithm of its suite has a valid signature (hybrid = both).
+3. Role separation: a document counts only signatures of the role that owns
+   its type; signatures of another role make it ``wrong-role``.
+4. Root N+1 must be signed by the root thresholds of N **and** N+1, walked
+   one version at a time (TUF 5.3.4); expiry is checked on the final root.
+   When a role's keys or threshold change, the high-water mark of the types
+   it signs is reset (TUF 5.3.11 fast-forward attack recovery).
+5. Versions never go back: lower than the mark is ``rollback`` (unless the
+   exact bytes are in history: ``already-held``), equal with other bytes is
+   ``equal-version-conflict``.
+6. ``issued_at`` later than ``now`` + tolerance is ``not-yet-valid``;
+   ``expires`` before ``now`` is ``expired`` for documents that would become
+   current (superseded history versions in the same batch are kept unexpired
+   or not: they are never used).
+7. Mix-and-match: a bundle or policy becomes current only if the freshness
+   epoch that is current after the batch names exactly its version; a
+   freshness document is accepted only if it names the held root and versions
+   that are held or arrive valid in the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from qhx_edge.documents import (
+    EPOCH_TYPES,
+    ROLE_FOR_TYPE,
+    Freshness,
+    Root,
+    Signed,
+    parse,
+)
+from qhx_edge.errors import (
+    BadSignature,
+    ClockRollback,
+    EqualVersionConflict,
+    Expired,
+    Malformed,
+    MixAndMatch,
+    NotYetValid,
+    Oversize,
+    Rejected,
+    Rollback,
+    ThresholdNotMet,
+    UnknownDomain,
+    WrongRole,
+)
+
+DEFAULT_CLOCK_TOLERANCE = 300
+MAX_BATCH = 10_000
+
+# Which document types each role signs (for fast-forward recovery).
+TYPES_OF_ROLE: dict[str, tuple[str, ...]] = {}
+for _t, _r in ROLE_FOR_TYPE.items():
+    TYPES_OF_ROLE.setdefault(_r, ())
+    TYPES_OF_ROLE[_r] += (_t,)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """A persisted high-water mark: the highest version accepted, and its digest."""
+
+    version: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class DomainView:
+    """What a node trusts for one domain."""
+
+    root: Signed[Root]
+    marks: Mapping[str, Mark] = field(default_factory=dict)
+    freshness: Signed[Freshness] | None = None
+    history: Mapping[tuple[str, int], bytes] = field(default_factory=dict)  # (type, version) -> digest
+
+
+@dataclass(frozen=True)
+class TrustState:
+    domains: Mapping[str, DomainView]
+    clock_high_water: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    clock_tolerance: int = DEFAULT_CLOCK_TOLERANCE
+    max_batch: int = MAX_BATCH
+
+
+@dataclass
+class Verdict:
+    index: int
+    status: str  # applied | history | already-held | rejected
+    doc: Signed[Any] | None = None
+    error: Rejected | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "status": self.status}
+        if self.doc is not None:
+            p = self.doc.payload
+            out.update(domain=p.domain, type=p.type, version=p.version, digest=self.doc.digest.hex())
+        if self.error is not None:
+            out["status"] = f"rejected:{self.error.kind}"
+            out["error"] = self.error.to_json()
+        return out
+
+
+@dataclass
+class Outcome:
+    verdicts: list[Verdict]
+    marks: dict[tuple[str, str], Mark] = field(default_factory=dict)
+    resets: set[tuple[str, str]] = field(default_factory=set)
+    clock_high_water: int = 0
+
+    @property
+    def accepted(self) -> list[Signed[Any]]:
+        """Documents to store, in verification order (roots first)."""
+        return [v.doc for v in self.verdicts if v.status in ("applied", "history") and v.doc is not None]
+
+    @property
+    def rejected(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.status == "rejected"]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.accepted) or bool(self.resets)
+
+    def first_error(self) -> Rejected | None:
+        rej = sorted(self.rejected, key=lambda v: v.index)
+        return rej[0].error if rej else None
+
+
+def check_clock(now: int, clock_high_water: int, tolerance: int = DEFAULT_CLOCK_TOLERANCE) -> None:
+    """Raise :class:`ClockRollback` if ``now`` is behind trusted time beyond ``tolerance``."""
+    if now < clock_high_water - tolerance:
+        raise ClockRollback(
+            f"node clock {now} is {clock_high_water - now} s behind trusted time {clock_high_water} "
+            f"(tolerance {tolerance} s); fix the clock before trusting anything"
+        )
+
+
+# --- signatures and thresholds ----------------------------------------------------
+
+
+def satisfied_keys(doc: Signed[Any], keys: Mapping[str, Any], cache: dict[int, bool] | None = None) -> tuple[set[str], int]:
+    """Key ids of ``keys`` whose every algorithm validly signed ``doc``.
+
+    Returns the satisfied key ids and the number of signatures by those keys
+    that failed cryptographic verification.  Distinct key ids only: a key that
+    signs twice, or is listed twice, still counts once.
+    """
+    cache = {} if cache is None else cache
+    good: dict[str, set[int]] = {}
+    bad = 0
+    for i, sig in enumerate(doc.envelope.signatures):
+        keyid = sig.kid.hex()
+        key = keys.get(keyid)
+        if key is None:
+            continue
+        if i not in cache:
+            cache[i] = key.verify_part(sig.alg, sig.signature, doc.envelope.to_be_signed(sig.protected))
+        if cache[i]:
+            good.setdefault(keyid, set()).add(_canon(sig.alg))
+        else:
+            bad += 1
+    ok = {kid for kid, algs in good.items() if set(keys[kid].algs) <= algs}
+    return ok, bad
+
+
+def _canon(alg: int) -> int:
+    from qhx_edge.suites import canonical_alg
+
+    return canonical_alg(alg)
+
+
+def check_role(doc: Signed[Any], root: Root, role: str, cache: dict[int, bool] | None = None) -> None:
+    """Raise unless ``doc`` carries a threshold of valid signatures by ``role`` of ``root``."""
+    spec = root.roles[role]
+    ok, bad = satisfied_keys(doc, root.role_keys(role), cache)
+    if len(ok) >= spec.threshold:
+        return
+    others = {k: v for k, v in root.keys.items() if k not in spec.keyids}
+    foreign, _ = satisfied_keys(doc, others)
+    where = f"{doc.describe()}: {len(ok)} of {spec.threshold} required {role} signatures"
+    if foreign:
+        raise WrongRole(f"{where}; signed by keys of another role (type confusion)")
+    if bad:
+        raise BadSignature(f"{where}; {bad} signature(s) do not verify")
+    raise ThresholdNotMet(where)
+
+
+def verify_anchor(data: bytes, now: int, tolerance: int = DEFAULT_CLOCK_TOLERANCE) -> Signed[Root]:
+    """Verify a root document used to bootstrap trust (self-signed by its threshold)."""
+    doc = parse(data)
+    if not isinstance(doc.payload, Root):
+        raise Malformed(f"an anchor must be a root document, not {doc.type}")
+    check_role(doc, doc.payload, "root")
+    _check_times(doc, now, tolerance)
+    return doc  # type: ignore[return-value]
+
+
+def _check_times(doc: Signed[Any], now: int, tolerance: int, *, expiry: bool = True) -> None:
+    p = doc.payload
+    if p.issued_at > now + tolerance:
+        raise NotYetValid(f"{doc.describe()} is issued at {p.issued_at}, {p.issued_at - now} s in the future")
+    if expiry and now >= p.expires:
+        raise Expired(f"{doc.describe()} expired at {p.expires}")
+
+
+def _check_version(doc: Signed[Any], mark: Mark | None, history: Mapping[tuple[str, int], bytes]) -> str | None:
+    """``already-held`` or None (newer); raise for rollback / equal-version conflict."""
+    if mark is None:
+        return None
+    v = doc.payload.version
+    if v > mark.version:
+        return None
+    if history.get((doc.type, v)) == doc.digest or (v == mark.version and mark.digest == doc.digest):
+        return "already-held"
+    if v == mark.version:
+        raise EqualVersionConflict(f"{doc.describe()} differs from the held document of the same version")
+    raise Rollback(f"{doc.describe()} is older than the held version {mark.version}")
+
+
+def _role_changed(old: Root, new: Root, role: str) -> bool:
+    a, b = old.roles[role], new.roles[role]
+    return a.threshold != b.threshold or set(a.keyids) != set(b.keyids)
+
+
+# --- batches ------------------------------------------------------------------
+
+
+def verify_batch(
+    docs: Sequence[bytes], state: TrustState, now: int, limits: Limits = Limits()
+) -> Outcome:
+    """Verify a batch of documents (a pack) against ``state`` at time ``now``."""
+    check_clock(now, state.clock_high_water, limits.clock_tolerance)
+    if len(docs) > limits.max_batch:
+        raise Oversize(f"{len(docs)} documents exceed the cap of {limits.max_batch}")
+    verdicts: list[Verdict] = []
+    by_domain: dict[str, list[Verdict]] = {}
+    for i, raw in enumerate(docs):
+        try:
+            doc = parse(raw)
+        except Rejected as exc:
+            verdicts.append(Verdict(i, "rejected", None, exc))
+            continue
+        v = Verdict(i, "pending", doc)
+        verdicts.append(v)
+        if doc.payload.domain not in state.domains:
+            v.status, v.error = "rejected", UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}")
+            continue
+        if doc.type not in (*EPOCH_TYPES, "freshness"):
+            v.status, v.error = "rejected", Malformed(f"{doc.type} documents are not accepted in this batch")
+            continue
+        by_domain.setdefault(doc.payload.domain, []).append(v)
+
+    outcome = Outcome(verdicts, clock_high_water=state.clock_high_water)
+    for domain, items in by_domain.items():
+        _verify_domain(domain, items, state.domains[domain], now, limits, outcome)
+    for v in verdicts:
+        if v.status in ("applied", "history") and v.doc is not None:
+            outcome.clock_high_water = max(outcome.clock_high_water, v.doc.payload.issued_at)
+    return outcome
+
+
+def _reject(v: Verdict, exc: Rejected) -> None:
+    v.status, v.error = "rejected", exc
+
+
+def _verify_domain(
+    domain: str, items: list[Verdict], view: DomainView, now: int, limits: Limits, out: Outcome
+) -> None:
+    tol = limits.clock_tolerance
+    by_type: dict[str, list[Verdict]] = {}
+    for v in items:
+        assert v.doc is not None
+        by_type.setdefault(v.doc.type, []).append(v)
+    for vs in by_type.values():
+        vs.sort(key=lambda v: (v.doc.payload.version if v.doc else 0, v.index))
+
+    # 1. Root rotation chain, one version at a time.
+    root = view.root
+    root_mark = Mark(root.payload.version, root.digest)
+    steps: list[tuple[Verdict, Signed[Root]]] = []
+    for v in by_type.get("root", []):
+        doc: Signed[Any] = v.doc  # type: ignore[assignment]
+        try:
+            state = _check_version(doc, root_mark, view.history)
+            if state:
+                v.status = state
+                continue
+            if doc.payload.version != root.payload.version + 1:
+                raise ThresholdNotMet(
+                    f"{doc.describe()} cannot be verified from held root v{root.payload.version}: "
+                    "rotation is one version at a time; the missing versions are needed"
+                )
+            cache: dict[int, bool] = {}
+            check_role(doc, root.payload, "root", cache)  # old threshold
+            check_role(doc, doc.payload, "root", cache)  # new threshold
+            _check_times(doc, now, tol, expiry=False)
+        except Rejected as exc:
+            _reject(v, exc)
+            continue
+        steps.append((v, doc))
+        root = doc
+        root_mark = Mark(doc.payload.version, doc.digest)
+        v.status = "history"
+    # Expiry on the final root only (TUF 5.3.10): drop expired tails.
+    while steps and now >= steps[-1][1].payload.expires:
+        v, doc = steps.pop()
+        _reject(v, Expired(f"{doc.describe()} expired at {doc.payload.expires}"))
+        root = steps[-1][1] if steps else view.root
+    if steps:
+        steps[-1][0].status = "applied"
+        out.marks[(domain, "root")] = Mark(root.payload.version, root.digest)
+        for role in TYPES_OF_ROLE:
+            if role != "root" and _role_changed(view.root.payload, root.payload, role):
+                for t in TYPES_OF_ROLE[role]:
+                    out.resets.add((domain, t))
+    marks = {t: m for t, m in view.marks.items() if (domain, t) not in out.resets}
+    history = {k: d for k, d in view.history.items() if (domain, k[0]) not in out.resets}
+
+    # 2. Signatures, versions and times of the other documents.
+    valid: dict[str, list[Verdict]] = {}
+    for t in ("bundle", "policy", "freshness"):
+        for v in by_type.get(t, []):
+            doc = v.doc  # type: ignore[assignment]
+            try:
+                state = _check_version(doc, marks.get(t), history)
+                if state:
+                    v.status = state
+                    continue
+                check_role(doc, root.payload, ROLE_FOR_TYPE[t])
+                _check_times(doc, now, tol, expiry=False)
+            except Rejected as exc:
+                _reject(v, exc)
+                continue
+            valid.setdefault(t, []).append(v)
+
+    def usable(t: str, version: int) -> bool:
+        m = marks.get(t)
+        if m is not None and m.version == version:
+            return True
+        return any(
+            v.doc is not None and v.doc.payload.version == version and now < v.doc.payload.expires
+            for v in valid.get(t, [])
+        )
+
+    # 3. The freshness epoch: the newest valid freshness that names what we can hold.
+    epoch: Freshness | None = None
+    if view.freshness is not None and (domain, "freshness") not in out.resets:
+        epoch = view.freshness.payload
+    fresh = valid.get("freshness", [])
+    chosen: Verdict | None = None
+    for v in reversed(fresh):
+        f: Freshness = v.doc.payload  # type: ignore[union-attr, assignment]
+        try:
+            if now >= f.expires:
+                raise Expired(f"freshness v{f.version} expired at {f.expires}")
+            if f.versions["root"] != root.payload.version:
+                raise MixAndMatch(
+                    f"freshness v{f.version} names root v{f.versions['root']}, the node holds v{root.payload.version}"
+                )
+            for t in ("bundle", "policy"):
+                if not usable(t, f.versions[t]):
+                    raise MixAndMatch(f"freshness v{f.version} names {t} v{f.versions[t]}, which is neither held nor supplied")
+        except Rejected as exc:
+            _reject(v, exc)
+            continue
+        chosen = v
+        epoch = f
+        break
+    for v in fresh:
+        if v.status == "pending":
+            v.status = "applied" if v is chosen else "history"
+    if chosen is not None:
+        assert chosen.doc is not None
+        out.marks[(domain, "freshness")] = Mark(chosen.doc.payload.version, chosen.doc.digest)
+        # Superseded freshness newer than the chosen one was rejected above, so
+        # any remaining "history" freshness is older than the chosen epoch.
+
+    # 4. Bundle and policy: only the versions the epoch names become current.
+    for t in ("bundle", "policy"):
+        for v in valid.get(t, []):
+            doc = v.doc  # type: ignore[assignment]
+            ver = doc.payload.version
+            if epoch is None:
+                _reject(v, MixAndMatch(f"{doc.describe()}: no freshness epoch names it"))
+            elif ver > epoch.versions[t]:
+                _reject(v, MixAndMatch(f"{doc.describe()} is not named by freshness v{epoch.version} ({t} v{epoch.versions[t]})"))
+            elif ver < epoch.versions[t]:
+                v.status = "history"
+            elif now >= doc.payload.expires:
+                _reject(v, Expired(f"{doc.describe()} expired at {doc.payload.expires}"))
+            else:
+                v.status = "applied"
+                out.marks[(domain, t)] = Mark(ver, doc.digest)

@@ -1,0 +1,83 @@
+"""The domain's X.509 certificate authorities (SPIFFE X509-SVID §3, signing certificates).
+
+Each generation of CAs is one ECDSA P-256 CA and, for the ``pq`` and
+``hybrid`` suites, one ML-DSA-65 CA.  Each is self-signed, ``cA`` true with
+path length 1 (the node's delegated intermediate, path length 0, sits below
+it), key usage keyCertSign and cRLSign, the trust domain's SPIFFE ID as URI
+SAN, and a URI name constraint to the trust domain (RFC 5280 §4.2.1.10: a
+URI constraint is a host name, so ``alpha.example`` permits exactly
+``spiffe://alpha.example/...``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
+from cryptography.x509.oid import NameOID
+
+from qhx_edge.suites import ES256, MLDSA65, PrivateKey
+
+CA_ALGS_FOR_SUITE = {"classical": (ES256,), "pq": (ES256, MLDSA65), "hybrid": (ES256, MLDSA65)}
+
+
+def private_key_object(key: PrivateKey) -> ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey:
+    """The ``cryptography`` private key for a one-algorithm CA key."""
+    (alg, raw), = key.parts
+    if alg == ES256:
+        return ec.derive_private_key(int.from_bytes(raw, "big"), ec.SECP256R1())
+    if alg == MLDSA65:
+        return mldsa.MLDSA65PrivateKey.from_seed_bytes(raw)
+    raise ValueError(f"no CA support for algorithm {alg}")
+
+
+@dataclass(frozen=True)
+class CaCert:
+    alg: int
+    der: bytes
+
+
+def make_ca(domain: str, key: PrivateKey, generation: int, not_before: int, lifetime: int) -> CaCert:
+    (alg, _), = key.parts
+    priv = private_key_object(key)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, domain),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"qhx-edge {domain} CA g{generation} {'ES256' if alg == ES256 else 'ML-DSA-65'}"),
+        ]
+    )
+    start = dt.datetime.fromtimestamp(not_before, dt.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(priv.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(seconds=lifetime))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]), critical=False)
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(domain)], excluded_subtrees=None),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(priv.public_key()), critical=False)
+    )
+    if alg == ES256:
+        cert = builder.sign(priv, hashes.SHA256())  # type: ignore[arg-type]
+    else:
+        cert = builder.sign(priv, None)  # type: ignore[arg-type]
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return CaCert(alg, cert.public_bytes(Encoding.DER))
