@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qhx_edge import documents as D
+from qhx_edge import documents as D  # noqa: N812 - short alias for the payload classes
 from qhx_edge.errors import AlreadyInitialised, Malformed, NotInitialised
 from qhx_edge.fsutil import atomic_write
 from qhx_edge.keystore import Keystore
@@ -143,7 +143,11 @@ class Authority:
             cert = make_ca(self.domain, key, gen, now, self.state["lifetimes"]["ca"])
             path = self.home / "ca" / f"{name}.der"
             atomic_write(path, cert.der)
-            entry["certs"][str(alg)] = {"key": name, "cert": str(path.relative_to(self.home)), "not_after": now + self.state["lifetimes"]["ca"]}
+            entry["certs"][str(alg)] = {
+                "key": name,
+                "cert": str(path.relative_to(self.home)),
+                "not_after": now + self.state["lifetimes"]["ca"],
+            }
         self.state["cas"].append(entry)
 
     # --- payloads ---------------------------------------------------------------------
@@ -163,8 +167,13 @@ class Authority:
                 ids.append(pub.keyid)
             roles[role] = D.RoleKeys(tuple(ids), spec["threshold"])
         return D.Root(
-            domain=self.domain, version=version, issued_at=now, expires=now + self.state["lifetimes"]["root"],
-            suite=self.state["suite"], keys=keys, roles=roles,
+            domain=self.domain,
+            version=version,
+            issued_at=now,
+            expires=now + self.state["lifetimes"]["root"],
+            suite=self.state["suite"],
+            keys=keys,
+            roles=roles,
         )
 
     def _policy_payload(self, fields: dict[str, Any], now: int) -> D.Policy:
@@ -275,7 +284,9 @@ class Authority:
                 "digest": doc.digest.hex(),
             }
         out["root_fingerprint"] = fingerprint(self.current("root"))
-        out["roles"] = {r: {"keys": len(s["keys"]), "threshold": s["threshold"]} for r, s in self.state["roles"].items()}
+        out["roles"] = {
+            r: {"keys": len(s["keys"]), "threshold": s["threshold"]} for r, s in self.state["roles"].items()
+        }
         out["ca_generation"] = len(self.state["cas"])
         return out
 

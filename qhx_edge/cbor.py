@@ -41,7 +41,7 @@ def _key_bytes(key: Value) -> bytes:
 def _prepare(value: Value, depth: int = 0) -> Value:
     """Return ``value`` with every map rebuilt in RFC 8949 §4.2.1 key order."""
     if depth > MAX_DEPTH:
-        raise Malformed("CBOR nesting deeper than %d" % MAX_DEPTH)
+        raise Malformed(f"CBOR nesting deeper than {MAX_DEPTH}")
     if isinstance(value, bool) or value is None or isinstance(value, (bytes, str)):
         return value
     if isinstance(value, int):
@@ -67,7 +67,7 @@ def encode(value: Value) -> bytes:
 def _normalise(value: Value, tags: frozenset[int], depth: int = 0) -> Value:
     """Turn cbor2's output into plain lists and dicts, refusing what we do not allow."""
     if depth > MAX_DEPTH:
-        raise Malformed("CBOR nesting deeper than %d" % MAX_DEPTH)
+        raise Malformed(f"CBOR nesting deeper than {MAX_DEPTH}")
     if isinstance(value, bool) or value is None or isinstance(value, (bytes, str)):
         return value
     if isinstance(value, int):
@@ -76,7 +76,7 @@ def _normalise(value: Value, tags: frozenset[int], depth: int = 0) -> Value:
         return value
     if isinstance(value, (list, tuple)):
         return [_normalise(v, tags, depth + 1) for v in value]
-    if isinstance(value, dict) or hasattr(value, "items") and not isinstance(value, cbor2.CBORTag):
+    if isinstance(value, dict) or (hasattr(value, "items") and not isinstance(value, cbor2.CBORTag)):
         out: dict[Value, Value] = {}
         for k, v in value.items():
             nk = _normalise(k, tags, depth + 1)

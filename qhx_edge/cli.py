@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -62,7 +62,7 @@ def _read(path: str) -> bytes:
 def _when(ts: int | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _published(docs: list[bytes]) -> list[dict[str, Any]]:
@@ -76,8 +76,14 @@ def _published(docs: list[bytes]) -> list[dict[str, Any]]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="QHX_EDGE_HOME",
-              default=DEFAULT_HOME, show_default=True, help="Home directory (QHX_EDGE_HOME).")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="QHX_EDGE_HOME",
+    default=DEFAULT_HOME,
+    show_default=True,
+    help="Home directory (QHX_EDGE_HOME).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.pass_context
 def cli(cctx: click.Context, home: Path, as_json: bool) -> None:
@@ -107,13 +113,23 @@ def authority_init(ctx: Ctx, domain: str, suite: str, root_keys: int, root_thres
     if Authority.exists(ctx.home):
         raise AlreadyInitialised(f"{ctx.home} already holds an authority")
     secret = None if no_passphrase else passphrase_from_env(_prompt, confirm=True)
-    auth = Authority.init(ctx.home, domain, suite=suite, root_keys=root_keys, root_threshold=root_threshold,
-                          passphrase=secret, now=clock.now())
+    auth = Authority.init(
+        ctx.home,
+        domain,
+        suite=suite,
+        root_keys=root_keys,
+        root_threshold=root_threshold,
+        passphrase=secret,
+        now=clock.now(),
+    )
     st = auth.status()
-    ctx.emit(st, lambda: (
-        f"authority for {domain} created in {ctx.home} (suite {suite}, root {root_threshold}-of-{root_keys})\n"
-        f"root fingerprint: {st['root_fingerprint']}"
-    ))
+    ctx.emit(
+        st,
+        lambda: (
+            f"authority for {domain} created in {ctx.home} (suite {suite}, root {root_threshold}-of-{root_keys})\n"
+            f"root fingerprint: {st['root_fingerprint']}"
+        ),
+    )
 
 
 def _emit_published(ctx: Ctx, docs: list[bytes], what: str) -> None:
@@ -154,9 +170,13 @@ def publish_policy(ctx: Ctx, file: str) -> None:
 @authority.command("rotate-root")
 @click.option("--root-keys", type=click.IntRange(1, 64), default=None)
 @click.option("--root-threshold", type=click.IntRange(1, 64), default=None)
-@click.option("--rotate-role", "roles", multiple=True,
-              type=click.Choice(["pki", "policy", "freshness", "federation", "notary"]),
-              help="Also replace this role's key (repeatable).")
+@click.option(
+    "--rotate-role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["pki", "policy", "freshness", "federation", "notary"]),
+    help="Also replace this role's key (repeatable).",
+)
 @pass_ctx
 def rotate_root(ctx: Ctx, root_keys: int | None, root_threshold: int | None, roles: tuple[str, ...]) -> None:
     """Issue root v+1 with new root keys, signed by the old and the new thresholds."""
@@ -180,8 +200,11 @@ def authority_anchor(ctx: Ctx, to: str) -> None:
     data = _open_authority(ctx).anchor()
     atomic_write(Path(to), data)
     fp = fingerprint(data)
-    ctx.emit({"anchor": to, "fingerprint": fp}, f"anchor written to {to}\nfingerprint: {fp}\n"
-             "Give the fingerprint to the node operator through a separate channel.")
+    ctx.emit(
+        {"anchor": to, "fingerprint": fp},
+        f"anchor written to {to}\nfingerprint: {fp}\n"
+        "Give the fingerprint to the node operator through a separate channel.",
+    )
 
 
 # --- node ------------------------------------------------------------------------------
@@ -195,17 +218,25 @@ def node_group() -> None:
 @node_group.command("init")
 @click.option("--anchor", required=True, help="Root document from the authority (out of band).")
 @click.option("--expect-fingerprint", default=None, help="Refuse unless the anchor has this fingerprint.")
-@click.option("--clock-tolerance", type=click.IntRange(0, 86400), default=node.DEFAULT_CLOCK_TOLERANCE,
-              show_default=True, help="Seconds the clock may lag trusted time.")
+@click.option(
+    "--clock-tolerance",
+    type=click.IntRange(0, 86400),
+    default=node.DEFAULT_CLOCK_TOLERANCE,
+    show_default=True,
+    help="Seconds the clock may lag trusted time.",
+)
 @pass_ctx
 def node_init(ctx: Ctx, anchor: str, expect_fingerprint: str | None, clock_tolerance: int) -> None:
     """Create a node store anchored to a root document (never trust on first use)."""
     info = node.init(ctx.home, _read(anchor), clock.now(), expect=expect_fingerprint, tolerance=clock_tolerance)
-    ctx.emit(info, lambda: (
-        f"node {info['node_id']} of {info['domain']} anchored to root v{info['root_version']}\n"
-        f"anchor fingerprint: {info['fingerprint']}\n"
-        "Compare it with the authority's fingerprint before relying on this node."
-    ))
+    ctx.emit(
+        info,
+        lambda: (
+            f"node {info['node_id']} of {info['domain']} anchored to root v{info['root_version']}\n"
+            f"anchor fingerprint: {info['fingerprint']}\n"
+            "Compare it with the authority's fingerprint before relying on this node."
+        ),
+    )
 
 
 # --- packs -------------------------------------------------------------------------------
@@ -245,10 +276,13 @@ def pack_import(ctx: Ctx, file: str) -> None:
     finally:
         n.close()
     data = result.to_json()
-    ctx.emit(data, lambda: (
-        ("applied: " if result.applied else "nothing new: ")
-        + ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items()))
-    ))
+    ctx.emit(
+        data,
+        lambda: (
+            ("applied: " if result.applied else "nothing new: ")
+            + ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items()))
+        ),
+    )
 
 
 # --- status and documents -------------------------------------------------------------------
@@ -296,10 +330,14 @@ def doc_list(ctx: Ctx) -> None:
         docs = n.store.list_documents()
     finally:
         n.close()
-    ctx.emit({"documents": docs}, lambda: "\n".join(
-        f"{d['domain']:<24} {d['type']:<10} v{d['version']:<5} {d['digest'][:16]} {'current' if d['current'] else ''}"
-        for d in docs
-    ))
+    ctx.emit(
+        {"documents": docs},
+        lambda: "\n".join(
+            f"{d['domain']:<24} {d['type']:<10} v{d['version']:<5} {d['digest'][:16]}"
+            + (" current" if d["current"] else "")
+            for d in docs
+        ),
+    )
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -334,4 +372,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
-

@@ -91,13 +91,14 @@ class Payload:
     def _common(cls, d: dict[str, Any]) -> dict[str, Any]:
         if d.get("type") != cls.type:
             raise Malformed(f"expected a {cls.type} document")
-        common = {
+        issued_at, expires = _uint(d, "issued_at"), _uint(d, "expires")
+        common: dict[str, Any] = {
             "domain": check_domain(d.get("domain")),
             "version": _uint(d, "version", 1),
-            "issued_at": _uint(d, "issued_at"),
-            "expires": _uint(d, "expires"),
+            "issued_at": issued_at,
+            "expires": expires,
         }
-        if common["expires"] < common["issued_at"]:
+        if expires < issued_at:
             raise Malformed("expires is before issued_at")
         known = {"type", "domain", "version", "issued_at", "expires", *cls._fields}
         for key in d:

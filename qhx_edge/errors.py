@@ -123,6 +123,10 @@ class Downgrade(Rejected):
     kind = "downgrade"
 
 
+class AnchorMismatch(Rejected):
+    kind = "anchor-mismatch"
+
+
 class EnvironmentFault(QhxError):
     """The environment is wrong, not the input (exit code 3)."""
 

@@ -121,10 +121,11 @@ class Keystore:
         key = cls._derive(get_passphrase(), doc["salt"], doc["kdf"])
         nonce, check = doc["check"]
         try:
-            if ChaCha20Poly1305(key).decrypt(nonce, check, b"check") != _CHECK:
-                raise InvalidTag
+            ok = ChaCha20Poly1305(key).decrypt(nonce, check, b"check") == _CHECK
         except InvalidTag:
-            raise PassphraseError("wrong passphrase for this keystore") from None
+            ok = False
+        if not ok:
+            raise PassphraseError("wrong passphrase for this keystore")
         return cls(home, key)
 
     def save(self, name: str, key: PrivateKey) -> Path:
@@ -134,8 +135,12 @@ class Keystore:
             body = {"format": "qhx-edge-key", "encrypted": False, "key": plain}
         else:
             nonce = secrets.token_bytes(12)
-            body = {"format": "qhx-edge-key", "encrypted": True, "nonce": nonce,
-                    "ct": self._aead.encrypt(nonce, plain, f"key/{name}".encode())}
+            body = {
+                "format": "qhx-edge-key",
+                "encrypted": True,
+                "nonce": nonce,
+                "ct": self._aead.encrypt(nonce, plain, f"key/{name}".encode()),
+            }
         atomic_write(path, cbor.encode(body), mode=0o600)
         return path
 
@@ -154,7 +159,9 @@ class Keystore:
             try:
                 plain = self._aead.decrypt(body["nonce"], body["ct"], f"key/{name}".encode())
             except (InvalidTag, KeyError, TypeError, ValueError):
-                raise PassphraseError(f"{path} cannot be decrypted with this keystore (wrong file or tampered)") from None
+                raise PassphraseError(
+                    f"{path} cannot be decrypted with this keystore (wrong file or tampered)"
+                ) from None
         else:
             if self._aead is not None:
                 raise PassphraseError(f"{path} is stored unencrypted inside an encrypted keystore")

@@ -17,14 +17,15 @@ from typing import Any
 from qhx_edge import freshness, pack, verify
 from qhx_edge.authority import fingerprint
 from qhx_edge.documents import Freshness, Policy
-from qhx_edge.errors import AlreadyInitialised, ClockRollback, Rejected
+from qhx_edge.errors import AlreadyInitialised, AnchorMismatch, ClockRollback, Rejected
 from qhx_edge.store import STORE_FILE, AuditEntry, Store
 
 DEFAULT_CLOCK_TOLERANCE = verify.DEFAULT_CLOCK_TOLERANCE
 
 
-def init(home: Path, anchor: bytes, now: int, *, expect: str | None = None,
-         tolerance: int = DEFAULT_CLOCK_TOLERANCE) -> dict[str, Any]:
+def init(
+    home: Path, anchor: bytes, now: int, *, expect: str | None = None, tolerance: int = DEFAULT_CLOCK_TOLERANCE
+) -> dict[str, Any]:
     """Create a node home anchored to ``anchor`` (a root document obtained out of band).
 
     A node never trusts on first use: the anchor must verify under its own
@@ -35,7 +36,7 @@ def init(home: Path, anchor: bytes, now: int, *, expect: str | None = None,
         raise AlreadyInitialised(f"{home} already holds a node store")
     fp = fingerprint(anchor)
     if expect is not None and expect.lower() != fp:
-        raise Rejected(f"anchor fingerprint {fp} does not match the expected {expect}")
+        raise AnchorMismatch(f"anchor fingerprint {fp} does not match the expected {expect}")
     root = verify.verify_anchor(anchor, now, tolerance)
     node_id = secrets.token_hex(8)
     store = Store.create(home)
@@ -43,8 +44,7 @@ def init(home: Path, anchor: bytes, now: int, *, expect: str | None = None,
         store.initialise(node_id, root, fp, tolerance, now)
     finally:
         store.close()
-    return {"node_id": node_id, "domain": root.payload.domain, "root_version": root.payload.version,
-            "fingerprint": fp}
+    return {"node_id": node_id, "domain": root.payload.domain, "root_version": root.payload.version, "fingerprint": fp}
 
 
 @dataclass
@@ -80,11 +80,20 @@ class Node:
 
     def _reject(self, now: int, exc: Rejected, what: str, doc: Any = None) -> None:
         p = doc.payload if doc is not None else None
-        self.store.audit(now, [AuditEntry(
-            "reject", f"{what}: {exc.message}", exc.kind,
-            p.domain if p else None, p.type if p else None, p.version if p else None,
-            doc.digest if doc is not None else None,
-        )])
+        self.store.audit(
+            now,
+            [
+                AuditEntry(
+                    "reject",
+                    f"{what}: {exc.message}",
+                    exc.kind,
+                    p.domain if p else None,
+                    p.type if p else None,
+                    p.version if p else None,
+                    doc.digest if doc is not None else None,
+                )
+            ],
+        )
 
     def import_pack(self, data: bytes, now: int, *, source: str = "pack") -> ImportResult:
         """Verify and apply a pack atomically: all of it or none of it."""
@@ -136,7 +145,9 @@ class Node:
             out["domains"][domain] = {
                 "relation": d["relation"],
                 "anchor_fingerprint": d["anchor_fingerprint"],
-                "versions": {t: marks[t].version if t in marks else None for t in ("root", "bundle", "policy", "freshness")},
+                "versions": {
+                    t: marks[t].version if t in marks else None for t in ("root", "bundle", "policy", "freshness")
+                },
                 "freshness_issued_at": f.issued_at if f else None,
                 "freshness_expires": f.expires if f else None,
                 "staleness": m.staleness,

@@ -65,10 +65,10 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
         if alg not in SVID_ALGORITHMS:
             raise Malformed(f"algorithm for {prefix!r} must be one of {SVID_ALGORITHMS}")
     regs = []
-    for reg in data.get("registrations", []):
-        if not isinstance(reg, dict) or set(reg) - {"spiffe_id", "selectors", "ttl", "namespace", "labels"}:
+    for item in data.get("registrations", []):
+        if not isinstance(item, dict) or set(item) - {"spiffe_id", "selectors", "ttl", "namespace", "labels"}:
             raise Malformed("a registration has spiffe_id, selectors and optionally ttl, namespace, labels")
-        reg = dict(reg)
+        reg = dict(item)
         if "ttl" in reg:
             reg["ttl"] = duration(reg["ttl"], "registration ttl")
         regs.append(reg)

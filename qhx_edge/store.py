@@ -229,9 +229,9 @@ class Store:
                 )
             }
             views[domain] = DomainView(
-                root=root,  # type: ignore[arg-type]
+                root=root,
                 marks=self.marks(domain),
-                freshness=fresh if fresh is not None and isinstance(fresh.payload, Freshness) else None,  # type: ignore[arg-type]
+                freshness=fresh if fresh is not None and isinstance(fresh.payload, Freshness) else None,
                 history=history,
             )
         return TrustState(views, self.clock_high_water())
@@ -284,17 +284,25 @@ class Store:
     def initialise(self, node_id: str, anchor: Signed[Root], fingerprint: str, tolerance: int, now: int) -> None:
         p = anchor.payload
         with self.transaction() as conn:
-            conn.execute(
-                "INSERT INTO node VALUES (1, ?, ?, ?, ?)", (node_id, p.domain, tolerance, now)
-            )
+            conn.execute("INSERT INTO node VALUES (1, ?, ?, ?, ?)", (node_id, p.domain, tolerance, now))
             conn.execute("INSERT INTO domains VALUES (?, 'home', ?, ?)", (p.domain, fingerprint, now))
             self._insert_docs(conn, [anchor], now)
             conn.execute("INSERT INTO high_water VALUES (?, 'root', ?, ?)", (p.domain, p.version, anchor.digest))
             conn.execute("INSERT INTO clock VALUES (1, ?)", (p.issued_at,))
             self._audit(
-                conn, now,
-                [AuditEntry("init", f"node {node_id} anchored to {p.domain} root v{p.version} fingerprint {fingerprint}",
-                            None, p.domain, "root", p.version, anchor.digest)],
+                conn,
+                now,
+                [
+                    AuditEntry(
+                        "init",
+                        f"node {node_id} anchored to {p.domain} root v{p.version} fingerprint {fingerprint}",
+                        None,
+                        p.domain,
+                        "root",
+                        p.version,
+                        anchor.digest,
+                    )
+                ],
             )
 
     @staticmethod
@@ -303,7 +311,16 @@ class Store:
             "INSERT INTO documents (domain, type, version, digest, issued_at, expires, accepted_at, body) "
             "VALUES (?,?,?,?,?,?,?,?)",
             [
-                (d.payload.domain, d.type, d.payload.version, d.digest, d.payload.issued_at, d.payload.expires, now, d.raw)
+                (
+                    d.payload.domain,
+                    d.type,
+                    d.payload.version,
+                    d.digest,
+                    d.payload.issued_at,
+                    d.payload.expires,
+                    now,
+                    d.raw,
+                )
                 for d in docs
             ],
         )
@@ -316,7 +333,9 @@ class Store:
                 # TUF 5.3.11: the role's keys changed, so its old versions no longer bind us.
                 conn.execute("DELETE FROM high_water WHERE domain = ? AND type = ?", (domain, type_))
                 conn.execute("DELETE FROM documents WHERE domain = ? AND type = ?", (domain, type_))
-                entries.append(AuditEntry("reset", f"{type_} keys rotated: high-water mark reset ({detail})", None, domain, type_))
+                entries.append(
+                    AuditEntry("reset", f"{type_} keys rotated: high-water mark reset ({detail})", None, domain, type_)
+                )
             docs = outcome.accepted
             self._insert_docs(conn, docs, now)
             for (domain, type_), mark in sorted(outcome.marks.items()):
@@ -329,7 +348,9 @@ class Store:
             for v in outcome.verdicts:
                 if v.doc is not None and v.status in ("applied", "history"):
                     p = v.doc.payload
-                    entries.append(AuditEntry("accept", f"{v.status}: {detail}", None, p.domain, p.type, p.version, v.doc.digest))
+                    entries.append(
+                        AuditEntry("accept", f"{v.status}: {detail}", None, p.domain, p.type, p.version, v.doc.digest)
+                    )
             self._audit(conn, now, entries)
 
     # --- integrity -------------------------------------------------------------------
@@ -343,7 +364,8 @@ class Store:
             cols = [c.name for c in self.db[table].columns]
             h.update(cbor.encode([table, cols]))
             order = ", ".join(f'"{c}"' for c in cols)
-            for row in self.conn.execute(f'SELECT * FROM "{table}" ORDER BY {order}'):
+            # Table and column names come from sqlite_master, not from input.
+            for row in self.conn.execute(f'SELECT * FROM "{table}" ORDER BY {order}'):  # noqa: S608
                 h.update(cbor.encode([bytes(x) if isinstance(x, memoryview) else x for x in row]))
         return h.hexdigest()
 
@@ -360,7 +382,9 @@ class Store:
             n += 1
             if seq != n or bytes(rprev) != prev:
                 raise StoreCorrupt(f"audit chain broken at entry {seq}")
-            entry = AuditEntry(event, detail, kind, domain, type_, version, bytes(digest) if digest is not None else None)
+            entry = AuditEntry(
+                event, detail, kind, domain, type_, version, bytes(digest) if digest is not None else None
+            )
             if _entry_hash(prev, seq, at, entry) != bytes(rhash):
                 raise StoreCorrupt(f"audit entry {seq} does not match its hash")
             prev = bytes(rhash)

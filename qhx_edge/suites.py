@@ -82,6 +82,7 @@ def canonical_alg(cose_id: int) -> int:
 
 # --- Ed25519 ---------------------------------------------------------------
 
+
 def _ed_generate() -> tuple[bytes, bytes]:
     key = ed25519.Ed25519PrivateKey.generate()
     return key.private_bytes_raw(), key.public_key().public_bytes_raw()
@@ -107,6 +108,7 @@ register(Algorithm(ED25519, "Ed25519", 32, 32, 64, _ed_generate, _ed_sign, _ed_v
 
 
 # --- ML-DSA (FIPS 204) -------------------------------------------------------
+
 
 def _mldsa(cose_id: int, name: str, priv_cls: Any, pub_cls: Any, pub_size: int, sig_size: int) -> Algorithm:
     def generate() -> tuple[bytes, bytes]:
@@ -136,6 +138,7 @@ register(_mldsa(MLDSA87, "ML-DSA-87", mldsa.MLDSA87PrivateKey, mldsa.MLDSA87Publ
 
 
 # --- ES256 (ECDSA P-256 with SHA-256; COSE signature is r||s, RFC 9053 §2.1) --
+
 
 def _es_generate() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())

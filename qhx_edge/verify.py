@@ -159,7 +159,9 @@ def check_clock(now: int, clock_high_water: int, tolerance: int = DEFAULT_CLOCK_
 # --- signatures and thresholds ----------------------------------------------------
 
 
-def satisfied_keys(doc: Signed[Any], keys: Mapping[str, Any], cache: dict[int, bool] | None = None) -> tuple[set[str], int]:
+def satisfied_keys(
+    doc: Signed[Any], keys: Mapping[str, Any], cache: dict[int, bool] | None = None
+) -> tuple[set[str], int]:
     """Key ids of ``keys`` whose every algorithm validly signed ``doc``.
 
     Returns the satisfied key ids and the number of signatures by those keys
@@ -246,9 +248,7 @@ def _role_changed(old: Root, new: Root, role: str) -> bool:
 # --- batches ------------------------------------------------------------------
 
 
-def verify_batch(
-    docs: Sequence[bytes], state: TrustState, now: int, limits: Limits = Limits()
-) -> Outcome:
+def verify_batch(docs: Sequence[bytes], state: TrustState, now: int, limits: Limits = Limits()) -> Outcome:
     """Verify a batch of documents (a pack) against ``state`` at time ``now``."""
     check_clock(now, state.clock_high_water, limits.clock_tolerance)
     if len(docs) > limits.max_batch:
@@ -264,7 +264,10 @@ def verify_batch(
         v = Verdict(i, "pending", doc)
         verdicts.append(v)
         if doc.payload.domain not in state.domains:
-            v.status, v.error = "rejected", UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}")
+            v.status, v.error = (
+                "rejected",
+                UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}"),
+            )
             continue
         if doc.type not in (*EPOCH_TYPES, "freshness"):
             v.status, v.error = "rejected", Malformed(f"{doc.type} documents are not accepted in this batch")
@@ -284,9 +287,7 @@ def _reject(v: Verdict, exc: Rejected) -> None:
     v.status, v.error = "rejected", exc
 
 
-def _verify_domain(
-    domain: str, items: list[Verdict], view: DomainView, now: int, limits: Limits, out: Outcome
-) -> None:
+def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int, limits: Limits, out: Outcome) -> None:
     tol = limits.clock_tolerance
     by_type: dict[str, list[Verdict]] = {}
     for v in items:
@@ -330,9 +331,9 @@ def _verify_domain(
     if steps:
         steps[-1][0].status = "applied"
         out.marks[(domain, "root")] = Mark(root.payload.version, root.digest)
-        for role in TYPES_OF_ROLE:
+        for role, types in TYPES_OF_ROLE.items():
             if role != "root" and _role_changed(view.root.payload, root.payload, role):
-                for t in TYPES_OF_ROLE[role]:
+                for t in types:
                     out.resets.add((domain, t))
     marks = {t: m for t, m in view.marks.items() if (domain, t) not in out.resets}
     history = {k: d for k, d in view.history.items() if (domain, k[0]) not in out.resets}
@@ -370,7 +371,7 @@ def _verify_domain(
     fresh = valid.get("freshness", [])
     chosen: Verdict | None = None
     for v in reversed(fresh):
-        f: Freshness = v.doc.payload  # type: ignore[union-attr, assignment]
+        f: Freshness = v.doc.payload  # type: ignore[union-attr]
         try:
             if now >= f.expires:
                 raise Expired(f"freshness v{f.version} expired at {f.expires}")
@@ -380,7 +381,9 @@ def _verify_domain(
                 )
             for t in ("bundle", "policy"):
                 if not usable(t, f.versions[t]):
-                    raise MixAndMatch(f"freshness v{f.version} names {t} v{f.versions[t]}, which is neither held nor supplied")
+                    raise MixAndMatch(
+                        f"freshness v{f.version} names {t} v{f.versions[t]}, which is neither held nor supplied"
+                    )
         except Rejected as exc:
             _reject(v, exc)
             continue
@@ -404,7 +407,12 @@ def _verify_domain(
             if epoch is None:
                 _reject(v, MixAndMatch(f"{doc.describe()}: no freshness epoch names it"))
             elif ver > epoch.versions[t]:
-                _reject(v, MixAndMatch(f"{doc.describe()} is not named by freshness v{epoch.version} ({t} v{epoch.versions[t]})"))
+                _reject(
+                    v,
+                    MixAndMatch(
+                        f"{doc.describe()} is not named by freshness v{epoch.version} ({t} v{epoch.versions[t]})"
+                    ),
+                )
             elif ver < epoch.versions[t]:
                 v.status = "history"
             elif now >= doc.payload.expires:

@@ -26,7 +26,7 @@ CA_ALGS_FOR_SUITE = {"classical": (ES256,), "pq": (ES256, MLDSA65), "hybrid": (E
 
 def private_key_object(key: PrivateKey) -> ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey:
     """The ``cryptography`` private key for a one-algorithm CA key."""
-    (alg, raw), = key.parts
+    ((alg, raw),) = key.parts
     if alg == ES256:
         return ec.derive_private_key(int.from_bytes(raw, "big"), ec.SECP256R1())
     if alg == MLDSA65:
@@ -41,15 +41,17 @@ class CaCert:
 
 
 def make_ca(domain: str, key: PrivateKey, generation: int, not_before: int, lifetime: int) -> CaCert:
-    (alg, _), = key.parts
+    ((alg, _),) = key.parts
     priv = private_key_object(key)
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, domain),
-            x509.NameAttribute(NameOID.COMMON_NAME, f"qhx-edge {domain} CA g{generation} {'ES256' if alg == ES256 else 'ML-DSA-65'}"),
+            x509.NameAttribute(
+                NameOID.COMMON_NAME, f"qhx-edge {domain} CA g{generation} {'ES256' if alg == ES256 else 'ML-DSA-65'}"
+            ),
         ]
     )
-    start = dt.datetime.fromtimestamp(not_before, dt.timezone.utc)
+    start = dt.datetime.fromtimestamp(not_before, dt.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -61,23 +63,29 @@ def make_ca(domain: str, key: PrivateKey, generation: int, not_before: int, life
         .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]), critical=False
+        )
         .add_extension(
             x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(domain)], excluded_subtrees=None),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(priv.public_key()), critical=False)
     )
-    if alg == ES256:
-        cert = builder.sign(priv, hashes.SHA256())  # type: ignore[arg-type]
-    else:
-        cert = builder.sign(priv, None)  # type: ignore[arg-type]
+    # ML-DSA signs the certificate itself; it takes no separate digest.
+    cert = builder.sign(priv, hashes.SHA256() if alg == ES256 else None)
     from cryptography.hazmat.primitives.serialization import Encoding
 
     return CaCert(alg, cert.public_bytes(Encoding.DER))

@@ -1,0 +1,110 @@
+"""Shared fixtures: external vectors, the real CLI, and ready-made homes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qhx_edge import clock, node
+from qhx_edge.authority import Authority
+
+ROOT = Path(__file__).resolve().parent.parent
+VECTORS = Path(os.environ.get("QHX_VECTORS_DIR", ROOT.parent / "shared" / "vectors"))
+PASSPHRASE = "correct horse battery staple"
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    """The external test vectors (../shared/vectors); skipped where absent, unless CI requires them."""
+    if not VECTORS.is_dir():
+        if os.environ.get("QHX_REQUIRE_VECTORS") == "1":
+            pytest.fail(f"QHX_REQUIRE_VECTORS=1 but {VECTORS} is missing")
+        pytest.skip(f"external vectors not found at {VECTORS} (a clone without ../shared)")
+    return VECTORS
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def _cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QHX_EDGE_")}
+    env["QHX_EDGE_PASSPHRASE"] = PASSPHRASE
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str | Path, env: dict[str, str] | None = None, prefix: list[str] | None = None,
+            timeout: float = 120) -> Result:
+    """Run the real ``qhx-edge`` console entry point in a subprocess."""
+    cmd = [*(prefix or []), sys.executable, "-m", "qhx_edge", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(env), timeout=timeout, check=False)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli() -> Callable[..., Result]:
+    return run_cli
+
+
+@dataclass
+class Homes:
+    """An authority home and a node home anchored to it, in a temporary folder."""
+
+    tmp: Path
+    authority: Authority
+    node_home: Path
+
+    @property
+    def a(self) -> Path:
+        return self.authority.home
+
+    def export(self, name: str = "pack.cbor") -> Path:
+        from qhx_edge import pack
+
+        path = self.tmp / name
+        pack.write(path, self.authority.export_documents())
+        return path
+
+
+def make_homes(tmp: Path, *, suite: str = "hybrid", root_keys: int = 1, root_threshold: int = 1,
+               domain: str = "alpha.example", import_first: bool = True) -> Homes:
+    now = clock.now()
+    auth = Authority.init(tmp / "A", domain, suite=suite, root_keys=root_keys, root_threshold=root_threshold,
+                          passphrase=PASSPHRASE.encode(), now=now)
+    node.init(tmp / "N", auth.anchor(), now)
+    homes = Homes(tmp, auth, tmp / "N")
+    if import_first:
+        n = node.Node(homes.node_home)
+        try:
+            from qhx_edge import pack
+
+            n.import_pack(pack.encode(auth.export_documents()), now)
+        finally:
+            n.close()
+    return homes
+
+
+@pytest.fixture
+def homes(tmp_path: Path) -> Homes:
+    return make_homes(tmp_path)
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
