@@ -21,6 +21,7 @@ needs them, and each is a place for two encoders to disagree.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import cbor2
@@ -32,6 +33,22 @@ _INT_MIN = -(2**64)
 _INT_MAX = 2**64 - 1
 
 Value = Any  # int | bytes | str | bool | None | list[Value] | dict[Value, Value] | cbor2.CBORTag
+
+
+# Tags cbor2 interprets itself even with ``semantic_decoders={}`` (datetimes,
+# bignums, decimals, shared and string references, sets, IP addresses, MIME,
+# and the self-describe prefix 55799, which it silently drops).  Each is handed
+# back as a plain CBORTag so that _normalise refuses it as ``malformed`` like
+# any other tag the caller did not name, instead of cbor2 parsing it (or
+# dropping it, which surfaced as ``non-deterministic``).
+_CBOR2_SEMANTIC_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 55799)
+
+
+def _raw_tag(tag: int) -> Callable[[Any, bool], cbor2.CBORTag]:
+    return lambda value, _immutable: cbor2.CBORTag(tag, value)
+
+
+_RAW_TAGS = {tag: _raw_tag(tag) for tag in _CBOR2_SEMANTIC_TAGS}
 
 
 def _key_bytes(key: Value) -> bytes:
@@ -115,7 +132,7 @@ def decode(data: bytes, *, max_size: int, tags: frozenset[int] = frozenset()) ->
             max_depth=MAX_DEPTH + 2,
             allow_indefinite=True,  # decoded, then refused by the byte comparison
             allow_duplicate_keys=True,  # likewise: the re-encoding is shorter
-            semantic_decoders={},
+            semantic_decoders=_RAW_TAGS,
             str_errors="strict",
         )
         raw = decoder.decode()

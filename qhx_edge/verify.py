@@ -21,9 +21,10 @@ Invariants enforced here (DESIGN.md "Verification rules"):
    one version at a time (TUF 5.3.4); expiry is checked on the final root.
    When a role's keys or threshold change, the high-water mark of the types
    it signs is reset (TUF 5.3.11 fast-forward attack recovery).
-5. Versions never go back: lower than the mark is ``rollback`` (unless the
-   exact bytes are in history: ``already-held``), equal with other bytes is
-   ``equal-version-conflict``.
+5. Versions never go back: lower than the mark is ``rollback`` (except a
+   root whose exact bytes are a held link of the rotation chain:
+   ``already-held``), the same bytes again are ``already-held``, equal
+   version with other bytes is ``equal-version-conflict``.
 6. ``issued_at`` later than ``now`` + tolerance is ``not-yet-valid``;
    ``expires`` before ``now`` is ``expired`` for documents that would become
    current (superseded history versions in the same batch are kept unexpired
@@ -233,7 +234,11 @@ def _check_version(doc: Signed[Any], mark: Mark | None, history: Mapping[tuple[s
     v = doc.payload.version
     if v > mark.version:
         return None
-    if history.get((doc.type, v)) == doc.digest or (v == mark.version and mark.digest == doc.digest):
+    if v == mark.version and mark.digest == doc.digest:
+        return "already-held"
+    # Older roots are links of the rotation chain that packs carry so any node can
+    # walk it: a held link is harmless.  Any other older document is a replay.
+    if doc.type == "root" and history.get((doc.type, v)) == doc.digest:
         return "already-held"
     if v == mark.version:
         raise EqualVersionConflict(f"{doc.describe()} differs from the held document of the same version")
