@@ -50,8 +50,9 @@ def _cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str | Path, env: dict[str, str] | None = None, prefix: list[str] | None = None,
-            timeout: float = 120) -> Result:
+def run_cli(
+    *args: str | Path, env: dict[str, str] | None = None, prefix: list[str] | None = None, timeout: float = 120
+) -> Result:
     """Run the real ``qhx-edge`` console entry point in a subprocess."""
     cmd = [*(prefix or []), sys.executable, "-m", "qhx_edge", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(env), timeout=timeout, check=False)
@@ -83,11 +84,25 @@ class Homes:
         return path
 
 
-def make_homes(tmp: Path, *, suite: str = "hybrid", root_keys: int = 1, root_threshold: int = 1,
-               domain: str = "alpha.example", import_first: bool = True) -> Homes:
+def make_homes(
+    tmp: Path,
+    *,
+    suite: str = "hybrid",
+    root_keys: int = 1,
+    root_threshold: int = 1,
+    domain: str = "alpha.example",
+    import_first: bool = True,
+) -> Homes:
     now = clock.now()
-    auth = Authority.init(tmp / "A", domain, suite=suite, root_keys=root_keys, root_threshold=root_threshold,
-                          passphrase=PASSPHRASE.encode(), now=now)
+    auth = Authority.init(
+        tmp / "A",
+        domain,
+        suite=suite,
+        root_keys=root_keys,
+        root_threshold=root_threshold,
+        passphrase=PASSPHRASE.encode(),
+        now=now,
+    )
     node.init(tmp / "N", auth.anchor(), now)
     homes = Homes(tmp, auth, tmp / "N")
     if import_first:
