@@ -97,9 +97,11 @@ def _normalise(value: Value, tags: frozenset[int], depth: int = 0) -> Value:
         out: dict[Value, Value] = {}
         for k, v in value.items():
             nk = _normalise(k, tags, depth + 1)
-            if isinstance(nk, (list, dict)):
-                raise Malformed("map keys must be integers or strings")
+            if isinstance(nk, bool) or not isinstance(nk, (int, str, bytes)):
+                raise Malformed("map keys must be integers, text or byte strings")
             out[nk] = _normalise(v, tags, depth + 1)
+        if len(out) > 1:  # RFC 8949 §4.2.1 key order, as _prepare sorts (decode needs no second pass)
+            out = dict(sorted(out.items(), key=lambda item: _key_bytes(item[0])))
         return out
     if isinstance(value, cbor2.CBORTag):
         if value.tag not in tags:
@@ -138,11 +140,14 @@ def decode(data: bytes, *, max_size: int, tags: frozenset[int] = frozenset()) ->
         raw = decoder.decode()
     except RecursionError as exc:
         raise Malformed("CBOR nesting too deep") from exc
-    except (cbor2.CBORError, ValueError, TypeError, OverflowError, MemoryError, LookupError) as exc:
+    except (cbor2.CBORError, ValueError, TypeError, OverflowError, MemoryError, LookupError, RuntimeError) as exc:
+        # RuntimeError: cbor2 refuses some unhashable map keys (a tag as key) that way.
         raise Malformed(f"not well-formed CBOR: {exc}") from exc
     if fp.tell() != len(data):
         raise Malformed(f"{len(data) - fp.tell()} trailing bytes after the CBOR item")
     value = _normalise(raw, tags)
-    if encode(value) != data:
+    # _normalise refuses all that _prepare refuses and already orders every map
+    # as _prepare would, so this is encode(value) without its second traversal.
+    if cbor2.dumps(value) != data:
         raise NonDeterministic("input is not in deterministic CBOR encoding (RFC 8949 §4.2.1)")
     return value

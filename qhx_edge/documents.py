@@ -15,6 +15,7 @@ domain and type, >= 1), ``issued_at`` and ``expires`` (integer Unix seconds,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -366,8 +367,9 @@ class Signed(Generic[T]):
     envelope: Envelope
     payload: T
 
-    @property
+    @functools.cached_property
     def digest(self) -> bytes:
+        # Computed once: a batch asks for it per check, mark, row and audit entry (raw is immutable bytes).
         return hashlib.sha256(self.raw).digest()
 
     @property

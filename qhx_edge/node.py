@@ -106,7 +106,7 @@ class Node:
             raise
         first = outcome.first_error()
         if first is not None:
-            bad = next(v for v in sorted(outcome.rejected, key=lambda v: v.index))
+            bad = next(v for v in outcome.rejected if v.error is first)
             self._reject(now, first, f"{source} (document {bad.index}; nothing applied)", bad.doc)
             raise first
         if outcome.changed:

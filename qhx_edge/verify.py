@@ -108,7 +108,7 @@ class Limits:
 @dataclass
 class Verdict:
     index: int
-    status: str  # applied | history | already-held | rejected
+    status: str  # applied | history | already-held | duplicate | rejected
     doc: Signed[Any] | None = None
     error: Rejected | None = None
 
@@ -144,7 +144,11 @@ class Outcome:
         return bool(self.accepted) or bool(self.resets)
 
     def first_error(self) -> Rejected | None:
-        rej = sorted(self.rejected, key=lambda v: v.index)
+        """The batch's error: the first rejection by index, but a ``mix-and-match``
+        yields to any other kind, because it is often only the echo of that other
+        rejection (a bundle is unnamed when the freshness naming it was expired or
+        forged): report the cause, e.g. ``expired`` for a replayed old pack."""
+        rej = sorted(self.rejected, key=lambda v: (isinstance(v.error, MixAndMatch), v.index))
         return rej[0].error if rej else None
 
 
@@ -292,14 +296,39 @@ def _reject(v: Verdict, exc: Rejected) -> None:
     v.status, v.error = "rejected", exc
 
 
+def _dedupe(vs: list[Verdict]) -> list[Verdict]:
+    """One document per version (``vs`` is sorted by version): exact copies are
+    ``duplicate``; different documents claiming one version are all
+    ``equal-version-conflict``, since nothing says which one is genuine."""
+    kept: dict[int, Verdict] = {}
+    conflicted: set[int] = set()
+    for v in vs:
+        assert v.doc is not None
+        ver = v.doc.payload.version
+        first = kept.get(ver)
+        if ver in conflicted or (first is not None and first.doc is not None and first.doc.digest != v.doc.digest):
+            conflict = EqualVersionConflict(f"{v.doc.describe()}: different documents in one batch claim this version")
+            _reject(v, conflict)
+            if first is not None:
+                _reject(first, conflict)
+                del kept[ver]
+            conflicted.add(ver)
+        elif first is not None:
+            v.status = "duplicate"
+        else:
+            kept[ver] = v
+    return list(kept.values())
+
+
 def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int, limits: Limits, out: Outcome) -> None:
     tol = limits.clock_tolerance
     by_type: dict[str, list[Verdict]] = {}
     for v in items:
         assert v.doc is not None
         by_type.setdefault(v.doc.type, []).append(v)
-    for vs in by_type.values():
+    for t, vs in by_type.items():
         vs.sort(key=lambda v: (v.doc.payload.version if v.doc else 0, v.index))
+        by_type[t] = _dedupe(vs)
 
     # 1. Root rotation chain, one version at a time.
     root = view.root

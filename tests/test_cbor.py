@@ -355,3 +355,16 @@ def test_error_kinds_are_the_stable_strings() -> None:
     assert Oversize.kind == "oversize"
     for cls in (Malformed, NonDeterministic, Oversize):
         assert issubclass(cls, Rejected)
+
+
+@pytest.mark.parametrize(
+    "hex_input",
+    [
+        "a1d862810101",  # a tag (98) wrapping an array as a map key: cbor2 raises RuntimeError itself
+        "a1f501",  # true as a map key
+        "a1800101",  # an array as a map key
+    ],
+)
+def test_map_keys_must_be_integers_or_strings(hex_input: str) -> None:
+    with pytest.raises(Malformed):
+        cbor.decode(bytes.fromhex(hex_input), max_size=100, tags=frozenset({98}))
