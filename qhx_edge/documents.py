@@ -181,6 +181,12 @@ class Root(Payload):
             if key.keyid != keyid:
                 raise Malformed(f"key id {keyid!r} does not match its key")
             keys[keyid] = key
+        algs = set(SUITES[suite])
+        for keyid, key in keys.items():
+            # A hybrid domain's every key is hybrid: one weaker key would let its
+            # role be satisfied by one algorithm alone.
+            if set(key.algs) != algs:
+                raise Malformed(f"key {keyid[:16]} does not hold exactly the algorithms of suite {suite}")
         raw_roles = _get(d, "roles", dict)
         roles: dict[str, RoleKeys] = {}
         for name in ROLES:

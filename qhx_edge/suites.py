@@ -198,6 +198,7 @@ SUITES: dict[str, tuple[int, ...]] = {
     "hybrid": (ED25519, MLDSA65),
 }
 DEFAULT_SUITE = "hybrid"
+POST_QUANTUM = frozenset({MLDSA44, MLDSA65, MLDSA87})
 
 
 def suite_algs(name: str) -> tuple[int, ...]:

@@ -52,6 +52,7 @@ from qhx_edge.documents import (
 from qhx_edge.errors import (
     BadSignature,
     ClockRollback,
+    Downgrade,
     EqualVersionConflict,
     Expired,
     Malformed,
@@ -64,6 +65,7 @@ from qhx_edge.errors import (
     UnknownDomain,
     WrongRole,
 )
+from qhx_edge.suites import POST_QUANTUM, canonical_alg, suite_algs
 
 DEFAULT_CLOCK_TOLERANCE = 300
 MAX_BATCH = 10_000
@@ -184,17 +186,11 @@ def satisfied_keys(
         if i not in cache:
             cache[i] = key.verify_part(sig.alg, sig.signature, doc.envelope.to_be_signed(sig.protected))
         if cache[i]:
-            good.setdefault(keyid, set()).add(_canon(sig.alg))
+            good.setdefault(keyid, set()).add(canonical_alg(sig.alg))
         else:
             bad += 1
     ok = {kid for kid, algs in good.items() if set(keys[kid].algs) <= algs}
     return ok, bad
-
-
-def _canon(alg: int) -> int:
-    from qhx_edge.suites import canonical_alg
-
-    return canonical_alg(alg)
 
 
 def check_role(doc: Signed[Any], root: Root, role: str, cache: dict[int, bool] | None = None) -> None:
@@ -231,8 +227,15 @@ def _check_times(doc: Signed[Any], now: int, tolerance: int, *, expiry: bool = T
         raise Expired(f"{doc.describe()} expired at {p.expires}")
 
 
-def _check_version(doc: Signed[Any], mark: Mark | None, history: Mapping[tuple[str, int], bytes]) -> str | None:
-    """``already-held`` or None (newer); raise for rollback / equal-version conflict."""
+def _check_version(
+    doc: Signed[Any], mark: Mark | None, history: Mapping[tuple[str, int], bytes], *, carried: bool = False
+) -> str | None:
+    """``already-held`` or None (newer); raise for rollback / equal-version conflict.
+
+    ``carried``: the batch also holds the current version of this type, so held
+    older versions in it are history travelling with it (re-importing a pack is a
+    no-op), not a replay of an older pack.
+    """
     if mark is None:
         return None
     v = doc.payload.version
@@ -241,12 +244,20 @@ def _check_version(doc: Signed[Any], mark: Mark | None, history: Mapping[tuple[s
     if v == mark.version and mark.digest == doc.digest:
         return "already-held"
     # Older roots are links of the rotation chain that packs carry so any node can
-    # walk it: a held link is harmless.  Any other older document is a replay.
-    if doc.type == "root" and history.get((doc.type, v)) == doc.digest:
+    # walk it: a held link is harmless.  Other held older versions are harmless only
+    # beside the current one; alone they are a replay of an older pack.
+    if (doc.type == "root" or carried) and history.get((doc.type, v)) == doc.digest:
         return "already-held"
     if v == mark.version:
         raise EqualVersionConflict(f"{doc.describe()} differs from the held document of the same version")
     raise Rollback(f"{doc.describe()} is older than the held version {mark.version}")
+
+
+def _check_suite_change(old: Root, new: Root) -> None:
+    """A root rotation must not drop post-quantum signatures (hybrid/pq -> classical)."""
+    had_pq = bool(set(suite_algs(old.suite)) & POST_QUANTUM)
+    if had_pq and not set(suite_algs(new.suite)) & POST_QUANTUM:
+        raise Downgrade(f"root v{new.version} moves the domain from suite {old.suite} to {new.suite}")
 
 
 def _role_changed(old: Root, new: Root, role: str) -> bool:
@@ -326,9 +337,11 @@ def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int
     for v in items:
         assert v.doc is not None
         by_type.setdefault(v.doc.type, []).append(v)
-    for t, vs in by_type.items():
+    for vs in by_type.values():
         vs.sort(key=lambda v: (v.doc.payload.version if v.doc else 0, v.index))
-        by_type[t] = _dedupe(vs)
+    # Roots are deduplicated before the chain walk; other types after their
+    # signature check, so a forged copy cannot get a genuine document refused.
+    by_type["root"] = _dedupe(by_type.get("root", []))
 
     # 1. Root rotation chain, one version at a time.
     root = view.root
@@ -350,6 +363,7 @@ def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int
             check_role(doc, root.payload, "root", cache)  # old threshold
             check_role(doc, doc.payload, "root", cache)  # new threshold
             _check_times(doc, now, tol, expiry=False)
+            _check_suite_change(root.payload, doc.payload)
         except Rejected as exc:
             _reject(v, exc)
             continue
@@ -375,10 +389,16 @@ def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int
     # 2. Signatures, versions and times of the other documents.
     valid: dict[str, list[Verdict]] = {}
     for t in ("bundle", "policy", "freshness"):
+        mark = marks.get(t)
+        carried = mark is not None and any(
+            v.doc is not None and v.doc.payload.version == mark.version and v.doc.digest == mark.digest
+            for v in by_type.get(t, [])
+        )
+        candidates = []
         for v in by_type.get(t, []):
             doc = v.doc  # type: ignore[assignment]
             try:
-                state = _check_version(doc, marks.get(t), history)
+                state = _check_version(doc, mark, history, carried=carried)
                 if state:
                     v.status = state
                     continue
@@ -387,7 +407,15 @@ def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int
             except Rejected as exc:
                 _reject(v, exc)
                 continue
-            valid.setdefault(t, []).append(v)
+            candidates.append(v)
+        candidates = _dedupe(candidates)
+        # The newest version is the one that would become current: it must not be
+        # expired (older ones in the batch are only ever history).
+        while t != "freshness" and candidates and now >= candidates[-1].doc.payload.expires:  # type: ignore[union-attr]
+            top = candidates.pop()
+            _reject(top, Expired(f"{top.doc.describe()} expired at {top.doc.payload.expires}"))  # type: ignore[union-attr]
+        if candidates:
+            valid[t] = candidates
 
     def usable(t: str, version: int) -> bool:
         m = marks.get(t)

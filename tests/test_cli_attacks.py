@@ -200,19 +200,20 @@ def test_equal_version_with_other_bytes(homes: Homes, tmp_path: Path) -> None:
 
 @uses_faketime
 @pytest.mark.parametrize(
-    "offset",
+    ("offset", "blamed"),
     [
-        pytest.param("+4d", id="freshness-past-hard-budget"),
-        pytest.param("+100d", id="bundle-and-policy-past-lifetime"),
-        pytest.param("+400d", id="root-past-lifetime"),
+        pytest.param("+4d", "freshness", id="freshness-past-hard-budget"),
+        pytest.param("+100d", "bundle", id="bundle-and-policy-past-lifetime"),
+        pytest.param("+400d", "bundle", id="root-past-lifetime"),
     ],
 )
-def test_expired_pack_replayed_later(homes: Homes, offset: str) -> None:
+def test_expired_pack_replayed_later(homes: Homes, offset: str, blamed: str) -> None:
     homes.authority.publish_bundle(clock.now())
     p = homes.export("old.pack")
-    # The freshness v2 in the pack is past its hard budget, so the bundle v2 it names is
-    # unnamed too (mix-and-match); the node reports and audits the cause: expired.
-    attack(homes.node_home, p, "expired", prefix=shifted(offset), audited=(A, "freshness", 2))
+    # At +4d only the freshness v2 is past its hard budget, so the bundle v2 it names is
+    # unnamed (mix-and-match); the node reports and audits the cause: expired.  Past the
+    # bundle's lifetime the bundle itself (first in the pack) is the expired document.
+    attack(homes.node_home, p, "expired", prefix=shifted(offset), audited=(A, blamed, 2))
 
 
 @uses_faketime

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qhx_edge import cbor, documents, errors, verify
-from qhx_edge.documents import Root
-from qhx_edge.errors import ClockRollback, Oversize, Rejected
-from qhx_edge.suites import ED25519, MLDSA65
+from qhx_edge.documents import ROLES, RoleKeys, Root
+from qhx_edge.errors import ClockRollback, Malformed, Oversize, Rejected
+from qhx_edge.suites import ED25519, MLDSA65, PrivateKey
 from qhx_edge.verify import Limits, Mark, Outcome, TrustState
 from tests.repo_sim import (
     DAY,
@@ -157,11 +157,13 @@ def test_one_version_twice_in_one_batch(sim: RepoSim, v1: dict[str, bytes]) -> N
     f2_other = sim.sign(sim.freshness(2, bundle=1))
     out = verify.verify_batch([f2_other, f2], state, NOW)
     assert statuses(out) == ["rejected:equal-version-conflict"] * 2
-    # Nothing says which copy is genuine, a badly signed one included.
+    # A forged copy is refused for its own fault and cannot get the genuine one refused:
+    # duplicates are resolved among validly signed documents only.
     out = verify.verify_batch([flip_signature_byte(b2), b2, f2], state, NOW)
-    assert statuses(out)[:2] == ["rejected:equal-version-conflict"] * 2
-    assert not out.accepted
-    # Roots too.
+    assert statuses(out) == ["rejected:bad-signature", "applied", "applied"]
+    assert [d.payload.type for d in out.accepted] == ["bundle", "freshness"]
+    # Roots are deduplicated before the chain walk (a chain link's validity depends on
+    # the previous link), so there a differing copy still conflicts.
     r2 = sim.sign(sim.root(2))
     out = verify.verify_batch([r2, duplicate_signatures(r2, 2), r2], state, NOW)
     assert statuses(out) == ["rejected:equal-version-conflict"] * 3
@@ -752,3 +754,63 @@ def test_any_subset_in_any_order_is_judged_by_the_rules(data: st.DataObject) -> 
             if (domain, t) in applied:
                 assert epoch is not None
                 assert applied[(domain, t)] == [epoch.versions[t]]
+
+
+def test_held_history_carried_with_the_current_version_is_a_no_op(sim: RepoSim, v1: dict[str, bytes]) -> None:
+    """Re-importing a pack that carries history is a no-op; the same old documents alone are a replay."""
+    state = held(sim, v1)
+    history = [sim.sign(sim.bundle(v)) for v in range(2, 6)]
+    f5 = sim.sign(sim.freshness(2, bundle=5))
+    out = verify.verify_batch([*history, f5], state, NOW)
+    assert statuses(out) == ["history"] * 3 + ["applied", "applied"]
+    # A node holding what that batch accepted.
+    after = sim.state(
+        v1["root"], freshness=f5, bundle=history[-1], policy=v1["policy"], history=[*history[:-1], v1["bundle"]]
+    )
+    again = verify.verify_batch([*history, f5], after, NOW)
+    assert statuses(again) == ["already-held"] * 5
+    # Without the current bundle v5 beside them, held older versions are a replay.
+    replay = verify.verify_batch(history[:2], after, NOW)
+    assert statuses(replay) == ["rejected:rollback"] * 2
+
+
+def test_expired_newest_bundle_is_reported_as_expired(sim: RepoSim, v1: dict[str, bytes]) -> None:
+    """A long-lived freshness naming an expired bundle: the bundle is `expired`, not only unnamed."""
+    state = held(sim, v1)
+    b2 = sim.sign(sim.bundle(2, expires=NOW - 1))
+    f2 = sim.sign(sim.freshness(2, bundle=2))
+    out = verify.verify_batch([b2, f2], state, NOW)
+    assert statuses(out) == ["rejected:expired", "rejected:mix-and-match"]
+    assert out.first_error() is not None
+    assert out.first_error().kind == "expired"  # type: ignore[union-attr]
+
+
+def _root_of(suite: str, key: PrivateKey, version: int) -> Root:
+    pub = key.public
+    return Root(
+        domain="suite.example",
+        version=version,
+        issued_at=NOW - 10,
+        expires=NOW + 86400,
+        suite=suite,
+        keys={pub.keyid: pub},
+        roles={r: RoleKeys((pub.keyid,), 1) for r in ROLES},
+    )
+
+
+def test_root_keys_must_match_the_suite_and_rotation_cannot_drop_post_quantum() -> None:
+    hybrid, classical = PrivateKey.generate("hybrid"), PrivateKey.generate("classical")
+    # A "hybrid" root listing an Ed25519-only key would let one algorithm satisfy a role.
+    mislabelled = documents.sign(_root_of("hybrid", classical, 1), [classical])
+    with pytest.raises(Malformed, match="suite hybrid"):
+        documents.parse(mislabelled)
+    r1 = documents.sign(_root_of("hybrid", hybrid, 1), [hybrid])
+    down = documents.sign(_root_of("classical", classical, 2), [hybrid, classical])
+    state = TrustState({"suite.example": verify.DomainView(root=documents.parse(r1))})  # type: ignore[arg-type]
+    out = verify.verify_batch([down], state, NOW)
+    assert statuses(out) == ["rejected:downgrade"]
+    # Moving up (classical -> hybrid) is allowed.
+    c1 = documents.sign(_root_of("classical", classical, 1), [classical])
+    up = documents.sign(_root_of("hybrid", hybrid, 2), [classical, hybrid])
+    state = TrustState({"suite.example": verify.DomainView(root=documents.parse(c1))})  # type: ignore[arg-type]
+    assert statuses(verify.verify_batch([up], state, NOW)) == ["applied"]
