@@ -32,7 +32,14 @@ Invariants enforced here (DESIGN.md "Verification rules"):
 7. Mix-and-match: a bundle or policy becomes current only if the freshness
    epoch that is current after the batch names exactly its version; a
    freshness document is accepted only if it names the held root and versions
-   that are held or arrive valid in the same batch.
+   that are held or arrive valid in the same batch.  The newest bundle or
+   policy of a batch must not be expired.
+8. One document per version: exact copies in a batch are ``duplicate``;
+   validly signed different documents claiming one version are all
+   ``equal-version-conflict`` (nothing says which is genuine), while a forged
+   copy is refused for its own fault and cannot block the genuine one.
+9. Suites: every key of a root holds exactly its suite's algorithms, and a
+   root rotation may not drop post-quantum signatures (``downgrade``).
 """
 
 from __future__ import annotations
