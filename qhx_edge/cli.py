@@ -19,8 +19,9 @@ import click
 
 from qhx_edge import clock, node, pack, policyfile
 from qhx_edge.authority import Authority, fingerprint
-from qhx_edge.errors import AlreadyInitialised, MissingFile, QhxError
-from qhx_edge.fsutil import atomic_write
+from qhx_edge.documents import MAX_DOCUMENT_SIZE
+from qhx_edge.errors import AlreadyInitialised, QhxError
+from qhx_edge.fsutil import atomic_write, read_capped
 from qhx_edge.keystore import passphrase_from_env
 from qhx_edge.suites import DEFAULT_SUITE, SUITES
 
@@ -51,12 +52,7 @@ def _open_authority(ctx: Ctx) -> Authority:
 
 
 def _read(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MissingFile(f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise MissingFile(f"{path} is a directory") from None
+    return read_capped(Path(path), MAX_DOCUMENT_SIZE, "document file")
 
 
 def _when(ts: int | None) -> str:
@@ -294,7 +290,19 @@ def status(ctx: Ctx) -> None:
     """Held versions, freshness, staleness and mode per domain."""
     if Authority.exists(ctx.home):
         st = _open_authority(ctx).status()
-        ctx.emit({"authority": st}, lambda: json.dumps(st, indent=2))
+
+        def authority_text() -> str:
+            lines = [f"authority for {st['domain']} (suite {st['suite']}, CA generation {st['ca_generation']})"]
+            lines.append(f"root fingerprint: {st['root_fingerprint']}")
+            for t, d in st["documents"].items():
+                lines.append(
+                    f"  {t:<10} v{d['version']:<4} issued {_when(d['issued_at'])}  expires {_when(d['expires'])}"
+                )
+            roles = ", ".join(f"{r} {s['threshold']}-of-{s['keys']}" for r, s in st["roles"].items())
+            lines.append(f"roles: {roles}")
+            return "\n".join(lines)
+
+        ctx.emit({"authority": st}, authority_text)
         return
     n = node.Node(ctx.home)
     try:

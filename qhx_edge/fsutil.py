@@ -10,6 +10,23 @@ import os
 import secrets
 from pathlib import Path
 
+from qhx_edge.errors import MissingFile, Oversize
+
+
+def read_capped(path: Path, cap: int, what: str = "file") -> bytes:
+    """Read a whole file of at most ``cap`` bytes (the cap is checked before reading)."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = f.read(cap + 1)
+    except FileNotFoundError:
+        raise MissingFile(f"no such {what}: {path}") from None
+    except IsADirectoryError:
+        raise MissingFile(f"{path} is a directory, not a {what}") from None
+    if len(data) > cap:
+        raise Oversize(f"{path}: {what} larger than the cap of {cap} bytes")
+    return data
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qhx_edge import cbor
-from qhx_edge.errors import Malformed, MissingFile, Oversize
-from qhx_edge.fsutil import atomic_write
+from qhx_edge.errors import Malformed, Oversize
+from qhx_edge.fsutil import atomic_write, read_capped
 
 FORMAT = "qhx-edge-pack"
 MAX_PACK_SIZE = 64 << 20
@@ -50,13 +50,4 @@ def write(path: Path, documents: Sequence[bytes]) -> int:
 
 
 def read(path: Path) -> bytes:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        if size > MAX_PACK_SIZE:
-            raise Oversize(f"{path}: {size} bytes exceeds the pack cap of {MAX_PACK_SIZE}")
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise MissingFile(f"no such pack file: {path}") from None
-    except IsADirectoryError:
-        raise MissingFile(f"{path} is a directory, not a pack file") from None
+    return read_capped(Path(path), MAX_PACK_SIZE, "pack file")

@@ -28,7 +28,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from qhx_edge.errors import Malformed, MissingFile
+from qhx_edge.errors import Malformed
+from qhx_edge.fsutil import read_capped
+
+MAX_POLICY_FILE = 1 << 20
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
@@ -77,10 +80,7 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_policy_file(path: Path) -> dict[str, Any]:
-    try:
-        text = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise MissingFile(f"no such policy file: {path}") from None
+    text = read_capped(Path(path), MAX_POLICY_FILE, "policy file")
     try:
         data = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

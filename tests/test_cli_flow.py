@@ -140,3 +140,13 @@ def test_no_passphrase_home_works_without_secret(tmp_path: Path) -> None:
     assert r.code == 0, r.stdout
     assert r.json["published"][0]["type"] == "freshness"
     assert r.json["published"][0]["version"] == 2
+
+
+def test_inputs_are_capped_before_they_are_read(tmp_path: Path) -> None:
+    big = tmp_path / "big.cbor"
+    big.write_bytes(b"\x00" * ((1 << 20) + 1))
+    r = run_cli("--home", tmp_path / "N", "--json", "node", "init", "--anchor", big)
+    assert (r.code, r.json["error"]["kind"]) == (1, "oversize")
+    r = run_cli("--home", tmp_path / "A", "--json", "authority", "publish", "policy", big)
+    assert r.code in (1, 3)  # no authority here: environment first, or the cap; never a crash
+    assert r.json["ok"] is False
