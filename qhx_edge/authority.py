@@ -23,12 +23,15 @@ from typing import Any
 from qhx_edge import documents as D  # noqa: N812 - short alias for the payload classes
 from qhx_edge.errors import AlreadyInitialised, Malformed, NotInitialised
 from qhx_edge.fsutil import atomic_write
+from qhx_edge.identity import NodeIdentity, make_card
 from qhx_edge.keystore import Keystore
 from qhx_edge.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, policy_fields
 from qhx_edge.suites import PrivateKey, suite_algs
 from qhx_edge.x509ca import CA_ALGS_FOR_SUITE, make_ca
 
 STATE = "authority.json"
+CARD = "card.cbor"
+AUTHORITY_NODE = "authority"
 DAY = 86400
 DEFAULT_LIFETIMES = {"root": 365 * DAY, "bundle": 90 * DAY, "policy": 90 * DAY, "ca": 365 * DAY}
 REFRESH_HINT = 3600
@@ -90,6 +93,10 @@ class Authority:
         for role in D.ROLES:
             n, m = (root_keys, root_threshold) if role == "root" else (1, 1)
             state["roles"][role] = {"keys": [auth._new_key(role) for _ in range(n)], "threshold": m}
+        # The authority's own identity: an encryption key so nodes can seal evidence
+        # to it, and a card (node id "authority") that carries it.
+        ident = NodeIdentity.create(keystore, suite)
+        atomic_write(home / CARD, make_card(domain, AUTHORITY_NODE, ident.signer, ident.encryption.public, now))
         auth._new_ca_generation(now)
         root = auth._root_payload(1, now)
         auth._publish(root, auth._signers("root"))
@@ -267,6 +274,34 @@ class Authority:
 
     def anchor(self) -> bytes:
         return self.current("root")
+
+    def card(self) -> bytes:
+        return (self.home / CARD).read_bytes()
+
+    @property
+    def identity(self) -> NodeIdentity:
+        return NodeIdentity(self.keystore)
+
+    def export_pack(self, docs: list[bytes], now: int, *, kind: str = "documents") -> bytes:
+        """A pack of ``docs`` whose manifest is signed by the freshness role key.
+
+        Nodes know that key from the root they hold, so they can attribute an
+        authority's pack without any extra trust material.
+        """
+        from qhx_edge import pack
+
+        self.state["export_sequence"] = int(self.state.get("export_sequence", 0)) + 1
+        self._save()
+        signer = self._signers("freshness")[0]
+        return pack.build(
+            docs,
+            signer,
+            domain=self.domain,
+            node=AUTHORITY_NODE,
+            sequence=self.state["export_sequence"],
+            now=now,
+            kind=kind,
+        )
 
     def export_documents(self) -> list[bytes]:
         """Every root version (so any node can walk the chain) and the current epoch."""

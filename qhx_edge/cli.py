@@ -17,11 +17,12 @@ from typing import Any, NoReturn
 
 import click
 
-from qhx_edge import clock, node, pack, policyfile
+from qhx_edge import clock, node, pack, policyfile, seal
 from qhx_edge.authority import Authority, fingerprint
 from qhx_edge.documents import MAX_DOCUMENT_SIZE
-from qhx_edge.errors import AlreadyInitialised, QhxError
+from qhx_edge.errors import AlreadyInitialised, Malformed, QhxError
 from qhx_edge.fsutil import atomic_write, read_capped
+from qhx_edge.identity import parse_card
 from qhx_edge.keystore import passphrase_from_env
 from qhx_edge.suites import DEFAULT_SUITE, SUITES
 
@@ -221,18 +222,64 @@ def node_group() -> None:
     show_default=True,
     help="Seconds the clock may lag trusted time.",
 )
+@click.option("--no-passphrase", is_flag=True, help="Store the node's private keys unencrypted (demos and tests only).")
 @pass_ctx
-def node_init(ctx: Ctx, anchor: str, expect_fingerprint: str | None, clock_tolerance: int) -> None:
+def node_init(ctx: Ctx, anchor: str, expect_fingerprint: str | None, clock_tolerance: int, no_passphrase: bool) -> None:
     """Create a node store anchored to a root document (never trust on first use)."""
-    info = node.init(ctx.home, _read(anchor), clock.now(), expect=expect_fingerprint, tolerance=clock_tolerance)
+    data = _read(anchor)
+    secret = None if no_passphrase else passphrase_from_env(_prompt, confirm=True)
+    info = node.init(
+        ctx.home, data, clock.now(), passphrase=secret, expect=expect_fingerprint, tolerance=clock_tolerance
+    )
     ctx.emit(
         info,
         lambda: (
             f"node {info['node_id']} of {info['domain']} anchored to root v{info['root_version']}\n"
             f"anchor fingerprint: {info['fingerprint']}\n"
-            "Compare it with the authority's fingerprint before relying on this node."
+            "Compare it with the authority's fingerprint before relying on this node.\n"
+            f"node card fingerprint: {info['card_fingerprint']}"
         ),
     )
+
+
+@node_group.command("card")
+@click.option("--to", "to", required=True, help="Where to write the card.")
+@pass_ctx
+def node_card(ctx: Ctx, to: str) -> None:
+    """Write this home's public card (node id, domain, signing and encryption keys)."""
+    if Authority.exists(ctx.home):
+        data = _open_authority(ctx).card()
+    else:
+        with _open_node(ctx) as n:
+            data = n.card()
+    atomic_write(Path(to), data)
+    card = parse_card(data)
+    ctx.emit(
+        {"card": to, **card.to_json()},
+        f"card of {card.node_id} ({card.domain}) written to {to}\nfingerprint: {card.fingerprint}",
+    )
+
+
+@node_group.command("pin-card")
+@click.argument("card")
+@click.option("--expect-fingerprint", default=None, help="Refuse unless the card has this fingerprint.")
+@pass_ctx
+def node_pin_card(ctx: Ctx, card: str, expect_fingerprint: str | None) -> None:
+    """Pin a peer node's card: its packs are then attributed to it, and only to its key."""
+    with _open_node(ctx) as n:
+        info = n.pin_card(_read(card), clock.now(), expect=expect_fingerprint)
+    ctx.emit(info, f"pinned card of node {info['node_id']} ({info['domain']}): {info['fingerprint']}")
+
+
+class _open_node:  # noqa: N801 - used as a context manager like open()
+    def __init__(self, ctx: Ctx) -> None:
+        self.node = node.Node(ctx.home, lambda: passphrase_from_env(_prompt))
+
+    def __enter__(self) -> node.Node:
+        return self.node
+
+    def __exit__(self, *exc: object) -> None:
+        self.node.close()
 
 
 # --- packs -------------------------------------------------------------------------------
@@ -243,42 +290,76 @@ def pack_group() -> None:
     """Move documents between homes in pack files."""
 
 
+def _load_summary(path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(read_capped(Path(path), 16 << 20, "summary file"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Malformed(f"{path}: not a JSON summary ({exc})") from exc
+    if not isinstance(value, dict):
+        raise Malformed(f"{path}: not a JSON summary")
+    return value
+
+
 @pack_group.command("export")
-@click.option("--to", "to", required=True, help="Pack file to write (atomically).")
+@click.option("--to", "to", required=True, help="Pack file to write (atomically: temp name, fsync, rename).")
+@click.option("--domain", default=None, help="Only this domain's documents.")
+@click.option("--since", "since", default=None, help="Only what a peer lacks, given its 'doc summary' JSON.")
 @click.option("--history", is_flag=True, help="Node homes: include every held version.")
+@click.option("--seal-to", "seal_to", multiple=True, help="Encrypt to the node of this card (repeatable).")
 @pass_ctx
-def pack_export(ctx: Ctx, to: str, history: bool) -> None:
-    """Write the current documents of this home into one pack file."""
+def pack_export(
+    ctx: Ctx, to: str, domain: str | None, since: str | None, history: bool, seal_to: tuple[str, ...]
+) -> None:
+    """Write this home's documents into one signed pack file, optionally sealed."""
+    peer = _load_summary(since) if since is not None else None
+    cards = [parse_card(_read(c)) for c in seal_to]
+    now = clock.now()
     if Authority.exists(ctx.home):
-        docs = _open_authority(ctx).export_documents()
+        auth = _open_authority(ctx)
+        docs = node.select(auth.export_documents(), domain=domain, since=peer)
+        data = auth.export_pack(docs, now)
     else:
-        n = node.Node(ctx.home)
-        try:
-            docs = n.export_documents(history=history)
-        finally:
-            n.close()
-    size = pack.write(Path(to), docs)
-    ctx.emit({"pack": to, "documents": len(docs), "bytes": size}, f"wrote {len(docs)} documents ({size} bytes) to {to}")
+        with _open_node(ctx) as n:
+            docs = n.export_documents(history=history, domain=domain, since=peer)
+            data = n.export_pack(docs, now)
+    if cards:
+        data = seal.seal(data, [c.encryption_key for c in cards])
+    size = pack.write(Path(to), data)
+    sealed_to = [c.node_id for c in cards]
+    ctx.emit(
+        {"pack": to, "documents": len(docs), "bytes": size, "sealed_to": sealed_to},
+        f"wrote {len(docs)} documents ({size} bytes) to {to}"
+        + (f", sealed to {', '.join(sealed_to)}" if sealed_to else ""),
+    )
 
 
 @pack_group.command("import")
 @click.argument("file")
+@click.option("--strict", is_flag=True, help="Apply nothing unless every document is acceptable.")
 @pass_ctx
-def pack_import(ctx: Ctx, file: str) -> None:
-    """Verify FILE and apply it atomically (all documents or none)."""
-    n = node.Node(ctx.home)
-    try:
-        result = n.import_pack(pack.read(Path(file)), clock.now(), source=f"pack {Path(file).name}")
-    finally:
-        n.close()
-    data = result.to_json()
-    ctx.emit(
-        data,
-        lambda: (
-            ("applied: " if result.applied else "nothing new: ")
-            + ", ".join(f"{k} {v}" for k, v in sorted(data["counts"].items()))
-        ),
-    )
+def pack_import(ctx: Ctx, file: str, strict: bool) -> None:
+    """Verify FILE and apply every acceptable newer document in one transaction."""
+    data = pack.read(Path(file))
+    with _open_node(ctx) as n:
+        try:
+            result = n.import_pack(data, clock.now(), source=f"pack {Path(file).name}", strict=strict)
+        except node.ImportRejected as exc:
+            report = exc.result.to_json()
+            if ctx.json:
+                click.echo(json.dumps({"ok": False, "error": exc.to_json(), **report}, sort_keys=True))
+            else:
+                click.echo(exc.result.summary())
+                for d in report["documents"]:
+                    if d["report"].startswith("rejected"):
+                        what = (
+                            f"{d.get('type', '?')} v{d.get('version', '?')}"
+                            if "type" in d
+                            else f"document {d['index']}"
+                        )
+                        click.echo(f"  {what}: {d['report']}: {d['error']['message']}", err=True)
+                click.echo(f"error [{exc.kind}]: {exc.message}", err=True)
+            sys.exit(1)
+    ctx.emit(result.to_json(), result.summary)
 
 
 # --- status and documents -------------------------------------------------------------------
@@ -346,6 +427,25 @@ def doc_list(ctx: Ctx) -> None:
             for d in docs
         ),
     )
+
+
+@doc_group.command("summary")
+@pass_ctx
+def doc_summary(ctx: Ctx) -> None:
+    """Print what this home holds, newest version per domain and type (for 'pack export --since')."""
+    if Authority.exists(ctx.home):
+        auth = _open_authority(ctx)
+        summ = node.summary_of(auth.export_documents(), node="authority", domain=auth.domain)
+    else:
+        with _open_node(ctx) as n:
+            summ = n.summary()
+    # The summary is itself the output: a peer saves it with '--json doc summary > peer.json'.
+    if ctx.json:
+        click.echo(json.dumps({"ok": True, **summ}, sort_keys=True))
+    else:
+        for dom, types in summ["domains"].items():
+            for t, d in sorted(types.items()):
+                click.echo(f"{dom:<24} {t:<10} v{d['version']:<5} {d['digest'][:16]}")
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -128,9 +128,9 @@ class Keystore:
             raise PassphraseError("wrong passphrase for this keystore")
         return cls(home, key)
 
-    def save(self, name: str, key: PrivateKey) -> Path:
+    def save_secret(self, name: str, plain: bytes) -> Path:
+        """Seal ``plain`` into ``keys/NAME.key`` (atomic, 0600)."""
         path = self.home / "keys" / f"{name}.key"
-        plain = cbor.encode(key.to_cbor())
         if self._aead is None:
             body = {"format": "qhx-edge-key", "encrypted": False, "key": plain}
         else:
@@ -144,7 +144,7 @@ class Keystore:
         atomic_write(path, cbor.encode(body), mode=0o600)
         return path
 
-    def load(self, name: str) -> PrivateKey:
+    def load_secret(self, name: str) -> bytes:
         path = self.home / "keys" / f"{name}.key"
         try:
             raw = path.read_bytes()
@@ -157,13 +157,20 @@ class Keystore:
             if self._aead is None:
                 raise PassphraseError(f"{path} is encrypted but the keystore is not")
             try:
-                plain = self._aead.decrypt(body["nonce"], body["ct"], f"key/{name}".encode())
+                return self._aead.decrypt(body["nonce"], body["ct"], f"key/{name}".encode())
             except (InvalidTag, KeyError, TypeError, ValueError):
                 raise PassphraseError(
                     f"{path} cannot be decrypted with this keystore (wrong file or tampered)"
                 ) from None
-        else:
-            if self._aead is not None:
-                raise PassphraseError(f"{path} is stored unencrypted inside an encrypted keystore")
-            plain = body["key"]
-        return PrivateKey.from_cbor(cbor.decode(plain, max_size=MAX_KEY_FILE))
+        if self._aead is not None:
+            raise PassphraseError(f"{path} is stored unencrypted inside an encrypted keystore")
+        plain = body.get("key")
+        if not isinstance(plain, bytes):
+            raise Malformed(f"{path} holds no key")
+        return plain
+
+    def save(self, name: str, key: PrivateKey) -> Path:
+        return self.save_secret(name, cbor.encode(key.to_cbor()))
+
+    def load(self, name: str) -> PrivateKey:
+        return PrivateKey.from_cbor(cbor.decode(self.load_secret(name), max_size=MAX_KEY_FILE))

@@ -90,6 +90,36 @@ MIGRATIONS: tuple[str, ...] = (
         hash BLOB NOT NULL
     );
     """,
+    # 2: node identity, export counters, packs seen, peer cards (sneakernet).
+    """
+    CREATE TABLE identity (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        card BLOB NOT NULL
+    );
+    CREATE TABLE exports (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        sequence INTEGER NOT NULL,
+        evidence_seq INTEGER NOT NULL
+    );
+    CREATE TABLE packs_seen (
+        pack_id BLOB PRIMARY KEY,
+        digest BLOB NOT NULL,
+        exporter_domain TEXT NOT NULL,
+        exporter_node TEXT NOT NULL,
+        exporter_keyid TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        imported_at INTEGER NOT NULL
+    );
+    CREATE INDEX packs_seen_digest ON packs_seen(digest);
+    CREATE TABLE cards (
+        node_id TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        keyid TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        body BLOB NOT NULL,
+        pinned_at INTEGER NOT NULL
+    );
+    """,
 )
 
 
@@ -281,10 +311,14 @@ class Store:
         with self.transaction() as conn:
             self._audit(conn, at, entries)
 
-    def initialise(self, node_id: str, anchor: Signed[Root], fingerprint: str, tolerance: int, now: int) -> None:
+    def initialise(
+        self, node_id: str, anchor: Signed[Root], fingerprint: str, tolerance: int, now: int, card: bytes
+    ) -> None:
         p = anchor.payload
         with self.transaction() as conn:
             conn.execute("INSERT INTO node VALUES (1, ?, ?, ?, ?)", (node_id, p.domain, tolerance, now))
+            conn.execute("INSERT INTO identity VALUES (1, ?)", (card,))
+            conn.execute("INSERT INTO exports VALUES (1, 0, 0)")
             conn.execute("INSERT INTO domains VALUES (?, 'home', ?, ?)", (p.domain, fingerprint, now))
             self._insert_docs(conn, [anchor], now)
             conn.execute("INSERT INTO high_water VALUES (?, 'root', ?, ?)", (p.domain, p.version, anchor.digest))
@@ -325,10 +359,69 @@ class Store:
             ],
         )
 
-    def apply(self, outcome: Outcome, now: int, detail: str) -> None:
-        """Persist an accepted outcome in one transaction, with its audit entries."""
+    # --- identity, exports, packs, cards -----------------------------------------------
+
+    def card(self) -> bytes:
+        row = self.conn.execute("SELECT card FROM identity").fetchone()
+        if row is None:
+            raise NotInitialised(f"{self.path} holds no node identity")
+        return bytes(row[0])
+
+    def next_export_sequence(self) -> int:
+        with self.transaction() as conn:
+            conn.execute("UPDATE exports SET sequence = sequence + 1")
+            return int(conn.execute("SELECT sequence FROM exports").fetchone()[0])
+
+    def evidence_mark(self) -> int:
+        """The last audit sequence number already exported as evidence."""
+        return int(self.conn.execute("SELECT evidence_seq FROM exports").fetchone()[0])
+
+    def set_evidence_mark(self, seq: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE exports SET evidence_seq = MAX(evidence_seq, ?)", (seq,))
+
+    def pack_seen(self, pack_id: bytes) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT exporter_domain, exporter_node, sequence, imported_at FROM packs_seen WHERE pack_id = ?", (pack_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("exporter_domain", "exporter_node", "sequence", "imported_at"), row, strict=True))
+
+    def last_sequence(self, exporter_keyid: str) -> int | None:
+        row = self.conn.execute(
+            "SELECT MAX(sequence) FROM packs_seen WHERE exporter_keyid = ?", (exporter_keyid,)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def pinned_card(self, node_id: str) -> bytes | None:
+        row = self.conn.execute("SELECT body FROM cards WHERE node_id = ?", (node_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def pin_card(self, node_id: str, domain: str, keyid: str, fingerprint: str, body: bytes, now: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO cards VALUES (?,?,?,?,?,?) ON CONFLICT (node_id) DO UPDATE SET domain = excluded.domain, "
+                "keyid = excluded.keyid, fingerprint = excluded.fingerprint, body = excluded.body",
+                (node_id, domain, keyid, fingerprint, body, now),
+            )
+            self._audit(conn, now, [AuditEntry("pin-card", f"card of node {node_id} ({domain}) pinned: {fingerprint}")])
+
+    def apply(
+        self,
+        outcome: Outcome,
+        now: int,
+        detail: str,
+        *,
+        rejections: Sequence[AuditEntry] = (),
+        pack_record: tuple[bytes, bytes, str, str, str, int] | None = None,
+    ) -> None:
+        """Persist an outcome in one transaction: accepted documents, marks, the
+        pack record and every audit entry (accepts and per-document rejects)."""
         entries: list[AuditEntry] = []
         with self.transaction() as conn:
+            if pack_record is not None:
+                conn.execute("INSERT OR IGNORE INTO packs_seen VALUES (?,?,?,?,?,?,?)", (*pack_record, now))
             for domain, type_ in sorted(outcome.resets):
                 # TUF 5.3.11: the role's keys changed, so its old versions no longer bind us.
                 conn.execute("DELETE FROM high_water WHERE domain = ? AND type = ?", (domain, type_))
@@ -351,7 +444,7 @@ class Store:
                     entries.append(
                         AuditEntry("accept", f"{v.status}: {detail}", None, p.domain, p.type, p.version, v.doc.digest)
                     )
-            self._audit(conn, now, entries)
+            self._audit(conn, now, [*entries, *rejections])
 
     # --- integrity -------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -14,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from qhx_edge import clock, node
+from qhx_edge import clock, node, pack
 from qhx_edge.authority import Authority
+from qhx_edge.suites import PrivateKey
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(os.environ.get("QHX_VECTORS_DIR", ROOT.parent / "shared" / "vectors"))
@@ -80,7 +82,7 @@ class Homes:
         from qhx_edge import pack
 
         path = self.tmp / name
-        pack.write(path, self.authority.export_documents())
+        pack.write(path, self.authority.export_pack(self.authority.export_documents(), clock.now()))
         return path
 
 
@@ -103,14 +105,12 @@ def make_homes(
         passphrase=PASSPHRASE.encode(),
         now=now,
     )
-    node.init(tmp / "N", auth.anchor(), now)
+    node.init(tmp / "N", auth.anchor(), now, passphrase=PASSPHRASE.encode())
     homes = Homes(tmp, auth, tmp / "N")
     if import_first:
         n = node.Node(homes.node_home)
         try:
-            from qhx_edge import pack
-
-            n.import_pack(pack.encode(auth.export_documents()), now)
+            n.import_pack(auth.export_pack(auth.export_documents(), now), now)
         finally:
             n.close()
     return homes
@@ -119,6 +119,31 @@ def make_homes(
 @pytest.fixture
 def homes(tmp_path: Path) -> Homes:
     return make_homes(tmp_path)
+
+
+@functools.cache
+def _relay_key() -> PrivateKey:
+    return PrivateKey.generate("classical")
+
+
+def make_pack(
+    docs: list[bytes],
+    *,
+    signer: PrivateKey | None = None,
+    node_name: str = "relay",
+    domain: str = "relay.example",
+    sequence: int = 1,
+    now: int | None = None,
+) -> bytes:
+    """A v1 pack of ``docs`` exported by an unknown relay (or ``signer``): for tests that craft packs."""
+    return pack.build(
+        docs,
+        signer or _relay_key(),
+        domain=domain,
+        node=node_name,
+        sequence=sequence,
+        now=clock.now() if now is None else now,
+    )
 
 
 def have(tool: str) -> bool:

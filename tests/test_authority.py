@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 
 from qhx_edge import documents as D  # noqa: N812
-from qhx_edge import node, pack, verify
+from qhx_edge import node, verify
 from qhx_edge.authority import Authority
 from qhx_edge.errors import AlreadyInitialised, Malformed
 from qhx_edge.policyfile import policy_fields
@@ -93,11 +93,11 @@ def test_init_refuses_existing_home_and_bad_thresholds(tmp_path: Path) -> None:
 
 def test_publish_rotate_and_node_follows(tmp_path: Path) -> None:
     auth = _init(tmp_path, "classical", n=3, m=2)
-    node.init(tmp_path / "N", auth.anchor(), NOW)
+    node.init(tmp_path / "N", auth.anchor(), NOW, passphrase=PASSPHRASE.encode())
     n = node.Node(tmp_path / "N")
 
     def sync(t: int) -> verify.Outcome:
-        return n.import_pack(pack.encode(auth.export_documents()), t).outcome
+        return n.import_pack(auth.export_pack(auth.export_documents(), t), t).outcome
 
     sync(NOW)
     auth.publish_bundle(NOW + 10)

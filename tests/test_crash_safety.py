@@ -101,7 +101,7 @@ def test_sigkill_during_pack_import_leaves_old_or_new_state(tmp_path: Path, monk
     node.init(old_home, auth.anchor(), base)
     n = node.Node(old_home)
     try:
-        n.import_pack(pack.encode(auth.export_documents()), base, source="pack v1")
+        n.import_pack(auth.export_pack(auth.export_documents(), base), base, source="pack v1")
     finally:
         n.close()
     with monkeypatch.context() as m:
@@ -116,7 +116,7 @@ def test_sigkill_during_pack_import_leaves_old_or_new_state(tmp_path: Path, monk
     docs += [auth.published("policy", 1)]
     docs += [auth.published("freshness", v) for v in range(1, latest + 1)]
     pack_path = tmp_path / "big.pack"
-    size = pack.write(pack_path, docs)
+    size = pack.write(pack_path, auth.export_pack(docs, base))
     old = inspect(old_home)
 
     # A frozen absolute FAKETIME: every run reads exactly ``frozen`` (TZ=UTC for the parse).

@@ -42,7 +42,7 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "cbor.decode+tag98": lambda data: cbor.decode(data, max_size=CAP, tags=frozenset({COSE_SIGN_TAG})),
     "Envelope.parse": lambda data: Envelope.parse(data, max_size=CAP),
     "documents.parse": documents.parse,
-    "pack.decode": pack.decode,
+    "pack.parse": pack.parse,
 }
 
 
