@@ -6,6 +6,8 @@ Home layout::
     keystore.cbor         KDF parameters (see keystore.py)
     keys/*.key            private keys, sealed (mode 0600)
     published/TYPE/N.cbor every document ever published, exact signed bytes
+    card.cbor             the authority's own card (nodes seal evidence to it)
+    evidence.sqlite       audit-log evidence imported from nodes (see evidence.py)
 
 Each role (root, pki, policy, freshness, federation, notary) has its own keys
 and threshold in the root document: separation of duties is structural, and
@@ -18,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qhx_edge import documents as D  # noqa: N812 - short alias for the payload classes
 from qhx_edge.errors import AlreadyInitialised, Malformed, NotInitialised
@@ -28,6 +30,9 @@ from qhx_edge.keystore import Keystore
 from qhx_edge.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, policy_fields
 from qhx_edge.suites import PrivateKey, suite_algs
 from qhx_edge.x509ca import CA_ALGS_FOR_SUITE, make_ca
+
+if TYPE_CHECKING:
+    from qhx_edge.evidence import EvidenceReport
 
 STATE = "authority.json"
 CARD = "card.cbor"
@@ -302,6 +307,12 @@ class Authority:
             now=now,
             kind=kind,
         )
+
+    def import_pack(self, data: bytes, now: int, *, strict: bool = False) -> EvidenceReport:
+        """Import a node's evidence pack into ``evidence.sqlite`` (authorities import evidence only)."""
+        from qhx_edge import evidence
+
+        return evidence.import_evidence(self, data, now, strict=strict)
 
     def export_documents(self) -> list[bytes]:
         """Every root version (so any node can walk the chain) and the current epoch."""

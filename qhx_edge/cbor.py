@@ -26,7 +26,7 @@ from typing import Any
 
 import cbor2
 
-from qhx_edge.errors import Malformed, NonDeterministic, Oversize
+from qhx_edge.errors import Incomplete, Malformed, NonDeterministic, Oversize
 
 MAX_DEPTH = 24
 _INT_MIN = -(2**64)
@@ -125,6 +125,22 @@ def decode(data: bytes, *, max_size: int, tags: frozenset[int] = frozenset()) ->
     data = bytes(data)
     if len(data) > max_size:
         raise Oversize(f"{len(data)} bytes exceeds the cap of {max_size}")
+    return _decode(data, tags, whole=True)[0]
+
+
+def decode_prefix(data: bytes, *, tags: frozenset[int] = frozenset()) -> tuple[Value, int]:
+    """Decode the deterministic CBOR item at the start of ``data``; return it and its length.
+
+    For framed files whose first item is a header followed by raw bytes (a
+    sealed pack): the header is checked exactly like :func:`decode` checks a
+    whole input, the rest is left to the caller.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise Malformed("expected bytes")
+    return _decode(bytes(data), tags, whole=False)
+
+
+def _decode(data: bytes, tags: frozenset[int], *, whole: bool) -> tuple[Value, int]:
     if not data:
         raise Malformed("empty input")
     fp = io.BytesIO(data)
@@ -140,14 +156,19 @@ def decode(data: bytes, *, max_size: int, tags: frozenset[int] = frozenset()) ->
         raw = decoder.decode()
     except RecursionError as exc:
         raise Malformed("CBOR nesting too deep") from exc
+    except cbor2.CBORDecodeEOF as exc:
+        raise Incomplete(f"CBOR data ends early (truncated or still being written): {exc}") from exc
     except (cbor2.CBORError, ValueError, TypeError, OverflowError, MemoryError, LookupError, RuntimeError) as exc:
         # RuntimeError: cbor2 refuses some unhashable map keys (a tag as key) that way.
         raise Malformed(f"not well-formed CBOR: {exc}") from exc
-    if fp.tell() != len(data):
-        raise Malformed(f"{len(data) - fp.tell()} trailing bytes after the CBOR item")
+    end = fp.tell()
+    if whole and end != len(data):
+        raise Malformed(f"{len(data) - end} trailing bytes after the CBOR item")
     value = _normalise(raw, tags)
     # _normalise refuses all that _prepare refuses and already orders every map
     # as _prepare would, so this is encode(value) without its second traversal.
-    if cbor2.dumps(value) != data:
+    encoded = cbor2.dumps(value)
+    same = encoded == data if end == len(data) else encoded == data[:end]  # no copy in the common case
+    if not same:
         raise NonDeterministic("input is not in deterministic CBOR encoding (RFC 8949 §4.2.1)")
-    return value
+    return value, end

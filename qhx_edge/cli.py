@@ -22,7 +22,7 @@ from qhx_edge.authority import Authority, fingerprint
 from qhx_edge.documents import MAX_DOCUMENT_SIZE
 from qhx_edge.errors import AlreadyInitialised, Malformed, QhxError
 from qhx_edge.fsutil import atomic_write, read_capped
-from qhx_edge.identity import parse_card
+from qhx_edge.identity import Card, parse_card
 from qhx_edge.keystore import passphrase_from_env
 from qhx_edge.suites import DEFAULT_SUITE, SUITES
 
@@ -306,14 +306,18 @@ def _load_summary(path: str) -> dict[str, Any]:
 @click.option("--since", "since", default=None, help="Only what a peer lacks, given its 'doc summary' JSON.")
 @click.option("--history", is_flag=True, help="Node homes: include every held version.")
 @click.option("--seal-to", "seal_to", multiple=True, help="Encrypt to the node of this card (repeatable).")
+@click.option("--evidence", is_flag=True, help="Node homes: export the audit log since the last evidence export.")
 @pass_ctx
 def pack_export(
-    ctx: Ctx, to: str, domain: str | None, since: str | None, history: bool, seal_to: tuple[str, ...]
+    ctx: Ctx, to: str, domain: str | None, since: str | None, history: bool, seal_to: tuple[str, ...], evidence: bool
 ) -> None:
-    """Write this home's documents into one signed pack file, optionally sealed."""
+    """Write this home's documents (or, with --evidence, its audit log) into one signed pack file, optionally sealed."""
     peer = _load_summary(since) if since is not None else None
     cards = [parse_card(_read(c)) for c in seal_to]
     now = clock.now()
+    if evidence:
+        _export_evidence(ctx, to, cards, now, conflicting=bool(domain or since or history))
+        return
     if Authority.exists(ctx.home):
         auth = _open_authority(ctx)
         docs = node.select(auth.export_documents(), domain=domain, since=peer)
@@ -333,13 +337,47 @@ def pack_export(
     )
 
 
+def _export_evidence(ctx: Ctx, to: str, cards: list[Card], now: int, *, conflicting: bool) -> None:
+    from qhx_edge import evidence
+
+    if conflicting:
+        raise click.UsageError("--evidence exports the audit log; it takes no --domain, --since or --history")
+    if Authority.exists(ctx.home):
+        raise Malformed("an authority home holds no node audit log; export evidence from a node home")
+    with _open_node(ctx) as n:
+        info = evidence.write_evidence(n, Path(to), now, recipients=[c.encryption_key for c in cards])
+    info["sealed_to"] = [c.node_id for c in cards]
+    ctx.emit(info, lambda: evidence.export_text(info))
+
+
+def _import_evidence(ctx: Ctx, data: bytes, strict: bool) -> None:
+    from qhx_edge import evidence
+
+    try:
+        report = _open_authority(ctx).import_pack(data, clock.now(), strict=strict)
+    except evidence.EvidenceRejected as exc:
+        if ctx.json:
+            click.echo(json.dumps({"ok": False, "error": exc.to_json(), **exc.report.to_json()}, sort_keys=True))
+        else:
+            click.echo(exc.report.summary())
+            click.echo(f"error [{exc.kind}]: {exc.message}", err=True)
+        sys.exit(1)
+    ctx.emit(report.to_json(), report.summary)
+
+
 @pack_group.command("import")
 @click.argument("file")
-@click.option("--strict", is_flag=True, help="Apply nothing unless every document is acceptable.")
+@click.option("--strict", is_flag=True, help="Apply nothing unless every document (or evidence segment) is acceptable.")
 @pass_ctx
 def pack_import(ctx: Ctx, file: str, strict: bool) -> None:
-    """Verify FILE and apply every acceptable newer document in one transaction."""
+    """Verify FILE and apply every acceptable newer document in one transaction.
+
+    On an authority home FILE must be an evidence pack from a node of the domain.
+    """
     data = pack.read(Path(file))
+    if Authority.exists(ctx.home):
+        _import_evidence(ctx, data, strict)
+        return
     with _open_node(ctx) as n:
         try:
             result = n.import_pack(data, clock.now(), source=f"pack {Path(file).name}", strict=strict)
@@ -360,6 +398,81 @@ def pack_import(ctx: Ctx, file: str, strict: bool) -> None:
                 click.echo(f"error [{exc.kind}]: {exc.message}", err=True)
             sys.exit(1)
     ctx.emit(result.to_json(), result.summary)
+
+
+@pack_group.command("watch")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True, help="Seconds per poll.")
+@click.option(
+    "--settle",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds a file's size and mtime must stay unchanged before it is read.",
+)
+@click.option(
+    "--incomplete-timeout",
+    type=click.FloatRange(min=0),
+    default=600.0,
+    show_default=True,
+    help="Seconds an incomplete pack may stay unchanged before it is rejected.",
+)
+@click.option("--once", is_flag=True, help="One pass: wait for the present files to settle, handle them, exit.")
+@pass_ctx
+def pack_watch(
+    ctx: Ctx, directory: Path, interval: float, settle: float, incomplete_timeout: float, once: bool
+) -> None:
+    """Import each pack that settles in DIRECTORY (a USB mount point or drop folder).
+
+    Files directly in DIRECTORY are read once stable; hidden and temporary
+    names are ignored. Each is moved to DIRECTORY/imported/ or
+    DIRECTORY/rejected/ beside a NAME.reason file; a copy of a pack already
+    imported is recognised by its SHA-256. A pack that ends early is waited
+    for until --incomplete-timeout. Runs until SIGINT or SIGTERM (exit 0).
+
+    With --json this long-running command prints one JSON object per line,
+    one per event (watching, imported, duplicate, rejected, incomplete,
+    deferred, unavailable, available), and a final 'stopped' line with counts.
+    """
+    from qhx_edge import watch
+
+    def emit(event: watch.Event) -> None:
+        click.echo(json.dumps(event.to_json(), sort_keys=True) if ctx.json else event.text())
+
+    with _open_node(ctx) as n:
+        watch.serve(
+            n, directory, settle=settle, interval=interval, incomplete_timeout=incomplete_timeout, once=once, emit=emit
+        )
+
+
+# --- evidence ------------------------------------------------------------------------------
+
+
+@cli.group("evidence")
+def evidence_group() -> None:
+    """Audit-log evidence: exported by nodes, kept per node by the authority."""
+
+
+@evidence_group.command("status")
+@pass_ctx
+def evidence_status(ctx: Ctx) -> None:
+    """Authority: each node's chain (entries, last seq, head, gaps, forks). Node: what awaits export."""
+    from qhx_edge import evidence
+
+    if not Authority.exists(ctx.home):
+        n = node.Node(ctx.home)
+        try:
+            mine = evidence.node_status(n)
+        finally:
+            n.close()
+        ctx.emit(
+            mine,
+            f"node {mine['node_id']}: {mine['audit_entries']} audit entries, exported as evidence up to "
+            f"{mine['evidence_mark']}, {mine['pending']} pending",
+        )
+        return
+    st = evidence.status(ctx.home)
+    ctx.emit(st, lambda: evidence.status_text(st))
 
 
 # --- status and documents -------------------------------------------------------------------

@@ -43,6 +43,15 @@ class Malformed(Rejected):
     kind = "malformed"
 
 
+class Incomplete(Malformed):
+    """Well-formed so far, but the data ends early: a truncated file, or one still being written.
+
+    Its kind stays ``malformed`` (an incomplete pack is refused like any other
+    malformed one); ``pack watch`` uses the class to wait for a writer instead
+    of rejecting a file that is still growing.
+    """
+
+
 class NonDeterministic(Rejected):
     kind = "non-deterministic"
 
@@ -168,6 +177,6 @@ def all_kinds() -> dict[str, type[QhxError]]:
     stack: list[type[QhxError]] = [QhxError]
     while stack:
         cls = stack.pop()
-        out[cls.kind] = cls
+        out.setdefault(cls.kind, cls)  # a refinement (Incomplete) keeps its parent's kind
         stack.extend(cls.__subclasses__())
     return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qhx_edge import freshness, pack, seal, verify
+from qhx_edge import freshness, pack, verify
 from qhx_edge.authority import fingerprint
 from qhx_edge.documents import Freshness, Policy, Root, parse
 from qhx_edge.errors import (
@@ -98,6 +98,7 @@ class ImportResult:
     exporter: dict[str, Any] = field(default_factory=dict)
     sealed: bool = False
     pack_status: str = "new"  # new | already-imported
+    refused: bool = False  # a strict import that applied nothing because of a rejection
 
     @property
     def error(self) -> Rejected | None:
@@ -116,7 +117,7 @@ class ImportResult:
             "sealed": self.sealed,
             "exporter": self.exporter,
             "counts": counts,
-            "documents": [_report(v) for v in self.outcome.verdicts],
+            "documents": [_report(v, refused=self.refused) for v in self.outcome.verdicts],
         }
 
     def summary(self) -> str:
@@ -127,12 +128,14 @@ class ImportResult:
         return f"{head}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
-def _report(v: verify.Verdict) -> dict[str, Any]:
+def _report(v: verify.Verdict, *, refused: bool = False) -> dict[str, Any]:
     out = v.to_json()
     # The stable per-document report: applied | already-held | rejected:KIND
-    # (history versions stored below the current one count as applied).
+    # (history versions stored below the current one count as applied), and
+    # not-applied for acceptable documents of a strict import that was refused.
     status = out["status"]
-    out["report"] = "applied" if status == "history" else "already-held" if status == "duplicate" else status
+    report = "applied" if status == "history" else "already-held" if status == "duplicate" else status
+    out["report"] = "not-applied" if refused and report == "applied" else report
     return out
 
 
@@ -180,6 +183,11 @@ class Node:
     def card(self) -> bytes:
         return self.store.card()
 
+    @property
+    def encryption_kid(self) -> bytes:
+        """This node's HPKE key id, from its public card (no private key needed)."""
+        return parse_card(self.store.card()).encryption_key.kid
+
     # --- import ------------------------------------------------------------------------
 
     def _reject(self, now: int, exc: Rejected, what: str, doc: Any = None) -> None:
@@ -195,12 +203,8 @@ class Node:
         sealed = False
         try:
             verify.check_clock(now, self.store.clock_high_water(), self.tolerance)
-            value = pack.outer(data)
-            if pack.is_sealed(value):
-                sealed = True
-                data = seal.open_sealed(data, self.identity.encryption)
-                value = pack.outer(data)
-            p = pack.parse(data, value)
+            data, sealed = pack.unseal_if_sealed(data, self.encryption_kid, lambda: self.identity.encryption)
+            p = pack.parse(data)
             if p.manifest.kind != "documents":
                 raise Malformed(f"a {p.manifest.kind} pack is for an authority home, not a node")
             exporter = self._check_exporter(p.manifest)
@@ -220,15 +224,17 @@ class Node:
             self.store.audit(
                 now, [*rejections, AuditEntry("reject", f"{source}: strict import, nothing applied", first.kind)]
             )
+            result.refused = True
             raise ImportRejected(first, result)
+        m = p.manifest
+        record = (m.pack_id, p.digest, m.exporter_domain, m.exporter_node, m.exporter_key.keyid, m.sequence)
         if outcome.changed:
-            m = p.manifest
-            record = (m.pack_id, p.digest, m.exporter_domain, m.exporter_node, m.exporter_key.keyid, m.sequence)
             self.store.apply(outcome, now, source, rejections=rejections, pack_record=record)
             result.applied = True
+        elif first is None:
+            self.store.record_noop(now, [AuditEntry("noop", f"{source}: every document already held")], record)
         else:
-            note = "every document already held" if first is None else "nothing applied"
-            self.store.audit(now, [*rejections, AuditEntry("noop", f"{source}: {note}")])
+            self.store.audit(now, [*rejections, AuditEntry("noop", f"{source}: nothing applied")])
         if first is not None:
             raise ImportRejected(first, result)
         return result

@@ -28,20 +28,19 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qhx_edge import cbor, envelope
+from qhx_edge import cbor, envelope, seal
 from qhx_edge.documents import check_domain
 from qhx_edge.errors import BadSignature, Malformed, Oversize
 from qhx_edge.fsutil import atomic_write, read_capped
-from qhx_edge.identity import require_signed_by
+from qhx_edge.identity import EncryptionPrivateKey, require_signed_by
 from qhx_edge.suites import PrivateKey, PublicKey
 
 FORMAT = "qhx-edge-pack"
-SEALED_FORMAT = "qhx-edge-sealed"
 VERSION = 1
 MANIFEST_CONTENT_TYPE = "application/qhx-edge-manifest+cbor"
 KINDS = ("documents", "evidence")
@@ -116,15 +115,20 @@ def build(
 
 
 def outer(data: bytes) -> dict[str, Any]:
-    """Decode the outer map of a pack or sealed pack and check its format name."""
-    value = cbor.decode(data, max_size=MAX_PACK_SIZE + (2 << 20))
-    if not isinstance(value, dict) or value.get("format") not in (FORMAT, SEALED_FORMAT):
+    """Decode the outer map of an (unsealed) pack and check its format name."""
+    if seal.is_sealed(data):
+        raise Malformed("this pack is sealed; open it first")
+    value = cbor.decode(data, max_size=MAX_PACK_SIZE)
+    if not isinstance(value, dict) or value.get("format") != FORMAT:
         raise Malformed("not a qhx-edge pack")
     return value
 
 
-def is_sealed(value: dict[str, Any]) -> bool:
-    return value.get("format") == SEALED_FORMAT
+def unseal_if_sealed(data: bytes, my_kid: bytes, get_key: Callable[[], EncryptionPrivateKey]) -> tuple[bytes, bool]:
+    """The pack inside ``data`` if it is sealed (to ``my_kid``), else ``data``; and whether it was."""
+    if seal.is_sealed(data):
+        return seal.unseal(data, my_kid, get_key), True
+    return data, False
 
 
 def _uint(d: dict[str, Any], key: str) -> int:
@@ -175,8 +179,6 @@ def parse_manifest(raw: bytes) -> Manifest:
 def parse(data: bytes, value: dict[str, Any] | None = None) -> Pack:
     """Parse an (unsealed) pack: outer structure, manifest signature, document digests."""
     value = outer(data) if value is None else value
-    if is_sealed(value):
-        raise Malformed("this pack is sealed; open it first")
     if value.get("version") != VERSION:
         raise Malformed(f"unsupported pack version {value.get('version')!r}")
     if set(value) != {"format", "version", "manifest", "documents"}:
@@ -203,4 +205,4 @@ def write(path: Path, data: bytes) -> int:
 
 
 def read(path: Path) -> bytes:
-    return read_capped(Path(path), MAX_PACK_SIZE + (2 << 20), "pack file")
+    return read_capped(Path(path), MAX_PACK_SIZE + seal.MAX_HEADER_SIZE + 64, "pack file")

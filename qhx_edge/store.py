@@ -120,7 +120,23 @@ MIGRATIONS: tuple[str, ...] = (
         pinned_at INTEGER NOT NULL
     );
     """,
+    # 3: files handled by 'pack watch', by SHA-256 of the file's bytes (a sealed
+    # pack's outer bytes differ from the pack packs_seen records).  Bookkeeping,
+    # not trust state: trust_digest() leaves it out, like the audit log.
+    """
+    CREATE TABLE watched_files (
+        digest BLOB PRIMARY KEY,
+        name TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    """,
 )
+
+# Bookkeeping, not belief: the audit log, which packs and files were seen, and
+# export counters.  A no-op import may record a pack; it must not look like a
+# change of trust.
+NOT_TRUST_STATE = frozenset({"audit", "watched_files", "packs_seen", "exports"})
 
 
 @dataclass(frozen=True)
@@ -394,6 +410,26 @@ class Store:
         ).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
+    def pack_digest_seen(self, digest: bytes) -> bool:
+        """Whether a pack with these exact bytes was imported (and changed something)."""
+        row = self.conn.execute("SELECT 1 FROM packs_seen WHERE digest = ? LIMIT 1", (digest,)).fetchone()
+        return row is not None
+
+    def watched_file(self, digest: bytes) -> dict[str, Any] | None:
+        """What 'pack watch' did with a file of these bytes, if it handled one."""
+        row = self.conn.execute("SELECT name, outcome, at FROM watched_files WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else dict(zip(("name", "outcome", "at"), row, strict=True))
+
+    def record_watched(self, digest: bytes, name: str, outcome: str, at: int) -> None:
+        """Remember a file 'pack watch' handled; only a rejected outcome is ever replaced by a later one."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO watched_files VALUES (?,?,?,?) ON CONFLICT (digest) DO UPDATE SET "
+                "name = excluded.name, outcome = excluded.outcome, at = excluded.at "
+                "WHERE watched_files.outcome = 'rejected'",
+                (digest, name, outcome, at),
+            )
+
     def pinned_card(self, node_id: str) -> bytes | None:
         row = self.conn.execute("SELECT body FROM cards WHERE node_id = ?", (node_id,)).fetchone()
         return None if row is None else bytes(row[0])
@@ -406,6 +442,15 @@ class Store:
                 (node_id, domain, keyid, fingerprint, body, now),
             )
             self._audit(conn, now, [AuditEntry("pin-card", f"card of node {node_id} ({domain}) pinned: {fingerprint}")])
+
+    def record_noop(
+        self, now: int, entries: Sequence[AuditEntry], pack_record: tuple[bytes, bytes, str, str, str, int] | None
+    ) -> None:
+        """An import that changed nothing: remember the pack (re-import says so) and audit it."""
+        with self.transaction() as conn:
+            if pack_record is not None:
+                conn.execute("INSERT OR IGNORE INTO packs_seen VALUES (?,?,?,?,?,?,?)", (*pack_record, now))
+            self._audit(conn, now, entries)
 
     def apply(
         self,
@@ -449,10 +494,10 @@ class Store:
     # --- integrity -------------------------------------------------------------------
 
     def trust_digest(self) -> str:
-        """SHA-256 over every table but the audit log: equal digests, equal trust state."""
+        """SHA-256 over every table but the audit log and other bookkeeping: equal digests, equal trust state."""
         h = hashlib.sha256()
         for table in sorted(self.db.table_names()):
-            if table == "audit" or table.startswith("sqlite_"):
+            if table in NOT_TRUST_STATE or table.startswith("sqlite_"):
                 continue
             cols = [c.name for c in self.db[table].columns]
             h.update(cbor.encode([table, cols]))

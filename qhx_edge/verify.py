@@ -260,6 +260,26 @@ def _check_version(
     raise Rollback(f"{doc.describe()} is older than the held version {mark.version}")
 
 
+def _check_version_signed(
+    doc: Signed[Any],
+    mark: Mark | None,
+    history: Mapping[tuple[str, int], bytes],
+    root: Root,
+    role: str,
+    *,
+    carried: bool = False,
+) -> str | None:
+    """:func:`_check_version`, but an equal-version conflict is claimed only by a
+    validly signed document: a forgery of a held version is refused for its own
+    fault, so nobody without keys can make the audit log show the authority
+    signing two documents for one version."""
+    try:
+        return _check_version(doc, mark, history, carried=carried)
+    except EqualVersionConflict:
+        check_role(doc, root, role)
+        raise
+
+
 def _check_suite_change(old: Root, new: Root) -> None:
     """A root rotation must not drop post-quantum signatures (hybrid/pq -> classical)."""
     had_pq = bool(set(suite_algs(old.suite)) & POST_QUANTUM)
@@ -357,7 +377,7 @@ def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int
     for v in by_type.get("root", []):
         doc: Signed[Any] = v.doc  # type: ignore[assignment]
         try:
-            state = _check_version(doc, root_mark, view.history)
+            state = _check_version_signed(doc, root_mark, view.history, root.payload, "root")
             if state:
                 v.status = state
                 continue
@@ -405,7 +425,7 @@ def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int
         for v in by_type.get(t, []):
             doc = v.doc  # type: ignore[assignment]
             try:
-                state = _check_version(doc, mark, history, carried=carried)
+                state = _check_version_signed(doc, mark, history, root.payload, ROLE_FOR_TYPE[t], carried=carried)
                 if state:
                     v.status = state
                     continue

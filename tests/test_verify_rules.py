@@ -814,3 +814,12 @@ def test_root_keys_must_match_the_suite_and_rotation_cannot_drop_post_quantum() 
     up = documents.sign(_root_of("hybrid", hybrid, 2), [classical, hybrid])
     state = TrustState({"suite.example": verify.DomainView(root=documents.parse(c1))})  # type: ignore[arg-type]
     assert statuses(verify.verify_batch([up], state, NOW)) == ["applied"]
+
+
+def test_a_forged_copy_of_a_held_version_is_a_bad_signature_not_a_conflict(sim: RepoSim, v1: dict[str, bytes]) -> None:
+    """Only a validly signed document can claim an equal-version conflict."""
+    state = held(sim, v1)
+    forged = flip_signature_byte(sim.sign(sim.bundle(1, tag="forged")))
+    assert statuses(verify.verify_batch([forged], state, NOW)) == ["rejected:bad-signature"]
+    genuine_other = sim.sign(sim.bundle(1, tag="other"))
+    assert statuses(verify.verify_batch([genuine_other], state, NOW)) == ["rejected:equal-version-conflict"]
