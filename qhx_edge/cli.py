@@ -332,7 +332,7 @@ def pack_export(
     sealed_to = [c.node_id for c in cards]
     ctx.emit(
         {"pack": to, "documents": len(docs), "bytes": size, "sealed_to": sealed_to},
-        f"wrote {len(docs)} documents ({size} bytes) to {to}"
+        f"wrote {len(docs)} document{'' if len(docs) == 1 else 's'} ({size} bytes) to {to}"
         + (f", sealed to {', '.join(sealed_to)}" if sealed_to else ""),
     )
 
