@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import shutil
@@ -144,6 +145,35 @@ def make_pack(
         sequence=sequence,
         now=clock.now() if now is None else now,
     )
+
+
+def find_libfaketime() -> str | None:
+    """libfaketime.so.1 of the faketime package (QHX_LIBFAKETIME overrides)."""
+    if os.environ.get("QHX_LIBFAKETIME"):
+        return os.environ["QHX_LIBFAKETIME"]
+    for pattern in (
+        "/usr/lib/*/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/lib64/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ):
+        hits = sorted(glob.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def faketime_prefix(spec: str) -> list[str]:
+    """A command prefix that runs a program on a faked clock: ``+100d``, ``-1d`` or an absolute time.
+
+    libfaketime is preloaded directly rather than through the ``faketime``
+    wrapper: the wrapper keeps a semaphore and shared memory named after its
+    pid in /dev/shm, and a stale one left by a killed run makes a later wrapper
+    with a recycled pid fail at random.
+    """
+    lib = find_libfaketime()
+    assert lib is not None, "libfaketime.so.1 not found"
+    return ["env", f"LD_PRELOAD={lib}", f"FAKETIME={spec}", "FAKETIME_DONT_FAKE_MONOTONIC=1"]
 
 
 def have(tool: str) -> bool:

@@ -9,8 +9,9 @@ Every rejected import must:
 * append exactly one ``reject`` entry of that kind to the audit log, whose hash
   chain still verifies.
 
-Clock attacks drive the subprocess clock with ``faketime -f +N`` / ``-N`` and are
-skipped, with a reason, where the tool is not installed.
+Clock attacks drive the subprocess clock with libfaketime (``FAKETIME=+N`` / ``-N``,
+preloaded directly: see ``conftest.faketime_prefix``) and are skipped, with a reason,
+where the faketime package is not installed.
 """
 
 from __future__ import annotations
@@ -33,14 +34,14 @@ from qhx_edge.envelope import COSE_SIGN_TAG
 from qhx_edge.store import STORE_FILE, Store
 from qhx_edge.suites import PrivateKey
 
-from .conftest import PASSPHRASE, Homes, Result, have, make_pack, run_cli
+from .conftest import PASSPHRASE, Homes, Result, faketime_prefix, find_libfaketime, make_pack, run_cli
 
 A = "alpha.example"
 B = "bravo.example"
 
 needs_faketime = pytest.mark.skipif(
-    not have("faketime"),
-    reason="faketime is not on PATH (apt-get install faketime): the clock attacks drive the CLI's clock with it",
+    find_libfaketime() is None,
+    reason="libfaketime is not installed (apt-get install faketime): the clock attacks drive the CLI's clock with it",
 )
 
 
@@ -50,7 +51,7 @@ def uses_faketime(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def shifted(offset: str) -> list[str]:
     """A run_cli prefix that moves the subprocess clock by ``offset`` (e.g. ``+100d``, ``-1d``)."""
-    return ["faketime", "-f", offset]
+    return faketime_prefix(offset)
 
 
 # --- helpers -----------------------------------------------------------------------------

@@ -16,7 +16,6 @@ a SIGKILL sent to it would kill the wrapper and leave the import running.
 
 from __future__ import annotations
 
-import glob
 import os
 import random
 import shutil
@@ -34,27 +33,11 @@ from qhx_edge import fsutil, node, pack
 from qhx_edge.authority import Authority
 from qhx_edge.store import Store
 
-from .conftest import _cli_env
+from .conftest import _cli_env, find_libfaketime
 
 BUNDLE_VERSIONS = 400  # history versions in the pack: a full import takes most of a second
 RUNS = 60
 DOMAIN = "alpha.example"
-
-
-def find_libfaketime() -> str | None:
-    """libfaketime.so.1 of the faketime package (QHX_LIBFAKETIME overrides)."""
-    if os.environ.get("QHX_LIBFAKETIME"):
-        return os.environ["QHX_LIBFAKETIME"]
-    for pattern in (
-        "/usr/lib/*/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-        "/usr/lib64/faketime/libfaketime.so.1",
-        "/usr/local/lib/faketime/libfaketime.so.1",
-    ):
-        hits = sorted(glob.glob(pattern))
-        if hits:
-            return hits[0]
-    return None
 
 
 LIBFAKETIME = find_libfaketime()
