@@ -29,7 +29,7 @@ from qhx_edge.identity import NodeIdentity, make_card
 from qhx_edge.keystore import Keystore
 from qhx_edge.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, policy_fields
 from qhx_edge.suites import PrivateKey, suite_algs
-from qhx_edge.x509ca import CA_ALGS_FOR_SUITE, make_ca
+from qhx_edge.x509ca import CA_ALGS_FOR_SUITE, load_spki, make_ca, make_intermediate
 
 if TYPE_CHECKING:
     from qhx_edge.evidence import EvidenceReport
@@ -38,6 +38,7 @@ STATE = "authority.json"
 CARD = "card.cbor"
 AUTHORITY_NODE = "authority"
 DAY = 86400
+DELEGATION_LIFETIME = 7 * 86400
 DEFAULT_LIFETIMES = {"root": 365 * DAY, "bundle": 90 * DAY, "policy": 90 * DAY, "ca": 365 * DAY}
 REFRESH_HINT = 3600
 
@@ -213,7 +214,12 @@ class Authority:
             "type": "bundle",
             **self._common("bundle", now, self.state["lifetimes"]["bundle"]),
             "x509_authorities": certs,
-            "jwt_authorities": [],
+            # Delegated nodes sign JWT-SVIDs offline: their keys are the domain's JWT authorities.
+            "jwt_authorities": [
+                {"kid": kid, "spki": bytes.fromhex(k["spki"])}
+                for kid, k in sorted(self.state.get("jwt_keys", {}).items())
+                if k["not_after"] > now
+            ],
             "refresh_hint": REFRESH_HINT,
         }
         return self._publish(D.Bundle.from_dict(d), self._signers("pki"))
@@ -279,6 +285,64 @@ class Authority:
 
     def anchor(self) -> bytes:
         return self.current("root")
+
+    def issue_delegation(
+        self,
+        *,
+        node_id: str,
+        card_fingerprint: str,
+        ca_spkis: dict[int, bytes],
+        jwt_spki: bytes,
+        attestation: dict[str, Any],
+        now: int,
+        lifetime: int = DELEGATION_LIFETIME,
+    ) -> list[bytes]:
+        """Sign a node's intermediate CA certificate(s) and its delegation (pki role).
+
+        Call only after the node has been attested.  Returns the delegation and
+        a new bundle + freshness whose JWT authorities include the node's key.
+        """
+        gen = self.state["cas"][-1]
+        certs = []
+        not_after = now + lifetime
+        for alg, spki in sorted(ca_spkis.items()):
+            info = gen["certs"].get(str(alg))
+            if info is None:
+                raise Malformed(f"this domain has no CA for algorithm {alg}")
+            cert = make_intermediate(
+                self.domain,
+                self.keystore.load(info["key"]),
+                (self.home / info["cert"]).read_bytes(),
+                spki,
+                node_id,
+                now,
+                lifetime,
+            )
+            certs.append(cert.der)
+            not_after = min(not_after, int(info["not_after"]))
+        load_spki(jwt_spki)
+        kid = f"{node_id}-{hashlib.sha256(jwt_spki).hexdigest()[:16]}"
+        self.state.setdefault("jwt_keys", {})[kid] = {
+            "spki": jwt_spki.hex(),
+            "node_id": node_id,
+            "not_after": not_after,
+        }
+        payload = D.Delegation.from_dict(
+            {
+                "type": "delegation",
+                "domain": self.domain,
+                "version": int(self.state["versions"].get("delegation", 0)) + 1,
+                "issued_at": now,
+                "expires": not_after,
+                "node_id": node_id,
+                "card_fingerprint": card_fingerprint,
+                "attestation": attestation,
+                "x509_cas": certs,
+                "jwt_key": {"kid": kid, "spki": jwt_spki},
+            }
+        )
+        delegation = self._publish(payload, self._signers("pki"))
+        return [delegation, *self.publish_bundle(now)]
 
     def card(self) -> bytes:
         return (self.home / CARD).read_bytes()

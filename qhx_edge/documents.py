@@ -360,7 +360,63 @@ class Freshness(Payload):
         return out
 
 
-PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.type: cls for cls in (Root, Bundle, Policy, Freshness)}
+@dataclass(frozen=True, kw_only=True)
+class Delegation(Payload):
+    """A node's delegated intermediate CA(s), signed by the pki role after attestation.
+
+    ``version`` is the authority's running count of delegations (monotonic per
+    domain and type); ``node_id`` names the only node that may use it.
+    """
+
+    type: ClassVar[str] = "delegation"
+    _fields: ClassVar[tuple[str, ...]] = ("node_id", "card_fingerprint", "attestation", "x509_cas", "jwt_key")
+
+    node_id: str
+    card_fingerprint: str
+    attestation: dict[str, Any]
+    x509_cas: tuple[bytes, ...]
+    jwt_key: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Delegation:
+        common = cls._common(d)
+        node_id = _get(d, "node_id", str)
+        if not 1 <= len(node_id) <= 64:
+            raise Malformed("delegation node_id must be a short text")
+        fp = _get(d, "card_fingerprint", str)
+        if len(fp) != 64:
+            raise Malformed("delegation card_fingerprint must be a SHA-256 hex digest")
+        att = _get(d, "attestation", dict)
+        if att.get("method") not in ("tpm", "join-token"):
+            raise Malformed("delegation attestation method must be tpm or join-token")
+        cas = _get(d, "x509_cas", list)
+        if not 1 <= len(cas) <= 4 or not all(isinstance(c, bytes) and c for c in cas):
+            raise Malformed("delegation x509_cas must list 1 to 4 DER certificates")
+        jwt = _get(d, "jwt_key", dict)
+        if not isinstance(jwt.get("kid"), str) or not jwt["kid"] or not isinstance(jwt.get("spki"), bytes):
+            raise Malformed("delegation jwt_key needs a text kid and a DER spki")
+        return cls(
+            node_id=node_id,
+            card_fingerprint=fp,
+            attestation=dict(att),
+            x509_cas=tuple(cas),
+            jwt_key=dict(jwt),
+            **common,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(
+            node_id=self.node_id,
+            card_fingerprint=self.card_fingerprint,
+            attestation=dict(self.attestation),
+            x509_cas=list(self.x509_cas),
+            jwt_key=dict(self.jwt_key),
+        )
+        return out
+
+
+PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation)}
 
 T = TypeVar("T", bound=Payload)
 

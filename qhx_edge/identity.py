@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 
 from qhx_edge import cbor, envelope
 from qhx_edge.documents import check_domain
-from qhx_edge.errors import BadSignature, Malformed
+from qhx_edge.errors import BadSignature, Malformed, MissingFile
 from qhx_edge.keystore import Keystore
-from qhx_edge.suites import PrivateKey, PublicKey
+from qhx_edge.suites import ES256, MLDSA65, PrivateKey, PublicKey
 
 CARD_CONTENT_TYPE = "application/qhx-edge-card+cbor"
 KEM_NAME = "MLKEM768-X25519"
@@ -36,6 +36,10 @@ MAX_CARD_SIZE = 64 << 10
 CARD_LIFETIME = 365 * 86400
 SIGNING_KEY = "node-signing"
 ENCRYPTION_KEY = "node-encryption"
+# The node's delegated CA keys (one per CA algorithm) and its JWT-SVID key, made
+# when the node first asks to be attested; the authority certifies their public halves.
+CA_KEYS = {ES256: "node-ca-es256", MLDSA65: "node-ca-mldsa65"}
+JWT_KEY = "node-jwt"
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,15 @@ def parse_card(data: bytes) -> Card:
     )
 
 
+def spki(key: PrivateKey) -> bytes:
+    """SubjectPublicKeyInfo DER of a one-algorithm key (ES256 or ML-DSA-65)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from qhx_edge.x509ca import private_key_object
+
+    return private_key_object(key).public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+
 def require_signed_by(env: envelope.Envelope, key: PublicKey, what: str) -> None:
     """Raise unless every algorithm of ``key`` validly signed ``env``."""
     kid = bytes.fromhex(key.keyid)
@@ -213,6 +226,23 @@ class NodeIdentity:
         if self._signer is None:
             self._signer = self.keystore.load(SIGNING_KEY)
         return self._signer
+
+    def key(self, name: str, alg: int, *, create: bool = False) -> PrivateKey:
+        """A one-algorithm key of this home (CA or JWT key), made on first use if ``create``."""
+        try:
+            return self.keystore.load(name)
+        except MissingFile:
+            if not create:
+                raise
+        key = PrivateKey.generate_algs([alg])
+        self.keystore.save(name, key)
+        return key
+
+    def ca_key(self, alg: int, *, create: bool = False) -> PrivateKey:
+        return self.key(CA_KEYS[alg], alg, create=create)
+
+    def jwt_key(self, *, create: bool = False) -> PrivateKey:
+        return self.key(JWT_KEY, ES256, create=create)
 
     @property
     def encryption(self) -> EncryptionPrivateKey:

@@ -280,7 +280,8 @@ class Store:
                 freshness=fresh if fresh is not None and isinstance(fresh.payload, Freshness) else None,
                 history=history,
             )
-        return TrustState(views, self.clock_high_water())
+        info = self.conn.execute("SELECT node_id FROM node").fetchone()
+        return TrustState(views, self.clock_high_water(), info[0] if info else None)
 
     def list_documents(self) -> list[dict[str, Any]]:
         rows = self.conn.execute(

@@ -68,6 +68,7 @@ from qhx_edge.errors import (
     Oversize,
     Rejected,
     Rollback,
+    ScopeViolation,
     ThresholdNotMet,
     UnknownDomain,
     WrongRole,
@@ -106,6 +107,7 @@ class DomainView:
 class TrustState:
     domains: Mapping[str, DomainView]
     clock_high_water: int = 0
+    node_id: str | None = None  # the node whose delegations this state may accept
 
 
 @dataclass(frozen=True)
@@ -316,14 +318,14 @@ def verify_batch(docs: Sequence[bytes], state: TrustState, now: int, limits: Lim
                 UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}"),
             )
             continue
-        if doc.type not in (*EPOCH_TYPES, "freshness"):
+        if doc.type not in (*EPOCH_TYPES, "freshness", "delegation"):
             v.status, v.error = "rejected", Malformed(f"{doc.type} documents are not accepted in this batch")
             continue
         by_domain.setdefault(doc.payload.domain, []).append(v)
 
     outcome = Outcome(verdicts, clock_high_water=state.clock_high_water)
     for domain, items in by_domain.items():
-        _verify_domain(domain, items, state.domains[domain], now, limits, outcome)
+        _verify_domain(domain, items, state.domains[domain], now, limits, outcome, state.node_id)
     for v in verdicts:
         if v.status in ("applied", "history") and v.doc is not None:
             outcome.clock_high_water = max(outcome.clock_high_water, v.doc.payload.issued_at)
@@ -358,7 +360,15 @@ def _dedupe(vs: list[Verdict]) -> list[Verdict]:
     return list(kept.values())
 
 
-def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int, limits: Limits, out: Outcome) -> None:
+def _verify_domain(
+    domain: str,
+    items: list[Verdict],
+    view: DomainView,
+    now: int,
+    limits: Limits,
+    out: Outcome,
+    node_id: str | None = None,
+) -> None:
     tol = limits.clock_tolerance
     by_type: dict[str, list[Verdict]] = {}
     for v in items:
@@ -509,3 +519,29 @@ def _verify_domain(domain: str, items: list[Verdict], view: DomainView, now: int
             else:
                 v.status = "applied"
                 out.marks[(domain, t)] = Mark(ver, doc.digest)
+
+    # 5. Delegations: only this node's own, by the pki threshold of the held root,
+    # unexpired; not part of the freshness epoch (a delegation outlives many epochs).
+    mark = marks.get("delegation")
+    delegations = []
+    for v in by_type.get("delegation", []):
+        doc = v.doc  # type: ignore[assignment]
+        try:
+            if node_id is None or doc.payload.node_id != node_id:
+                raise ScopeViolation(f"{doc.describe()} delegates node {doc.payload.node_id}, not this node")
+            state = _check_version_signed(doc, mark, history, root.payload, "pki")
+            if state:
+                v.status = state
+                continue
+            check_role(doc, root.payload, "pki")
+            _check_times(doc, now, tol)
+        except Rejected as exc:
+            _reject(v, exc)
+            continue
+        delegations.append(v)
+    delegations = _dedupe(delegations)
+    for i, v in enumerate(delegations):
+        assert v.doc is not None
+        v.status = "applied" if i == len(delegations) - 1 else "history"
+        if v.status == "applied":
+            out.marks[(domain, "delegation")] = Mark(v.doc.payload.version, v.doc.digest)

@@ -1,0 +1,99 @@
+"""Delegations: the node's intermediate CAs, signed by the pki role, accepted only by their node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from qhx_edge import clock, node, verify
+from qhx_edge import documents as D  # noqa: N812
+from qhx_edge.identity import parse_card, spki
+from qhx_edge.node import ImportRejected
+from qhx_edge.suites import ES256, MLDSA65
+from tests.conftest import PASSPHRASE, Homes, make_pack
+
+
+def delegate(homes: Homes, node_home: Path, now: int, **kw: int) -> list[bytes]:
+    n = node.Node(node_home, PASSPHRASE.encode)
+    try:
+        ident = n.identity
+        cas = {alg: spki(ident.ca_key(alg, create=True)) for alg in (ES256, MLDSA65)}
+        jwt = spki(ident.jwt_key(create=True))
+        card = parse_card(n.card())
+        return homes.authority.issue_delegation(
+            node_id=n.node_id,
+            card_fingerprint=card.fingerprint,
+            ca_spkis=cas,
+            jwt_spki=jwt,
+            attestation={"method": "join-token"},
+            now=now,
+            **kw,
+        )
+    finally:
+        n.close()
+
+
+def test_delegation_round_trip_and_certificate_shape(homes: Homes) -> None:
+    now = clock.now()
+    docs = delegate(homes, homes.node_home, now)
+    deleg = D.parse(docs[0]).payload
+    assert isinstance(deleg, D.Delegation)
+    with _Opened(homes.node_home) as n:
+        result = n.import_pack(homes.authority.export_pack(docs, now), now)
+        assert result.applied
+        assert n.store.current(homes.authority.domain, "delegation") is not None
+    bundle = D.parse(docs[1]).payload
+    assert isinstance(bundle, D.Bundle)
+    assert [j["kid"] for j in bundle.jwt_authorities] == [deleg.jwt_key["kid"]]
+    roots = {
+        x509.load_der_x509_certificate(c).subject: x509.load_der_x509_certificate(c) for c in bundle.x509_authorities
+    }
+    for der in deleg.x509_cas:
+        cert = x509.load_der_x509_certificate(der)
+        issuer = roots[cert.issuer]
+        cert.verify_directly_issued_by(issuer)
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        assert bc.ca
+        assert bc.path_length == 0
+        nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+        assert [g.value for g in nc.permitted_subtrees or []] == ["alpha.example"]
+        assert cert.not_valid_after_utc.timestamp() - now <= 7 * 86400
+    assert deleg.expires <= now + 7 * 86400
+
+
+class _Opened:
+    def __init__(self, home: Path) -> None:
+        self.node = node.Node(home, PASSPHRASE.encode)
+
+    def __enter__(self) -> node.Node:
+        return self.node
+
+    def __exit__(self, *exc: object) -> None:
+        self.node.close()
+
+
+def test_a_delegation_for_another_node_is_a_scope_violation(homes: Homes, tmp_path: Path) -> None:
+    now = clock.now()
+    other = tmp_path / "other"
+    node.init(other, homes.authority.anchor(), now, passphrase=PASSPHRASE.encode())
+    docs = delegate(homes, other, now)
+    with _Opened(homes.node_home) as n, pytest.raises(ImportRejected) as info:
+        n.import_pack(make_pack(docs[:1]), now)
+    assert info.value.kind == "scope-violation"
+
+
+def test_delegation_rules_in_the_trust_core(homes: Homes) -> None:
+    now = clock.now()
+    docs = delegate(homes, homes.node_home, now, lifetime=3600)
+    with _Opened(homes.node_home) as n:
+        state = n.store.trust_state()
+        assert state.node_id == n.node_id
+        ok = verify.verify_batch(docs[:1], state, now)
+        assert [v.status for v in ok.verdicts] == ["applied"]
+        late = verify.verify_batch(docs[:1], state, now + 3600)
+        assert late.verdicts[0].error is not None
+        assert late.verdicts[0].error.kind == "expired"
+        nobody = verify.TrustState(state.domains, state.clock_high_water, None)
+        assert verify.verify_batch(docs[:1], nobody, now).verdicts[0].error.kind == "scope-violation"  # type: ignore[union-attr]
