@@ -8,6 +8,7 @@ success, 1 input rejected, 2 usage error, 3 environment error.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from collections.abc import Callable
@@ -189,6 +190,111 @@ def rotate_ca(ctx: Ctx) -> None:
     _emit_published(ctx, _open_authority(ctx).rotate_ca(clock.now()), "rotate-ca")
 
 
+@authority.group("join-token")
+def join_token_group() -> None:
+    """Single-use join tokens for nodes without a TPM."""
+
+
+@join_token_group.command("create")
+@click.option("--ttl", default="1h", show_default=True, help="How long the token stays valid.")
+@pass_ctx
+def join_token_create(ctx: Ctx, ttl: str) -> None:
+    """Create a join token (stored hashed; give it to the node operator out of band)."""
+    from qhx_edge import attestation
+
+    seconds = policyfile.duration(ttl, "--ttl")
+    now = clock.now()
+    token = attestation.create_join_token(_open_authority(ctx), now, seconds)
+    ctx.emit({"token": token, "expires": now + seconds}, f"{token}\n(single use, valid until {_when(now + seconds)})")
+
+
+@authority.command("tpm-ca")
+@click.argument("file")
+@pass_ctx
+def tpm_ca_add(ctx: Ctx, file: str) -> None:
+    """Trust FILE (PEM or DER) as a TPM manufacturer CA for endorsement key certificates."""
+    from cryptography import x509
+
+    data = _read(file)
+    try:
+        cert = (
+            x509.load_pem_x509_certificate(data)
+            if data.lstrip().startswith(b"-----")
+            else x509.load_der_x509_certificate(data)
+        )
+    except ValueError as exc:
+        raise Malformed(f"{file}: not an X.509 certificate ({exc})") from exc
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = cert.public_bytes(Encoding.DER)
+    auth = _open_authority(ctx)
+    name = hashlib.sha256(der).hexdigest()[:16]
+    atomic_write(auth.home / "tpm-cas" / f"{name}.der", der)
+    ctx.emit(
+        {"tpm_ca": name, "subject": cert.subject.rfc4514_string()},
+        f"trusting TPM manufacturer CA {cert.subject.rfc4514_string()}",
+    )
+
+
+def _manufacturer_cas(auth: Authority) -> list[bytes]:
+    folder = auth.home / "tpm-cas"
+    return [p.read_bytes() for p in sorted(folder.glob("*.der"))] if folder.is_dir() else []
+
+
+def _authority_policy(auth: Authority) -> Any:
+    from qhx_edge.documents import Policy, parse
+
+    policy = parse(auth.current("policy")).payload
+    assert isinstance(policy, Policy)
+    return policy
+
+
+@authority.group("attest")
+def authority_attest() -> None:
+    """Attest nodes: answer their requests with challenges, their evidence with delegations."""
+
+
+@authority_attest.command("challenge")
+@click.argument("request")
+@click.option("--to", "to", required=True, help="Where to write the challenge pack.")
+@pass_ctx
+def authority_attest_challenge(ctx: Ctx, request: str, to: str) -> None:
+    """Check a node's attestation request and write a challenge for it."""
+    from qhx_edge import attestation
+
+    auth = _open_authority(ctx)
+    now = clock.now()
+    my_kid = parse_card(auth.card()).encryption_key.kid
+    data, _ = pack.unseal_if_sealed(pack.read(Path(request)), my_kid, lambda: auth.identity.encryption)
+    raw = attestation.unwrap(data)
+    pcrs = sorted(_authority_policy(auth).tpm_pcrs())
+    challenge = attestation.challenge(auth, raw, now, manufacturer_cas=_manufacturer_cas(auth), pcrs=pcrs)
+    signer = auth._signers("freshness")[0]
+    out = attestation.wrap(challenge, signer, domain=auth.domain, node="authority", now=now, documents=[auth.card()])
+    size = pack.write(Path(to), out)
+    ctx.emit({"challenge": to, "bytes": size}, f"challenge written to {to}")
+
+
+@authority_attest.command("finish")
+@click.argument("evidence")
+@click.option("--to", "to", required=True, help="Where to write the delegation pack.")
+@click.option("--lifetime", default=None, help="Delegation validity (default 7d).")
+@pass_ctx
+def authority_attest_finish(ctx: Ctx, evidence: str, to: str, lifetime: str | None) -> None:
+    """Check a node's evidence; on success write its delegation (a documents pack for the node)."""
+    from qhx_edge import attestation
+
+    auth = _open_authority(ctx)
+    now = clock.now()
+    my_kid = parse_card(auth.card()).encryption_key.kid
+    data, _ = pack.unseal_if_sealed(pack.read(Path(evidence)), my_kid, lambda: auth.identity.encryption)
+    raw = attestation.unwrap(data)
+    life = policyfile.duration(lifetime, "--lifetime") if lifetime is not None else None
+    docs = attestation.finish(auth, raw, now, expected_pcrs=_authority_policy(auth).tpm_pcrs(), lifetime=life)
+    size = pack.write(Path(to), auth.export_pack(docs, now))
+    ctx.emit({"delegation": to, "bytes": size, "documents": len(docs)}, f"node attested; delegation written to {to}")
+
+
 @authority.command("anchor")
 @click.option("--to", "to", required=True, help="Where to write the root document.")
 @pass_ctx
@@ -269,6 +375,83 @@ def node_pin_card(ctx: Ctx, card: str, expect_fingerprint: str | None) -> None:
     with _open_node(ctx) as n:
         info = n.pin_card(_read(card), clock.now(), expect=expect_fingerprint)
     ctx.emit(info, f"pinned card of node {info['node_id']} ({info['domain']}): {info['fingerprint']}")
+
+
+@node_group.group("attest")
+def node_attest() -> None:
+    """Prove this node to its authority (TPM or join token) to receive a delegation."""
+
+
+def _tpm_client(tcti: str | None) -> Any:
+    if tcti is None:
+        return None
+    from qhx_edge.tpm import TpmClient
+
+    return TpmClient(tcti)
+
+
+@node_attest.command("request")
+@click.option("--method", type=click.Choice(["tpm", "join-token"]), required=True)
+@click.option("--token", default=None, help="The join token (method join-token).")
+@click.option(
+    "--tpm", "tcti", envvar="QHX_EDGE_TPM", default=None, help="TPM TCTI, e.g. swtpm:host=127.0.0.1,port=2321."
+)
+@click.option("--authority-card", required=True, help="The authority's card: the request is sealed to it.")
+@click.option("--to", "to", required=True, help="Where to write the request pack.")
+@pass_ctx
+def node_attest_request(
+    ctx: Ctx, method: str, token: str | None, tcti: str | None, authority_card: str, to: str
+) -> None:
+    """Write an attestation request (sealed to the authority)."""
+    from qhx_edge import attestation
+
+    card = parse_card(_read(authority_card))
+    now = clock.now()
+    tpm = _tpm_client(tcti) if method == "tpm" else None
+    with _open_node(ctx) as n:
+        if card.domain != n.domain:
+            raise Malformed(f"the authority card is for {card.domain}, this node belongs to {n.domain}")
+        try:
+            raw = attestation.make_request(n, method, now, token=token, tpm=tpm)
+        finally:
+            if tpm is not None:
+                tpm.close()
+        data = attestation.wrap(raw, n.identity.signer, domain=n.domain, node=n.node_id, now=now)
+    size = pack.write(Path(to), seal.seal(data, [card.encryption_key]))
+    ctx.emit(
+        {"request": to, "bytes": size, "method": method},
+        f"attestation request written to {to} (sealed to the authority)",
+    )
+
+
+@node_attest.command("respond")
+@click.argument("challenge")
+@click.option("--tpm", "tcti", envvar="QHX_EDGE_TPM", default=None, help="TPM TCTI, as for the request.")
+@click.option("--to", "to", required=True, help="Where to write the evidence pack.")
+@pass_ctx
+def node_attest_respond(ctx: Ctx, challenge: str, tcti: str | None, to: str) -> None:
+    """Answer the authority's challenge with evidence (sealed to the authority)."""
+    from qhx_edge import attestation
+
+    docs = attestation.unwrap_all(pack.read(Path(challenge)))
+    if len(docs) != 2:
+        raise Malformed("a challenge pack holds the challenge and the authority's card")
+    card = parse_card(docs[1])
+    now = clock.now()
+    with _open_node(ctx) as n:
+        if card.domain != n.domain or card.node_id != "authority":
+            raise Malformed("the challenge pack carries a card that is not this domain's authority")
+        tpm = _tpm_client(tcti)
+        try:
+            # The AK is a primary key of the endorsement hierarchy made from a fixed
+            # template, so this TPM yields the same AK as for the request.
+            raw = attestation.respond(n, docs[0], now, tpm=tpm)
+        finally:
+            if tpm is not None:
+                tpm.close()
+        data = attestation.wrap(raw, n.identity.signer, domain=n.domain, node=n.node_id, now=now)
+    size = pack.write(Path(to), seal.seal(data, [card.encryption_key]))
+    ctx.emit({"evidence": to, "bytes": size}, f"attestation evidence written to {to} (sealed to the authority)")
 
 
 class _open_node:  # noqa: N801 - used as a context manager like open()

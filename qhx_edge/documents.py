@@ -278,17 +278,39 @@ class Staleness:
         return {"soft": self.soft, "hard": self.hard, "svid_ttl": self.svid_ttl, "ttl_floor": self.ttl_floor}
 
 
+def _attestation(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) - {"tpm"}:
+        raise Malformed("policy attestation must be a map with an optional 'tpm' entry")
+    tpm = value.get("tpm", {})
+    if not isinstance(tpm, dict) or set(tpm) - {"pcrs"}:
+        raise Malformed("policy attestation.tpm has only 'pcrs'")
+    pcrs = tpm.get("pcrs", {})
+    if not isinstance(pcrs, dict) or not all(
+        isinstance(k, str) and k.isdigit() and int(k) < 24 and isinstance(v, bytes) and len(v) == 32
+        for k, v in pcrs.items()
+    ):
+        raise Malformed("policy attestation.tpm.pcrs maps PCR indexes (0-23) to 32-byte SHA-256 values")
+    return {"tpm": {"pcrs": dict(pcrs)}} if tpm else {}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policy(Payload):
     """Registrations, authorization rules, algorithms per namespace, staleness budgets."""
 
     type: ClassVar[str] = "policy"
-    _fields: ClassVar[tuple[str, ...]] = ("registrations", "authorization", "algorithms", "staleness")
+    _fields: ClassVar[tuple[str, ...]] = ("registrations", "authorization", "algorithms", "staleness", "attestation")
 
     registrations: tuple[dict[str, Any], ...]
     authorization: tuple[dict[str, Any], ...]
     algorithms: dict[str, str]
     staleness: Staleness
+    # Node attestation policy: {"tpm": {"pcrs": {"<index>": sha256 value}}} (optional).
+    attestation: dict[str, Any] = field(default_factory=dict)
+
+    def tpm_pcrs(self) -> dict[int, bytes]:
+        """The PCR values (sha256 bank) a TPM quote must show, by index."""
+        pcrs = self.attestation.get("tpm", {}).get("pcrs", {})
+        return {int(k): v for k, v in pcrs.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Policy:
@@ -317,6 +339,7 @@ class Policy(Payload):
             authorization=tuple(auth),
             algorithms=dict(algs),
             staleness=Staleness.from_dict(d.get("staleness")),
+            attestation=_attestation(d.get("attestation", {})),
             **common,
         )
 
@@ -328,6 +351,8 @@ class Policy(Payload):
             algorithms=dict(self.algorithms),
             staleness=self.staleness.to_dict(),
         )
+        if self.attestation:
+            out["attestation"] = self.attestation
         return out
 
 

@@ -43,7 +43,7 @@ from qhx_edge.suites import PrivateKey, PublicKey
 FORMAT = "qhx-edge-pack"
 VERSION = 1
 MANIFEST_CONTENT_TYPE = "application/qhx-edge-manifest+cbor"
-KINDS = ("documents", "evidence")
+KINDS = ("documents", "evidence", "attestation")
 MAX_PACK_SIZE = 64 << 20
 MAX_PACK_DOCUMENTS = 10_000
 MAX_MANIFEST_SIZE = 1 << 20

@@ -16,6 +16,9 @@ A policy file::
     spiffe_id = "spiffe://alpha.example/web"
     selectors = ["unix:uid:1000"]
 
+    [attestation.tpm.pcrs]  # PCR values (sha256 bank) a node's TPM quote must show
+    0 = "3d458cfe55cc03ea1f443f1562beec8df51c75e14a9fcf9a7234a13f198e7969"
+
     [[authorization]]    # rules on SPIFFE ID / namespace / labels (used by later issues)
     allow = "spiffe://alpha.example/web"
     to = "spiffe://alpha.example/db"
@@ -54,7 +57,7 @@ def duration(value: Any, what: str = "duration") -> int:
 
 def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
     """Validate a parsed policy TOML table and return the payload fields."""
-    known = {"staleness", "algorithms", "registrations", "authorization"}
+    known = {"staleness", "algorithms", "registrations", "authorization", "attestation"}
     unknown = set(data) - known
     if unknown:
         raise Malformed(f"unknown policy sections {sorted(unknown)}")
@@ -76,7 +79,20 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
             reg["ttl"] = duration(reg["ttl"], "registration ttl")
         regs.append(reg)
     auth = [dict(a) for a in data.get("authorization", [])]
-    return {"registrations": regs, "authorization": auth, "algorithms": algorithms, "staleness": stale}
+    out = {"registrations": regs, "authorization": auth, "algorithms": algorithms, "staleness": stale}
+    att = data.get("attestation")
+    if att is not None:
+        tpm = att.get("tpm", {}) if isinstance(att, dict) else None
+        if not isinstance(tpm, dict):
+            raise Malformed("[attestation.tpm] must be a table")
+        pcrs = {}
+        for index, value in tpm.get("pcrs", {}).items():
+            try:
+                pcrs[str(int(index))] = bytes.fromhex(value)
+            except (ValueError, TypeError) as exc:
+                raise Malformed(f"attestation.tpm.pcrs.{index} must be a hex SHA-256 value") from exc
+        out["attestation"] = {"tpm": {"pcrs": pcrs}}
+    return out
 
 
 def load_policy_file(path: Path) -> dict[str, Any]:
