@@ -392,6 +392,9 @@ def challenge(
                 tpm.verify_ek_certificate(_bytes(t, "ek_cert"), manufacturer_cas, now)
                 tpm.ek_public_matches_certificate(_bytes(t, "ek_public"), t["ek_cert"])
                 tpm.ak_is_restricted_signing_key(_bytes(t, "ak_public"))
+                # The name must be this public area's: otherwise a node could bind one
+                # key's name to the EK and quote with another.
+                tpm.verify_ak_name(t["ak_public"], _bytes(t, "ak_name"))
                 secret = secrets.token_bytes(32)
                 blob, encrypted = tpm.make_credential(t["ek_public"], _bytes(t, "ak_name"), secret)
                 secret_digest = hashlib.sha256(secret).digest()
