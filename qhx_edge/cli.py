@@ -744,6 +744,32 @@ def doc_summary(ctx: Ctx) -> None:
                 click.echo(f"{dom:<24} {t:<10} v{d['version']:<5} {d['digest'][:16]}")
 
 
+# --- the Workload API ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Workload API socket (default: HOME/workload.sock).",
+)
+@pass_ctx
+def serve(ctx: Ctx, socket_path: Path | None) -> None:
+    """Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT."""
+    from qhx_edge import workload_api
+    from qhx_edge.issuance import Issuer
+
+    home = ctx.home
+    path = (socket_path or home / "workload.sock").absolute()
+    workload_api.serve_forever(
+        lambda: Issuer(home, lambda: passphrase_from_env(_prompt)),
+        path,
+        on_ready=lambda: ctx.emit({"socket": str(path)}, f"serving the SPIFFE Workload API on {path}"),
+    )
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 
