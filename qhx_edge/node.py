@@ -25,7 +25,7 @@ from typing import Any
 
 from qhx_edge import freshness, pack, verify
 from qhx_edge.authority import fingerprint
-from qhx_edge.documents import Freshness, Policy, Root, parse
+from qhx_edge.documents import Delegation, Freshness, Policy, Root, parse
 from qhx_edge.errors import (
     AlreadyInitialised,
     AnchorMismatch,
@@ -307,6 +307,8 @@ class Node:
     # --- status ------------------------------------------------------------------------
 
     def status(self, now: int) -> dict[str, Any]:
+        from qhx_edge import issuance  # local: keeps the CLI's start-up light
+
         hw = self.store.clock_high_water()
         try:
             verify.check_clock(now, hw, self.tolerance)
@@ -322,6 +324,9 @@ class Node:
             "clock_tolerance": self.tolerance,
             "domains": {},
         }
+        held = self.store.current(self.domain, "delegation")
+        delegation = held.payload if held is not None and isinstance(held.payload, Delegation) else None
+        out["delegation"] = issuance.delegation_status(delegation, now)
         for d in self.store.domains():
             domain = d["domain"]
             marks = self.store.marks(domain)
@@ -339,7 +344,11 @@ class Node:
                 "freshness_expires": f.expires if f else None,
                 "staleness": m.staleness,
                 "mode": m.mode,
-                "max_ttl": m.max_ttl,
+                # The home domain's issuable TTL: the freshness mode's, capped by the delegation (0 without one).
+                "max_ttl": min(m.max_ttl, issuance.delegation_ttl_cap(delegation, now))
+                if domain == self.domain
+                else m.max_ttl,
+                "freshness_max_ttl": m.max_ttl,
                 "budget": {"soft": pol.staleness.soft, "hard": pol.staleness.hard} if pol else None,
             }
         return out

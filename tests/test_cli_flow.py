@@ -47,7 +47,9 @@ def test_two_home_round_trip(tmp_path: Path) -> None:
     assert dom["mode"] == "connected"
     assert dom["versions"] == {"root": 1, "bundle": 1, "policy": 1, "freshness": 1}
     assert 0 <= dom["staleness"] < 120
-    assert dom["max_ttl"] == 3600
+    assert dom["freshness_max_ttl"] == 3600
+    assert dom["max_ttl"] == 0  # not attested: no delegation, nothing can be issued
+    assert st["delegation"] == {"present": False}
 
     docs = run_cli("--home", n, "--json", "doc", "list").json["documents"]
     assert sorted((d["type"], d["version"]) for d in docs) == [
