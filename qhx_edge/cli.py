@@ -689,6 +689,12 @@ def status(ctx: Ctx) -> None:
 
     def text() -> str:
         lines = [f"node {st['node_id']} ({st['home_domain']})  clock: {st['clock']}"]
+        dg = st.get("delegation", {})
+        if dg.get("present"):
+            state = "EXPIRED" if dg["expired"] else f"valid until {_when(dg['expires'])}"
+            lines.append(f"  delegation v{dg['version']} ({dg['method']}, {', '.join(dg['algorithms'])}): {state}")
+        else:
+            lines.append("  delegation: none (not attested: 'node attest request' to issue SVIDs)")
         for dom, d in st["domains"].items():
             v = d["versions"]
             lines.append(
