@@ -291,6 +291,9 @@ def authority_attest_finish(ctx: Ctx, evidence: str, to: str, lifetime: str | No
     raw = attestation.unwrap(data)
     life = policyfile.duration(lifetime, "--lifetime") if lifetime is not None else None
     docs = attestation.finish(auth, raw, now, expected_pcrs=_authority_policy(auth).tpm_pcrs(), lifetime=life)
+    # The delegation with everything current (the new bundle names the node's JWT key,
+    # and the freshness naming it), so the node can apply it whatever it held before.
+    docs = [docs[0], *auth.export_documents()]
     size = pack.write(Path(to), auth.export_pack(docs, now))
     ctx.emit({"delegation": to, "bytes": size, "documents": len(docs)}, f"node attested; delegation written to {to}")
 
