@@ -37,17 +37,16 @@ import base64
 import hashlib
 import hmac
 import secrets
-import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qhx_edge import cbor, envelope, pack
 from qhx_edge.documents import Root, check_domain
-from qhx_edge.errors import AttestationFailed, Malformed, Rejected, StoreLocked
+from qhx_edge.errors import AttestationFailed, Malformed, Rejected
 from qhx_edge.identity import Card, parse_card, require_signed_by, spki
+from qhx_edge.sqlitefile import SqliteFile
 from qhx_edge.suites import ES256, MLDSA65, PrivateKey, PublicKey, suite_algs
 
 if TYPE_CHECKING:
@@ -250,40 +249,23 @@ def _signed_by(env: envelope.Envelope, key: PublicKey) -> bool:
 # --- authority side ---------------------------------------------------------------------------
 
 
-class AttestationStore:
+class AttestationStore(SqliteFile):
     """The authority's attestation state: join tokens (hashed), pending challenges, attempts."""
 
+    MIGRATIONS = MIGRATIONS
+    WHAT = "attestation"
+
     def __init__(self, home: Path) -> None:
-        self.path = Path(home) / DB
-        self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=2.0)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        for number in range(version, len(MIGRATIONS)):
-            with self.tx() as c:
-                for stmt in MIGRATIONS[number].split(";"):
-                    if stmt.strip():
-                        c.execute(stmt)
-                c.execute(f"PRAGMA user_version = {number + 1}")
-
-    def close(self) -> None:
-        self.conn.close()
-
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
+        path = Path(home) / DB
+        super().__init__(self.connect(path), path)
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StoreLocked(f"{self.path}: {exc}") from exc
-        try:
-            yield self.conn
+            self.migrate()
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.close()
             raise
-        self.conn.execute("COMMIT")
 
     def attempt(self, now: int, node_id: str | None, step: str, outcome: str, detail: str) -> None:
-        with self.tx() as c:
+        with self.transaction() as c:
             c.execute(
                 "INSERT INTO attempts (at, node_id, step, outcome, detail) VALUES (?,?,?,?,?)",
                 (now, node_id, step, outcome, detail),
@@ -299,7 +281,7 @@ def create_join_token(auth: Authority, now: int, ttl: int) -> str:
     token = "qhx1-" + base64.b32encode(secrets.token_bytes(20)).decode().lower().rstrip("=")
     store = AttestationStore(auth.home)
     try:
-        with store.tx() as c:
+        with store.transaction() as c:
             c.execute(
                 "INSERT INTO join_tokens VALUES (?,?,?,NULL,NULL)",
                 (hashlib.sha256(token.encode()).digest(), now, now + ttl),
@@ -367,7 +349,7 @@ def challenge(
             "expires": now + ttl,
         }
         secret_digest: bytes | None = None
-        with store.tx() as c:
+        with store.transaction() as c:
             if req.method == "join-token":
                 token = req.msg.body.get("token")
                 if not isinstance(token, str):
@@ -431,7 +413,7 @@ def finish(
         msg = parse_message(evidence_raw, "attest-evidence")
         b = msg.body
         challenge_id = _bytes(b, "challenge_id", 16)
-        with store.tx() as c:
+        with store.transaction() as c:
             row = c.execute(
                 "SELECT node_id, method, nonce, secret_digest, request, expires, finished_at FROM pending "
                 "WHERE challenge_id = ?",

@@ -79,8 +79,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,9 +94,9 @@ from qhx_edge.errors import (
     Oversize,
     Rejected,
     StoreCorrupt,
-    StoreLocked,
 )
 from qhx_edge.identity import Card, EncryptionPublicKey, parse_card, require_signed_by
+from qhx_edge.sqlitefile import SqliteFile
 from qhx_edge.store import GENESIS, AuditEntry, Store, _entry_hash
 from qhx_edge.suites import PrivateKey, PublicKey
 
@@ -462,12 +461,11 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
-class EvidenceStore:
+class EvidenceStore(SqliteFile):
     """The authority's ``evidence.sqlite``.  Use :meth:`open`."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self.conn = conn
-        self.path = path
+    MIGRATIONS = MIGRATIONS
+    WHAT = "evidence"
 
     @classmethod
     def open(cls, home: Path, *, create: bool = True) -> EvidenceStore | None:
@@ -475,41 +473,13 @@ class EvidenceStore:
         path = Path(home) / EVIDENCE_FILE
         if not create and not path.exists():
             return None
-        store = cls(Store._connect(path), path)
+        store = cls(cls.connect(path), path)
         try:
             store.migrate()
         except BaseException:
             store.close()
             raise
         return store
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def migrate(self) -> None:
-        current = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if current > len(MIGRATIONS):
-            raise StoreCorrupt(f"evidence schema v{current} is newer than this qhx-edge (v{len(MIGRATIONS)})")
-        for number in range(current, len(MIGRATIONS)):
-            with self.transaction():
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version = {number + 1}")
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StoreLocked(f"{self.path} is locked by another process: {exc}") from exc
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self.conn.execute("COMMIT")
 
     # --- reading -------------------------------------------------------------------------
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,8 @@ import sqlite_utils
 
 from qhx_edge import cbor
 from qhx_edge.documents import Freshness, Root, Signed, parse
-from qhx_edge.errors import NotInitialised, StoreCorrupt, StoreLocked
+from qhx_edge.errors import NotInitialised, StoreCorrupt
+from qhx_edge.sqlitefile import SqliteFile
 from qhx_edge.verify import DomainView, Mark, Outcome, TrustState
 
 STORE_FILE = "node.sqlite"
@@ -155,37 +155,24 @@ def _entry_hash(prev: bytes, seq: int, at: int, e: AuditEntry) -> bytes:
     return hashlib.sha256(prev + body).digest()
 
 
-class Store:
+class Store(SqliteFile):
     """A node's SQLite store.  Use :meth:`create` or :meth:`open`."""
 
+    MIGRATIONS = MIGRATIONS
+    WHAT = "store"
+
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        self.conn = conn
-        self.path = path
+        super().__init__(conn, path)
         self.db = sqlite_utils.Database(conn)
 
     # --- lifecycle ---------------------------------------------------------------
-
-    @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=2.0)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-        except sqlite3.OperationalError as exc:
-            conn.close()
-            raise StoreLocked(f"{path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            conn.close()
-            raise StoreCorrupt(f"{path} is not a usable SQLite store: {exc}") from exc
-        return conn
 
     @classmethod
     def open(cls, home: Path) -> Store:
         path = Path(home) / STORE_FILE
         if not path.exists():
             raise NotInitialised(f"{home} is not a node home (no {STORE_FILE}); run 'node init'")
-        store = cls(cls._connect(path), path)
+        store = cls(cls.connect(path), path)
         store.migrate()
         return store
 
@@ -193,37 +180,9 @@ class Store:
     def create(cls, home: Path) -> Store:
         Path(home).mkdir(parents=True, exist_ok=True)
         path = Path(home) / STORE_FILE
-        store = cls(cls._connect(path), path)
+        store = cls(cls.connect(path), path)
         store.migrate()
         return store
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def migrate(self) -> None:
-        current = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if current > len(MIGRATIONS):
-            raise StoreCorrupt(f"store schema v{current} is newer than this qhx-edge (v{len(MIGRATIONS)})")
-        for number in range(current, len(MIGRATIONS)):
-            with self.transaction():
-                for statement in MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version = {number + 1}")
-
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise StoreLocked(f"{self.path} is locked by another process: {exc}") from exc
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        else:
-            self.conn.execute("COMMIT")
 
     # --- reading -------------------------------------------------------------------
 

@@ -36,33 +36,11 @@ def private_key_object(key: PrivateKey) -> ec.EllipticCurvePrivateKey | mldsa.ML
     raise ValueError(f"no CA support for algorithm {alg}")
 
 
-@dataclass(frozen=True)
-class CaCert:
-    alg: int
-    der: bytes
-
-
-def make_ca(domain: str, key: PrivateKey, generation: int, not_before: int, lifetime: int) -> CaCert:
-    ((alg, _),) = key.parts
-    priv = private_key_object(key)
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, domain),
-            x509.NameAttribute(
-                NameOID.COMMON_NAME, f"qhx-edge {domain} CA g{generation} {'ES256' if alg == ES256 else 'ML-DSA-65'}"
-            ),
-        ]
-    )
-    start = dt.datetime.fromtimestamp(not_before, dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(priv.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(seconds=lifetime))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+def _ca_extensions(builder: x509.CertificateBuilder, domain: str, *, path_length: int) -> x509.CertificateBuilder:
+    """What every CA of a trust domain carries: ``cA`` with ``path_length``, keyCertSign and
+    cRLSign, the domain's SPIFFE ID, and a URI name constraint to the domain (RFC 5280 §4.2.1.10)."""
+    return (
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
@@ -84,8 +62,38 @@ def make_ca(domain: str, key: PrivateKey, generation: int, not_before: int, life
             x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(domain)], excluded_subtrees=None),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(priv.public_key()), critical=False)
     )
+
+
+@dataclass(frozen=True)
+class CaCert:
+    alg: int
+    der: bytes
+
+
+def make_ca(domain: str, key: PrivateKey, generation: int, not_before: int, lifetime: int) -> CaCert:
+    ((alg, _),) = key.parts
+    priv = private_key_object(key)
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, domain),
+            x509.NameAttribute(
+                NameOID.COMMON_NAME, f"qhx-edge {domain} CA g{generation} {'ES256' if alg == ES256 else 'ML-DSA-65'}"
+            ),
+        ]
+    )
+    start = dt.datetime.fromtimestamp(not_before, dt.UTC)
+    builder = _ca_extensions(
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(priv.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(seconds=lifetime)),
+        domain,
+        path_length=1,
+    ).add_extension(x509.SubjectKeyIdentifier.from_public_key(priv.public_key()), critical=False)
     # ML-DSA signs the certificate itself; it takes no separate digest.
     cert = builder.sign(priv, hashes.SHA256() if alg == ES256 else None)
     return CaCert(alg, cert.public_bytes(Encoding.DER))
@@ -130,43 +138,23 @@ def make_intermediate(
             ),
         ]
     )
-    builder = (
+    builder = _ca_extensions(
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(issuer.subject)
         .public_key(subject_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]), critical=False
-        )
-        .add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(domain)], excluded_subtrees=None),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
-                issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-            ),
-            critical=False,
-        )
+        .not_valid_after(end),
+        domain,
+        path_length=0,
+    )
+    builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), critical=False)
+    builder = builder.add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        ),
+        critical=False,
     )
     priv = private_key_object(issuer_key)
     cert = builder.sign(priv, hashes.SHA256() if alg == ES256 else None)
