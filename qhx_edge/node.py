@@ -208,7 +208,9 @@ class Node:
             if p.manifest.kind != "documents":
                 raise Malformed(f"a {p.manifest.kind} pack is for an authority home, not a node")
             exporter = self._check_exporter(p.manifest)
-            outcome = verify.verify_batch(p.documents, self.store.trust_state(), now, verify.Limits(self.tolerance))
+            outcome = verify.verify_batch(
+                p.documents, self.store.trust_state(), now, verify.Limits(self.tolerance), digests=p.manifest.digests
+            )
         except Rejected as exc:
             self._reject(now, exc, source)
             raise

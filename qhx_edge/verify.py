@@ -297,11 +297,24 @@ def _role_changed(old: Root, new: Root, role: str) -> bool:
 # --- batches ------------------------------------------------------------------
 
 
-def verify_batch(docs: Sequence[bytes], state: TrustState, now: int, limits: Limits = Limits()) -> Outcome:
-    """Verify a batch of documents (a pack) against ``state`` at time ``now``."""
+def verify_batch(
+    docs: Sequence[bytes],
+    state: TrustState,
+    now: int,
+    limits: Limits = Limits(),
+    *,
+    digests: Sequence[bytes] | None = None,
+) -> Outcome:
+    """Verify a batch of documents (a pack) against ``state`` at time ``now``.
+
+    ``digests``: the SHA-256 of each document, when the caller has already
+    checked them (a pack's manifest), so they are not computed twice.
+    """
     check_clock(now, state.clock_high_water, limits.clock_tolerance)
     if len(docs) > limits.max_batch:
         raise Oversize(f"{len(docs)} documents exceed the cap of {limits.max_batch}")
+    if digests is not None and len(digests) != len(docs):
+        raise ValueError("one digest per document")
     verdicts: list[Verdict] = []
     by_domain: dict[str, list[Verdict]] = {}
     for i, raw in enumerate(docs):
@@ -310,6 +323,8 @@ def verify_batch(docs: Sequence[bytes], state: TrustState, now: int, limits: Lim
         except Rejected as exc:
             verdicts.append(Verdict(i, "rejected", None, exc))
             continue
+        if digests is not None:
+            doc.__dict__["digest"] = digests[i]  # fills Signed.digest's cache (a cached_property)
         v = Verdict(i, "pending", doc)
         verdicts.append(v)
         if doc.payload.domain not in state.domains:

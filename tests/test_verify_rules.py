@@ -823,3 +823,13 @@ def test_a_forged_copy_of_a_held_version_is_a_bad_signature_not_a_conflict(sim: 
     assert statuses(verify.verify_batch([forged], state, NOW)) == ["rejected:bad-signature"]
     genuine_other = sim.sign(sim.bundle(1, tag="other"))
     assert statuses(verify.verify_batch([genuine_other], state, NOW)) == ["rejected:equal-version-conflict"]
+
+
+def test_precomputed_digests_are_the_documents_own(sim: RepoSim, v1: dict[str, bytes]) -> None:
+    """verify_batch may be handed the manifest's digests; they must equal what it would compute."""
+    b2, f2 = sim.sign(sim.bundle(2)), sim.sign(sim.freshness(2, bundle=2))
+    plain = verify.verify_batch([b2, f2], held(sim, v1), NOW)
+    given_ = verify.verify_batch([b2, f2], held(sim, v1), NOW, digests=[digest(b2), digest(f2)])
+    assert plain.marks == given_.marks
+    with pytest.raises(ValueError, match="one digest"):
+        verify.verify_batch([b2, f2], held(sim, v1), NOW, digests=[digest(b2)])
