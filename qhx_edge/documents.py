@@ -15,6 +15,7 @@ domain and type, >= 1), ``issued_at`` and ``expires`` (integer Unix seconds,
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import re
@@ -76,7 +77,7 @@ def _uint(d: dict[str, Any], key: str, minimum: int = 0) -> int:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Payload:
+class Payload(abc.ABC):
     """Common fields of every document."""
 
     type: ClassVar[str] = ""
@@ -120,11 +121,13 @@ class Payload:
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Payload:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def from_dict(cls, d: dict[str, Any]) -> Payload:
+        """Strictly validate a decoded payload map (each document type defines it)."""
 
-    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The payload map, unknown fields included (each document type defines it)."""
 
     def to_bytes(self) -> bytes:
         return cbor.encode(self.to_dict())
