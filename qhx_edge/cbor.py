@@ -20,6 +20,7 @@ needs them, and each is a place for two encoders to disagree.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +52,13 @@ def _raw_tag(tag: int) -> Callable[[Any, bool], cbor2.CBORTag]:
 _RAW_TAGS = {tag: _raw_tag(tag) for tag in _CBOR2_SEMANTIC_TAGS}
 
 
+@functools.lru_cache(maxsize=4096, typed=True)
 def _key_bytes(key: Value) -> bytes:
+    """The encoding of a map key, which decides its order (§4.2.1).
+
+    Cached: documents repeat the same few keys, and this ran once per key per
+    map.  ``typed`` keeps ``True`` and ``1`` (equal in Python) apart.
+    """
     return cbor2.dumps(key)
 
 
