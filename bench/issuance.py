@@ -56,13 +56,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from qhx_edge import node
-from qhx_edge.authority import Authority
-from qhx_edge.identity import parse_card, spki
-from qhx_edge.issuance import BACKDATE, Issuer, node_cas
-from qhx_edge.policyfile import policy_fields
-from qhx_edge.suites import ES256, MLDSA65
-from qhx_edge.x509ca import private_key_object
+from qhx_edge.core.cards import parse_card, spki
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.core.suites import ES256, MLDSA65
+from qhx_edge.core.x509ca import private_key_object
+from qhx_edge.homes import node
+from qhx_edge.homes.authority import Authority
+from qhx_edge.issue.issuer import BACKDATE, Issuer, node_cas
 
 TARGET = 0.70
 DOMAIN = "bench.example"
@@ -238,7 +238,10 @@ def _stubs() -> tuple[Any, Any, str]:
     """The stock ``spiffe`` client's generated stubs, else the project's copy of the same proto."""
     import importlib
 
-    for package, label in (("spiffe._proto", "spiffe (stock client's stubs)"), ("qhx_edge.proto", "qhx_edge.proto")):
+    for package, label in (
+        ("spiffe._proto", "spiffe (stock client's stubs)"),
+        ("qhx_edge.issue.proto", "qhx_edge.issue.proto"),
+    ):
         try:
             pb = importlib.import_module(f"{package}.workload_pb2")
             pb_grpc = importlib.import_module(f"{package}.workload_pb2_grpc")
@@ -270,7 +273,7 @@ def workload_latency(home: Path, sizes: Sizes, expect: str, tmp: Path) -> dict[s
     try:
         import grpc  # noqa: F401
 
-        import qhx_edge.workload_api  # noqa: F401
+        import qhx_edge.issue.workload_api  # noqa: F401
     except ImportError as exc:
         return {"skipped": f"Workload API not available: {exc}"}
     import resource

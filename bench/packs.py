@@ -59,8 +59,9 @@ from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
 from bench.verify import PACK_DOCS, Fixture, raw_inputs
-from qhx_edge import node, pack, seal
-from qhx_edge.identity import parse_card
+from qhx_edge.core.cards import parse_card
+from qhx_edge.homes import node
+from qhx_edge.packs import pack, seal
 
 T = TypeVar("T")
 SEAL_TARGET = 0.70

@@ -8,7 +8,7 @@ the same message, signatures and keys as the documents verified.
 * ``raw_pairs_per_s``: one Ed25519 and one ML-DSA-65 verification with key
   objects loaded once (the honest limit), over the exact ``Sig_structure`` of
   a real hybrid-signed bundle document.
-* ``hybrid_docs_verified_per_s``: ``documents.parse`` + ``verify.check_role``
+* ``hybrid_docs_verified_per_s``: ``documents.parse`` + ``trust.check_role``
   (pki, threshold 1) of distinct hybrid-signed bundle documents.
 * ``import_1000_docs_per_s``: ``node.Node(home).import_pack`` end to end of a
   1,000-document pack (bundle v2..v1000 and a freshness naming v1000) into a
@@ -41,9 +41,10 @@ import cryptography
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives.asymmetric import ed25519, mldsa
 
-from qhx_edge import documents as D  # noqa: N812 - same alias as authority.py
-from qhx_edge import node, suites, verify
-from qhx_edge.authority import Authority
+from qhx_edge.core import documents as D  # noqa: N812 - same alias as authority.py
+from qhx_edge.core import suites, trust
+from qhx_edge.homes import node
+from qhx_edge.homes.authority import Authority
 
 VERIFY_TARGET = 0.80
 IMPORT_TARGET = 0.60
@@ -214,7 +215,7 @@ def run(sizes: Sizes, tmp: Path) -> dict[str, Any]:
 
     def verify_docs() -> None:
         for d in docs:
-            verify.check_role(D.parse(d), root, "pki")
+            trust.check_role(D.parse(d), root, "pki")
 
     rates: dict[str, list[float]] = {}
     paired: dict[str, list[float]] = {"verify": [], "import": []}  # ratio to the raw round just before

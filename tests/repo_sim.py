@@ -2,8 +2,8 @@
 
 It holds named private keys, builds root / bundle / policy / freshness payloads,
 signs them with any chosen set of keys, makes tampered variants of signed
-bytes, and produces the :class:`~qhx_edge.verify.TrustState` a node would hold,
-so tests call :func:`qhx_edge.verify.verify_batch` directly, with no store,
+bytes, and produces the :class:`~qhx_edge.core.trust.TrustState` a node would hold,
+so tests call :func:`qhx_edge.core.trust.verify_batch` directly, with no store,
 no files and no clock.
 
 Key names are free-form strings; by convention ``"<role>-<n>"`` (``root-0``,
@@ -20,10 +20,10 @@ from typing import Any
 
 import cbor2
 
-from qhx_edge import cbor, documents, envelope
-from qhx_edge.documents import ROLE_FOR_TYPE, ROLES, Bundle, Freshness, Payload, Policy, RoleKeys, Root, Signed
-from qhx_edge.suites import ED25519, MLDSA65, PrivateKey
-from qhx_edge.verify import DomainView, Mark, TrustState
+from qhx_edge.core import cbor, cose, documents
+from qhx_edge.core.documents import ROLE_FOR_TYPE, ROLES, Bundle, Freshness, Payload, Policy, RoleKeys, Root, Signed
+from qhx_edge.core.suites import ED25519, MLDSA65, PrivateKey
+from qhx_edge.core.trust import DomainView, Mark, TrustState
 
 NOW = 1_750_000_000  # a fixed reference time: every test passes ``now`` explicitly
 DAY = 86_400
@@ -220,7 +220,7 @@ Sig = list[Any]  # [protected: bytes, unprotected: {4: kid}, signature: bytes]
 
 
 def cose_parts(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, list[Sig]]:
-    tag = cbor.decode(raw, max_size=documents.MAX_DOCUMENT_SIZE, tags=frozenset({envelope.COSE_SIGN_TAG}))
+    tag = cbor.decode(raw, max_size=documents.MAX_DOCUMENT_SIZE, tags=frozenset({cose.COSE_SIGN_TAG}))
     protected, unprotected, payload, sigs = tag.value
     return protected, unprotected, payload, sigs
 
@@ -228,7 +228,7 @@ def cose_parts(raw: bytes) -> tuple[bytes, dict[Any, Any], bytes, list[Sig]]:
 def rewrite_signatures(raw: bytes, edit: Callable[[list[Sig]], list[Sig]]) -> bytes:
     protected, unprotected, payload, sigs = cose_parts(raw)
     body = [protected, unprotected, payload, edit([list(s) for s in sigs])]
-    return cbor.encode(cbor2.CBORTag(envelope.COSE_SIGN_TAG, body))
+    return cbor.encode(cbor2.CBORTag(cose.COSE_SIGN_TAG, body))
 
 
 def duplicate_signatures(raw: bytes, times: int = 3) -> bytes:
@@ -262,7 +262,7 @@ def drop_signatures(raw: bytes, indexes: Iterable[int]) -> bytes:
 def add_signatures(raw: bytes, keys: Sequence[PrivateKey]) -> bytes:
     """``raw`` countersigned by ``keys`` (every algorithm of each) over the same payload."""
     _, _, payload, _ = cose_parts(raw)
-    extra = cose_parts(envelope.sign(payload, keys, content_type=documents.CONTENT_TYPE))[3]
+    extra = cose_parts(cose.sign(payload, keys, content_type=documents.CONTENT_TYPE))[3]
     return rewrite_signatures(raw, lambda sigs: sigs + extra)
 
 
@@ -278,20 +278,20 @@ def signature_by(
     kid = bytes.fromhex(key.public.keyid)
     hdr = dict(header)
     if kid_protected:
-        hdr[envelope.H_KID] = kid
+        hdr[cose.H_KID] = kid
     sprot = cbor.encode(hdr)
-    sig = key.sign(alg, envelope.sig_structure(protected, sprot, payload))
-    return [sprot, {} if kid_protected else {envelope.H_KID: kid}, sig]
+    sig = key.sign(alg, cose.sig_structure(protected, sprot, payload))
+    return [sprot, {} if kid_protected else {cose.H_KID: kid}, sig]
 
 
 def one_key_many_ways(raw: bytes, key: PrivateKey) -> bytes:
     """``raw`` re-signed by ``key`` alone, presented as several distinct valid signatures."""
     assert key.parts[0][0] == ED25519, "one_key_many_ways is for classical keys"
     variants = [
-        signature_by(raw, key, ED25519, {envelope.H_ALG: ED25519}),
-        signature_by(raw, key, ED25519, {envelope.H_ALG: -8}),  # legacy EdDSA id, same key
-        signature_by(raw, key, ED25519, {envelope.H_ALG: ED25519}, kid_protected=True),
-        signature_by(raw, key, ED25519, {envelope.H_ALG: -8}, kid_protected=True),
+        signature_by(raw, key, ED25519, {cose.H_ALG: ED25519}),
+        signature_by(raw, key, ED25519, {cose.H_ALG: -8}),  # legacy EdDSA id, same key
+        signature_by(raw, key, ED25519, {cose.H_ALG: ED25519}, kid_protected=True),
+        signature_by(raw, key, ED25519, {cose.H_ALG: -8}, kid_protected=True),
     ]
     return rewrite_signatures(raw, lambda _sigs: variants)
 

@@ -20,13 +20,12 @@ or import the ready-made module-scoped fixtures :func:`swtpm_a` and
 :func:`swtpm_b` (two TPMs under two different manufacturer CAs).
 
 Where ``swtpm`` or ``swtpm_setup`` is missing the test is skipped, unless
-``QHX_REQUIRE_TPM=1`` (then it fails).
+``QHX_REQUIRE_TOOLS=1``, as in CI (then it fails).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -38,6 +37,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+
+from tests.conftest import need, need_module
 
 TOOLS = ("swtpm", "swtpm_setup", "swtpm_localca")
 ROOT_CA = "swtpm-localca-rootca-cert.pem"  # swtpm_localca's self-signed root, created in the CA dir
@@ -67,14 +68,12 @@ def missing_tools() -> list[str]:
 
 
 def require_swtpm() -> None:
-    """Skip the test where swtpm is not installed, or fail when ``QHX_REQUIRE_TPM=1``."""
+    """Skip the test where swtpm is not installed, or fail when CI requires it (``QHX_REQUIRE_TOOLS=1``)."""
+    need_module("tpm2_pytss", "TPM support is the extra qhx-edge[tpm] (it builds against Debian's libtss2-dev)")
     missing = missing_tools()
     if not missing:
         return
-    reason = f"swtpm tests need {', '.join(missing)} (Debian packages swtpm and swtpm-tools)"
-    if os.environ.get("QHX_REQUIRE_TPM") == "1":
-        pytest.fail(f"QHX_REQUIRE_TPM=1 but {reason}")
-    pytest.skip(reason)
+    need(False, f"swtpm tests need {', '.join(missing)} (Debian packages swtpm and swtpm-tools)")
 
 
 def _pem_to_der(path: Path) -> bytes:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from qhx_edge import attestation, clock, node, pack
-from qhx_edge import documents as D  # noqa: N812
-from qhx_edge.authority import Authority
-from qhx_edge.errors import AttestationFailed
+from qhx_edge.core import documents as D  # noqa: N812
+from qhx_edge.core.errors import AttestationFailed
+from qhx_edge.homes import attestation, node
+from qhx_edge.homes.authority import Authority
+from qhx_edge.packs import pack
+from qhx_edge.store import clock
 from tests.conftest import PASSPHRASE, Homes, run_cli
 
 
@@ -141,7 +143,7 @@ def test_challenge_expiry_and_forged_evidence(homes: Homes, tmp_path: Path) -> N
     token = attestation.create_join_token(auth, now, 600)
     _, ev = _flow(auth, homes.node_home, token, now)
     msg = attestation.parse_message(ev, "attest-evidence")
-    from qhx_edge.suites import PrivateKey
+    from qhx_edge.core.suites import PrivateKey
 
     forged = attestation.sign_message(msg.body, PrivateKey.generate("hybrid"))
     with pytest.raises(AttestationFailed, match="not signed"):
@@ -156,7 +158,7 @@ def test_a_node_refuses_a_challenge_not_from_its_authority(homes: Homes, tmp_pat
     try:
         chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
         msg = attestation.parse_message(chal, "attest-challenge")
-        from qhx_edge.suites import PrivateKey
+        from qhx_edge.core.suites import PrivateKey
 
         forged = attestation.sign_message(msg.body, PrivateKey.generate("hybrid"))
         with pytest.raises(AttestationFailed, match="not signed by this domain"):

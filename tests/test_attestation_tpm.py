@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from qhx_edge import attestation, clock, node, tpm
-from qhx_edge.authority import Authority
-from qhx_edge.errors import AttestationFailed
-from qhx_edge.policyfile import policy_fields
+from qhx_edge.attest import tpm
+from qhx_edge.core.errors import AttestationFailed
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.homes import attestation, node
+from qhx_edge.homes.authority import Authority
+from qhx_edge.store import clock
 from tests.conftest import PASSPHRASE, Homes, make_homes, run_cli
 from tests.swtpm import SwTpm, swtpm_a, swtpm_b  # noqa: F401 - fixtures
 

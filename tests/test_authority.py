@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from qhx_edge import documents as D  # noqa: N812
-from qhx_edge import node, verify
-from qhx_edge.authority import Authority
-from qhx_edge.errors import AlreadyInitialised, Malformed
-from qhx_edge.policyfile import policy_fields
-from qhx_edge.suites import ED25519, ES256, MLDSA65
+from qhx_edge.core import documents as D  # noqa: N812
+from qhx_edge.core import trust
+from qhx_edge.core.errors import AlreadyInitialised, Malformed
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.core.suites import ED25519, ES256, MLDSA65
+from qhx_edge.homes import node
+from qhx_edge.homes.authority import Authority
 from tests.conftest import PASSPHRASE
 
 NOW = 1_800_000_000
@@ -52,7 +53,7 @@ def test_init_per_suite(tmp_path: Path, suite: str, sig_algs: set[int], ca_algs:
     all_ids = [k for r in root.payload.roles.values() for k in r.keyids]
     assert len(all_ids) == len(set(all_ids)), "roles must not share keys (separation of duties)"
     assert all(set(k.algs) == sig_algs for k in root.payload.keys.values())
-    verify.verify_anchor(auth.anchor(), NOW)
+    trust.verify_anchor(auth.anchor(), NOW)
     # The bundle carries the CAs of the suite, self-signed, name-constrained to the domain.
     bundle = D.parse(auth.current("bundle")).payload
     assert isinstance(bundle, D.Bundle)
@@ -96,7 +97,7 @@ def test_publish_rotate_and_node_follows(tmp_path: Path) -> None:
     node.init(tmp_path / "N", auth.anchor(), NOW, passphrase=PASSPHRASE.encode())
     n = node.Node(tmp_path / "N")
 
-    def sync(t: int) -> verify.Outcome:
+    def sync(t: int) -> trust.Outcome:
         return n.import_pack(auth.export_pack(auth.export_documents(), t), t).outcome
 
     sync(NOW)

@@ -1,4 +1,4 @@
-"""Unit tests of the deterministic CBOR codec (qhx_edge/cbor.py, RFC 8949 §4.2.1)."""
+"""Unit tests of the deterministic CBOR codec (qhx_edge/core/cbor.py, RFC 8949 §4.2.1)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import cbor2
 import pytest
 
-from qhx_edge import cbor
-from qhx_edge.errors import Malformed, NonDeterministic, Oversize, Rejected
+from qhx_edge.core import cbor
+from qhx_edge.core.errors import Malformed, NonDeterministic, Oversize, Rejected
 
 CAP = 1 << 16
 

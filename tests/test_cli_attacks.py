@@ -27,26 +27,31 @@ from typing import Any
 import cbor2
 import pytest
 
-from qhx_edge import cbor, clock
-from qhx_edge import documents as D  # noqa: N812 - the package's own alias
-from qhx_edge.authority import Authority
-from qhx_edge.envelope import COSE_SIGN_TAG
-from qhx_edge.store import STORE_FILE, Store
-from qhx_edge.suites import PrivateKey
+from qhx_edge.core import cbor
+from qhx_edge.core import documents as D  # noqa: N812 - the package's own alias
+from qhx_edge.core.cose import COSE_SIGN_TAG
+from qhx_edge.core.suites import PrivateKey
+from qhx_edge.homes.authority import Authority
+from qhx_edge.store import clock
+from qhx_edge.store.trust_store import STORE_FILE, Store
 
-from .conftest import PASSPHRASE, Homes, Result, faketime_prefix, find_libfaketime, make_pack, run_cli
+from .conftest import PASSPHRASE, Homes, Result, faketime_prefix, find_libfaketime, make_pack, need, run_cli
 
 A = "alpha.example"
 B = "bravo.example"
 
-needs_faketime = pytest.mark.skipif(
-    find_libfaketime() is None,
-    reason="libfaketime is not installed (apt-get install faketime): the clock attacks drive the CLI's clock with it",
-)
+
+@pytest.fixture
+def libfaketime() -> None:
+    """The clock attacks drive the CLI's clock with libfaketime (skipped without it, a failure in CI)."""
+    need(
+        find_libfaketime() is not None,
+        "libfaketime is not installed (Debian package faketime): the clock attacks drive the CLI's clock with it",
+    )
 
 
 def uses_faketime(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return pytest.mark.faketime(needs_faketime(fn))
+    return pytest.mark.faketime(pytest.mark.usefixtures("libfaketime")(fn))
 
 
 def shifted(offset: str) -> list[str]:

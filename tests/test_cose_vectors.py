@@ -6,7 +6,7 @@ The vectors are read in place through the ``vectors`` fixture (skipped where
 What each vector shows (see also the notes at each test):
 
 * ``eddsa-01``, ``Appendix_C_1_1`` .. ``_3``: parse, reproduce every
-  ``ToBeSign_hex`` and verify through :mod:`qhx_edge.suites`.
+  ``ToBeSign_hex`` and verify through :mod:`qhx_edge.core.suites`.
 * ``eddsa-02`` is Ed448 under the generic RFC 8152 ``EdDSA`` (-8) label; we
   accept -8 as Ed25519 only, so the signature does not verify with the
   registry (the vector itself is checked with cryptography's Ed448).
@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from qhx_edge import cbor, envelope, suites
-from qhx_edge.envelope import Envelope
-from qhx_edge.errors import Malformed, NonDeterministic, Rejected
+from qhx_edge.core import cbor, cose, suites
+from qhx_edge.core.cose import Envelope
+from qhx_edge.core.errors import Malformed, NonDeterministic, Rejected
 
 MAX = 1 << 20
 COSE_ALG_NAMES = {"EdDSA": suites.EDDSA_LEGACY, "ES256": suites.ES256, "ES512": -36}
@@ -46,15 +46,15 @@ COSE_ALG_NAMES = {"EdDSA": suites.EDDSA_LEGACY, "ES256": suites.ES256, "ES512": 
 
 
 @pytest.fixture(scope="module")
-def cose(vectors: Path) -> Path:
+def cose_dir(vectors: Path) -> Path:
     folder = vectors / "cose"
     if not folder.is_dir():
         pytest.skip(f"no COSE vectors in {folder}")
     return folder
 
 
-def load(cose: Path, rel: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((cose / rel).read_text(encoding="utf-8"))
+def load(cose_dir: Path, rel: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((cose_dir / rel).read_text(encoding="utf-8"))
     return data
 
 
@@ -97,8 +97,8 @@ class Vector:
         return bytes.fromhex(self.signers[i].get("external", ""))
 
 
-def vector(cose: Path, rel: str) -> Vector:
-    return Vector(load(cose, rel))
+def vector(cose_dir: Path, rel: str) -> Vector:
+    return Vector(load(cose_dir, rel))
 
 
 def check_signer(env: Envelope, v: Vector, i: int) -> bytes:
@@ -133,13 +133,13 @@ SIGN_FAIL = {
 SIGN_PASS = ["sign-pass-01.json", "sign-pass-02.json", "sign-pass-03.json"]
 
 
-def test_vector_set_is_the_one_these_tests_cover(cose: Path) -> None:
+def test_vector_set_is_the_one_these_tests_cover(cose_dir: Path) -> None:
     """A vector added upstream must not go untested silently."""
-    assert sorted(p.name for p in (cose / "RFC8152").glob("Appendix_C_1_*.json")) == APPENDIX_C_1
-    assert sorted(p.name for p in (cose / "sign-tests").glob("sign-fail-*.json")) == sorted(SIGN_FAIL)
-    assert sorted(p.name for p in (cose / "sign-tests").glob("sign-pass-*.json")) == SIGN_PASS
+    assert sorted(p.name for p in (cose_dir / "RFC8152").glob("Appendix_C_1_*.json")) == APPENDIX_C_1
+    assert sorted(p.name for p in (cose_dir / "sign-tests").glob("sign-fail-*.json")) == sorted(SIGN_FAIL)
+    assert sorted(p.name for p in (cose_dir / "sign-tests").glob("sign-pass-*.json")) == SIGN_PASS
     for name in SIGN_FAIL:
-        assert has_fail_flag(load(cose, f"sign-tests/{name}")), name
+        assert has_fail_flag(load(cose_dir, f"sign-tests/{name}")), name
 
 
 # --- EdDSA ----------------------------------------------------------------------------------
@@ -150,8 +150,8 @@ def test_eddsa_legacy_label_resolves_to_ed25519() -> None:
     assert suites.get(suites.EDDSA_LEGACY) is suites.get(suites.ED25519)
 
 
-def test_eddsa_01_ed25519(cose: Path) -> None:
-    v = vector(cose, "eddsa-examples/eddsa-01.json")
+def test_eddsa_01_ed25519(cose_dir: Path) -> None:
+    v = vector(cose_dir, "eddsa-examples/eddsa-01.json")
     env = Envelope.parse(v.cbor, max_size=MAX)
     assert env.headers == {3: 0}  # ctyp 0 in the body's protected header
     assert env.protected == bytes.fromhex("A10300")
@@ -178,13 +178,13 @@ def test_eddsa_01_ed25519(cose: Path) -> None:
     assert pub.verify_part(-8, sig.signature, tbs)
 
 
-def test_eddsa_02_ed448_is_not_ed25519(cose: Path) -> None:
+def test_eddsa_02_ed448_is_not_ed25519(cose_dir: Path) -> None:
     """Ed448 under the generic ``EdDSA`` label: parsed and Sig_structure reproduced, but not verified.
 
     We accept -8 on input as Ed25519 only (suites.EDDSA_LEGACY); the 57-byte
     Ed448 key does not verify through the registry, and must not crash it.
     """
-    v = vector(cose, "eddsa-examples/eddsa-02.json")
+    v = vector(cose_dir, "eddsa-examples/eddsa-02.json")
     key = v.signers[0]["key"]
     assert key["crv"] == "Ed448"
     env = Envelope.parse(v.cbor, max_size=MAX)
@@ -212,8 +212,8 @@ def verify_es256(key: dict[str, Any], signature: bytes, tbs: bytes) -> bool:
     return suites.get(suites.ES256).verify(public_raw(key), signature, tbs)
 
 
-def test_c_1_1_single_es256(cose: Path) -> None:
-    v = vector(cose, "RFC8152/Appendix_C_1_1.json")
+def test_c_1_1_single_es256(cose_dir: Path) -> None:
+    v = vector(cose_dir, "RFC8152/Appendix_C_1_1.json")
     env = Envelope.parse(v.cbor, max_size=MAX)
     assert env.protected == b""
     tbs = check_signer(env, v, 0)
@@ -230,8 +230,8 @@ def test_c_1_1_single_es256(cose: Path) -> None:
     assert verify_es256(key, ours, tbs)
 
 
-def test_c_1_2_es256_and_unsupported_es512(cose: Path) -> None:
-    v = vector(cose, "RFC8152/Appendix_C_1_2.json")
+def test_c_1_2_es256_and_unsupported_es512(cose_dir: Path) -> None:
+    v = vector(cose_dir, "RFC8152/Appendix_C_1_2.json")
     env = Envelope.parse(v.cbor, max_size=MAX)
     assert len(env.signatures) == 2
     tbs0 = check_signer(env, v, 0)
@@ -256,8 +256,8 @@ def test_c_1_2_es256_and_unsupported_es512(cose: Path) -> None:
     pub.verify(der, tbs1, ec.ECDSA(hashes.SHA512()))
 
 
-def test_c_1_3_counter_signature_in_unprotected_header_is_carried_not_interpreted(cose: Path) -> None:
-    v = vector(cose, "RFC8152/Appendix_C_1_3.json")
+def test_c_1_3_counter_signature_in_unprotected_header_is_carried_not_interpreted(cose_dir: Path) -> None:
+    v = vector(cose_dir, "RFC8152/Appendix_C_1_3.json")
     env = Envelope.parse(v.cbor, max_size=MAX)
     tbs = check_signer(env, v, 0)
     assert verify_es256(v.signers[0]["key"], env.signatures[0].signature, tbs)
@@ -277,7 +277,7 @@ def test_c_1_3_counter_signature_in_unprotected_header_is_carried_not_interprete
     assert verify_es256(counter_key, c_sig, c_tbs)
 
 
-def test_c_1_4_crit_header_is_refused(cose: Path) -> None:
+def test_c_1_4_crit_header_is_refused(cose_dir: Path) -> None:
     """Protected ``{"reserved": false, crit: ["reserved"]}``: not deterministic, and crit is unsupported.
 
     RFC 8152 encodes the text key before label 2; RFC 8949 §4.2.1 puts 0x02
@@ -285,7 +285,7 @@ def test_c_1_4_crit_header_is_refused(cose: Path) -> None:
     deterministically it is still ``malformed``: we implement no critical
     headers, so a message that names one must be refused (RFC 9052 §3.1).
     """
-    v = vector(cose, "RFC8152/Appendix_C_1_4.json")
+    v = vector(cose_dir, "RFC8152/Appendix_C_1_4.json")
     with pytest.raises(NonDeterministic) as info:
         Envelope.parse(v.cbor, max_size=MAX)
     assert info.value.kind == "non-deterministic"
@@ -294,7 +294,7 @@ def test_c_1_4_crit_header_is_refused(cose: Path) -> None:
     # the vector's Sig_structure and its signature verifies.
     body = cbor2.loads(v.cbor).value
     protected, _, payload, [[sprot, _, signature]] = body
-    tbs = envelope.sig_structure(protected, sprot, payload)
+    tbs = cose.sig_structure(protected, sprot, payload)
     assert tbs == v.tbs[0]
     assert verify_es256(v.signers[0]["key"], signature, tbs)
 
@@ -321,20 +321,20 @@ def rejection(v: Vector) -> str | None:
 
 
 @pytest.mark.parametrize(("name", "kind"), sorted(SIGN_FAIL.items()))
-def test_sign_fail_vectors_are_rejected(cose: Path, name: str, kind: str) -> None:
-    v = vector(cose, f"sign-tests/{name}")
+def test_sign_fail_vectors_are_rejected(cose_dir: Path, name: str, kind: str) -> None:
+    v = vector(cose_dir, f"sign-tests/{name}")
     assert rejection(v) == kind
 
 
-def test_sign_fail_01_wrong_tag(cose: Path) -> None:
-    v = vector(cose, "sign-tests/sign-fail-01.json")
+def test_sign_fail_01_wrong_tag(cose_dir: Path) -> None:
+    v = vector(cose_dir, "sign-tests/sign-fail-01.json")
     assert v.raw["input"]["failures"] == {"ChangeCBORTag": 998}
     with pytest.raises(Malformed, match="tag 998"):
         Envelope.parse(v.cbor, max_size=MAX)
 
 
-def test_sign_fail_02_changed_signature(cose: Path) -> None:
-    v = vector(cose, "sign-tests/sign-fail-02.json")
+def test_sign_fail_02_changed_signature(cose_dir: Path) -> None:
+    v = vector(cose_dir, "sign-tests/sign-fail-02.json")
     env = Envelope.parse(v.cbor, max_size=MAX)
     tbs = check_signer(env, v, 0)
     assert not verify_es256(v.signers[0]["key"], env.signatures[0].signature, tbs)
@@ -343,8 +343,8 @@ def test_sign_fail_02_changed_signature(cose: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "how"), [("sign-fail-03.json", "registry"), ("sign-fail-04.json", "parse")], ids=["-999", "unknown"]
 )
-def test_sign_fail_changed_algorithm(cose: Path, name: str, how: str) -> None:
-    v = vector(cose, f"sign-tests/{name}")
+def test_sign_fail_changed_algorithm(cose_dir: Path, name: str, how: str) -> None:
+    v = vector(cose_dir, f"sign-tests/{name}")
     if how == "parse":
         # A text algorithm is not an integer: refused by the envelope parser.
         with pytest.raises(Malformed, match="algorithm"):
@@ -360,8 +360,8 @@ def test_sign_fail_changed_algorithm(cose: Path, name: str, how: str) -> None:
     assert not pub.verify_part(-999, env.signatures[0].signature, tbs)
 
 
-def test_sign_fail_06_added_protected_attribute(cose: Path) -> None:
-    v = vector(cose, "sign-tests/sign-fail-06.json")
+def test_sign_fail_06_added_protected_attribute(cose_dir: Path) -> None:
+    v = vector(cose_dir, "sign-tests/sign-fail-06.json")
     env = Envelope.parse(v.cbor, max_size=MAX)
     assert env.headers == {3: 0}
     sig = env.signatures[0]
@@ -372,8 +372,8 @@ def test_sign_fail_06_added_protected_attribute(cose: Path) -> None:
     assert verify_es256(key, sig.signature, v.tbs[0])  # ...and the signature was over the original
 
 
-def test_sign_fail_07_empty_map_in_protected_bstr(cose: Path) -> None:
-    v = vector(cose, "sign-tests/sign-fail-07.json")
+def test_sign_fail_07_empty_map_in_protected_bstr(cose_dir: Path) -> None:
+    v = vector(cose_dir, "sign-tests/sign-fail-07.json")
     assert v.cbor[3:5] == bytes.fromhex("41A0")
     with pytest.raises(Malformed, match="zero-length"):
         Envelope.parse(v.cbor, max_size=MAX)
@@ -382,8 +382,8 @@ def test_sign_fail_07_empty_map_in_protected_bstr(cose: Path) -> None:
 # --- sign-tests: passes --------------------------------------------------------------------
 
 
-def test_sign_pass_02_external_aad(cose: Path) -> None:
-    v = vector(cose, "sign-tests/sign-pass-02.json")
+def test_sign_pass_02_external_aad(cose_dir: Path) -> None:
+    v = vector(cose_dir, "sign-tests/sign-pass-02.json")
     env = Envelope.parse(v.cbor, max_size=MAX)
     aad = v.external(0)
     assert aad == bytes.fromhex("11aa22bb33cc44dd55006699")
@@ -395,7 +395,7 @@ def test_sign_pass_02_external_aad(cose: Path) -> None:
     assert not verify_es256(key, env.signatures[0].signature, env.to_be_signed(env.signatures[0].protected))
 
 
-def test_sign_pass_01_empty_map_in_protected_bstr_is_refused_by_design(cose: Path) -> None:
+def test_sign_pass_01_empty_map_in_protected_bstr_is_refused_by_design(cose_dir: Path) -> None:
     """``41A0`` as the body protected header: the WG example accepts it, we do not.
 
     RFC 9052 §3 requires an empty protected header to be the zero-length byte
@@ -403,7 +403,7 @@ def test_sign_pass_01_empty_map_in_protected_bstr_is_refused_by_design(cose: Pat
     is over the Sig_structure with an *empty* body_protected, so it verifies
     only for a verifier that rewrites ``41A0`` to ``40``, which we never do.
     """
-    v = vector(cose, "sign-tests/sign-pass-01.json")
+    v = vector(cose_dir, "sign-tests/sign-pass-01.json")
     assert v.raw["input"]["failures"] == {"ChangeProtected": "a0"}
     with pytest.raises(Malformed, match="zero-length") as info:
         Envelope.parse(v.cbor, max_size=MAX)
@@ -412,17 +412,17 @@ def test_sign_pass_01_empty_map_in_protected_bstr_is_refused_by_design(cose: Pat
     assert body[0] == b"\xa0"
     sprot, signature = body[3][0][0], body[3][0][2]
     key = v.signers[0]["key"]
-    assert not verify_es256(key, signature, envelope.sig_structure(body[0], sprot, body[2]))
-    assert verify_es256(key, signature, envelope.sig_structure(b"", sprot, body[2]))
+    assert not verify_es256(key, signature, cose.sig_structure(body[0], sprot, body[2]))
+    assert verify_es256(key, signature, cose.sig_structure(b"", sprot, body[2]))
 
 
-def test_sign_pass_03_untagged_is_refused_but_verifies_with_the_tag_from_context(cose: Path) -> None:
+def test_sign_pass_03_untagged_is_refused_but_verifies_with_the_tag_from_context(cose_dir: Path) -> None:
     """An untagged COSE_Sign: we require tag 98, so ``Envelope.parse`` refuses it (``malformed``).
 
     RFC 9052 §2 lets an application know the type from context; given the
     tag that way, the same message parses and verifies.
     """
-    v = vector(cose, "sign-tests/sign-pass-03.json")
+    v = vector(cose_dir, "sign-tests/sign-pass-03.json")
     with pytest.raises(Malformed, match="tag 98"):
         Envelope.parse(v.cbor, max_size=MAX)
     env = Envelope.from_value(cbor2.CBORTag(98, cbor.decode(v.cbor, max_size=MAX)))

@@ -29,11 +29,13 @@ from pathlib import Path
 
 import pytest
 
-from qhx_edge import fsutil, node, pack
-from qhx_edge.authority import Authority
-from qhx_edge.store import Store
+from qhx_edge.homes import node
+from qhx_edge.homes.authority import Authority
+from qhx_edge.packs import pack
+from qhx_edge.store import files
+from qhx_edge.store.trust_store import Store
 
-from .conftest import _cli_env, find_libfaketime
+from .conftest import _cli_env, find_libfaketime, need
 
 BUNDLE_VERSIONS = 400  # history versions in the pack: a full import takes most of a second
 RUNS = 60
@@ -42,15 +44,16 @@ DOMAIN = "alpha.example"
 
 LIBFAKETIME = find_libfaketime()
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.faketime,
-    pytest.mark.skipif(
-        LIBFAKETIME is None,
-        reason="libfaketime.so.1 not found (apt-get install faketime, or set QHX_LIBFAKETIME): the crash loop "
+pytestmark = [pytest.mark.slow, pytest.mark.faketime, pytest.mark.usefixtures("libfaketime")]
+
+
+@pytest.fixture
+def libfaketime() -> None:
+    need(
+        LIBFAKETIME is not None,
+        "libfaketime.so.1 not found (Debian package faketime, or set QHX_LIBFAKETIME): the crash loop "
         "freezes the CLI's clock with it so that S_new has a single trust digest",
-    ),
-]
+    )
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def test_sigkill_during_pack_import_leaves_old_or_new_state(tmp_path: Path, monk
     with monkeypatch.context() as m:
         # Only to build the authority fast: its published files need no fsync here.
         # The node under test runs in subprocesses and is not affected.
-        m.setattr(fsutil.os, "fsync", lambda fd: None)
+        m.setattr(files.os, "fsync", lambda fd: None)
         for i in range(BUNDLE_VERSIONS):
             auth.publish_bundle(base + 1 + i)
     latest = BUNDLE_VERSIONS + 1

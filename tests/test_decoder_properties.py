@@ -1,7 +1,7 @@
 """Property tests of every decoder of untrusted bytes.
 
 Contract (qhx_edge/errors.py): whatever the input, a decoder returns a value or
-raises a :class:`qhx_edge.errors.Rejected` subclass -- never a cbor2,
+raises a :class:`qhx_edge.core.errors.Rejected` subclass -- never a cbor2,
 cryptography or Python error, and never an :class:`EnvironmentFault`.  And a
 signed document whose payload was changed is never accepted.
 
@@ -21,12 +21,13 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
-from qhx_edge import cbor, documents, pack
-from qhx_edge.documents import ROLE_FOR_TYPE, ROLES, Bundle, Freshness, Root, Signed
-from qhx_edge.envelope import COSE_SIGN_TAG, Envelope
-from qhx_edge.errors import NonDeterministic, QhxError, Rejected
-from qhx_edge.suites import PrivateKey
-from qhx_edge.verify import check_role
+from qhx_edge.core import cbor, documents
+from qhx_edge.core.cose import COSE_SIGN_TAG, Envelope
+from qhx_edge.core.documents import ROLE_FOR_TYPE, ROLES, Bundle, Freshness, Root, Signed
+from qhx_edge.core.errors import NonDeterministic, QhxError, Rejected
+from qhx_edge.core.suites import PrivateKey
+from qhx_edge.core.trust import check_role
+from qhx_edge.packs import pack
 
 EXAMPLES = int(os.environ.get("QHX_FUZZ_EXAMPLES", "2000"))
 STRUCTURED = max(EXAMPLES // 4, 25)
@@ -193,7 +194,7 @@ def test_the_helper_lets_other_errors_through() -> None:
         only_rejected(boom, b"")
 
     def fault(_: bytes) -> None:
-        from qhx_edge.errors import StoreCorrupt
+        from qhx_edge.core.errors import StoreCorrupt
 
         raise StoreCorrupt("not an input error")
 

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from qhx_edge import clock, node, verify
-from qhx_edge import documents as D  # noqa: N812
-from qhx_edge.identity import parse_card, spki
-from qhx_edge.node import ImportRejected
-from qhx_edge.suites import ES256, MLDSA65
+from qhx_edge.core import documents as D  # noqa: N812
+from qhx_edge.core import trust
+from qhx_edge.core.cards import parse_card, spki
+from qhx_edge.core.suites import ES256, MLDSA65
+from qhx_edge.homes import node
+from qhx_edge.homes.node import ImportRejected
+from qhx_edge.store import clock
 from tests.conftest import PASSPHRASE, Homes, make_pack
 
 
@@ -90,10 +92,10 @@ def test_delegation_rules_in_the_trust_core(homes: Homes) -> None:
     with _Opened(homes.node_home) as n:
         state = n.store.trust_state()
         assert state.node_id == n.node_id
-        ok = verify.verify_batch(docs[:1], state, now)
+        ok = trust.verify_batch(docs[:1], state, now)
         assert [v.status for v in ok.verdicts] == ["applied"]
-        late = verify.verify_batch(docs[:1], state, now + 3600)
+        late = trust.verify_batch(docs[:1], state, now + 3600)
         assert late.verdicts[0].error is not None
         assert late.verdicts[0].error.kind == "expired"
-        nobody = verify.TrustState(state.domains, state.clock_high_water, None)
-        assert verify.verify_batch(docs[:1], nobody, now).verdicts[0].error.kind == "scope-violation"  # type: ignore[union-attr]
+        nobody = trust.TrustState(state.domains, state.clock_high_water, None)
+        assert trust.verify_batch(docs[:1], nobody, now).verdicts[0].error.kind == "scope-violation"  # type: ignore[union-attr]

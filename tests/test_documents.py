@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from qhx_edge import cbor
-from qhx_edge import documents as D  # noqa: N812
-from qhx_edge.errors import Malformed
-from qhx_edge.suites import PrivateKey
+from qhx_edge.core import cbor
+from qhx_edge.core import documents as D  # noqa: N812
+from qhx_edge.core.errors import Malformed
+from qhx_edge.core.suites import PrivateKey
 
 NOW = 1_800_000_000
 
@@ -127,11 +127,11 @@ def test_bundle_and_policy_validation() -> None:
 
 
 def test_parse_rejects_wrong_content_type_and_unknown_type(key: PrivateKey) -> None:
-    from qhx_edge import envelope
+    from qhx_edge.core import cose
 
     payload = D.Freshness.from_dict(_fresh()).to_bytes()
     with pytest.raises(Malformed, match="content type"):
-        D.parse(envelope.sign(payload, [key], content_type="text/plain"))
+        D.parse(cose.sign(payload, [key], content_type="text/plain"))
     odd = cbor.encode(dict(_fresh(), type="receipt-of-the-future"))
     with pytest.raises(Malformed, match="unknown document type"):
-        D.parse(envelope.sign(odd, [key], content_type=D.CONTENT_TYPE))
+        D.parse(cose.sign(odd, [key], content_type=D.CONTENT_TYPE))

@@ -20,8 +20,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from spiffe import TrustDomain, WorkloadApiClient
 from spiffe.workloadapi.errors import FetchX509SvidError
 
-from qhx_edge import attestation, clock, node
-from qhx_edge.policyfile import policy_fields
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.homes import attestation, node
+from qhx_edge.store import clock
 from tests.conftest import PASSPHRASE, Homes, _cli_env, make_homes
 
 DOMAIN = "alpha.example"

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,24 +16,22 @@ from typing import Any
 import cbor2
 import pytest
 
-from qhx_edge import cbor, clock, envelope, evidence, node, pack, seal
-from qhx_edge.authority import Authority
-from qhx_edge.errors import BadSignature, DomainMismatch, Malformed, NotRecipient, Oversize, Rejected
-from qhx_edge.identity import make_card, parse_card
-from qhx_edge.store import GENESIS, AuditEntry, _entry_hash
-from qhx_edge.suites import PrivateKey
+from qhx_edge.core import cbor, cose
+from qhx_edge.core.cards import make_card, parse_card
+from qhx_edge.core.errors import BadSignature, DomainMismatch, Malformed, NotRecipient, Oversize, Rejected
+from qhx_edge.core.suites import PrivateKey
+from qhx_edge.homes import evidence, node
+from qhx_edge.homes.authority import Authority
+from qhx_edge.packs import pack, seal
+from qhx_edge.store import clock
+from qhx_edge.store.trust_store import GENESIS, AuditEntry, _entry_hash
 from tests.conftest import PASSPHRASE, Homes, make_homes, run_cli
 
 COLS = ", ".join(evidence.COLUMNS)
 
 
-@contextmanager
-def opened(home: Path) -> Iterator[node.Node]:
-    n = node.Node(home, PASSPHRASE.encode)
-    try:
-        yield n
-    finally:
-        n.close()
+def opened(home: Path) -> node.Node:
+    return node.Node(home, PASSPHRASE.encode)
 
 
 def activity(home: Path, auth: Authority) -> None:
@@ -84,7 +81,7 @@ def node_id_of(home: Path) -> str:
 
 
 def import_file(auth: Authority, path: Path, **kw: Any) -> evidence.EvidenceReport:
-    return auth.import_pack(pack.read(path), clock.now(), **kw)
+    return evidence.import_evidence(auth, pack.read(path), clock.now(), **kw)
 
 
 @pytest.fixture
@@ -191,7 +188,7 @@ def test_a_re_exported_range_is_recognised_as_held(homes: Homes) -> None:
 
 
 def _payload(raw: bytes) -> dict[str, Any]:
-    env = envelope.Envelope.parse(raw, max_size=evidence.MAX_SEGMENT_SIZE)
+    env = cose.Envelope.parse(raw, max_size=evidence.MAX_SEGMENT_SIZE)
     d = cbor.decode(env.payload, max_size=evidence.MAX_SEGMENT_SIZE)
     assert isinstance(d, dict)
     return d
@@ -200,16 +197,16 @@ def _payload(raw: bytes) -> dict[str, Any]:
 def resign(raw: bytes, mutate: Callable[[dict[str, Any]], None], signer: PrivateKey) -> bytes:
     d = _payload(raw)
     mutate(d)
-    return envelope.sign(cbor.encode(d), [signer], content_type=evidence.CONTENT_TYPE)
+    return cose.sign(cbor.encode(d), [signer], content_type=evidence.CONTENT_TYPE)
 
 
 def keep_signature(raw: bytes, mutate: Callable[[dict[str, Any]], None]) -> bytes:
-    value = cbor.decode(raw, max_size=evidence.MAX_SEGMENT_SIZE, tags=frozenset({envelope.COSE_SIGN_TAG}))
+    value = cbor.decode(raw, max_size=evidence.MAX_SEGMENT_SIZE, tags=frozenset({cose.COSE_SIGN_TAG}))
     body = value.value
     d = cbor.decode(body[2], max_size=evidence.MAX_SEGMENT_SIZE)
     mutate(d)
     body[2] = cbor.encode(d)
-    return cbor.encode(cbor2.CBORTag(envelope.COSE_SIGN_TAG, body))
+    return cbor.encode(cbor2.CBORTag(cose.COSE_SIGN_TAG, body))
 
 
 def repack(n: node.Node, docs: list[bytes]) -> bytes:
@@ -333,7 +330,7 @@ def test_forged_segment_is_rejected_with_its_kind(exported: Exported, name: str)
     data = exported.pack([card, good, forge(genuine, exported.signer)])
 
     with pytest.raises(evidence.EvidenceRejected) as info:
-        auth.import_pack(data, clock.now())
+        evidence.import_evidence(auth, data, clock.now())
     assert info.value.kind == kind
     assert why in info.value.message
     report = info.value.report.node_json()
@@ -346,7 +343,7 @@ def test_forged_segment_is_rejected_with_its_kind(exported: Exported, name: str)
     assert st["last_seq"] == 3
     assert st["rejections"] == 1
     # The genuine segment still fits where the forged one did not.
-    assert auth.import_pack(exported.pack([card, genuine]), clock.now()).node_json()["entries_added"] == 3
+    assert evidence.import_evidence(auth, exported.pack([card, genuine]), clock.now()).node_json()["entries_added"] == 3
 
 
 def test_strict_import_of_a_forged_segment_applies_nothing(homes: Homes) -> None:
@@ -357,7 +354,7 @@ def test_strict_import_of_a_forged_segment_applies_nothing(homes: Homes) -> None
         data = repack(n, [p.documents[0], p.documents[1], keep_signature(p.documents[2], _detail)])
     before = evidence_digest(auth)
     with pytest.raises(evidence.EvidenceRejected) as info:
-        auth.import_pack(data, clock.now(), strict=True)
+        evidence.import_evidence(auth, data, clock.now(), strict=True)
     assert info.value.kind == "bad-signature"
     assert info.value.report.applied is False
     assert [s["status"] for s in info.value.report.segments] == ["not-applied", "rejected:bad-signature"]
@@ -371,7 +368,7 @@ def test_tampered_pack_bytes_are_refused_whole(homes: Homes) -> None:
     data[-40] ^= 0x01  # inside the last segment: no longer the document the manifest lists
     before = evidence_digest(homes.authority)
     with pytest.raises(BadSignature):
-        homes.authority.import_pack(bytes(data), clock.now())
+        evidence.import_evidence(homes.authority, bytes(data), clock.now())
     assert evidence_digest(homes.authority) == before
     assert evidence.status(homes.authority.home) == {"nodes": {}, "rejections": 1}
 
@@ -508,7 +505,7 @@ def test_sealed_evidence_round_trip(two: tuple[Homes, Path]) -> None:
     for home in (m, homes.node_home):
         with opened(home) as n, pytest.raises(NotRecipient):
             n.import_pack(data, clock.now())
-    r = auth.import_pack(data, clock.now())
+    r = evidence.import_evidence(auth, data, clock.now())
     assert r.sealed is True
     assert r.node_json()["entries_added"] == info["entries"]
     assert held_rows(auth, info["node_id"]) == audit_rows(homes.node_home)[: info["to_seq"]]
@@ -536,12 +533,12 @@ def test_a_node_impersonating_another_node_is_rejected(two: tuple[Homes, Path]) 
         own = pack.build([mm.card(), segment], signer, node=mm.node_id, **kw)
 
     with pytest.raises(BadSignature, match="pinned to key"):
-        auth.import_pack(claim, now)
+        evidence.import_evidence(auth, claim, now)
     with pytest.raises(BadSignature, match="not signed by the key of the node card"):
-        auth.import_pack(stolen_card, now)
+        evidence.import_evidence(auth, stolen_card, now)
     assert evidence_digest(auth) == before
     with pytest.raises(evidence.EvidenceRejected) as info:
-        auth.import_pack(own, now)
+        evidence.import_evidence(auth, own, now)
     assert info.value.kind == "bad-signature"
     assert "names node" in info.value.message
     st = evidence.status(auth.home)
@@ -576,7 +573,7 @@ def test_authorities_import_evidence_only_and_nodes_no_evidence(homes: Homes) ->
         doc_first = repack(n, [homes.authority.anchor()])
     for data in (no_card, doc_first):
         with pytest.raises(Malformed):
-            homes.authority.import_pack(data, clock.now())
+            evidence.import_evidence(homes.authority, data, clock.now())
     assert evidence.status(homes.authority.home)["rejections"] == 3
 
 

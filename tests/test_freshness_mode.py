@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qhx_edge.documents import Staleness
-from qhx_edge.freshness import CONNECTED, DEGRADED, EXPIRED, mode
+from qhx_edge.core.documents import Staleness
+from qhx_edge.core.staleness import CONNECTED, DEGRADED, EXPIRED, mode
 
 B = Staleness(soft=6 * 3600, hard=72 * 3600, svid_ttl=3600, ttl_floor=300)
 T0 = 1_800_000_000

@@ -18,15 +18,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qhx_edge import clock, freshness, node
-from qhx_edge import documents as D  # noqa: N812
-from qhx_edge.errors import QhxError
-from qhx_edge.identity import parse_card, spki
-from qhx_edge.issuance import BACKDATE, JWT_MAX_TTL, Issuer, X509Svid, algorithm_for, parse_spiffe_id
-from qhx_edge.policyfile import policy_fields
-from qhx_edge.suites import ES256, MLDSA65
-from qhx_edge.x509ca import private_key_object
-from tests.conftest import PASSPHRASE, Homes, have, make_homes
+from qhx_edge.core import documents as D  # noqa: N812
+from qhx_edge.core import staleness
+from qhx_edge.core.cards import parse_card, spki
+from qhx_edge.core.errors import QhxError
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.core.spiffe import parse_spiffe_id
+from qhx_edge.core.suites import ES256, MLDSA65
+from qhx_edge.core.x509ca import private_key_object
+from qhx_edge.homes import node
+from qhx_edge.issue.issuer import BACKDATE, JWT_MAX_TTL, Issuer, X509Svid, algorithm_for
+from qhx_edge.store import clock
+from tests.conftest import PASSPHRASE, Homes, make_homes, need_module, need_tool
 
 DOMAIN = "alpha.example"
 WEB = f"spiffe://{DOMAIN}/web"
@@ -166,8 +169,7 @@ def _check_spiffe_shape(svid: X509Svid, now: int, ttl: int) -> x509.Certificate:
 
 
 def test_es256_svid_meets_the_spec_and_verifies_with_openssl(ready: tuple[Homes, Clock], tmp_path: Path) -> None:
-    if not have("openssl"):
-        pytest.skip("openssl not installed")
+    need_tool("openssl", "openssl")
     homes, clk = ready
     with issuer(homes, clk) as iss:
         (svid,) = iss.x509_svids(UID)
@@ -213,8 +215,7 @@ def test_the_intermediate_name_constraint_binds_leaves_to_the_domain(
     ready: tuple[Homes, Clock], tmp_path: Path
 ) -> None:
     """A leaf the node CA signs for another trust domain fails openssl's name-constraint check."""
-    if not have("openssl"):
-        pytest.skip("openssl not installed")
+    need_tool("openssl", "openssl")
     import datetime as dt
 
     from cryptography.hazmat.primitives import hashes
@@ -284,7 +285,7 @@ def test_mldsa_svid_for_a_post_quantum_namespace_chains_with_cryptography(ready:
 
 
 def test_stock_spiffe_library_accepts_both_svids(ready: tuple[Homes, Clock]) -> None:
-    spiffe = pytest.importorskip("spiffe")
+    spiffe = need_module("spiffe", "the stock SPIFFE client (the dev extra)")
     homes, clk = ready
     with issuer(homes, clk) as iss:
         svids = iss.x509_svids(BOTH)
@@ -317,7 +318,7 @@ def test_connected_then_degraded_ttl_shrinks_then_expired_refuses(ready: tuple[H
         for age in (3600, 5400, 7200, 10800, 12600, 14000):
             clk.t = t0 + age
             (s,) = iss.x509_svids(UID)
-            expect = freshness.mode(clk.t, t0, budget)
+            expect = staleness.mode(clk.t, t0, budget)
             assert expect.mode == "degraded"
             assert iss.status()["mode"] == "degraded"
             assert s.not_after - clk.t == expect.max_ttl
@@ -387,7 +388,7 @@ def test_without_a_delegation_nothing_is_issued(homes: Homes) -> None:
 
 def test_property_no_svid_outlives_freshness_budget_or_delegation(tmp_path: Path) -> None:
     """For random budgets, ages, delegation lifetimes and registration TTLs: every issued
-    certificate and token ends by ``freshness.issued_at + S2`` and by the delegation's end,
+    certificate and token ends by ``staleness.issued_at + S2`` and by the delegation's end,
     and nothing is issued in expired mode."""
     homes = make_homes(tmp_path)
     state = {"t": clock.now()}
@@ -651,7 +652,7 @@ def test_jwt_svid_round_trip_and_rejections(ready: tuple[Homes, Clock]) -> None:
         assert got == claims
 
         # A stock JOSE library accepts the token under our JWKS.
-        jwt = pytest.importorskip("jwt")
+        jwt = need_module("jwt", "PyJWT (the dev extra) is the stock JOSE library the token is checked with")
         jwks = jwt.PyJWKSet.from_json(iss.jwt_bundles()[DOMAIN].decode())
         key = next(k for k in jwks.keys if k.key_id == kid)
         assert jwt.decode(token, key.key, algorithms=["ES256"], audience="db")["sub"] == WEB
@@ -713,7 +714,7 @@ def test_every_issuance_is_audited_in_one_transaction_per_call(ready: tuple[Home
 
 
 def test_a_failed_audit_write_hands_nothing_out(ready: tuple[Homes, Clock], monkeypatch: pytest.MonkeyPatch) -> None:
-    from qhx_edge.errors import StoreLocked
+    from qhx_edge.core.errors import StoreLocked
 
     homes, clk = ready
     with issuer(homes, clk) as iss:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from qhx_edge import cbor
-from qhx_edge.errors import PassphraseError
-from qhx_edge.keystore import Keystore, passphrase_from_env
-from qhx_edge.suites import PrivateKey
+from qhx_edge.core import cbor
+from qhx_edge.core.errors import PassphraseError
+from qhx_edge.core.suites import PrivateKey
+from qhx_edge.store.keystore import Keystore, passphrase_from_env
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,17 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from qhx_edge import cbor, clock, envelope, node, pack, seal, verify
-from qhx_edge import documents as D  # noqa: N812 - the package's own alias
-from qhx_edge.authority import Authority
-from qhx_edge.errors import Malformed, NotRecipient, QhxError, Rejected, all_kinds
-from qhx_edge.identity import EncryptionPrivateKey, parse_card
-from qhx_edge.node import ImportRejected, Node
-from qhx_edge.store import Store
-from qhx_edge.suites import PrivateKey
+from qhx_edge.core import cbor, cose, trust
+from qhx_edge.core import documents as D  # noqa: N812 - the package's own alias
+from qhx_edge.core.cards import EncryptionPrivateKey, parse_card
+from qhx_edge.core.errors import Malformed, NotRecipient, QhxError, Rejected, all_kinds
+from qhx_edge.core.suites import PrivateKey
+from qhx_edge.homes import node
+from qhx_edge.homes.authority import Authority
+from qhx_edge.homes.node import ImportRejected, Node
+from qhx_edge.packs import pack, seal
+from qhx_edge.store import clock
+from qhx_edge.store.trust_store import Store
 
 from .conftest import PASSPHRASE, Homes, Result, make_homes, make_pack, run_cli
 
@@ -61,13 +64,8 @@ def open_node(home: Path) -> Node:
     return Node(home, PASSPHRASE.encode)
 
 
-@contextlib.contextmanager
-def opened(home: Path) -> Iterator[Node]:
-    n = open_node(home)
-    try:
-        yield n
-    finally:
-        n.close()
+def opened(home: Path) -> Node:
+    return open_node(home)
 
 
 def new_node(home: Path, auth: Authority, now: int, *, passphrase: bytes | None = PASSPHRASE.encode()) -> Path:
@@ -362,7 +360,7 @@ def test_select_by_domain_and_since_over_two_domains(tmp_path: Path) -> None:
 # --- every byte flipped, every truncation ------------------------------------------------------
 
 
-def outcome_key(o: verify.Outcome) -> tuple[Any, ...]:
+def outcome_key(o: trust.Outcome) -> tuple[Any, ...]:
     """Everything an outcome would change: verdicts, marks, resets, trusted time."""
     verdicts = tuple(
         (v.index, v.status, v.doc.digest if v.doc else None, v.error.kind if v.error else None) for v in o.verdicts
@@ -370,14 +368,14 @@ def outcome_key(o: verify.Outcome) -> tuple[Any, ...]:
     return verdicts, tuple(sorted(o.marks.items())), tuple(sorted(o.resets)), o.clock_high_water
 
 
-def pure_import(data: bytes, state: verify.TrustState, now: int, key: EncryptionPrivateKey) -> verify.Outcome:
+def pure_import(data: bytes, state: trust.TrustState, now: int, key: EncryptionPrivateKey) -> trust.Outcome:
     """Node.import_pack without the store writes: the same checks in the same order."""
-    verify.check_clock(now, state.clock_high_water)
+    trust.check_clock(now, state.clock_high_water)
     data, _ = pack.unseal_if_sealed(data, key.public.kid, lambda: key)
     p = pack.parse(data)
     if p.manifest.kind != "documents":
         raise Malformed(f"a {p.manifest.kind} pack is for an authority home, not a node")
-    return verify.verify_batch(p.documents, state, now)
+    return trust.verify_batch(p.documents, state, now)
 
 
 def assert_typed(exc: BaseException) -> str:
@@ -392,7 +390,7 @@ class Small:
 
     tmp: Path
     pristine: Path  # a node home holding root, bundle, policy and freshness v1; only ever copied
-    state: verify.TrustState  # that node's trust state
+    state: trust.TrustState  # that node's trust state
     key: EncryptionPrivateKey  # that node's encryption key
     now: int
     pack: bytes  # freshness v2 from the authority
@@ -1130,7 +1128,7 @@ def _resigned(data: bytes, field: int, n: int) -> bytes:
     m[change[0]] = change[1]
     signer = _STRANGER
     m["exporter"]["key"] = signer.public.to_cbor()
-    manifest = envelope.sign(cbor.encode(m), [signer], content_type=pack.MANIFEST_CONTENT_TYPE)
+    manifest = cose.sign(cbor.encode(m), [signer], content_type=pack.MANIFEST_CONTENT_TYPE)
     return cbor.encode({"format": pack.FORMAT, "version": 1, "manifest": manifest, "documents": p.documents})
 
 
@@ -1192,7 +1190,7 @@ def test_fuzz_pack_decoders_raise_only_typed_errors(fuzz_base: FuzzBase, data: s
     _only_typed(lambda: pack.parse(blob))
     _only_typed(lambda: seal.open_sealed(blob, small.key))
     got = _only_typed(lambda: pure_import(blob, small.state, small.now, small.key))
-    if isinstance(got, verify.Outcome):
+    if isinstance(got, trust.Outcome):
         event("accepted")
         assert outcome_key(got) in fuzz_base.allowed, "a mutated pack was accepted with a different outcome"
 

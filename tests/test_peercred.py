@@ -1,4 +1,4 @@
-"""Workload attestation from Unix peer credentials (qhx_edge.peercred)."""
+"""Workload attestation from Unix peer credentials (qhx_edge.issue.peercred)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from qhx_edge import peercred
-from qhx_edge.errors import AttestationFailed
-from qhx_edge.peercred import PeerCred
+from qhx_edge.core.errors import AttestationFailed
+from qhx_edge.issue import peercred
+from qhx_edge.issue.peercred import PeerCred
 
 NOBODY = 65534
 EXE = os.path.realpath(sys.executable)

@@ -1,6 +1,6 @@
 """Our Workload API interface is the standard one: services, messages, fields and numbers.
 
-``qhx_edge/proto/workload.proto`` was written from the SPIFFE specification; it
+``qhx_edge/issue/proto/workload.proto`` was written from the SPIFFE specification; it
 is compared here with spiffe/spiffe's ``standards/workloadapi.proto`` (read from
 ``../shared/vectors``, never copied), with the generated module actually
 imported, and with the copy the stock ``spiffe`` client bundles.
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from google.protobuf import descriptor_pb2
 
-from qhx_edge.proto import workload_pb2
+from qhx_edge.issue.proto import workload_pb2
 from tests.conftest import ROOT
 
 protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools (the dev extra) compiles the .proto files")
 
-OURS = ROOT / "qhx_edge" / "proto" / "workload.proto"
+OURS = ROOT / "qhx_edge" / "issue" / "proto" / "workload.proto"
 
 
 def compile_proto(path: Path, out: Path) -> descriptor_pb2.FileDescriptorProto:
@@ -87,7 +87,9 @@ def test_the_stock_client_speaks_a_subset_of_ours() -> None:
 
 def test_the_generated_module_is_the_proto(tmp_path: Path) -> None:
     """workload_pb2 was regenerated after the last change to workload.proto."""
-    assert shape(loaded(workload_pb2)) == shape(compile_proto(OURS, tmp_path)), "run: python -m qhx_edge.proto.generate"
+    assert shape(loaded(workload_pb2)) == shape(compile_proto(OURS, tmp_path)), (
+        "run: python -m qhx_edge.issue.proto.generate"
+    )
 
 
 def _toolchain(files: dict[str, str]) -> tuple[str, ...]:
@@ -100,13 +102,13 @@ def _toolchain(files: dict[str, str]) -> tuple[str, ...]:
 
 
 def test_the_generated_files_are_reproducible() -> None:
-    from qhx_edge.proto import generate
+    from qhx_edge.issue.proto import generate
 
     committed = {name: (generate.HERE / name).read_text(encoding="utf-8") for name in generate.OUTPUTS}
     rendered = generate.render()
     if _toolchain(rendered) != _toolchain(committed):
         pytest.skip(f"another grpcio-tools than the one that generated the committed files: {_toolchain(committed)}")
-    assert rendered == committed, "run: python -m qhx_edge.proto.generate"
+    assert rendered == committed, "run: python -m qhx_edge.issue.proto.generate"
 
 
 def test_our_messages_live_in_a_private_pool() -> None:

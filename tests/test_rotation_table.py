@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from qhx_edge import documents, verify
-from qhx_edge.errors import Malformed, ThresholdNotMet
-from qhx_edge.suites import ED25519, MLDSA65
-from qhx_edge.verify import Mark
+from qhx_edge.core import documents, trust
+from qhx_edge.core.errors import Malformed, ThresholdNotMet
+from qhx_edge.core.suites import ED25519, MLDSA65
+from qhx_edge.core.trust import Mark
 from tests.repo_sim import (
     DAY,
     DOMAIN,
@@ -176,13 +176,13 @@ def test_root_rotation_walk(rings: dict[str, KeyRing], suite: str, name: str) ->
     rows = ROTATIONS[name]
     sim = RepoSim(rings[suite])
     raws = publish(sim, rows)
-    trusted = verify.verify_anchor(raws[0], NOW)  # v1 is the anchor: self-signed by its threshold
+    trusted = trust.verify_anchor(raws[0], NOW)  # v1 is the anchor: self-signed by its threshold
     assert trusted.payload.version == 1
 
     trusted_raw = raws[0]
     for raw, row in zip(raws[1:], rows[1:], strict=True):
         version = root_version(raw)
-        out = verify.verify_batch([raw], sim.state(trusted_raw), NOW)
+        out = trust.verify_batch([raw], sim.state(trusted_raw), NOW)
         (verdict,) = out.verdicts
         if row.result is None:
             assert verdict.status == "applied", (version, verdict.error)
@@ -209,7 +209,7 @@ def test_root_rotation_in_one_batch(rings: dict[str, KeyRing], suite: str, name:
     raws = publish(sim, rows)
     batch = raws[1:]
     random.Random(name).shuffle(batch)
-    out = verify.verify_batch(batch, sim.state(raws[0]), NOW)
+    out = trust.verify_batch(batch, sim.state(raws[0]), NOW)
 
     by_version = {v.doc.payload.version: v for v in out.verdicts if v.doc is not None}
     last = len(rows)
@@ -240,7 +240,7 @@ def test_role_listing_one_key_many_times_is_malformed(rings: dict[str, KeyRing])
     stuffed = with_root_role(sim.root(2), "root", [k0, k0, k0], 3)
     raw = sim.sign(stuffed, ["root-0", "root-0", "root-0"])
 
-    out = verify.verify_batch([raw], sim.state(v1), NOW)
+    out = trust.verify_batch([raw], sim.state(v1), NOW)
     (verdict,) = out.verdicts
     assert verdict.status == "rejected"
     assert verdict.error is not None
@@ -251,7 +251,7 @@ def test_role_listing_one_key_many_times_is_malformed(rings: dict[str, KeyRing])
     # Nor can such a root bootstrap trust.
     anchor = sim.sign(with_root_role(sim.root(1), "root", [k0, k0, k0], 3), ["root-0"] * 3)
     with pytest.raises(Malformed):
-        verify.verify_anchor(anchor, NOW)
+        trust.verify_anchor(anchor, NOW)
 
 
 def _stuffed_root(sim: RepoSim, keyids: list[str], threshold: int) -> documents.Root:
@@ -275,17 +275,17 @@ def test_one_key_never_reaches_threshold_three_however_presented(rings: dict[str
         root = _stuffed_root(sim, listed, 3)
         for what, raw in presentations.items():
             doc = documents.parse(raw)
-            ok, bad = verify.satisfied_keys(doc, root.role_keys("root"))
+            ok, bad = trust.satisfied_keys(doc, root.role_keys("root"))
             assert ok == {k0}, what
             assert bad == 0, what
             with pytest.raises(ThresholdNotMet):
-                verify.check_role(doc, root, "root")
+                trust.check_role(doc, root, "root")
 
     # Control: three distinct keys do reach it, so the check above can fail.
     three = documents.parse(sim.sign(sim.root(2), ["root-0", "root-1", "root-2"]))
     root = _stuffed_root(sim, [k0, k1, k2], 3)
-    assert verify.satisfied_keys(three, root.role_keys("root"))[0] == {k0, k1, k2}
-    verify.check_role(three, root, "root")
+    assert trust.satisfied_keys(three, root.role_keys("root"))[0] == {k0, k1, k2}
+    trust.check_role(three, root, "root")
 
 
 def test_duplicate_signatures_of_one_key_count_once_in_a_batch(rings: dict[str, KeyRing]) -> None:
@@ -295,10 +295,10 @@ def test_duplicate_signatures_of_one_key_count_once_in_a_batch(rings: dict[str, 
     v1 = sim.sign(sim.root(1), names([0, 1]))
     lone = sim.sign(sim.root(2), names([0]))
     for raw in (duplicate_signatures(lone, 5), one_key_many_ways(lone, sim.ring["root-0"])):
-        out = verify.verify_batch([raw], sim.state(v1), NOW)
+        out = trust.verify_batch([raw], sim.state(v1), NOW)
         assert out.verdicts[0].error is not None
         assert out.verdicts[0].error.kind == "threshold"
-    out = verify.verify_batch([duplicate_signatures(sim.sign(sim.root(2), names([0, 2])), 3)], sim.state(v1), NOW)
+    out = trust.verify_batch([duplicate_signatures(sim.sign(sim.root(2), names([0, 2])), 3)], sim.state(v1), NOW)
     assert out.verdicts[0].status == "applied"
 
 
@@ -310,17 +310,17 @@ def test_hybrid_rotation_needs_both_halves_of_each_key(rings: dict[str, KeyRing]
     rows = ROTATIONS["1-of-1 key rotation"]
     raws = publish(sim, rows)
     full = raws[1]  # v2 signed by root-2 then root-1, each with Ed25519 and ML-DSA-65
-    assert verify.verify_batch([full], sim.state(raws[0]), NOW).verdicts[0].status == "applied"
+    assert trust.verify_batch([full], sim.state(raws[0]), NOW).verdicts[0].status == "applied"
     for algs in ((ED25519,), (MLDSA65,)):
         half = keep_algorithms(full, algs)
-        out = verify.verify_batch([half], sim.state(raws[0]), NOW)
+        out = trust.verify_batch([half], sim.state(raws[0]), NOW)
         assert out.verdicts[0].error is not None
         assert out.verdicts[0].error.kind == "threshold"
     # The old key with both halves, the new key with only one: the new threshold fails.
     old_full_new_half = sim.sign(sim.root(2, roles={"root": names([2])}), names([1]))
     new_half = keep_algorithms(sim.sign(sim.root(2, roles={"root": names([2])}), names([2])), (ED25519,))
     mixed = rewrite_signatures(old_full_new_half, lambda sigs: sigs + cose_parts(new_half)[3])
-    out = verify.verify_batch([mixed], sim.state(raws[0]), NOW)
+    out = trust.verify_batch([mixed], sim.state(raws[0]), NOW)
     assert out.verdicts[0].error is not None
     assert out.verdicts[0].error.kind == "threshold"
 
@@ -341,7 +341,7 @@ def test_root_version_gap_is_rejected(rings: dict[str, KeyRing]) -> None:
     sim = RepoSim(rings["classical"])
     v1, v2, v3 = _three_versions(sim)
     # v3 carries valid signatures of v1's keys, but v2 is missing: no skipping ahead.
-    out = verify.verify_batch([v3], sim.state(v1), NOW)
+    out = trust.verify_batch([v3], sim.state(v1), NOW)
     assert out.verdicts[0].status == "rejected"
     assert out.verdicts[0].error is not None
     assert out.verdicts[0].error.kind == "threshold"
@@ -349,7 +349,7 @@ def test_root_version_gap_is_rejected(rings: dict[str, KeyRing]) -> None:
     assert not out.changed
     # With v2 supplied too, in either order, the chain walks through.
     for batch in ([v2, v3], [v3, v2]):
-        out = verify.verify_batch(batch, sim.state(v1), NOW)
+        out = trust.verify_batch(batch, sim.state(v1), NOW)
         assert {v.doc.payload.version: v.status for v in out.verdicts if v.doc} == {2: "history", 3: "applied"}
         assert out.marks[(DOMAIN, "root")] == Mark(3, documents.parse(v3).digest)
 
@@ -359,11 +359,11 @@ def test_root_expiry_is_checked_on_the_final_root_only(rings: dict[str, KeyRing]
     past = NOW - DAY
     # An expired intermediate root is fine when a valid one follows it.
     v1, v2_old, v3 = _three_versions(sim, expires={2: past})
-    out = verify.verify_batch([v3, v2_old], sim.state(v1), NOW)
+    out = trust.verify_batch([v3, v2_old], sim.state(v1), NOW)
     assert [v.status for v in out.verdicts] == ["applied", "history"]
     assert out.marks[(DOMAIN, "root")].version == 3
     # The same expired root as the final one is rejected.
-    out = verify.verify_batch([v2_old], sim.state(v1), NOW)
+    out = trust.verify_batch([v2_old], sim.state(v1), NOW)
     assert out.verdicts[0].error is not None
     assert out.verdicts[0].error.kind == "expired"
     assert not out.changed
@@ -372,7 +372,7 @@ def test_root_expiry_is_checked_on_the_final_root_only(rings: dict[str, KeyRing]
 def test_expired_final_root_falls_back_to_the_newest_valid_one(rings: dict[str, KeyRing]) -> None:
     sim = RepoSim(rings["classical"])
     v1, v2, v3_old = _three_versions(sim, expires={3: NOW})  # expires == now: expired
-    out = verify.verify_batch([v2, v3_old], sim.state(v1), NOW)
+    out = trust.verify_batch([v2, v3_old], sim.state(v1), NOW)
     assert out.verdicts[0].status == "applied"
     assert out.verdicts[1].status == "rejected"
     assert out.verdicts[1].error is not None
@@ -380,7 +380,7 @@ def test_expired_final_root_falls_back_to_the_newest_valid_one(rings: dict[str, 
     assert out.marks[(DOMAIN, "root")].version == 2
     # Both expired: nothing changes.
     _, v2_old, v3_old = _three_versions(sim, expires={2: NOW, 3: NOW})
-    out = verify.verify_batch([v2_old, v3_old], sim.state(v1), NOW)
+    out = trust.verify_batch([v2_old, v3_old], sim.state(v1), NOW)
     assert [v.error.kind for v in out.verdicts if v.error] == ["expired", "expired"]
     assert out.marks == {}
 
@@ -389,5 +389,5 @@ def test_an_expired_held_root_can_still_be_rotated_away(rings: dict[str, KeyRing
     sim = RepoSim(rings["classical"])
     v1 = sim.sign(sim.root(1, issued_at=NOW - 2 * DAY, expires=NOW - DAY))
     v2 = sim.sign(sim.root(2))
-    out = verify.verify_batch([v2], sim.state(v1), NOW)
+    out = trust.verify_batch([v2], sim.state(v1), NOW)
     assert out.verdicts[0].status == "applied"

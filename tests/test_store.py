@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qhx_edge.errors import StoreCorrupt
-from qhx_edge.store import MIGRATIONS, AuditEntry, Store
+from qhx_edge.core.errors import StoreCorrupt
+from qhx_edge.store.trust_store import MIGRATIONS, AuditEntry, Store
 from tests.conftest import Homes
 
 

@@ -1,4 +1,4 @@
-"""qhx_edge.tpm against real software TPMs (swtpm manufactured by swtpm_setup with private CAs).
+"""qhx_edge.attest.tpm against real software TPMs (swtpm manufactured by swtpm_setup with private CAs).
 
 Two TPMs run for the whole module: A (the node under test) and B, an
 independent TPM under a different manufacturer CA whose certificates carry the
@@ -20,9 +20,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from qhx_edge import tpm
-from qhx_edge.errors import AttestationFailed, NoTpm
-from qhx_edge.tpm import AkInfo, Quote, TpmClient
+from qhx_edge.attest import tpm
+from qhx_edge.attest.tpm import AkInfo, Quote, TpmClient
+from qhx_edge.core.errors import AttestationFailed, NoTpm
 from tests.swtpm import SwTpm, running_swtpm, swtpm_a, swtpm_b
 
 __all__ = ["swtpm_a", "swtpm_b"]  # module-scoped fixtures, re-exported for pytest
@@ -289,7 +289,7 @@ def test_leftover_objects_of_a_dead_client_are_reclaimed(swtpm_a: SwTpm, node: T
     reclaimed, while those of open clients (node) are spared."""
     from tpm2_pytss import ESAPI, ESYS_TR
 
-    from qhx_edge.tpm import _ak_template
+    from qhx_edge.attest.tpm import _ak_template
 
     esys = ESAPI(swtpm_a.tcti)
     try:

@@ -1,4 +1,4 @@
-"""Every rule of the trust core (qhx_edge/verify.py), one at a time, by error kind.
+"""Every rule of the trust core (qhx_edge/trust.py), one at a time, by error kind.
 
 Each test builds signed documents with the in-memory simulator, hands
 ``verify_batch`` a node's trust state and a fixed ``now``, and checks the
@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qhx_edge import cbor, documents, errors, verify
-from qhx_edge.documents import ROLES, RoleKeys, Root
-from qhx_edge.errors import ClockRollback, Malformed, Oversize, Rejected
-from qhx_edge.suites import ED25519, MLDSA65, PrivateKey
-from qhx_edge.verify import Limits, Mark, Outcome, TrustState
+from qhx_edge.core import cbor, documents, errors, trust
+from qhx_edge.core.documents import ROLES, RoleKeys, Root
+from qhx_edge.core.errors import ClockRollback, Malformed, Oversize, Rejected
+from qhx_edge.core.suites import ED25519, MLDSA65, PrivateKey
+from qhx_edge.core.trust import Limits, Mark, Outcome, TrustState
 from tests.repo_sim import (
     DAY,
     DOMAIN,
@@ -39,7 +39,7 @@ from tests.repo_sim import (
     trust_state,
 )
 
-TOL = verify.DEFAULT_CLOCK_TOLERANCE
+TOL = trust.DEFAULT_CLOCK_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -89,43 +89,43 @@ def test_rollback_lower_version_is_rejected(sim: RepoSim, v1: dict[str, bytes]) 
     b2, b3 = sim.sign(sim.bundle(2)), sim.sign(sim.bundle(3))
     f3 = sim.sign(sim.freshness(3, bundle=3))
     state = held(sim, {**v1, "bundle": b3, "freshness": f3})  # v2 never held: not in history
-    out = verify.verify_batch([b2], state, NOW)
+    out = trust.verify_batch([b2], state, NOW)
     assert statuses(out) == ["rejected:rollback"]
     assert not out.changed
     # Freshness too.
     f2 = sim.sign(sim.freshness(2, bundle=3))
-    assert statuses(verify.verify_batch([f2], state, NOW)) == ["rejected:rollback"]
+    assert statuses(trust.verify_batch([f2], state, NOW)) == ["rejected:rollback"]
 
 
 def test_root_rollback_and_already_held(sim: RepoSim, v1: dict[str, bytes]) -> None:
     r2 = sim.sign(sim.root(2))
     other_v1 = sim.sign(sim.root(1), ["root-0", "root-0"])  # same payload, other bytes
     state = sim.state(r2)  # held v2, v1 not in history
-    assert statuses(verify.verify_batch([v1["root"]], state, NOW)) == ["rejected:rollback"]
+    assert statuses(trust.verify_batch([v1["root"]], state, NOW)) == ["rejected:rollback"]
     state = sim.state(r2, history=[v1["root"]])
-    assert statuses(verify.verify_batch([v1["root"]], state, NOW)) == ["already-held"]
-    assert statuses(verify.verify_batch([other_v1], state, NOW)) == ["rejected:rollback"]
-    assert statuses(verify.verify_batch([r2], state, NOW)) == ["already-held"]
+    assert statuses(trust.verify_batch([v1["root"]], state, NOW)) == ["already-held"]
+    assert statuses(trust.verify_batch([other_v1], state, NOW)) == ["rejected:rollback"]
+    assert statuses(trust.verify_batch([r2], state, NOW)) == ["already-held"]
     other_v2 = sim.sign(sim.root(2), ["root-0", "root-0"])
-    assert statuses(verify.verify_batch([other_v2], state, NOW)) == ["rejected:equal-version-conflict"]
+    assert statuses(trust.verify_batch([other_v2], state, NOW)) == ["rejected:equal-version-conflict"]
 
 
 @pytest.mark.parametrize("type_", ["bundle", "policy", "freshness"])
 def test_equal_version_with_other_bytes_is_a_conflict(sim: RepoSim, v1: dict[str, bytes], type_: str) -> None:
     same_payload_other_sigs = duplicate_signatures(v1[type_], 2)
-    out = verify.verify_batch([same_payload_other_sigs], held(sim, v1), NOW)
+    out = trust.verify_batch([same_payload_other_sigs], held(sim, v1), NOW)
     assert statuses(out) == ["rejected:equal-version-conflict"]
     other_payload = {
         "bundle": lambda: sim.sign(sim.bundle(1, tag="other")),
         "policy": lambda: sim.sign(sim.policy(1, tag="other")),
         "freshness": lambda: sim.sign(sim.freshness(1, issued_at=NOW - 30)),
     }[type_]()
-    out = verify.verify_batch([other_payload], held(sim, v1), NOW)
+    out = trust.verify_batch([other_payload], held(sim, v1), NOW)
     assert statuses(out) == ["rejected:equal-version-conflict"]
 
 
 def test_same_bytes_again_are_already_held(sim: RepoSim, v1: dict[str, bytes]) -> None:
-    out = verify.verify_batch(list(v1.values()), held(sim, v1), NOW)
+    out = trust.verify_batch(list(v1.values()), held(sim, v1), NOW)
     assert statuses(out) == ["already-held"] * 4
     assert not out.changed
     assert out.marks == {}
@@ -134,7 +134,7 @@ def test_same_bytes_again_are_already_held(sim: RepoSim, v1: dict[str, bytes]) -
     b2 = sim.sign(sim.bundle(2))
     f2 = sim.sign(sim.freshness(2, bundle=2))
     state = held(sim, {**v1, "bundle": b2, "freshness": f2}, history=[v1["bundle"], v1["freshness"]])
-    out = verify.verify_batch([v1["bundle"], v1["freshness"]], state, NOW)
+    out = trust.verify_batch([v1["bundle"], v1["freshness"]], state, NOW)
     assert statuses(out) == ["rejected:rollback", "rejected:rollback"]
     # ... while an older held root is a link of the rotation chain (test_root_rollback_and_already_held).
 
@@ -144,10 +144,10 @@ def test_one_version_twice_in_one_batch(sim: RepoSim, v1: dict[str, bytes]) -> N
     b2, b2_other = sim.sign(sim.bundle(2)), sim.sign(sim.bundle(2, tag="other"))
     f2 = sim.sign(sim.freshness(2, bundle=2))
     state = held(sim, v1)
-    out = verify.verify_batch([b2, f2, b2, f2], state, NOW)
+    out = trust.verify_batch([b2, f2, b2, f2], state, NOW)
     assert statuses(out) == ["applied", "applied", "duplicate", "duplicate"]
     assert [d.payload.type for d in out.accepted] == ["bundle", "freshness"]  # stored once each
-    out = verify.verify_batch([b2, b2_other, f2], state, NOW)
+    out = trust.verify_batch([b2, b2_other, f2], state, NOW)
     assert statuses(out) == [
         "rejected:equal-version-conflict",
         "rejected:equal-version-conflict",
@@ -155,17 +155,17 @@ def test_one_version_twice_in_one_batch(sim: RepoSim, v1: dict[str, bytes]) -> N
     ]
     assert out.marks == {}
     f2_other = sim.sign(sim.freshness(2, bundle=1))
-    out = verify.verify_batch([f2_other, f2], state, NOW)
+    out = trust.verify_batch([f2_other, f2], state, NOW)
     assert statuses(out) == ["rejected:equal-version-conflict"] * 2
     # A forged copy is refused for its own fault and cannot get the genuine one refused:
     # duplicates are resolved among validly signed documents only.
-    out = verify.verify_batch([flip_signature_byte(b2), b2, f2], state, NOW)
+    out = trust.verify_batch([flip_signature_byte(b2), b2, f2], state, NOW)
     assert statuses(out) == ["rejected:bad-signature", "applied", "applied"]
     assert [d.payload.type for d in out.accepted] == ["bundle", "freshness"]
     # Roots are deduplicated before the chain walk (a chain link's validity depends on
     # the previous link), so there a differing copy still conflicts.
     r2 = sim.sign(sim.root(2))
-    out = verify.verify_batch([r2, duplicate_signatures(r2, 2), r2], state, NOW)
+    out = trust.verify_batch([r2, duplicate_signatures(r2, 2), r2], state, NOW)
     assert statuses(out) == ["rejected:equal-version-conflict"] * 3
 
 
@@ -175,36 +175,36 @@ def test_one_version_twice_in_one_batch(sim: RepoSim, v1: dict[str, bytes]) -> N
 def test_expired_documents(sim: RepoSim, v1: dict[str, bytes]) -> None:
     state = held(sim, v1)
     f2 = sim.sign(sim.freshness(2, issued_at=NOW - DAY, expires=NOW - 1))
-    assert statuses(verify.verify_batch([f2], state, NOW)) == ["rejected:expired"]
+    assert statuses(trust.verify_batch([f2], state, NOW)) == ["rejected:expired"]
     r2 = sim.sign(sim.root(2, issued_at=NOW - DAY, expires=NOW - 1))
-    assert statuses(verify.verify_batch([r2], state, NOW)) == ["rejected:expired"]
+    assert statuses(trust.verify_batch([r2], state, NOW)) == ["rejected:expired"]
     # A bundle the held epoch already names (its mark was reset by a pki rotation), now expired.
     f_names_b2 = sim.sign(sim.freshness(2, bundle=2))
     state = held(sim, {**v1, "freshness": f_names_b2})
     b2_old = sim.sign(sim.bundle(2, issued_at=NOW - DAY, expires=NOW - 1))
-    assert statuses(verify.verify_batch([b2_old], state, NOW)) == ["rejected:expired"]
+    assert statuses(trust.verify_batch([b2_old], state, NOW)) == ["rejected:expired"]
     b2 = sim.sign(sim.bundle(2))
-    assert statuses(verify.verify_batch([b2], state, NOW)) == ["applied"]
+    assert statuses(trust.verify_batch([b2], state, NOW)) == ["applied"]
 
 
 def test_expiry_boundary(sim: RepoSim, v1: dict[str, bytes]) -> None:
     state = held(sim, v1)
     at_now = sim.sign(sim.freshness(2, issued_at=NOW - 10, expires=NOW))
-    assert statuses(verify.verify_batch([at_now], state, NOW)) == ["rejected:expired"]
+    assert statuses(trust.verify_batch([at_now], state, NOW)) == ["rejected:expired"]
     one_more = sim.sign(sim.freshness(2, issued_at=NOW - 10, expires=NOW + 1))
-    assert statuses(verify.verify_batch([one_more], state, NOW)) == ["applied"]
+    assert statuses(trust.verify_batch([one_more], state, NOW)) == ["applied"]
 
 
 def test_bundle_expiry_boundary(sim: RepoSim, v1: dict[str, bytes]) -> None:
     state = held(sim, {**v1, "freshness": sim.sign(sim.freshness(2, bundle=2))})
     at_now = sim.sign(sim.bundle(2, issued_at=NOW - 10, expires=NOW))
-    assert statuses(verify.verify_batch([at_now], state, NOW)) == ["rejected:expired"]
+    assert statuses(trust.verify_batch([at_now], state, NOW)) == ["rejected:expired"]
     one_more = sim.sign(sim.bundle(2, issued_at=NOW - 10, expires=NOW + 1))
-    assert statuses(verify.verify_batch([one_more], state, NOW)) == ["applied"]
+    assert statuses(trust.verify_batch([one_more], state, NOW)) == ["applied"]
 
 
 def test_verify_anchor(sim: RepoSim, v1: dict[str, bytes]) -> None:
-    assert verify.verify_anchor(v1["root"], NOW).payload.version == 1
+    assert trust.verify_anchor(v1["root"], NOW).payload.version == 1
     cases = {
         "expired": sim.sign(sim.root(1, issued_at=NOW - DAY, expires=NOW)),
         "not-yet-valid": sim.sign(sim.root(1, issued_at=NOW + TOL + 1)),
@@ -215,16 +215,16 @@ def test_verify_anchor(sim: RepoSim, v1: dict[str, bytes]) -> None:
     }
     for expected, raw in cases.items():
         with pytest.raises(Rejected) as exc:
-            verify.verify_anchor(raw, NOW)
+            trust.verify_anchor(raw, NOW)
         assert exc.value.kind == expected
-    assert verify.verify_anchor(sim.sign(sim.root(1, issued_at=NOW - DAY, expires=NOW + 1)), NOW)
-    assert verify.verify_anchor(sim.sign(sim.root(1, issued_at=NOW + TOL)), NOW)
+    assert trust.verify_anchor(sim.sign(sim.root(1, issued_at=NOW - DAY, expires=NOW + 1)), NOW)
+    assert trust.verify_anchor(sim.sign(sim.root(1, issued_at=NOW + TOL)), NOW)
 
 
 def test_a_new_freshness_naming_an_expired_bundle_is_refused(sim: RepoSim, v1: dict[str, bytes]) -> None:
     b2_old = sim.sign(sim.bundle(2, issued_at=NOW - DAY, expires=NOW - 1))
     f2 = sim.sign(sim.freshness(2, bundle=2))
-    out = verify.verify_batch([b2_old, f2], held(sim, v1), NOW)
+    out = trust.verify_batch([b2_old, f2], held(sim, v1), NOW)
     # The freshness names a bundle the node cannot use, so neither becomes current.
     assert [v.status for v in out.verdicts] == ["rejected", "rejected"]
     assert kind(out, 1) == "mix-and-match"
@@ -244,9 +244,9 @@ def test_not_yet_valid_and_tolerance_boundary(
     r2 = sim.sign(sim.root(2, issued_at=NOW + ahead))
     b2 = sim.sign(sim.bundle(2, issued_at=NOW + ahead))
     f3 = sim.sign(sim.freshness(3, root=2, bundle=2))
-    out = verify.verify_batch([f2], state, NOW, limits)
+    out = trust.verify_batch([f2], state, NOW, limits)
     assert statuses(out) == (["applied"] if ok else ["rejected:not-yet-valid"])
-    out = verify.verify_batch([r2, b2, f3], state, NOW, limits)
+    out = trust.verify_batch([r2, b2, f3], state, NOW, limits)
     if ok:
         assert statuses(out) == ["applied", "applied", "applied"]
         assert out.clock_high_water == NOW + ahead
@@ -277,7 +277,7 @@ def test_wrong_role(sim: RepoSim, v1: dict[str, bytes], type_: str, signers: lis
     }[type_]
     raw = sim.sign(payload, signers)
     extra = [sim.sign(sim.freshness(2, **{type_: 2}))] if type_ in ("bundle", "policy") else []
-    out = verify.verify_batch([raw, *extra], held(sim, v1), NOW)
+    out = trust.verify_batch([raw, *extra], held(sim, v1), NOW)
     assert kind(out) == "wrong-role"
     assert out.verdicts[0].status == "rejected"
     assert (DOMAIN, type_) not in out.marks
@@ -286,25 +286,25 @@ def test_wrong_role(sim: RepoSim, v1: dict[str, bytes], type_: str, signers: lis
 def test_wrong_role_is_reported_before_bad_signatures(sim: RepoSim, v1: dict[str, bytes]) -> None:
     # Signed by the policy key and by a broken pki signature: the diagnosis is type confusion.
     raw = flip_signature_byte(sim.sign(sim.bundle(2), ["pki-0", "policy-0"]), 0)
-    assert kind(verify.verify_batch([raw], held(sim, v1), NOW)) == "wrong-role"
+    assert kind(trust.verify_batch([raw], held(sim, v1), NOW)) == "wrong-role"
 
 
 def test_signatures_of_other_roles_beside_a_threshold_are_ignored(sim: RepoSim, v1: dict[str, bytes]) -> None:
     b2 = sim.sign(sim.bundle(2), ["pki-0", "policy-0", "root-0"])
     f2 = sim.sign(sim.freshness(2, bundle=2))
-    assert statuses(verify.verify_batch([b2, f2], held(sim, v1), NOW)) == ["applied", "applied"]
+    assert statuses(trust.verify_batch([b2, f2], held(sim, v1), NOW)) == ["applied", "applied"]
 
 
 def test_bad_signature(sim: RepoSim, v1: dict[str, bytes]) -> None:
     f2 = sim.sign(sim.freshness(2))
     for position in (0, 31, 63):
-        out = verify.verify_batch([flip_signature_byte(f2, 0, position)], held(sim, v1), NOW)
+        out = trust.verify_batch([flip_signature_byte(f2, 0, position)], held(sim, v1), NOW)
         assert statuses(out) == ["rejected:bad-signature"]
     # A broken signature beside a threshold of good ones is ignored (as TUF does).
     sim.roles["freshness"] = ["freshness-0", "freshness-1"]
     r2 = sim.sign(sim.root(2))
     f3 = sim.sign(sim.freshness(3, root=2), ["freshness-1", "freshness-0"])
-    out = verify.verify_batch([r2, flip_signature_byte(f3, 0)], held(sim, v1), NOW)
+    out = trust.verify_batch([r2, flip_signature_byte(f3, 0)], held(sim, v1), NOW)
     assert statuses(out) == ["applied", "applied"]
 
 
@@ -321,7 +321,7 @@ def test_threshold(sim: RepoSim, v1: dict[str, bytes]) -> None:
         ("pki-0", "pki-2"): "applied",
     }
     for signers, expected in cases.items():
-        out = verify.verify_batch([r2, sim.sign(sim.bundle(2), signers), f2], state, NOW)
+        out = trust.verify_batch([r2, sim.sign(sim.bundle(2), signers), f2], state, NOW)
         assert statuses(out)[1] == expected, signers
 
 
@@ -331,27 +331,27 @@ def test_hybrid_needs_both_ed25519_and_mldsa65(hybrid_ring: KeyRing) -> None:
     state = held(sim, v1)
     b2 = sim.sign(sim.bundle(2))
     f2 = sim.sign(sim.freshness(2, bundle=2))
-    assert statuses(verify.verify_batch([b2, f2], state, NOW)) == ["applied", "applied"]
+    assert statuses(trust.verify_batch([b2, f2], state, NOW)) == ["applied", "applied"]
 
     root = documents.parse(v1["root"]).payload
     assert isinstance(root, Root)
     pki = root.role_keys("pki")
     for algs in ((ED25519,), (MLDSA65,)):
         half = keep_algorithms(b2, algs)
-        assert verify.satisfied_keys(documents.parse(half), pki) == (set(), 0)
-        assert statuses(verify.verify_batch([half, f2], state, NOW))[0] == "rejected:threshold"
+        assert trust.satisfied_keys(documents.parse(half), pki) == (set(), 0)
+        assert statuses(trust.verify_batch([half, f2], state, NOW))[0] == "rejected:threshold"
     # Each half twice is still only one half.
     twice = duplicate_signatures(keep_algorithms(b2, (ED25519,)), 2)
-    assert statuses(verify.verify_batch([twice, f2], state, NOW))[0] == "rejected:threshold"
+    assert statuses(trust.verify_batch([twice, f2], state, NOW))[0] == "rejected:threshold"
     # A valid Ed25519 half with a broken ML-DSA-65 half.
     broken = flip_signature_byte(b2, 1, 100)
-    assert statuses(verify.verify_batch([broken, f2], state, NOW))[0] == "rejected:bad-signature"
+    assert statuses(trust.verify_batch([broken, f2], state, NOW))[0] == "rejected:bad-signature"
     # The legacy EdDSA id (-8) is accepted on input for the Ed25519 half.
     key = sim.ring["pki-0"]
     legacy = rewrite_signatures(
         b2, lambda sigs: [signature_by(b2, key, ED25519, {1: -8}), *keep_algorithm_sigs(sigs, MLDSA65)]
     )
-    assert statuses(verify.verify_batch([legacy, f2], state, NOW)) == ["applied", "applied"]
+    assert statuses(trust.verify_batch([legacy, f2], state, NOW)) == ["applied", "applied"]
     # Ed25519 from one pki key and ML-DSA-65 from another do not make one signer.
     sim.roles["pki"] = ["pki-0", "pki-1"]
     r2 = sim.sign(sim.root(2))
@@ -360,7 +360,7 @@ def test_hybrid_needs_both_ed25519_and_mldsa65(hybrid_ring: KeyRing) -> None:
         keep_algorithms(sim.sign(sim.bundle(2), ["pki-0"]), (ED25519,)),
         lambda sigs: sigs + cose_parts(keep_algorithms(sim.sign(sim.bundle(2), ["pki-1"]), (MLDSA65,)))[3],
     )
-    assert statuses(verify.verify_batch([r2, mixed, f3], state, NOW))[1] == "rejected:threshold"
+    assert statuses(trust.verify_batch([r2, mixed, f3], state, NOW))[1] == "rejected:threshold"
 
 
 def keep_algorithm_sigs(sigs: list[list[Any]], alg: int) -> list[list[Any]]:
@@ -372,39 +372,39 @@ def keep_algorithm_sigs(sigs: list[list[Any]], alg: int) -> list[list[Any]]:
 
 def test_bundle_not_named_by_the_held_freshness(sim: RepoSim, v1: dict[str, bytes]) -> None:
     b2 = sim.sign(sim.bundle(2))
-    out = verify.verify_batch([b2], held(sim, v1), NOW)
+    out = trust.verify_batch([b2], held(sim, v1), NOW)
     assert statuses(out) == ["rejected:mix-and-match"]
     # With no freshness held at all.
-    out = verify.verify_batch([b2], held(sim, {**v1, "freshness": None}), NOW)
+    out = trust.verify_batch([b2], held(sim, {**v1, "freshness": None}), NOW)
     assert statuses(out) == ["rejected:mix-and-match"]
     # Control: the freshness naming it lets it in.
     f2 = sim.sign(sim.freshness(2, bundle=2))
-    assert statuses(verify.verify_batch([b2, f2], held(sim, v1), NOW)) == ["applied", "applied"]
+    assert statuses(trust.verify_batch([b2, f2], held(sim, v1), NOW)) == ["applied", "applied"]
 
 
 def test_freshness_naming_a_version_neither_held_nor_supplied(sim: RepoSim, v1: dict[str, bytes]) -> None:
     b2 = sim.sign(sim.bundle(2))
     for bad in (sim.freshness(2, bundle=3), sim.freshness(2, policy=2)):
         f = sim.sign(bad)
-        assert statuses(verify.verify_batch([f], held(sim, v1), NOW)) == ["rejected:mix-and-match"]
-        out = verify.verify_batch([b2, f], held(sim, v1), NOW)
+        assert statuses(trust.verify_batch([f], held(sim, v1), NOW)) == ["rejected:mix-and-match"]
+        out = trust.verify_batch([b2, f], held(sim, v1), NOW)
         assert kind(out, 1) == "mix-and-match"
         assert out.marks == {}
     # Naming an older bundle than the one held is no better.
     f3 = sim.sign(sim.freshness(3, bundle=2))
     state = held(sim, {**v1, "bundle": b2, "freshness": f3}, history=[v1["bundle"]])
     f4 = sim.sign(sim.freshness(4, bundle=1))
-    assert statuses(verify.verify_batch([f4], state, NOW)) == ["rejected:mix-and-match"]
+    assert statuses(trust.verify_batch([f4], state, NOW)) == ["rejected:mix-and-match"]
 
 
 def test_freshness_naming_another_root_version(sim: RepoSim, v1: dict[str, bytes]) -> None:
     ahead = sim.sign(sim.freshness(2, root=2))
-    assert statuses(verify.verify_batch([ahead], held(sim, v1), NOW)) == ["rejected:mix-and-match"]
+    assert statuses(trust.verify_batch([ahead], held(sim, v1), NOW)) == ["rejected:mix-and-match"]
     # A root rotation in the same batch: the freshness must name the new root.
     r2 = sim.sign(sim.root(2))
     behind = sim.sign(sim.freshness(2, root=1))
-    assert statuses(verify.verify_batch([r2, behind], held(sim, v1), NOW)) == ["applied", "rejected:mix-and-match"]
-    assert statuses(verify.verify_batch([r2, ahead], held(sim, v1), NOW)) == ["applied", "applied"]
+    assert statuses(trust.verify_batch([r2, behind], held(sim, v1), NOW)) == ["applied", "rejected:mix-and-match"]
+    assert statuses(trust.verify_batch([r2, ahead], held(sim, v1), NOW)) == ["applied", "applied"]
 
 
 def test_history_versions_in_one_batch(sim: RepoSim, v1: dict[str, bytes]) -> None:
@@ -414,7 +414,7 @@ def test_history_versions_in_one_batch(sim: RepoSim, v1: dict[str, bytes]) -> No
     for seed in range(4):
         order = batch[:]
         random.Random(seed).shuffle(order)
-        out = verify.verify_batch(order, held(sim, v1), NOW)
+        out = trust.verify_batch(order, held(sim, v1), NOW)
         got = {(v.doc.type, v.doc.payload.version): v.status for v in out.verdicts if v.doc}
         assert got == {
             ("bundle", 2): "history",
@@ -429,7 +429,7 @@ def test_history_versions_in_one_batch(sim: RepoSim, v1: dict[str, bytes]) -> No
         }
         assert len(out.accepted) == 5
     # A version beyond the one named is not taken.
-    out = verify.verify_batch([*batch, bundles[6]], held(sim, v1), NOW)
+    out = trust.verify_batch([*batch, bundles[6]], held(sim, v1), NOW)
     assert statuses(out)[-1] == "rejected:mix-and-match"
     assert out.marks[(DOMAIN, "bundle")].version == 5
 
@@ -439,7 +439,7 @@ def test_older_freshness_in_the_batch_is_history(sim: RepoSim, v1: dict[str, byt
     f2 = sim.sign(sim.freshness(2, bundle=1))
     f3 = sim.sign(sim.freshness(3, bundle=2))
     f4_bad = sim.sign(sim.freshness(4, bundle=9))
-    out = verify.verify_batch([f4_bad, f3, b2, f2], held(sim, v1), NOW)
+    out = trust.verify_batch([f4_bad, f3, b2, f2], held(sim, v1), NOW)
     assert statuses(out) == ["rejected:mix-and-match", "applied", "applied", "history"]
     assert out.marks[(DOMAIN, "freshness")] == Mark(3, digest(f3))
 
@@ -449,14 +449,14 @@ def test_older_freshness_in_the_batch_is_history(sim: RepoSim, v1: dict[str, byt
 
 def test_check_clock_boundary() -> None:
     high = NOW + 1000
-    verify.check_clock(high - TOL, high)  # exactly at the tolerance: fine
-    verify.check_clock(high + DAY, high)  # ahead: fine
+    trust.check_clock(high - TOL, high)  # exactly at the tolerance: fine
+    trust.check_clock(high + DAY, high)  # ahead: fine
     with pytest.raises(ClockRollback) as exc:
-        verify.check_clock(high - TOL - 1, high)
+        trust.check_clock(high - TOL - 1, high)
     assert exc.value.kind == "clock-rollback"
-    verify.check_clock(high - 10, high, tolerance=10)
+    trust.check_clock(high - 10, high, tolerance=10)
     with pytest.raises(ClockRollback):
-        verify.check_clock(high - 11, high, tolerance=10)
+        trust.check_clock(high - 11, high, tolerance=10)
 
 
 def test_verify_batch_refuses_a_clock_behind_trusted_time(sim: RepoSim, v1: dict[str, bytes]) -> None:
@@ -464,12 +464,12 @@ def test_verify_batch_refuses_a_clock_behind_trusted_time(sim: RepoSim, v1: dict
     behind = held(sim, v1, clock_high_water=NOW + TOL + 1)
     for batch in ([], [f2], list(v1.values())):
         with pytest.raises(ClockRollback) as exc:
-            verify.verify_batch(batch, behind, NOW)
+            trust.verify_batch(batch, behind, NOW)
         assert exc.value.kind == "clock-rollback"
     with pytest.raises(ClockRollback):
-        verify.verify_batch([f2], held(sim, v1, clock_high_water=NOW + 11), NOW, Limits(clock_tolerance=10))
+        trust.verify_batch([f2], held(sim, v1, clock_high_water=NOW + 11), NOW, Limits(clock_tolerance=10))
     within = held(sim, v1, clock_high_water=NOW + TOL)
-    out = verify.verify_batch([f2], within, NOW)
+    out = trust.verify_batch([f2], within, NOW)
     assert statuses(out) == ["applied"]
     assert out.clock_high_water == NOW + TOL  # never moves back
 
@@ -479,14 +479,14 @@ def test_clock_high_water_is_the_latest_issued_at_accepted(sim: RepoSim, v1: dic
     b3 = sim.sign(sim.bundle(3, issued_at=NOW - 500))
     f2 = sim.sign(sim.freshness(2, bundle=3, issued_at=NOW + 100))
     rejected = sim.sign(sim.policy(2, issued_at=NOW + 299), ["pki-0"])  # wrong role
-    out = verify.verify_batch([b2, b3, f2, rejected], held(sim, v1, clock_high_water=NOW - DAY), NOW)
+    out = trust.verify_batch([b2, b3, f2, rejected], held(sim, v1, clock_high_water=NOW - DAY), NOW)
     assert statuses(out) == ["history", "applied", "applied", "rejected:wrong-role"]
     assert out.clock_high_water == NOW + 250
     # Nothing accepted: the mark stays where it was.
-    out = verify.verify_batch([rejected], held(sim, v1, clock_high_water=NOW - DAY), NOW)
+    out = trust.verify_batch([rejected], held(sim, v1, clock_high_water=NOW - DAY), NOW)
     assert out.clock_high_water == NOW - DAY
     # A mark beyond every accepted document stays too.
-    out = verify.verify_batch([b2, b3, f2], held(sim, v1, clock_high_water=NOW + TOL), NOW)
+    out = trust.verify_batch([b2, b3, f2], held(sim, v1, clock_high_water=NOW + TOL), NOW)
     assert out.clock_high_water == NOW + TOL
 
 
@@ -497,33 +497,33 @@ def test_unknown_domain(sim: RepoSim, v1: dict[str, bytes]) -> None:
     beta = RepoSim(KeyRing("classical"), domain="beta.example")
     foreign = beta.sign(beta.freshness(2))
     f2 = sim.sign(sim.freshness(2))
-    out = verify.verify_batch([foreign, f2], held(sim, v1), NOW)
+    out = trust.verify_batch([foreign, f2], held(sim, v1), NOW)
     assert statuses(out) == ["rejected:unknown-domain", "applied"]
     assert out.verdicts[0].doc is not None
     assert out.marks == {(DOMAIN, "freshness"): Mark(2, digest(f2))}
     # Once trusted, the same document is fine: each domain is judged by its own root.
     b1 = beta.initial()
     both = trust_state(held(sim, v1).domains[DOMAIN], beta.view(b1["root"], bundle=b1["bundle"], policy=b1["policy"]))
-    out = verify.verify_batch([foreign, f2], both, NOW)
+    out = trust.verify_batch([foreign, f2], both, NOW)
     assert statuses(out) == ["applied", "applied"]
     assert set(out.marks) == {(DOMAIN, "freshness"), ("beta.example", "freshness")}
     # A beta document signed with alpha's freshness key is not beta's.
     impostor = sim.sign(beta.freshness(2), ["freshness-0"])
-    assert statuses(verify.verify_batch([impostor], both, NOW)) == ["rejected:threshold"]
+    assert statuses(trust.verify_batch([impostor], both, NOW)) == ["rejected:threshold"]
 
 
 def test_batch_size_cap(sim: RepoSim, v1: dict[str, bytes]) -> None:
     f2 = sim.sign(sim.freshness(2))
     with pytest.raises(Oversize) as exc:
-        verify.verify_batch([f2, f2, f2], held(sim, v1), NOW, Limits(max_batch=2))
+        trust.verify_batch([f2, f2, f2], held(sim, v1), NOW, Limits(max_batch=2))
     assert exc.value.kind == "oversize"
-    out = verify.verify_batch([f2, f2], held(sim, v1), NOW, Limits(max_batch=2))
+    out = trust.verify_batch([f2, f2], held(sim, v1), NOW, Limits(max_batch=2))
     assert statuses(out) == ["applied", "duplicate"]
 
 
 def test_malformed_documents_are_rejected_one_by_one(sim: RepoSim, v1: dict[str, bytes]) -> None:
     f2 = sim.sign(sim.freshness(2))
-    out = verify.verify_batch([b"\xa0", f2, b"not cbor at all"], held(sim, v1), NOW)
+    out = trust.verify_batch([b"\xa0", f2, b"not cbor at all"], held(sim, v1), NOW)
     assert [v.status for v in out.verdicts] == ["rejected", "applied", "rejected"]
     assert out.verdicts[0].doc is None
     assert kind(out, 0) == "malformed"
@@ -538,26 +538,26 @@ def test_freshness_key_rotation_resets_its_mark(sim: RepoSim, v1: dict[str, byte
     state = held(sim, {**v1, "freshness": f9}, history=[v1["freshness"]])
     # Without a rotation, a lower freshness version is a rollback.
     low = sim.sign(sim.freshness(2))
-    assert statuses(verify.verify_batch([low], state, NOW)) == ["rejected:rollback"]
+    assert statuses(trust.verify_batch([low], state, NOW)) == ["rejected:rollback"]
 
     sim.roles["freshness"] = ["freshness-1"]  # the online key was compromised and replaced
     r2 = sim.sign(sim.root(2))
-    out = verify.verify_batch([r2], state, NOW)
+    out = trust.verify_batch([r2], state, NOW)
     assert statuses(out) == ["applied"]
     assert out.resets == {(DOMAIN, "freshness")}  # pki, policy keys unchanged: their marks stand
 
     # The node applies the reset (the store drops the freshness mark and history) ...
     after = held(sim, {**v1, "root": r2, "freshness": None})
     f1_new = sim.sign(sim.freshness(1, root=2))
-    out = verify.verify_batch([f1_new], after, NOW)
+    out = trust.verify_batch([f1_new], after, NOW)
     assert statuses(out) == ["applied"]
     assert out.marks == {(DOMAIN, "freshness"): Mark(1, digest(f1_new))}
     # ... and the old key no longer counts.
     f10_old = sim.sign(sim.freshness(10, root=2), ["freshness-0"])
-    assert statuses(verify.verify_batch([f10_old], after, NOW)) == ["rejected:threshold"]
+    assert statuses(trust.verify_batch([f10_old], after, NOW)) == ["rejected:threshold"]
 
     # In one batch, rotation and the lower new freshness together.
-    out = verify.verify_batch([f1_new, r2], state, NOW)
+    out = trust.verify_batch([f1_new, r2], state, NOW)
     assert statuses(out) == ["applied", "applied"]
     assert out.resets == {(DOMAIN, "freshness")}
     assert out.marks[(DOMAIN, "freshness")] == Mark(1, digest(f1_new))
@@ -582,7 +582,7 @@ def test_role_changes_reset_the_types_of_the_role(sim: RepoSim) -> None:
     for roles, thresholds, resets in cases:
         payload = sim.root(2, roles=roles, thresholds=thresholds)
         r2 = sim.sign(payload, ["root-0", *roles.get("root", [])])
-        out = verify.verify_batch([r2], state, NOW)
+        out = trust.verify_batch([r2], state, NOW)
         assert statuses(out) == ["applied"], roles
         assert out.resets == resets, (roles, thresholds)
 
@@ -691,7 +691,7 @@ def test_any_subset_in_any_order_is_judged_by_the_rules(data: st.DataObject) -> 
     picks = data.draw(st.lists(st.integers(0, len(p.docs) - 1), max_size=14))
     batch = [p.docs[i].raw for i in picks]
     try:
-        out = verify.verify_batch(batch, p.state, NOW)
+        out = trust.verify_batch(batch, p.state, NOW)
     except Rejected as exc:  # pragma: no cover - nothing here is oversize or behind the clock
         pytest.fail(f"batch-level rejection {exc.kind}: {exc}")
 
@@ -761,16 +761,16 @@ def test_held_history_carried_with_the_current_version_is_a_no_op(sim: RepoSim, 
     state = held(sim, v1)
     history = [sim.sign(sim.bundle(v)) for v in range(2, 6)]
     f5 = sim.sign(sim.freshness(2, bundle=5))
-    out = verify.verify_batch([*history, f5], state, NOW)
+    out = trust.verify_batch([*history, f5], state, NOW)
     assert statuses(out) == ["history"] * 3 + ["applied", "applied"]
     # A node holding what that batch accepted.
     after = sim.state(
         v1["root"], freshness=f5, bundle=history[-1], policy=v1["policy"], history=[*history[:-1], v1["bundle"]]
     )
-    again = verify.verify_batch([*history, f5], after, NOW)
+    again = trust.verify_batch([*history, f5], after, NOW)
     assert statuses(again) == ["already-held"] * 5
     # Without the current bundle v5 beside them, held older versions are a replay.
-    replay = verify.verify_batch(history[:2], after, NOW)
+    replay = trust.verify_batch(history[:2], after, NOW)
     assert statuses(replay) == ["rejected:rollback"] * 2
 
 
@@ -779,7 +779,7 @@ def test_expired_newest_bundle_is_reported_as_expired(sim: RepoSim, v1: dict[str
     state = held(sim, v1)
     b2 = sim.sign(sim.bundle(2, expires=NOW - 1))
     f2 = sim.sign(sim.freshness(2, bundle=2))
-    out = verify.verify_batch([b2, f2], state, NOW)
+    out = trust.verify_batch([b2, f2], state, NOW)
     assert statuses(out) == ["rejected:expired", "rejected:mix-and-match"]
     assert out.first_error() is not None
     assert out.first_error().kind == "expired"  # type: ignore[union-attr]
@@ -806,30 +806,30 @@ def test_root_keys_must_match_the_suite_and_rotation_cannot_drop_post_quantum() 
         documents.parse(mislabelled)
     r1 = documents.sign(_root_of("hybrid", hybrid, 1), [hybrid])
     down = documents.sign(_root_of("classical", classical, 2), [hybrid, classical])
-    state = TrustState({"suite.example": verify.DomainView(root=documents.parse(r1))})  # type: ignore[arg-type]
-    out = verify.verify_batch([down], state, NOW)
+    state = TrustState({"suite.example": trust.DomainView(root=documents.parse(r1))})  # type: ignore[arg-type]
+    out = trust.verify_batch([down], state, NOW)
     assert statuses(out) == ["rejected:downgrade"]
     # Moving up (classical -> hybrid) is allowed.
     c1 = documents.sign(_root_of("classical", classical, 1), [classical])
     up = documents.sign(_root_of("hybrid", hybrid, 2), [classical, hybrid])
-    state = TrustState({"suite.example": verify.DomainView(root=documents.parse(c1))})  # type: ignore[arg-type]
-    assert statuses(verify.verify_batch([up], state, NOW)) == ["applied"]
+    state = TrustState({"suite.example": trust.DomainView(root=documents.parse(c1))})  # type: ignore[arg-type]
+    assert statuses(trust.verify_batch([up], state, NOW)) == ["applied"]
 
 
 def test_a_forged_copy_of_a_held_version_is_a_bad_signature_not_a_conflict(sim: RepoSim, v1: dict[str, bytes]) -> None:
     """Only a validly signed document can claim an equal-version conflict."""
     state = held(sim, v1)
     forged = flip_signature_byte(sim.sign(sim.bundle(1, tag="forged")))
-    assert statuses(verify.verify_batch([forged], state, NOW)) == ["rejected:bad-signature"]
+    assert statuses(trust.verify_batch([forged], state, NOW)) == ["rejected:bad-signature"]
     genuine_other = sim.sign(sim.bundle(1, tag="other"))
-    assert statuses(verify.verify_batch([genuine_other], state, NOW)) == ["rejected:equal-version-conflict"]
+    assert statuses(trust.verify_batch([genuine_other], state, NOW)) == ["rejected:equal-version-conflict"]
 
 
 def test_precomputed_digests_are_the_documents_own(sim: RepoSim, v1: dict[str, bytes]) -> None:
     """verify_batch may be handed the manifest's digests; they must equal what it would compute."""
     b2, f2 = sim.sign(sim.bundle(2)), sim.sign(sim.freshness(2, bundle=2))
-    plain = verify.verify_batch([b2, f2], held(sim, v1), NOW)
-    given_ = verify.verify_batch([b2, f2], held(sim, v1), NOW, digests=[digest(b2), digest(f2)])
+    plain = trust.verify_batch([b2, f2], held(sim, v1), NOW)
+    given_ = trust.verify_batch([b2, f2], held(sim, v1), NOW, digests=[digest(b2), digest(f2)])
     assert plain.marks == given_.marks
     with pytest.raises(ValueError, match="one digest"):
-        verify.verify_batch([b2, f2], held(sim, v1), NOW, digests=[digest(b2)])
+        trust.verify_batch([b2, f2], held(sim, v1), NOW, digests=[digest(b2)])

@@ -1,6 +1,6 @@
 """``pack watch``: a drop folder or USB stick, read only once a file has settled.
 
-Most tests drive :class:`qhx_edge.watch.Watcher` with an injected clock (no
+Most tests drive :class:`qhx_edge.homes.watch.Watcher` with an injected clock (no
 waiting) over real files and a real node store; the subprocess tests run the
 real command against a writer that writes a pack slowly in pieces.
 """
@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from qhx_edge import cbor, clock, pack, seal
-from qhx_edge.errors import Incomplete, Malformed, StoreLocked
-from qhx_edge.identity import parse_card
-from qhx_edge.node import Node
-from qhx_edge.store import Store
-from qhx_edge.watch import Event, Watcher, could_be_pack, free_name, ignored
+from qhx_edge.core import cbor
+from qhx_edge.core.cards import parse_card
+from qhx_edge.core.errors import Incomplete, Malformed, StoreLocked
+from qhx_edge.homes.node import Node
+from qhx_edge.homes.watch import Event, Watcher, could_be_pack, free_name, ignored
+from qhx_edge.packs import pack, seal
+from qhx_edge.store import clock
+from qhx_edge.store.trust_store import Store
 
 from .conftest import PASSPHRASE, Homes, _cli_env, make_homes, run_cli
 

@@ -37,11 +37,11 @@ from spiffe import JwtSource, SpiffeId, TrustDomain, WorkloadApiClient, X509Sour
 from spiffe.svid.jwt_svid import JwtSvid
 from spiffe.workloadapi.errors import FetchJwtSvidError, FetchX509SvidError, ValidateJwtSvidError
 
-from qhx_edge import errors
-from qhx_edge.errors import BadSignature, ClockRollback, EnvironmentFault, Expired, PolicyDenied, Stale
-from qhx_edge.proto import workload_pb2 as pb
-from qhx_edge.proto import workload_pb2_grpc as pb_grpc
-from qhx_edge.workload_api import WorkloadApiServer, status_for
+from qhx_edge.core import errors
+from qhx_edge.core.errors import BadSignature, ClockRollback, EnvironmentFault, Expired, PolicyDenied, Stale
+from qhx_edge.issue.proto import workload_pb2 as pb
+from qhx_edge.issue.proto import workload_pb2_grpc as pb_grpc
+from qhx_edge.issue.workload_api import WorkloadApiServer, status_for
 from tests.conftest import ROOT, run_cli
 
 TD = "alpha.example"
@@ -520,7 +520,7 @@ CHILD = textwrap.dedent(
     """
     import json, os, sys
     import grpc
-    from qhx_edge.proto import workload_pb2 as pb, workload_pb2_grpc as pb_grpc
+    from qhx_edge.issue.proto import workload_pb2 as pb, workload_pb2_grpc as pb_grpc
 
     def connect():  # a connection of its own per call (not grpc's shared subchannel pool)
         channel = grpc.insecure_channel("unix:" + sys.argv[1], options=[("grpc.use_local_subchannel_pool", 1)])
@@ -601,7 +601,7 @@ SERVE = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
-    from qhx_edge import workload_api
+    from qhx_edge.issue import workload_api
     from tests.test_workload_api import ME, FakeIssuer
     issuer = FakeIssuer({frozenset({f"unix:uid:{os.getuid()}"}): ME})
     workload_api.serve_forever(lambda: issuer, Path(sys.argv[1]), on_ready=lambda: print("ready", flush=True))

@@ -1,0 +1,210 @@
+"""COSE_Sign envelopes (RFC 9052 §4.1), one signature per key and algorithm.
+
+::
+
+    COSE_Sign = #6.98([protected: bstr, unprotected: {}, payload: bstr,
+                       signatures: [+ [protected: bstr, unprotected: {}, signature: bstr]]])
+
+Each signature's protected header carries its algorithm (label 1) and its
+unprotected header the signer's key id (label 4).  The bytes signed are the
+``Sig_structure`` of RFC 9052 §4.4::
+
+    ["Signature", body_protected, sign_protected, external_aad, payload]
+
+This module parses and builds envelopes and computes ``Sig_structure``; it does
+not decide whom to believe (that is :mod:`qhx_edge.core.trust` for trust
+documents).  :func:`parse_signed` is the one way every signed message type is
+read: envelope, content type, payload map and message type, and the signer when
+the message names or the caller knows it.  Parsing is strict:
+the whole envelope must be deterministic CBOR, header maps must be maps, an
+empty protected header must be the empty byte string (§3), and critical
+headers (label 2) are refused because we implement none.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import cbor2
+
+from qhx_edge.core import cbor
+from qhx_edge.core.errors import BadSignature, Malformed
+from qhx_edge.core.suites import PrivateKey, PublicKey
+
+COSE_SIGN_TAG = 98
+H_ALG = 1
+H_CRIT = 2
+H_CONTENT_TYPE = 3
+H_KID = 4
+MAX_SIGNATURES = 64
+MAX_HEADER_SIZE = 4096
+
+
+def _header_map(protected: Any, where: str) -> dict[Any, Any]:
+    if not isinstance(protected, bytes):
+        raise Malformed(f"{where} protected header must be a byte string")
+    if protected == b"":
+        return {}
+    value = _decode_header(protected)
+    if not isinstance(value, dict):
+        raise Malformed(f"{where} protected header must encode a map")
+    if not value:
+        raise Malformed(f"{where} empty protected header must be a zero-length string (RFC 9052 §3)")
+    if H_CRIT in value:
+        raise Malformed(f"{where} names critical headers; none are supported")
+    return dict(value)  # a copy: the cached value is shared
+
+
+@functools.lru_cache(maxsize=256)
+def _decode_header(protected: bytes) -> Any:
+    """A protected header decoded once per distinct byte string.
+
+    The same few headers ({1: -19}, {1: -49}, the content type) recur in every
+    document, and each strict decode costs about a quarter of a payload's.
+    A pure function of the exact bytes; input that fails to decode raises and
+    is not cached.
+    """
+    return cbor.decode(protected, max_size=MAX_HEADER_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    protected: bytes
+    alg: int
+    kid: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    protected: bytes
+    headers: dict[Any, Any]
+    payload: bytes
+    signatures: tuple[Signature, ...]
+
+    def to_be_signed(self, sig_protected: bytes, external_aad: bytes = b"") -> bytes:
+        """``Sig_structure`` for one signer (RFC 9052 §4.4)."""
+        return sig_structure(self.protected, sig_protected, self.payload, external_aad)
+
+    @classmethod
+    def parse(cls, data: bytes, *, max_size: int) -> Envelope:
+        value = cbor.decode(data, max_size=max_size, tags=frozenset({COSE_SIGN_TAG}))
+        return cls.from_value(value)
+
+    @classmethod
+    def from_value(cls, value: Any) -> Envelope:
+        if not isinstance(value, cbor2.CBORTag) or value.tag != COSE_SIGN_TAG:
+            raise Malformed("not a COSE_Sign structure (tag 98)")
+        body = value.value
+        if not isinstance(body, list) or len(body) != 4:
+            raise Malformed("COSE_Sign must be an array of four items")
+        protected, unprotected, payload, signatures = body
+        headers = _header_map(protected, "body")
+        if not isinstance(unprotected, dict):
+            raise Malformed("unprotected header must be a map")
+        if not isinstance(payload, bytes):
+            raise Malformed("payload must be an attached byte string")
+        if not isinstance(signatures, list) or not signatures:
+            raise Malformed("COSE_Sign needs at least one signature")
+        if len(signatures) > MAX_SIGNATURES:
+            raise Malformed(f"more than {MAX_SIGNATURES} signatures")
+        sigs = []
+        for item in signatures:
+            if not isinstance(item, list) or len(item) != 3:
+                raise Malformed("COSE_Signature must be an array of three items")
+            sprot, sunprot, sig = item
+            sheaders = _header_map(sprot, "signature")
+            if not isinstance(sunprot, dict) or not isinstance(sig, bytes):
+                raise Malformed("COSE_Signature has the wrong shape")
+            alg = sheaders.get(H_ALG)
+            if not isinstance(alg, int) or isinstance(alg, bool):
+                raise Malformed("signature algorithm must be a protected integer")
+            kid = sunprot.get(H_KID, sheaders.get(H_KID, b""))
+            if not isinstance(kid, bytes):
+                raise Malformed("kid must be a byte string")
+            sigs.append(Signature(bytes(sprot), alg, kid, sig))
+        return cls(bytes(protected), headers, payload, tuple(sigs))
+
+
+def sig_structure(body_protected: bytes, sign_protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
+    return cbor.encode(["Signature", body_protected, sign_protected, external_aad, payload])
+
+
+def sign(
+    payload: bytes,
+    signers: Sequence[PrivateKey],
+    *,
+    content_type: str | int | None = None,
+) -> bytes:
+    """Build a COSE_Sign over ``payload`` with every algorithm of every signer."""
+    protected = cbor.encode({H_CONTENT_TYPE: content_type}) if content_type is not None else b""
+    signatures = []
+    for key in signers:
+        kid = bytes.fromhex(key.public.keyid)
+        for alg, _ in key.parts:
+            sprot = cbor.encode({H_ALG: alg})
+            tbs = sig_structure(protected, sprot, payload)
+            signatures.append([sprot, {H_KID: kid}, key.sign(alg, tbs)])
+    return cbor.encode(cbor2.CBORTag(COSE_SIGN_TAG, [protected, {}, payload, signatures]))
+
+
+def require_signed_by(env: Envelope, key: PublicKey, what: str) -> None:
+    """Raise :class:`BadSignature` unless every algorithm of ``key`` validly signed ``env``."""
+    kid = bytes.fromhex(key.keyid)
+    good: set[int] = set()
+    for sig in env.signatures:
+        if sig.kid == kid and key.verify_part(sig.alg, sig.signature, env.to_be_signed(sig.protected)):
+            good.add(sig.alg)
+    if not set(key.algs) <= good:
+        raise BadSignature(f"{what} is not signed by the key it names")
+
+
+@dataclass(frozen=True, slots=True)
+class SignedMessage:
+    """A parsed signed message: its exact bytes, its envelope and its decoded payload map."""
+
+    raw: bytes
+    envelope: Envelope
+    body: dict[str, Any]
+
+
+Signer = PublicKey | Callable[[dict[str, Any]], PublicKey]
+
+
+def parse_signed(
+    data: bytes,
+    *,
+    content_type: str,
+    max_size: int,
+    what: str,
+    types: frozenset[str] | None = None,
+    signer: Signer | None = None,
+) -> SignedMessage:
+    """Parse a signed message of one content type: the one reader of every signed message type.
+
+    Steps, in order: the COSE_Sign envelope (strict, deterministic, at most
+    ``max_size`` bytes); the body's content type (RFC 9052 §3.1 label 3), so a
+    message of one kind is never read as another; when ``signer`` is a key
+    known beforehand, its signatures (before the payload is decoded, so an
+    unsigned payload costs nothing); the payload as a deterministic CBOR map
+    whose ``type`` is one of ``types``; when ``signer`` is a function, the key
+    it finds in the payload (a card or manifest names its own key), whose every
+    algorithm must have signed.  Trust documents pass no signer: their
+    signatures are counted against role thresholds by :mod:`qhx_edge.core.trust`.
+    """
+    env = Envelope.parse(data, max_size=max_size)
+    if env.headers.get(H_CONTENT_TYPE) != content_type:
+        raise Malformed(f"not a {what}: the content type must be {content_type!r}")
+    if isinstance(signer, PublicKey):
+        require_signed_by(env, signer, what)
+    body = cbor.decode(env.payload, max_size=max_size)
+    if not isinstance(body, dict):
+        raise Malformed(f"not a {what}: the payload must be a map")
+    if types is not None and body.get("type") not in types:
+        raise Malformed(f"not a {what}: unexpected message type {body.get('type')!r}")
+    if signer is not None and not isinstance(signer, PublicKey):
+        require_signed_by(env, signer(body), what)
+    return SignedMessage(bytes(data), env, body)

@@ -1,0 +1,482 @@
+"""Signed documents: one payload class per type inside one COSE_Sign envelope.
+
+Shaped after python-tuf's ``Metadata[T]``: :class:`Signed` is the generic
+envelope (exact signed bytes, parsed COSE_Sign, decoded payload) and each
+document type is a payload class with ``type: ClassVar[str]``,
+``from_dict`` / ``to_dict``.  Decoding is strict: every known field is
+type-checked, and fields this version does not know are kept in
+``unrecognized`` and written back unchanged by ``to_dict`` (forward
+compatibility: a newer authority may add fields an older node must carry).
+
+Common fields (DESIGN.md): ``type``, ``domain``, ``version`` (monotonic per
+domain and type, >= 1), ``issued_at`` and ``expires`` (integer Unix seconds,
+``issued_at <= expires``).
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+from qhx_edge.core import cbor, cose
+from qhx_edge.core.cose import Envelope
+from qhx_edge.core.errors import Malformed
+from qhx_edge.core.spiffe import check_trust_domain
+from qhx_edge.core.suites import SUITES, PublicKey
+
+CONTENT_TYPE = "application/qhx-edge+cbor"
+
+# Caps (DESIGN.md "size caps on everything"): a document is at most 1 MiB.
+MAX_DOCUMENT_SIZE = 1 << 20
+MAX_KEYS = 256
+MAX_LIST = 4096
+
+ROLES = ("root", "pki", "policy", "freshness", "federation", "notary")
+ROLE_FOR_TYPE = {
+    "root": "root",
+    "bundle": "pki",
+    "policy": "policy",
+    "freshness": "freshness",
+    "agreement": "federation",
+    "delegation": "pki",
+    "receipt": "notary",
+}
+# The documents a freshness epoch binds together (mix-and-match guard).
+EPOCH_TYPES = ("root", "bundle", "policy")
+
+_U64 = 2**64 - 1
+
+
+def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str | None = None) -> Any:
+    if key not in d:
+        raise Malformed(f"missing field {key!r}")
+    value = d[key]
+    if isinstance(value, bool) and kind is int:
+        raise Malformed(f"field {key!r} must be {what or kind}")
+    if not isinstance(value, kind):
+        raise Malformed(f"field {key!r} must be {what or getattr(kind, '__name__', kind)}")
+    return value
+
+
+def _uint(d: dict[str, Any], key: str, minimum: int = 0) -> int:
+    value: int = _get(d, key, int, "an unsigned integer")
+    if not minimum <= value <= _U64:
+        raise Malformed(f"field {key!r} out of range")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class Payload(abc.ABC):
+    """Common fields of every document."""
+
+    type: ClassVar[str] = ""
+    _fields: ClassVar[tuple[str, ...]] = ()
+
+    domain: str
+    version: int
+    issued_at: int
+    expires: int
+    unrecognized: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def _common(cls, d: dict[str, Any]) -> dict[str, Any]:
+        if d.get("type") != cls.type:
+            raise Malformed(f"expected a {cls.type} document")
+        issued_at, expires = _uint(d, "issued_at"), _uint(d, "expires")
+        common: dict[str, Any] = {
+            "domain": check_trust_domain(d.get("domain")),
+            "version": _uint(d, "version", 1),
+            "issued_at": issued_at,
+            "expires": expires,
+        }
+        if expires < issued_at:
+            raise Malformed("expires is before issued_at")
+        known = {"type", "domain", "version", "issued_at", "expires", *cls._fields}
+        for key in d:
+            if not isinstance(key, str):
+                raise Malformed("document map keys must be text strings")
+        common["unrecognized"] = {k: v for k, v in d.items() if k not in known}
+        return common
+
+    def _common_dict(self) -> dict[str, Any]:
+        out = dict(self.unrecognized)
+        out.update(
+            type=self.type,
+            domain=self.domain,
+            version=self.version,
+            issued_at=self.issued_at,
+            expires=self.expires,
+        )
+        return out
+
+    @classmethod
+    @abc.abstractmethod
+    def from_dict(cls, d: dict[str, Any]) -> Payload:
+        """Strictly validate a decoded payload map (each document type defines it)."""
+
+    @abc.abstractmethod
+    def to_dict(self) -> dict[str, Any]:
+        """The payload map, unknown fields included (each document type defines it)."""
+
+    def to_bytes(self) -> bytes:
+        return cbor.encode(self.to_dict())
+
+
+@dataclass(frozen=True)
+class RoleKeys:
+    keyids: tuple[str, ...]
+    threshold: int
+
+    @classmethod
+    def from_dict(cls, name: str, d: Any) -> RoleKeys:
+        if not isinstance(d, dict):
+            raise Malformed(f"role {name!r} must be a map")
+        keyids = _get(d, "keyids", list)
+        if not keyids or len(keyids) > MAX_KEYS or not all(isinstance(k, str) for k in keyids):
+            raise Malformed(f"role {name!r} needs a list of key ids")
+        # python-tuf refuses duplicate key ids in a role: a key listed twice must
+        # never count twice towards the threshold (verify.py counts distinct keys too).
+        if len(set(keyids)) != len(keyids):
+            raise Malformed(f"role {name!r} lists a key id more than once")
+        threshold = _uint(d, "threshold", 1)
+        if threshold > len(keyids):
+            raise Malformed(f"role {name!r} threshold {threshold} exceeds its {len(keyids)} keys")
+        return cls(tuple(keyids), threshold)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keyids": list(self.keyids), "threshold": self.threshold}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Root(Payload):
+    """Keys and thresholds of every role (TUF root)."""
+
+    type: ClassVar[str] = "root"
+    _fields: ClassVar[tuple[str, ...]] = ("suite", "keys", "roles")
+
+    suite: str
+    keys: dict[str, PublicKey]
+    roles: dict[str, RoleKeys]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Root:
+        common = cls._common(d)
+        suite = _get(d, "suite", str)
+        if suite not in SUITES:
+            raise Malformed(f"unknown suite {suite!r}")
+        raw_keys = _get(d, "keys", dict)
+        if len(raw_keys) > MAX_KEYS:
+            raise Malformed("too many keys")
+        keys: dict[str, PublicKey] = {}
+        for keyid, value in raw_keys.items():
+            key = PublicKey.from_cbor(value)
+            if key.keyid != keyid:
+                raise Malformed(f"key id {keyid!r} does not match its key")
+            keys[keyid] = key
+        algs = set(SUITES[suite])
+        for keyid, key in keys.items():
+            # A hybrid domain's every key is hybrid: one weaker key would let its
+            # role be satisfied by one algorithm alone.
+            if set(key.algs) != algs:
+                raise Malformed(f"key {keyid[:16]} does not hold exactly the algorithms of suite {suite}")
+        raw_roles = _get(d, "roles", dict)
+        roles: dict[str, RoleKeys] = {}
+        for name in ROLES:
+            if name not in raw_roles:
+                raise Malformed(f"root has no {name!r} role")
+            roles[name] = RoleKeys.from_dict(name, raw_roles[name])
+            for keyid in roles[name].keyids:
+                if keyid not in keys:
+                    raise Malformed(f"role {name!r} names unknown key {keyid[:16]}")
+        extra = set(raw_roles) - set(ROLES)
+        if extra:
+            raise Malformed(f"unknown roles {sorted(extra)}")
+        return cls(suite=suite, keys=keys, roles=roles, **common)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(
+            suite=self.suite,
+            keys={k: v.to_cbor() for k, v in self.keys.items()},
+            roles={k: v.to_dict() for k, v in self.roles.items()},
+        )
+        return out
+
+    def role_keys(self, role: str) -> dict[str, PublicKey]:
+        return {k: self.keys[k] for k in self.roles[role].keyids}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bundle(Payload):
+    """The domain's X.509 and JWT authorities (a SPIFFE trust bundle)."""
+
+    type: ClassVar[str] = "bundle"
+    _fields: ClassVar[tuple[str, ...]] = ("x509_authorities", "jwt_authorities", "refresh_hint")
+
+    x509_authorities: tuple[bytes, ...]
+    jwt_authorities: tuple[dict[str, Any], ...]
+    refresh_hint: int
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Bundle:
+        common = cls._common(d)
+        x509 = _get(d, "x509_authorities", list)
+        if len(x509) > MAX_LIST or not all(isinstance(c, bytes) and c for c in x509):
+            raise Malformed("x509_authorities must be a list of DER certificates")
+        jwt = _get(d, "jwt_authorities", list)
+        for item in jwt:
+            if not isinstance(item, dict) or not isinstance(item.get("kid"), str) or not item["kid"]:
+                raise Malformed("every JWT authority needs a text 'kid' (SPIFFE bundle §4.2.2)")
+            if not isinstance(item.get("spki"), bytes):
+                raise Malformed("every JWT authority needs its public key as DER 'spki'")
+        return cls(
+            x509_authorities=tuple(x509),
+            jwt_authorities=tuple(jwt),
+            refresh_hint=_uint(d, "refresh_hint"),
+            **common,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(
+            x509_authorities=list(self.x509_authorities),
+            jwt_authorities=list(self.jwt_authorities),
+            refresh_hint=self.refresh_hint,
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """Staleness budgets and SVID lifetimes, in seconds (DESIGN.md "Freshness")."""
+
+    soft: int
+    hard: int
+    svid_ttl: int
+    ttl_floor: int
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Staleness:
+        if not isinstance(d, dict):
+            raise Malformed("staleness must be a map")
+        s = cls(_uint(d, "soft"), _uint(d, "hard", 1), _uint(d, "svid_ttl", 1), _uint(d, "ttl_floor", 1))
+        if not s.soft <= s.hard:
+            raise Malformed("staleness soft budget must not exceed the hard budget")
+        if not s.ttl_floor <= s.svid_ttl:
+            raise Malformed("ttl_floor must not exceed svid_ttl")
+        return s
+
+    def to_dict(self) -> dict[str, int]:
+        return {"soft": self.soft, "hard": self.hard, "svid_ttl": self.svid_ttl, "ttl_floor": self.ttl_floor}
+
+
+def _attestation(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) - {"tpm"}:
+        raise Malformed("policy attestation must be a map with an optional 'tpm' entry")
+    tpm = value.get("tpm", {})
+    if not isinstance(tpm, dict) or set(tpm) - {"pcrs"}:
+        raise Malformed("policy attestation.tpm has only 'pcrs'")
+    pcrs = tpm.get("pcrs", {})
+    if not isinstance(pcrs, dict) or not all(
+        isinstance(k, str) and k.isdigit() and int(k) < 24 and isinstance(v, bytes) and len(v) == 32
+        for k, v in pcrs.items()
+    ):
+        raise Malformed("policy attestation.tpm.pcrs maps PCR indexes (0-23) to 32-byte SHA-256 values")
+    return {"tpm": {"pcrs": dict(pcrs)}} if tpm else {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Policy(Payload):
+    """Registrations, authorization rules, algorithms per namespace, staleness budgets."""
+
+    type: ClassVar[str] = "policy"
+    _fields: ClassVar[tuple[str, ...]] = ("registrations", "authorization", "algorithms", "staleness", "attestation")
+
+    registrations: tuple[dict[str, Any], ...]
+    authorization: tuple[dict[str, Any], ...]
+    algorithms: dict[str, str]
+    staleness: Staleness
+    # Node attestation policy: {"tpm": {"pcrs": {"<index>": sha256 value}}} (optional).
+    attestation: dict[str, Any] = field(default_factory=dict)
+
+    def tpm_pcrs(self) -> dict[int, bytes]:
+        """The PCR values (sha256 bank) a TPM quote must show, by index."""
+        pcrs = self.attestation.get("tpm", {}).get("pcrs", {})
+        return {int(k): v for k, v in pcrs.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Policy:
+        common = cls._common(d)
+        regs = _get(d, "registrations", list)
+        if len(regs) > MAX_LIST:
+            raise Malformed("too many registrations")
+        prefix = f"spiffe://{common['domain']}/"
+        for reg in regs:
+            if not isinstance(reg, dict):
+                raise Malformed("a registration must be a map")
+            sid = reg.get("spiffe_id")
+            if not isinstance(sid, str) or not sid.startswith(prefix):
+                raise Malformed(f"registration SPIFFE ID must start with {prefix}")
+            sel = reg.get("selectors")
+            if not isinstance(sel, list) or not sel or not all(isinstance(s, str) and ":" in s for s in sel):
+                raise Malformed("a registration needs a non-empty list of 'type:value' selectors")
+        auth = _get(d, "authorization", list)
+        if len(auth) > MAX_LIST or not all(isinstance(a, dict) for a in auth):
+            raise Malformed("authorization must be a list of maps")
+        algs = _get(d, "algorithms", dict)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in algs.items()):
+            raise Malformed("algorithms must map namespaces to algorithm names")
+        return cls(
+            registrations=tuple(regs),
+            authorization=tuple(auth),
+            algorithms=dict(algs),
+            staleness=Staleness.from_dict(d.get("staleness")),
+            attestation=_attestation(d.get("attestation", {})),
+            **common,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(
+            registrations=list(self.registrations),
+            authorization=list(self.authorization),
+            algorithms=dict(self.algorithms),
+            staleness=self.staleness.to_dict(),
+        )
+        if self.attestation:
+            out["attestation"] = self.attestation
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Freshness(Payload):
+    """The explicit freshness epoch: which versions belong together, signed often."""
+
+    type: ClassVar[str] = "freshness"
+    _fields: ClassVar[tuple[str, ...]] = ("versions", "agreements")
+
+    versions: dict[str, int]
+    agreements: dict[str, int]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Freshness:
+        common = cls._common(d)
+        raw = _get(d, "versions", dict)
+        versions = {}
+        for name in EPOCH_TYPES:
+            versions[name] = _uint(raw, name, 1)
+        if set(raw) - set(EPOCH_TYPES):
+            raise Malformed(f"freshness names unknown types {sorted(set(raw) - set(EPOCH_TYPES))}")
+        agreements_raw = _get(d, "agreements", dict)
+        agreements = {check_trust_domain(k): _uint(agreements_raw, k, 1) for k in agreements_raw}
+        return cls(versions=versions, agreements=agreements, **common)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(versions=dict(self.versions), agreements=dict(self.agreements))
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delegation(Payload):
+    """A node's delegated intermediate CA(s), signed by the pki role after attestation.
+
+    ``version`` is the authority's running count of delegations (monotonic per
+    domain and type); ``node_id`` names the only node that may use it.
+    """
+
+    type: ClassVar[str] = "delegation"
+    _fields: ClassVar[tuple[str, ...]] = ("node_id", "card_fingerprint", "attestation", "x509_cas", "jwt_key")
+
+    node_id: str
+    card_fingerprint: str
+    attestation: dict[str, Any]
+    x509_cas: tuple[bytes, ...]
+    jwt_key: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Delegation:
+        common = cls._common(d)
+        node_id = _get(d, "node_id", str)
+        if not 1 <= len(node_id) <= 64:
+            raise Malformed("delegation node_id must be a short text")
+        fp = _get(d, "card_fingerprint", str)
+        if len(fp) != 64:
+            raise Malformed("delegation card_fingerprint must be a SHA-256 hex digest")
+        att = _get(d, "attestation", dict)
+        if att.get("method") not in ("tpm", "join-token"):
+            raise Malformed("delegation attestation method must be tpm or join-token")
+        cas = _get(d, "x509_cas", list)
+        if not 1 <= len(cas) <= 4 or not all(isinstance(c, bytes) and c for c in cas):
+            raise Malformed("delegation x509_cas must list 1 to 4 DER certificates")
+        jwt = _get(d, "jwt_key", dict)
+        if not isinstance(jwt.get("kid"), str) or not jwt["kid"] or not isinstance(jwt.get("spki"), bytes):
+            raise Malformed("delegation jwt_key needs a text kid and a DER spki")
+        return cls(
+            node_id=node_id,
+            card_fingerprint=fp,
+            attestation=dict(att),
+            x509_cas=tuple(cas),
+            jwt_key=dict(jwt),
+            **common,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(
+            node_id=self.node_id,
+            card_fingerprint=self.card_fingerprint,
+            attestation=dict(self.attestation),
+            x509_cas=list(self.x509_cas),
+            jwt_key=dict(self.jwt_key),
+        )
+        return out
+
+
+PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation)}
+
+T = TypeVar("T", bound=Payload)
+
+
+@dataclass(frozen=True)
+class Signed(Generic[T]):
+    """A signed document: its exact bytes, its envelope and its payload."""
+
+    raw: bytes
+    envelope: Envelope
+    payload: T
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        # Computed once: a batch asks for it per check, mark, row and audit entry (raw is immutable bytes).
+        return hashlib.sha256(self.raw).digest()
+
+    @property
+    def type(self) -> str:
+        return self.payload.type
+
+    @property
+    def role(self) -> str:
+        return ROLE_FOR_TYPE[self.payload.type]
+
+    def describe(self) -> str:
+        p = self.payload
+        return f"{p.type} v{p.version} of {p.domain}"
+
+
+def parse(data: bytes) -> Signed[Payload]:
+    """Parse and validate a signed document (no signature check: :mod:`qhx_edge.core.trust` counts them)."""
+    msg = cose.parse_signed(data, content_type=CONTENT_TYPE, max_size=MAX_DOCUMENT_SIZE, what="qhx-edge document")
+    kind = msg.body.get("type")
+    cls = PAYLOAD_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise Malformed(f"unknown document type {kind!r}")
+    return Signed(msg.raw, msg.envelope, cls.from_dict(msg.body))
+
+
+def sign(payload: Payload, signers: list[Any]) -> bytes:
+    """Sign ``payload`` with every algorithm of every signer (a :class:`PrivateKey` list)."""
+    return cose.sign(payload.to_bytes(), signers, content_type=CONTENT_TYPE)

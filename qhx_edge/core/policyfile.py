@@ -1,0 +1,103 @@
+"""Policy TOML files and durations, turned into the ``policy`` payload fields.
+
+A policy file::
+
+    [staleness]          # DESIGN.md "Freshness and degraded issuance"
+    soft = "6h"          # S1: connected below this staleness
+    hard = "72h"         # S2: expired at or beyond it; no SVID outlives issued_at + S2
+    svid_ttl = "1h"      # TTL while connected
+    ttl_floor = "5m"     # smallest TTL while degraded
+
+    [algorithms]         # SVID key algorithm per SPIFFE ID path prefix
+    "/" = "ES256"
+    "/pq/" = "ML-DSA-65"
+
+    [[registrations]]    # selector sets to SPIFFE IDs, as SPIRE's entries
+    spiffe_id = "spiffe://alpha.example/web"
+    selectors = ["unix:uid:1000"]
+
+    [attestation.tpm.pcrs]  # PCR values (sha256 bank) a node's TPM quote must show
+    0 = "3d458cfe55cc03ea1f443f1562beec8df51c75e14a9fcf9a7234a13f198e7969"
+
+    [[authorization]]    # rules on SPIFFE ID / namespace / labels (used by later issues)
+    allow = "spiffe://alpha.example/web"
+    to = "spiffe://alpha.example/db"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from typing import Any
+
+from qhx_edge.core import suites
+from qhx_edge.core.errors import Malformed
+
+MAX_POLICY_FILE = 1 << 20
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+SVID_ALGORITHMS = tuple(suites.name_of(alg) for alg in suites.SVID_ALGORITHMS)
+
+DEFAULT_STALENESS = {"soft": 6 * 3600, "hard": 72 * 3600, "svid_ttl": 3600, "ttl_floor": 300}
+DEFAULT_ALGORITHMS = {"/": "ES256"}
+
+
+def duration(value: Any, what: str = "duration") -> int:
+    """Seconds from an integer or a string such as ``"90d"``, ``"6h"``, ``"300"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return int(m.group(1)) * _UNITS[m.group(2) or "s"]
+    raise Malformed(f"{what}: {value!r} is not a duration (examples: 300, '45s', '30m', '6h', '90d')")
+
+
+def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate a parsed policy TOML table and return the payload fields."""
+    known = {"staleness", "algorithms", "registrations", "authorization", "attestation"}
+    unknown = set(data) - known
+    if unknown:
+        raise Malformed(f"unknown policy sections {sorted(unknown)}")
+    stale = dict(DEFAULT_STALENESS)
+    for key, value in data.get("staleness", {}).items():
+        if key not in stale:
+            raise Malformed(f"unknown staleness setting {key!r}")
+        stale[key] = duration(value, f"staleness.{key}")
+    algorithms = dict(data.get("algorithms", DEFAULT_ALGORITHMS))
+    for prefix, alg in algorithms.items():
+        if alg not in SVID_ALGORITHMS:
+            raise Malformed(f"algorithm for {prefix!r} must be one of {SVID_ALGORITHMS}")
+    regs = []
+    for item in data.get("registrations", []):
+        if not isinstance(item, dict) or set(item) - {"spiffe_id", "selectors", "ttl", "namespace", "labels"}:
+            raise Malformed("a registration has spiffe_id, selectors and optionally ttl, namespace, labels")
+        reg = dict(item)
+        if "ttl" in reg:
+            reg["ttl"] = duration(reg["ttl"], "registration ttl")
+        regs.append(reg)
+    auth = [dict(a) for a in data.get("authorization", [])]
+    out = {"registrations": regs, "authorization": auth, "algorithms": algorithms, "staleness": stale}
+    att = data.get("attestation")
+    if att is not None:
+        tpm = att.get("tpm", {}) if isinstance(att, dict) else None
+        if not isinstance(tpm, dict):
+            raise Malformed("[attestation.tpm] must be a table")
+        pcrs = {}
+        for index, value in tpm.get("pcrs", {}).items():
+            try:
+                pcrs[str(int(index))] = bytes.fromhex(value)
+            except (ValueError, TypeError) as exc:
+                raise Malformed(f"attestation.tpm.pcrs.{index} must be a hex SHA-256 value") from exc
+        out["attestation"] = {"tpm": {"pcrs": pcrs}}
+    return out
+
+
+def parse_policy_file(text: bytes, name: str) -> dict[str, Any]:
+    """Policy payload fields from the bytes of a policy TOML file (``name`` is for messages)."""
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise Malformed(f"{name}: not valid TOML: {exc}") from exc
+    return policy_fields(data)

@@ -1,0 +1,472 @@
+"""Node attestation: the two-trip exchange that earns a node its delegation.
+
+::
+
+    node                                    authority
+     request   ── attestation pack ──►      challenge   (EK chain / join token; pending row)
+               ◄─ attestation pack ──
+     respond   ── attestation pack ──►      finish      (activation + quote / token proof)
+               ◄─ documents pack ────                   (delegation, bundle, freshness)
+
+Messages are COSE_Sign documents with their own content type, carried one per
+pack (kind ``attestation``), so the exchange runs the same on one machine or
+by USB stick.  The request is signed by the node key named in the node's card
+and sealed to the authority's card (a join token is a secret); the challenge
+is signed by the authority's freshness role key, which the node finds in the
+root it holds; the evidence is signed by the node key and sealed to the
+authority card carried in the challenge pack.
+
+What the authority checks (docs/issuance.md §1):
+
+* ``tpm``: the EK certificate chains to a configured manufacturer CA; the EK
+  public area matches it; the AK is a restricted signing key; the AK is bound
+  to the EK by credential activation (the node must return the secret that
+  MakeCredential sealed to this EK for this AK name); a quote by the AK over
+  the PCRs the policy names carries this challenge's nonce and the policy's
+  values.  The nonce is single use and expires: a replayed quote fails.
+* ``join-token``: the token exists, is unexpired and unused (stored as its
+  SHA-256 only), and is consumed by the first request that presents it.
+
+Every failure is ``attestation-failed`` and leaves nothing issued; attempts are
+recorded in the authority's ``attestation.sqlite``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qhx_edge.core import cbor, cose
+from qhx_edge.core.cards import Card, parse_card, spki
+from qhx_edge.core.documents import Root
+from qhx_edge.core.errors import AttestationFailed, Malformed, Rejected
+from qhx_edge.core.spiffe import check_trust_domain
+from qhx_edge.core.suites import PrivateKey, PublicKey, ca_algs
+from qhx_edge.packs import pack
+from qhx_edge.store.sqlitefile import SqliteFile
+
+if TYPE_CHECKING:
+    from qhx_edge.attest.tpm import TpmClient
+    from qhx_edge.homes.authority import Authority
+    from qhx_edge.homes.node import Node
+
+CONTENT_TYPE = "application/qhx-edge-attest+cbor"
+MAX_MESSAGE = 1 << 20
+METHODS = ("tpm", "join-token")
+CHALLENGE_TTL = 900
+DB = "attestation.sqlite"
+
+MIGRATIONS = (
+    """
+    CREATE TABLE join_tokens (
+        digest BLOB PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        used_at INTEGER,
+        used_by TEXT
+    );
+    CREATE TABLE pending (
+        challenge_id BLOB PRIMARY KEY,
+        node_id TEXT NOT NULL,
+        method TEXT NOT NULL,
+        nonce BLOB NOT NULL,
+        secret_digest BLOB,
+        request BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        finished_at INTEGER
+    );
+    CREATE TABLE attempts (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        node_id TEXT,
+        step TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        detail TEXT NOT NULL
+    );
+    """,
+)
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def sign_message(payload: dict[str, Any], signer: PrivateKey) -> bytes:
+    return cose.sign(cbor.encode(payload), [signer], content_type=CONTENT_TYPE)
+
+
+@dataclass(frozen=True)
+class Message:
+    raw: bytes
+    env: cose.Envelope
+    body: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.body.get("type"))
+
+
+def parse_message(raw: bytes, expected: str) -> Message:
+    msg = cose.parse_signed(
+        raw,
+        content_type=CONTENT_TYPE,
+        max_size=MAX_MESSAGE,
+        what=f"qhx-edge attestation {expected} message",
+        types=frozenset({expected}),
+    )
+    return Message(msg.raw, msg.envelope, msg.body)
+
+
+def _bytes(d: dict[str, Any], key: str, size: int | None = None) -> bytes:
+    v = d.get(key)
+    if not isinstance(v, bytes) or (size is not None and len(v) != size):
+        raise Malformed(f"{key} must be a byte string" + (f" of {size} bytes" if size else ""))
+    return v
+
+
+def wrap(
+    message: bytes,
+    signer: PrivateKey,
+    *,
+    domain: str,
+    node: str,
+    now: int,
+    sequence: int = 0,
+    documents: Sequence[bytes] = (),
+) -> bytes:
+    """A message (and e.g. the authority's card) in a pack of kind ``attestation``."""
+    docs = [message, *documents]
+    return pack.build(docs, signer, domain=domain, node=node, sequence=sequence, now=now, kind="attestation")
+
+
+def unwrap(data: bytes) -> bytes:
+    p = pack.parse(data)
+    if p.manifest.kind != "attestation" or len(p.documents) not in (1, 2):
+        raise Malformed("expected an attestation pack")
+    return p.documents[0]
+
+
+def unwrap_all(data: bytes) -> list[bytes]:
+    p = pack.parse(data)
+    if p.manifest.kind != "attestation":
+        raise Malformed("expected an attestation pack")
+    return p.documents
+
+
+# --- node side --------------------------------------------------------------------------------
+
+
+def make_request(node: Node, method: str, now: int, *, token: str | None = None, tpm: TpmClient | None = None) -> bytes:
+    """The node's signed attestation request (keys are made on first use)."""
+    if method not in METHODS:
+        raise Malformed(f"unknown attestation method {method!r}")
+    ident = node.identity
+    root = node.store.current(node.domain, "root")
+    assert root is not None
+    assert isinstance(root.payload, Root)
+    body: dict[str, Any] = {
+        "type": "attest-request",
+        "domain": node.domain,
+        "node_id": node.node_id,
+        "card": node.card(),
+        "method": method,
+        "created_at": now,
+        "ca_keys": {str(alg): spki(ident.ca_key(alg, create=True)) for alg in ca_algs(root.payload.suite)},
+        "jwt_key": spki(ident.jwt_key(create=True)),
+    }
+    if method == "join-token":
+        if not token:
+            raise Malformed("a join-token attestation needs --token")
+        body["token"] = token
+    else:
+        if tpm is None:
+            raise Malformed("a tpm attestation needs a TPM (--tpm TCTI)")
+        ak = tpm.create_ak()
+        body["tpm"] = {
+            "ek_cert": tpm.ek_certificate(),
+            "ek_public": tpm.ek_public(),
+            "ak_public": ak.public,
+            "ak_name": ak.name,
+        }
+    return sign_message(body, ident.signer)
+
+
+def respond(node: Node, challenge_raw: bytes, now: int, *, tpm: TpmClient | None = None) -> bytes:
+    """Answer a challenge: check it comes from our authority, then prove what it asks."""
+    msg = parse_message(challenge_raw, "attest-challenge")
+    root = node.store.current(node.domain, "root")
+    assert root is not None
+    assert isinstance(root.payload, Root)
+    keys = root.payload.role_keys("freshness")
+    if not any(_signed_by(msg.env, k) for k in keys.values()):
+        raise AttestationFailed("the challenge is not signed by this domain's authority")
+    b = msg.body
+    if b.get("node_id") != node.node_id or b.get("domain") != node.domain:
+        raise AttestationFailed("the challenge is for another node")
+    if not isinstance(b.get("expires"), int) or now >= b["expires"]:
+        raise AttestationFailed("the challenge has expired")
+    nonce = _bytes(b, "nonce", 32)
+    body: dict[str, Any] = {
+        "type": "attest-evidence",
+        "domain": node.domain,
+        "node_id": node.node_id,
+        "challenge_id": _bytes(b, "challenge_id", 16),
+        "nonce": nonce,
+        "created_at": now,
+    }
+    if b.get("method") == "tpm":
+        if tpm is None:
+            raise Malformed("this challenge needs the node's TPM (--tpm TCTI)")
+        secret = tpm.activate_credential(_bytes(b, "credential_blob"), _bytes(b, "encrypted_secret"))
+        pcrs = b.get("pcrs")
+        if not isinstance(pcrs, list) or not all(isinstance(i, int) and 0 <= i < 24 for i in pcrs):
+            raise Malformed("challenge PCR selection is malformed")
+        q = tpm.quote(nonce, pcrs)
+        body["tpm"] = {
+            "secret": secret,
+            "attest": q.attest,
+            "signature": q.signature,
+            "pcrs": {str(i): v for i, v in sorted(q.pcrs.items())},
+        }
+    return sign_message(body, node.identity.signer)
+
+
+def _signed_by(env: cose.Envelope, key: PublicKey) -> bool:
+    try:
+        cose.require_signed_by(env, key, "message")
+    except Rejected:
+        return False
+    return True
+
+
+# --- authority side ---------------------------------------------------------------------------
+
+
+class AttestationStore(SqliteFile):
+    """The authority's attestation state: join tokens (hashed), pending challenges, attempts."""
+
+    MIGRATIONS = MIGRATIONS
+    WHAT = "attestation"
+
+    def __init__(self, home: Path) -> None:
+        path = Path(home) / DB
+        super().__init__(self.connect(path), path)
+        try:
+            self.migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def attempt(self, now: int, node_id: str | None, step: str, outcome: str, detail: str) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO attempts (at, node_id, step, outcome, detail) VALUES (?,?,?,?,?)",
+                (now, node_id, step, outcome, detail),
+            )
+
+    def attempts(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT at, node_id, step, outcome, detail FROM attempts ORDER BY seq")
+        return [dict(zip(("at", "node_id", "step", "outcome", "detail"), r, strict=True)) for r in rows]
+
+
+def create_join_token(auth: Authority, now: int, ttl: int) -> str:
+    """A single-use join token; only its SHA-256 is stored."""
+    token = "qhx1-" + base64.b32encode(secrets.token_bytes(20)).decode().lower().rstrip("=")
+    store = AttestationStore(auth.home)
+    try:
+        with store.transaction() as c:
+            c.execute(
+                "INSERT INTO join_tokens VALUES (?,?,?,NULL,NULL)",
+                (hashlib.sha256(token.encode()).digest(), now, now + ttl),
+            )
+    finally:
+        store.close()
+    return token
+
+
+@dataclass(frozen=True)
+class Request:
+    msg: Message
+    card: Card
+    method: str
+    ca_keys: dict[int, bytes]
+    jwt_key: bytes
+
+
+def _parse_request(auth: Authority, raw: bytes) -> Request:
+    msg = parse_message(raw, "attest-request")
+    b = msg.body
+    card = parse_card(_bytes(b, "card"))
+    cose.require_signed_by(msg.env, card.signing_key, "attestation request")
+    if card.node_id != b.get("node_id") or check_trust_domain(b.get("domain")) != card.domain:
+        raise AttestationFailed("the request does not match the card it carries")
+    if card.domain != auth.domain:
+        raise AttestationFailed(f"node {card.node_id} belongs to {card.domain}, not {auth.domain}")
+    method = b.get("method")
+    if method not in METHODS:
+        raise Malformed(f"unknown attestation method {method!r}")
+    raw_keys = b.get("ca_keys")
+    if not isinstance(raw_keys, dict) or not raw_keys:
+        raise Malformed("the request names no CA keys")
+    ca_keys = {int(k): v for k, v in raw_keys.items() if isinstance(v, bytes)}
+    expected = set(ca_algs(auth.state["suite"]))
+    if set(ca_keys) != expected:
+        raise Malformed(f"the request must name CA keys for algorithms {sorted(expected)}")
+    return Request(msg, card, str(method), ca_keys, _bytes(b, "jwt_key"))
+
+
+def challenge(
+    auth: Authority,
+    request_raw: bytes,
+    now: int,
+    *,
+    manufacturer_cas: Sequence[bytes] = (),
+    pcrs: Sequence[int] | None = None,
+    ttl: int = CHALLENGE_TTL,
+) -> bytes:
+    """Check a request and answer with a challenge (recorded as pending)."""
+    store = AttestationStore(auth.home)
+    node_id: str | None = None
+    try:
+        req = _parse_request(auth, request_raw)
+        node_id = req.card.node_id
+        nonce = secrets.token_bytes(32)
+        challenge_id = secrets.token_bytes(16)
+        body: dict[str, Any] = {
+            "type": "attest-challenge",
+            "domain": auth.domain,
+            "node_id": node_id,
+            "method": req.method,
+            "challenge_id": challenge_id,
+            "nonce": nonce,
+            "expires": now + ttl,
+        }
+        secret_digest: bytes | None = None
+        with store.transaction() as c:
+            if req.method == "join-token":
+                token = req.msg.body.get("token")
+                if not isinstance(token, str):
+                    raise AttestationFailed("no join token")
+                digest = hashlib.sha256(token.encode()).digest()
+                row = c.execute("SELECT expires, used_at FROM join_tokens WHERE digest = ?", (digest,)).fetchone()
+                if row is None:
+                    raise AttestationFailed("unknown join token")
+                if row[1] is not None:
+                    raise AttestationFailed("join token already used")
+                if now >= row[0]:
+                    raise AttestationFailed("join token expired")
+                c.execute("UPDATE join_tokens SET used_at = ?, used_by = ? WHERE digest = ?", (now, node_id, digest))
+            else:
+                from qhx_edge.attest import tpm
+
+                t = req.msg.body.get("tpm")
+                if not isinstance(t, dict):
+                    raise Malformed("a tpm request carries its TPM evidence")
+                if not manufacturer_cas:
+                    raise AttestationFailed("no TPM manufacturer CA is configured (authority tpm-ca add)")
+                tpm.verify_ek_certificate(_bytes(t, "ek_cert"), manufacturer_cas, now)
+                tpm.ek_public_matches_certificate(_bytes(t, "ek_public"), t["ek_cert"])
+                tpm.ak_is_restricted_signing_key(_bytes(t, "ak_public"))
+                # The name must be this public area's: otherwise a node could bind one
+                # key's name to the EK and quote with another.
+                tpm.verify_ak_name(t["ak_public"], _bytes(t, "ak_name"))
+                secret = secrets.token_bytes(32)
+                blob, encrypted = tpm.make_credential(t["ek_public"], _bytes(t, "ak_name"), secret)
+                secret_digest = hashlib.sha256(secret).digest()
+                if not pcrs:
+                    raise AttestationFailed("the policy names no PCRs for TPM attestation")
+                body.update(credential_blob=blob, encrypted_secret=encrypted, pcrs=sorted(pcrs))
+            c.execute(
+                "INSERT INTO pending VALUES (?,?,?,?,?,?,?,?,NULL)",
+                (challenge_id, node_id, req.method, nonce, secret_digest, request_raw, now, now + ttl),
+            )
+        store.attempt(now, node_id, "challenge", "ok", f"{req.method} challenge issued")
+        return sign_message(body, auth._signers("freshness")[0])
+    except Rejected as exc:
+        store.attempt(now, node_id, "challenge", exc.kind, exc.message)
+        if isinstance(exc, AttestationFailed):
+            raise
+        raise AttestationFailed(f"request refused: {exc.message}") from exc
+    finally:
+        store.close()
+
+
+def finish(
+    auth: Authority,
+    evidence_raw: bytes,
+    now: int,
+    *,
+    expected_pcrs: dict[int, bytes] | None = None,
+    lifetime: int | None = None,
+) -> list[bytes]:
+    """Check the evidence for a pending challenge and, if it holds, issue the delegation."""
+    store = AttestationStore(auth.home)
+    node_id: str | None = None
+    try:
+        msg = parse_message(evidence_raw, "attest-evidence")
+        b = msg.body
+        challenge_id = _bytes(b, "challenge_id", 16)
+        with store.transaction() as c:
+            row = c.execute(
+                "SELECT node_id, method, nonce, secret_digest, request, expires, finished_at FROM pending "
+                "WHERE challenge_id = ?",
+                (challenge_id,),
+            ).fetchone()
+            if row is None:
+                raise AttestationFailed("no such challenge (never issued, or from another authority)")
+            node_id, method, nonce, secret_digest, request_raw, expires, finished = row
+            if finished is not None:
+                raise AttestationFailed("this challenge was already answered (replay)")
+            if now >= expires:
+                raise AttestationFailed("the challenge expired before the evidence arrived")
+            # Single use from here on, whatever the outcome.
+            c.execute("UPDATE pending SET finished_at = ? WHERE challenge_id = ?", (now, challenge_id))
+        req = _parse_request(auth, bytes(request_raw))
+        cose.require_signed_by(msg.env, req.card.signing_key, "attestation evidence")
+        if b.get("node_id") != node_id or not hmac.compare_digest(_bytes(b, "nonce", 32), bytes(nonce)):
+            raise AttestationFailed("the evidence answers another challenge")
+        summary: dict[str, Any] = {"method": method}
+        if method == "tpm":
+            from qhx_edge.attest import tpm
+
+            t = b.get("tpm")
+            rt = req.msg.body["tpm"]
+            if not isinstance(t, dict):
+                raise Malformed("tpm evidence missing")
+            if not hmac.compare_digest(hashlib.sha256(_bytes(t, "secret")).digest(), bytes(secret_digest)):
+                raise AttestationFailed("credential activation failed: the AK is not bound to this EK")
+            raw_pcrs = t.get("pcrs")
+            if not isinstance(raw_pcrs, dict):
+                raise Malformed("tpm evidence PCR values missing")
+            quote = tpm.Quote(_bytes(t, "attest"), _bytes(t, "signature"), {int(k): v for k, v in raw_pcrs.items()})
+            if not expected_pcrs:
+                raise AttestationFailed("the policy names no PCR values to check a TPM quote against")
+            tpm.verify_quote(rt["ak_public"], quote, bytes(nonce), expected_pcrs)
+            summary["ek_certificate_sha256"] = hashlib.sha256(rt["ek_cert"]).hexdigest()
+            summary["pcrs"] = {str(k): v.hex() for k, v in sorted(quote.pcrs.items())}
+        kwargs: dict[str, Any] = {} if lifetime is None else {"lifetime": lifetime}
+        docs = auth.issue_delegation(
+            node_id=str(node_id),
+            card_fingerprint=req.card.fingerprint,
+            ca_spkis=req.ca_keys,
+            jwt_spki=req.jwt_key,
+            attestation=summary,
+            now=now,
+            **kwargs,
+        )
+    except Rejected as exc:
+        store.attempt(now, node_id, "finish", exc.kind, exc.message)
+        if isinstance(exc, AttestationFailed):
+            raise
+        raise AttestationFailed(f"evidence refused: {exc.message}") from exc
+    else:
+        store.attempt(now, node_id, "finish", "ok", f"{method} attestation succeeded; delegation issued")
+        return docs
+    finally:
+        store.close()

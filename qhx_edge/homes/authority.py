@@ -1,0 +1,401 @@
+"""A trust domain's authority: offline root keys, role keys, CAs, published documents.
+
+Home layout::
+
+    authority.json        domain, suite, key names per role, CA generations, versions
+    keystore.cbor         KDF parameters (see keystore.py)
+    keys/*.key            private keys, sealed (mode 0600)
+    published/TYPE/N.cbor every document ever published, exact signed bytes
+    card.cbor             the authority's own card (nodes seal evidence to it)
+    evidence.sqlite       audit-log evidence imported from nodes (see evidence.py)
+
+Each role (root, pki, policy, freshness, federation, notary) has its own keys
+and threshold in the root document: separation of duties is structural, and
+root keys exist only here, never on a node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qhx_edge.core import documents as D  # noqa: N812 - short alias for the payload classes
+from qhx_edge.core.cards import make_card
+from qhx_edge.core.errors import AlreadyInitialised, Malformed, NotInitialised
+from qhx_edge.core.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, policy_fields
+from qhx_edge.core.spiffe import check_trust_domain
+from qhx_edge.core.suites import PrivateKey, ca_algs, suite_algs
+from qhx_edge.core.x509ca import load_spki, make_ca, make_intermediate
+from qhx_edge.store.files import atomic_write
+from qhx_edge.store.identity import NodeIdentity
+from qhx_edge.store.keystore import Keystore
+
+STATE = "authority.json"
+CARD = "card.cbor"
+AUTHORITY_NODE = "authority"
+DAY = 86400
+DELEGATION_LIFETIME = 7 * 86400
+DEFAULT_LIFETIMES = {"root": 365 * DAY, "bundle": 90 * DAY, "policy": 90 * DAY, "ca": 365 * DAY}
+REFRESH_HINT = 3600
+
+
+def fingerprint(data: bytes) -> str:
+    """A root document's fingerprint: SHA-256 of its exact signed bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+class Authority:
+    """An authority home.  The keystore (and so the passphrase) is opened only
+    when a private key is needed: anchor, export and status need none."""
+
+    def __init__(self, home: Path, state: dict[str, Any], keystore: Keystore | Callable[[], Keystore]) -> None:
+        self.home = home
+        self.state = state
+        self._keystore = keystore
+
+    @property
+    def keystore(self) -> Keystore:
+        if not isinstance(self._keystore, Keystore):
+            self._keystore = self._keystore()
+        return self._keystore
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        home: Path,
+        domain: str,
+        *,
+        suite: str,
+        root_keys: int,
+        root_threshold: int,
+        passphrase: bytes | None,
+        now: int,
+    ) -> Authority:
+        check_trust_domain(domain)
+        suite_algs(suite)
+        _check_threshold(root_keys, root_threshold)
+        home = Path(home)
+        if (home / STATE).exists():
+            raise AlreadyInitialised(f"{home} already holds an authority")
+        home.mkdir(parents=True, exist_ok=True)
+        keystore = Keystore.create(home, passphrase)
+        state: dict[str, Any] = {
+            "format": "qhx-edge-authority",
+            "domain": domain,
+            "suite": suite,
+            "roles": {},
+            "key_counter": 0,
+            "cas": [],
+            "versions": {},
+            "lifetimes": dict(DEFAULT_LIFETIMES),
+        }
+        auth = cls(home, state, keystore)
+        for role in D.ROLES:
+            n, m = (root_keys, root_threshold) if role == "root" else (1, 1)
+            state["roles"][role] = {"keys": [auth._new_key(role) for _ in range(n)], "threshold": m}
+        # The authority's own identity: an encryption key so nodes can seal evidence
+        # to it, and a card (node id "authority") that carries it.
+        ident = NodeIdentity.create(keystore, suite)
+        atomic_write(home / CARD, make_card(domain, AUTHORITY_NODE, ident.signer, ident.encryption.public, now))
+        auth._new_ca_generation(now)
+        root = auth._root_payload(1, now)
+        auth._publish(root, auth._signers("root"))
+        auth._publish_bundle(now)
+        auth._publish(auth._policy_payload(policy_fields({}), now), auth._signers("policy"))
+        auth._publish_freshness(now)
+        return auth
+
+    @classmethod
+    def open(cls, home: Path, get_passphrase: Callable[[], bytes]) -> Authority:
+        home = Path(home)
+        try:
+            state = json.loads((home / STATE).read_text())
+        except FileNotFoundError:
+            raise NotInitialised(f"{home} is not an authority home (no {STATE}); run 'authority init'") from None
+        if state.get("format") != "qhx-edge-authority":
+            raise Malformed(f"{home / STATE} is not an authority state file")
+        return cls(home, state, lambda: Keystore.open(home, get_passphrase))
+
+    @staticmethod
+    def exists(home: Path) -> bool:
+        return (Path(home) / STATE).exists()
+
+    def _save(self) -> None:
+        atomic_write(self.home / STATE, json.dumps(self.state, indent=2, sort_keys=True).encode() + b"\n", mode=0o600)
+
+    # --- keys ------------------------------------------------------------------------
+
+    @property
+    def domain(self) -> str:
+        return str(self.state["domain"])
+
+    def _new_key(self, role: str) -> str:
+        self.state["key_counter"] += 1
+        name = f"{role}-{self.state['key_counter']}"
+        self.keystore.save(name, PrivateKey.generate(self.state["suite"]))
+        return name
+
+    def _signers(self, role: str, names: list[str] | None = None) -> list[PrivateKey]:
+        spec = self.state["roles"][role]
+        chosen = names if names is not None else spec["keys"][: spec["threshold"]]
+        return [self.keystore.load(n) for n in chosen]
+
+    def _new_ca_generation(self, now: int) -> None:
+        gen = len(self.state["cas"]) + 1
+        entry: dict[str, Any] = {"generation": gen, "certs": {}}
+        for alg in ca_algs(self.state["suite"]):
+            name = f"ca-g{gen}-{-alg}"
+            key = PrivateKey.generate_algs([alg])
+            self.keystore.save(name, key)
+            cert = make_ca(self.domain, key, gen, now, self.state["lifetimes"]["ca"])
+            path = self.home / "ca" / f"{name}.der"
+            atomic_write(path, cert.der)
+            entry["certs"][str(alg)] = {
+                "key": name,
+                "cert": str(path.relative_to(self.home)),
+                "not_after": now + self.state["lifetimes"]["ca"],
+            }
+        self.state["cas"].append(entry)
+
+    # --- payloads ---------------------------------------------------------------------
+
+    def _common(self, type_: str, now: int, lifetime: int) -> dict[str, Any]:
+        version = int(self.state["versions"].get(type_, 0)) + 1
+        return {"domain": self.domain, "version": version, "issued_at": now, "expires": now + lifetime}
+
+    def _root_payload(self, version: int, now: int) -> D.Root:
+        keys = {}
+        roles = {}
+        for role, spec in self.state["roles"].items():
+            ids = []
+            for name in spec["keys"]:
+                pub = self.keystore.load(name).public
+                keys[pub.keyid] = pub
+                ids.append(pub.keyid)
+            roles[role] = D.RoleKeys(tuple(ids), spec["threshold"])
+        return D.Root(
+            domain=self.domain,
+            version=version,
+            issued_at=now,
+            expires=now + self.state["lifetimes"]["root"],
+            suite=self.state["suite"],
+            keys=keys,
+            roles=roles,
+        )
+
+    def _policy_payload(self, fields: dict[str, Any], now: int) -> D.Policy:
+        d = {"type": "policy", **self._common("policy", now, self.state["lifetimes"]["policy"]), **fields}
+        d.setdefault("algorithms", DEFAULT_ALGORITHMS)
+        d.setdefault("staleness", DEFAULT_STALENESS)
+        return D.Policy.from_dict(d)
+
+    def _publish(self, payload: D.Payload, signers: list[PrivateKey]) -> bytes:
+        data = D.sign(payload, signers)
+        D.parse(data)  # what we publish must parse under our own strict rules
+        atomic_write(self.home / "published" / payload.type / f"{payload.version}.cbor", data)
+        self.state["versions"][payload.type] = payload.version
+        self._save()
+        return data
+
+    def _publish_bundle(self, now: int) -> bytes:
+        # The newest CA generation and the one before it: overlap while SVIDs rotate.
+        certs = []
+        for entry in self.state["cas"][-2:]:
+            for info in entry["certs"].values():
+                if info["not_after"] > now:
+                    certs.append((self.home / info["cert"]).read_bytes())
+        d = {
+            "type": "bundle",
+            **self._common("bundle", now, self.state["lifetimes"]["bundle"]),
+            "x509_authorities": certs,
+            # Delegated nodes sign JWT-SVIDs offline: their keys are the domain's JWT authorities.
+            "jwt_authorities": [
+                {"kid": kid, "spki": bytes.fromhex(k["spki"])}
+                for kid, k in sorted(self.state.get("jwt_keys", {}).items())
+                if k["not_after"] > now
+            ],
+            "refresh_hint": REFRESH_HINT,
+        }
+        return self._publish(D.Bundle.from_dict(d), self._signers("pki"))
+
+    def _publish_freshness(self, now: int, lifetime: int | None = None) -> bytes:
+        policy = D.parse(self.current("policy")).payload
+        assert isinstance(policy, D.Policy)
+        life = lifetime if lifetime is not None else policy.staleness.hard
+        versions = {t: int(self.state["versions"][t]) for t in D.EPOCH_TYPES}
+        d = {"type": "freshness", **self._common("freshness", now, life), "versions": versions, "agreements": {}}
+        return self._publish(D.Freshness.from_dict(d), self._signers("freshness"))
+
+    # --- commands -------------------------------------------------------------------------
+
+    def current(self, type_: str) -> bytes:
+        return self.published(type_, int(self.state["versions"][type_]))
+
+    def published(self, type_: str, version: int) -> bytes:
+        return (self.home / "published" / type_ / f"{version}.cbor").read_bytes()
+
+    def publish_bundle(self, now: int) -> list[bytes]:
+        return [self._publish_bundle(now), self._publish_freshness(now)]
+
+    def publish_policy(self, fields: dict[str, Any], now: int) -> list[bytes]:
+        policy = self._publish(self._policy_payload(fields, now), self._signers("policy"))
+        return [policy, self._publish_freshness(now)]
+
+    def publish_freshness(self, now: int, lifetime: int | None = None) -> list[bytes]:
+        return [self._publish_freshness(now, lifetime)]
+
+    def rotate_ca(self, now: int) -> list[bytes]:
+        self._new_ca_generation(now)
+        return self.publish_bundle(now)
+
+    def rotate_root(
+        self, now: int, *, root_keys: int | None, root_threshold: int | None, roles: tuple[str, ...] = ()
+    ) -> list[bytes]:
+        """Root v+1 with new root keys (and new keys for ``roles``), signed by old and new thresholds."""
+        old = self.state["roles"]["root"]
+        n = root_keys if root_keys is not None else len(old["keys"])
+        m = root_threshold if root_threshold is not None else min(old["threshold"], n)
+        _check_threshold(n, m)
+        for role in roles:
+            if role not in D.ROLES or role == "root":
+                raise Malformed(f"cannot rotate unknown role {role!r}")
+        old_signers = self._signers("root")
+        self.state["roles"]["root"] = {"keys": [self._new_key("root") for _ in range(n)], "threshold": m}
+        for role in roles:
+            self.state["roles"][role] = {"keys": [self._new_key(role)], "threshold": 1}
+        version = int(self.state["versions"]["root"]) + 1
+        root = self._root_payload(version, now)
+        out = [self._publish(root, old_signers + self._signers("root"))]
+        # A rotated role must re-sign what it owns, or nodes reset its mark and hold nothing.
+        if "pki" in roles:
+            out.append(self._publish_bundle(now))
+        if "policy" in roles:
+            current = D.parse(self.current("policy")).payload
+            assert isinstance(current, D.Policy)
+            fields = {k: v for k, v in current.to_dict().items() if k in D.Policy._fields}
+            out.append(self._publish(self._policy_payload(fields, now), self._signers("policy")))
+        out.append(self._publish_freshness(now))
+        return out
+
+    def anchor(self) -> bytes:
+        return self.current("root")
+
+    def issue_delegation(
+        self,
+        *,
+        node_id: str,
+        card_fingerprint: str,
+        ca_spkis: dict[int, bytes],
+        jwt_spki: bytes,
+        attestation: dict[str, Any],
+        now: int,
+        lifetime: int = DELEGATION_LIFETIME,
+    ) -> list[bytes]:
+        """Sign a node's intermediate CA certificate(s) and its delegation (pki role).
+
+        Call only after the node has been attested.  Returns the delegation and
+        a new bundle + freshness whose JWT authorities include the node's key.
+        """
+        gen = self.state["cas"][-1]
+        certs = []
+        not_after = now + lifetime
+        for alg, spki in sorted(ca_spkis.items()):
+            info = gen["certs"].get(str(alg))
+            if info is None:
+                raise Malformed(f"this domain has no CA for algorithm {alg}")
+            cert = make_intermediate(
+                self.domain,
+                self.keystore.load(info["key"]),
+                (self.home / info["cert"]).read_bytes(),
+                spki,
+                node_id,
+                now,
+                lifetime,
+            )
+            certs.append(cert.der)
+            not_after = min(not_after, int(info["not_after"]))
+        load_spki(jwt_spki)
+        kid = f"{node_id}-{hashlib.sha256(jwt_spki).hexdigest()[:16]}"
+        self.state.setdefault("jwt_keys", {})[kid] = {
+            "spki": jwt_spki.hex(),
+            "node_id": node_id,
+            "not_after": not_after,
+        }
+        payload = D.Delegation.from_dict(
+            {
+                "type": "delegation",
+                "domain": self.domain,
+                "version": int(self.state["versions"].get("delegation", 0)) + 1,
+                "issued_at": now,
+                "expires": not_after,
+                "node_id": node_id,
+                "card_fingerprint": card_fingerprint,
+                "attestation": attestation,
+                "x509_cas": certs,
+                "jwt_key": {"kid": kid, "spki": jwt_spki},
+            }
+        )
+        delegation = self._publish(payload, self._signers("pki"))
+        return [delegation, *self.publish_bundle(now)]
+
+    def card(self) -> bytes:
+        return (self.home / CARD).read_bytes()
+
+    @property
+    def identity(self) -> NodeIdentity:
+        return NodeIdentity(self.keystore)
+
+    def export_pack(self, docs: list[bytes], now: int, *, kind: str = "documents") -> bytes:
+        """A pack of ``docs`` whose manifest is signed by the freshness role key.
+
+        Nodes know that key from the root they hold, so they can attribute an
+        authority's pack without any extra trust material.
+        """
+        from qhx_edge.packs import pack
+
+        self.state["export_sequence"] = int(self.state.get("export_sequence", 0)) + 1
+        self._save()
+        signer = self._signers("freshness")[0]
+        return pack.build(
+            docs,
+            signer,
+            domain=self.domain,
+            node=AUTHORITY_NODE,
+            sequence=self.state["export_sequence"],
+            now=now,
+            kind=kind,
+        )
+
+    def export_documents(self) -> list[bytes]:
+        """Every root version (so any node can walk the chain) and the current epoch."""
+        roots = [self.published("root", v) for v in range(1, int(self.state["versions"]["root"]) + 1)]
+        return roots + [self.current(t) for t in ("bundle", "policy", "freshness")]
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"domain": self.domain, "suite": self.state["suite"], "documents": {}}
+        for t in ("root", "bundle", "policy", "freshness"):
+            doc = D.parse(self.current(t))
+            out["documents"][t] = {
+                "version": doc.payload.version,
+                "issued_at": doc.payload.issued_at,
+                "expires": doc.payload.expires,
+                "digest": doc.digest.hex(),
+            }
+        out["root_fingerprint"] = fingerprint(self.current("root"))
+        out["roles"] = {
+            r: {"keys": len(s["keys"]), "threshold": s["threshold"]} for r, s in self.state["roles"].items()
+        }
+        out["ca_generation"] = len(self.state["cas"])
+        return out
+
+
+def _check_threshold(n: int, m: int) -> None:
+    if n < 1 or n > 64:
+        raise Malformed("--root-keys must be between 1 and 64")
+    if m < 1 or m > n:
+        raise Malformed(f"--root-threshold must be between 1 and {n}")

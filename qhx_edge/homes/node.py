@@ -1,0 +1,408 @@
+"""A field node: the I/O around the pure trust core.
+
+Each operation reads the clock once, loads the trust state from the store,
+asks :mod:`qhx_edge.core.trust` for verdicts, and applies what it accepted in one
+transaction.  Import order for a pack (issue: sneakernet):
+
+1. the clock against trusted time (``clock-rollback`` stops everything);
+2. a sealed pack is opened with this node's encryption key (``not-recipient``);
+3. the outer structure, the manifest signature and every document digest are
+   checked before any document is parsed (a tampered pack is refused whole);
+4. every document is verified by the trust-core rules; valid newer documents
+   apply in one transaction, each rejected one is reported with its kind and
+   changes nothing (``strict`` applies nothing unless all are acceptable);
+5. the audit log records every accept and reject, in the same transaction as
+   the change, or on its own when nothing changed.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qhx_edge.core import staleness, trust
+from qhx_edge.core.cards import make_card, parse_card
+from qhx_edge.core.documents import Delegation, Freshness, Policy, Root, parse
+from qhx_edge.core.errors import (
+    AlreadyInitialised,
+    AnchorMismatch,
+    BadSignature,
+    ClockRollback,
+    Malformed,
+    QhxError,
+    Rejected,
+)
+from qhx_edge.homes.authority import fingerprint
+from qhx_edge.packs import pack
+from qhx_edge.store.identity import NodeIdentity
+from qhx_edge.store.keystore import Keystore
+from qhx_edge.store.trust_store import STORE_FILE, AuditEntry, Store
+
+DEFAULT_CLOCK_TOLERANCE = trust.DEFAULT_CLOCK_TOLERANCE
+PassphraseSource = Callable[[], bytes]
+
+
+def _no_passphrase() -> bytes:
+    from qhx_edge.core.errors import PassphraseError
+
+    raise PassphraseError("this operation needs the node's private keys: set QHX_EDGE_PASSPHRASE(_FILE)")
+
+
+def init(
+    home: Path,
+    anchor: bytes,
+    now: int,
+    *,
+    passphrase: bytes | None = None,
+    expect: str | None = None,
+    tolerance: int = DEFAULT_CLOCK_TOLERANCE,
+) -> dict[str, Any]:
+    """Create a node home anchored to ``anchor`` (a root document obtained out of band).
+
+    A node never trusts on first use: the anchor must verify under its own
+    root threshold, and when ``expect`` is given its fingerprint must match.
+    The node's signing and encryption keys are made here and sealed under
+    ``passphrase`` (``None``: stored unencrypted, loudly).
+    """
+    home = Path(home)
+    if (home / STORE_FILE).exists():
+        raise AlreadyInitialised(f"{home} already holds a node store")
+    fp = fingerprint(anchor)
+    if expect is not None and expect.lower() != fp:
+        raise AnchorMismatch(f"anchor fingerprint {fp} does not match the expected {expect}")
+    root = trust.verify_anchor(anchor, now, tolerance)
+    node_id = secrets.token_hex(8)
+    home.mkdir(parents=True, exist_ok=True)
+    ident = NodeIdentity.create(Keystore.create(home, passphrase), root.payload.suite)
+    card = make_card(root.payload.domain, node_id, ident.signer, ident.encryption.public, now)
+    store = Store.create(home)
+    try:
+        store.initialise(node_id, root, fp, tolerance, now, card)
+    finally:
+        store.close()
+    return {
+        "node_id": node_id,
+        "domain": root.payload.domain,
+        "root_version": root.payload.version,
+        "fingerprint": fp,
+        "card_fingerprint": parse_card(card).fingerprint,
+    }
+
+
+@dataclass
+class ImportResult:
+    outcome: trust.Outcome
+    applied: bool
+    manifest: pack.Manifest | None = None
+    exporter: dict[str, Any] = field(default_factory=dict)
+    sealed: bool = False
+    pack_status: str = "new"  # new | already-imported
+    refused: bool = False  # a strict import that applied nothing because of a rejection
+
+    @property
+    def error(self) -> Rejected | None:
+        return self.outcome.first_error()
+
+    def to_json(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for v in self.outcome.verdicts:
+            key = v.status if v.error is None else f"rejected:{v.error.kind}"
+            counts[key] = counts.get(key, 0) + 1
+        return {
+            "applied": self.applied,
+            "changed": self.applied and self.outcome.changed,
+            "pack": self.manifest.to_json() if self.manifest else None,
+            "pack_status": self.pack_status,
+            "sealed": self.sealed,
+            "exporter": self.exporter,
+            "counts": counts,
+            "documents": [_report(v, refused=self.refused) for v in self.outcome.verdicts],
+        }
+
+    def summary(self) -> str:
+        counts = self.to_json()["counts"]
+        head = "applied" if self.applied else "nothing applied"
+        if self.pack_status == "already-imported":
+            head += " (this pack was imported before)"
+        return f"{head}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def _report(v: trust.Verdict, *, refused: bool = False) -> dict[str, Any]:
+    out = v.to_json()
+    # The stable per-document report: applied | already-held | rejected:KIND
+    # (history versions stored below the current one count as applied), and
+    # not-applied for acceptable documents of a strict import that was refused.
+    status = out["status"]
+    report = "applied" if status == "history" else "already-held" if status == "duplicate" else status
+    out["report"] = "not-applied" if refused and report == "applied" else report
+    return out
+
+
+class ImportRejected(Rejected):
+    """An import in which documents were rejected; carries the full report."""
+
+    def __init__(self, cause: Rejected, result: ImportResult) -> None:
+        super().__init__(cause.message)
+        self.kind = cause.kind  # type: ignore[misc]
+        self.result = result
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message}
+
+
+class Node:
+    def __init__(self, home: Path, get_passphrase: PassphraseSource = _no_passphrase) -> None:
+        self.home = Path(home)
+        self.store = Store.open(self.home)
+        self.info = self.store.node_info()
+        self._get_passphrase = get_passphrase
+        self._identity: NodeIdentity | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def node_id(self) -> str:
+        return str(self.info["node_id"])
+
+    @property
+    def domain(self) -> str:
+        return str(self.info["home_domain"])
+
+    @property
+    def tolerance(self) -> int:
+        return int(self.info["clock_tolerance"])
+
+    @property
+    def identity(self) -> NodeIdentity:
+        if self._identity is None:
+            self._identity = NodeIdentity(Keystore.open(self.home, self._get_passphrase))
+        return self._identity
+
+    def card(self) -> bytes:
+        return self.store.card()
+
+    @property
+    def encryption_kid(self) -> bytes:
+        """This node's HPKE key id, from its public card (no private key needed)."""
+        return parse_card(self.store.card()).encryption_key.kid
+
+    # --- import ------------------------------------------------------------------------
+
+    def _reject(self, now: int, exc: Rejected, what: str, doc: Any = None) -> None:
+        p = doc.payload if doc is not None else None
+        self.store.audit(now, [_reject_entry(exc, what, doc, p)])
+
+    def import_pack(self, data: bytes, now: int, *, source: str = "pack", strict: bool = False) -> ImportResult:
+        """Verify a pack and apply every acceptable document in one transaction.
+
+        Raises :class:`ImportRejected` (carrying the report) when any document
+        was rejected; with ``strict`` nothing is applied in that case.
+        """
+        sealed = False
+        try:
+            trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
+            data, sealed = pack.unseal_if_sealed(data, self.encryption_kid, lambda: self.identity.encryption)
+            p = pack.parse(data)
+            if p.manifest.kind != "documents":
+                raise Malformed(f"a {p.manifest.kind} pack is for an authority home, not a node")
+            exporter = self._check_exporter(p.manifest)
+            outcome = trust.verify_batch(
+                p.documents, self.store.trust_state(), now, trust.Limits(self.tolerance), digests=p.manifest.digests
+            )
+        except Rejected as exc:
+            self._reject(now, exc, source)
+            raise
+        seen = self.store.pack_seen(p.manifest.pack_id)
+        result = ImportResult(outcome, False, p.manifest, exporter, sealed, "already-imported" if seen else "new")
+        first = outcome.first_error()
+        rejections = [
+            _reject_entry(v.error, f"{source} document {v.index}", v.doc, v.doc.payload if v.doc else None)
+            for v in outcome.rejected
+            if v.error is not None
+        ]
+        if first is not None and strict:
+            self.store.audit(
+                now, [*rejections, AuditEntry("reject", f"{source}: strict import, nothing applied", first.kind)]
+            )
+            result.refused = True
+            raise ImportRejected(first, result)
+        m = p.manifest
+        record = (m.pack_id, p.digest, m.exporter_domain, m.exporter_node, m.exporter_key.keyid, m.sequence)
+        if outcome.changed:
+            self.store.apply(outcome, now, source, rejections=rejections, pack_record=record)
+            result.applied = True
+        elif first is None:
+            self.store.record_noop(now, [AuditEntry("noop", f"{source}: every document already held")], record)
+        else:
+            self.store.audit(now, [*rejections, AuditEntry("noop", f"{source}: nothing applied")])
+        if first is not None:
+            raise ImportRejected(first, result)
+        return result
+
+    def _check_exporter(self, m: pack.Manifest) -> dict[str, Any]:
+        """Who exported this pack, as far as this node can tell.
+
+        An authority's manifest is verified against the freshness role of the
+        held root; a node's against its pinned card.  A pinned node id signed by
+        another key is impersonation and refused; an unknown exporter is only
+        unverified, since every document authenticates itself.
+        """
+        out: dict[str, Any] = {"domain": m.exporter_domain, "node": m.exporter_node, "keyid": m.exporter_key.keyid}
+        if m.exporter_node == "authority":
+            root = self.store.current(m.exporter_domain, "root") if self._trusts(m.exporter_domain) else None
+            ok = (
+                root is not None
+                and isinstance(root.payload, Root)
+                and m.exporter_key.keyid in root.payload.roles["freshness"].keyids
+            )
+            out["verified"] = ok
+            out["basis"] = "freshness role of the held root" if ok else "key not in the held root"
+            return out
+        pinned = self.store.pinned_card(m.exporter_node)
+        if pinned is None:
+            out["verified"] = False
+            out["basis"] = "no pinned card for this node"
+            return out
+        card = parse_card(pinned)
+        if card.signing_key.keyid != m.exporter_key.keyid or card.domain != m.exporter_domain:
+            raise BadSignature(f"pack claims to come from node {m.exporter_node}, but is not signed by its pinned key")
+        out["verified"] = True
+        out["basis"] = f"pinned card {card.fingerprint[:16]}"
+        return out
+
+    def _trusts(self, domain: str) -> bool:
+        return any(d["domain"] == domain for d in self.store.domains())
+
+    # --- cards -------------------------------------------------------------------------
+
+    def pin_card(self, data: bytes, now: int, *, expect: str | None = None) -> dict[str, Any]:
+        card = parse_card(data)
+        if expect is not None and expect.lower() != card.fingerprint:
+            raise AnchorMismatch(f"card fingerprint {card.fingerprint} does not match the expected {expect}")
+        self.store.pin_card(card.node_id, card.domain, card.signing_key.keyid, card.fingerprint, card.raw, now)
+        return card.to_json()
+
+    # --- export ------------------------------------------------------------------------
+
+    def export_documents(
+        self, *, history: bool = False, domain: str | None = None, since: dict[str, Any] | None = None
+    ) -> list[bytes]:
+        docs = self.store.held_documents(history=history)
+        return select(docs, domain=domain, since=since)
+
+    def export_pack(self, docs: list[bytes], now: int, *, kind: str = "documents") -> bytes:
+        return pack.build(
+            docs,
+            self.identity.signer,
+            domain=self.domain,
+            node=self.node_id,
+            sequence=self.store.next_export_sequence(),
+            now=now,
+            kind=kind,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return summary_of(self.store.held_documents(), node=self.node_id, domain=self.domain)
+
+    # --- status ------------------------------------------------------------------------
+
+    def status(self, now: int) -> dict[str, Any]:
+        from qhx_edge.issue import issuer  # local: keeps the CLI's start-up light
+
+        hw = self.store.clock_high_water()
+        try:
+            trust.check_clock(now, hw, self.tolerance)
+            clock_ok = True
+        except ClockRollback:
+            clock_ok = False
+        out: dict[str, Any] = {
+            "node_id": self.info["node_id"],
+            "home_domain": self.info["home_domain"],
+            "clock": "ok" if clock_ok else "rollback",
+            "now": now,
+            "clock_high_water": hw,
+            "clock_tolerance": self.tolerance,
+            "domains": {},
+        }
+        held = self.store.current(self.domain, "delegation")
+        delegation = held.payload if held is not None and isinstance(held.payload, Delegation) else None
+        out["delegation"] = issuer.delegation_status(delegation, now)
+        for d in self.store.domains():
+            domain = d["domain"]
+            marks = self.store.marks(domain)
+            fresh = self.store.current(domain, "freshness")
+            policy = self.store.current(domain, "policy")
+            f = fresh.payload if fresh is not None and isinstance(fresh.payload, Freshness) else None
+            pol = policy.payload if policy is not None and isinstance(policy.payload, Policy) else None
+            m = staleness.mode(now, f.issued_at if f else None, pol.staleness if pol else None, clock_ok=clock_ok)
+            versions = {t: marks[t].version if t in marks else None for t in ("root", "bundle", "policy", "freshness")}
+            out["domains"][domain] = {
+                "relation": d["relation"],
+                "anchor_fingerprint": d["anchor_fingerprint"],
+                "versions": versions,
+                "freshness_issued_at": f.issued_at if f else None,
+                "freshness_expires": f.expires if f else None,
+                "staleness": m.staleness,
+                "mode": m.mode,
+                # The home domain's issuable TTL: the freshness mode's, capped by the delegation (0 without one).
+                "max_ttl": staleness.issuable_ttl(m, issuer.delegation_end(delegation), now)
+                if domain == self.domain
+                else m.max_ttl,
+                "freshness_max_ttl": m.max_ttl,
+                "budget": {"soft": pol.staleness.soft, "hard": pol.staleness.hard} if pol else None,
+            }
+        return out
+
+
+def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:
+    return AuditEntry(
+        "reject",
+        f"{what}: {exc.message}",
+        exc.kind,
+        p.domain if p else None,
+        p.type if p else None,
+        p.version if p else None,
+        doc.digest if doc is not None else None,
+    )
+
+
+# --- selection and summaries (shared by node and authority exports) ---------------------------
+
+
+def summary_of(docs: Iterable[bytes], **about: Any) -> dict[str, Any]:
+    """``{domain: {type: {"version", "digest"}}}`` of the newest of each held type."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for raw in docs:
+        d = parse(raw)
+        entry = out.setdefault(d.payload.domain, {})
+        held = entry.get(d.type)
+        if held is None or held["version"] < d.payload.version:
+            entry[d.type] = {"version": d.payload.version, "digest": d.digest.hex()}
+    return {"format": "qhx-edge-summary", **about, "domains": out}
+
+
+def select(docs: list[bytes], *, domain: str | None = None, since: dict[str, Any] | None = None) -> list[bytes]:
+    """The documents of ``domain`` (or all) that a peer with summary ``since`` lacks."""
+    if since is not None and (not isinstance(since, dict) or since.get("format") != "qhx-edge-summary"):
+        raise Malformed("--since needs a summary made by 'doc summary'")
+    peer = since.get("domains", {}) if since else {}
+    out = []
+    for raw in docs:
+        d = parse(raw)
+        if domain is not None and d.payload.domain != domain:
+            continue
+        held = peer.get(d.payload.domain, {}).get(d.type) if isinstance(peer, dict) else None
+        if isinstance(held, dict) and isinstance(held.get("version"), int) and held["version"] >= d.payload.version:
+            continue
+        out.append(raw)
+    return out

@@ -1,0 +1,876 @@
+"""SPIFFE issuance under bounded staleness (docs/issuance.md §4, DESIGN.md "Freshness").
+
+An :class:`Issuer` serves one node home: it reads the trust state from the
+node store (re-read whenever another process commits, ``PRAGMA
+data_version``), matches the caller's selectors against the home domain's
+policy ``registrations``, and issues
+
+* **X.509-SVIDs** (SPIFFE X509-SVID): one URI SAN (the SPIFFE ID, critical,
+  since the subject is empty: RFC 5280 §4.2.1.6), ``cA`` false
+  (BasicConstraints, critical), key usage digitalSignature only (critical),
+  extended key usage serverAuth + clientAuth, a random serial, subject and
+  authority key identifiers; a fresh leaf key of the algorithm the policy
+  ``algorithms`` map names for the longest matching path prefix (``ES256``:
+  ECDSA P-256 when nothing matches, ``ML-DSA-65``), signed by the node's
+  delegated intermediate of that algorithm;
+* **JWT-SVIDs** (SPIFFE JWT-SVID): ``{"alg": "ES256", "kid": <delegation
+  jwt_key kid>, "typ": "JWT"}``, claims ``sub``, ``aud`` (a list), ``exp``
+  and ``iat``, signed with the node's JWT key (raw ``r || s``).
+
+Rules:
+
+* clock behind the store's trusted time beyond its tolerance: ``clock-rollback``;
+  no delegation held, or an expired one: ``stale`` ("node not attested");
+  expired mode: ``stale`` (fail closed); no matching registration:
+  ``policy-denied`` ("no identity").
+* TTL = min(registration ``ttl`` or the policy ``svid_ttl``, the mode's max
+  TTL, delegation ``expires`` - now, the intermediate's notAfter - now); for
+  JWT-SVIDs also at most :data:`JWT_MAX_TTL`.  ``notAfter = now + TTL``, so
+  no SVID outlives ``staleness.issued_at + S2`` (the mode's max TTL already
+  stops there) nor the delegation.  A registration's ``ttl`` is the shortest
+  of every registration naming that SPIFFE ID, so every caller of one ID gets
+  the same (cached) SVID.
+* ``notBefore = now -`` :data:`BACKDATE` (relying parties' clock skew), but
+  never before the intermediate's own notBefore, so the leaf's validity nests
+  inside its issuer's.  It is deliberately *not* clamped to the freshness
+  ``issued_at``: the backdate grants no extra lifetime, and the bounded-
+  staleness invariant is about notAfter.
+* SVIDs are cached per SPIFFE ID (JWT-SVIDs per ID and audience list) and
+  re-minted at half-life (never sooner than one second after minting); a new
+  bundle, policy, root or delegation of the home domain, or a mode change,
+  empties the cache.
+* Every SVID minted is written to the node's audit log (event ``issue``:
+  SPIFFE ID, serial or JWT id, notAfter, algorithm, mode, TTL; ``digest`` =
+  SHA-256 of the certificate DER or of the token) before it is handed out,
+  one transaction per call however many SVIDs the call mints.  If the
+  audit write fails the SVIDs are not returned.
+* Registrations the issuer cannot honour (a SPIFFE ID outside the SPIFFE ID
+  syntax, a ``ttl`` that is not a positive integer) never match: fail closed
+  for that entry only.
+
+Bundles: the home domain's are always served (SVIDs already issued under them
+keep running out); a partner domain's only while its own mode is not expired
+(DESIGN.md: "a partner bundle older than its budget stops validating partner
+SVIDs"; the budget comes from the partner's held policy until agreements
+carry one).
+
+Thread safety: one lock guards the store connection, the trust snapshot and
+the caches, so the Workload API's worker threads may share one Issuer.  A
+mint holds the lock, so concurrent first requests for one SPIFFE ID mint once.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, mldsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_der_public_key,
+)
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from qhx_edge.core import staleness, suites, trust
+from qhx_edge.core.documents import Bundle, Delegation, Freshness, Policy, Staleness
+from qhx_edge.core.errors import (
+    BadSignature,
+    ClockRollback,
+    Expired,
+    Malformed,
+    MissingFile,
+    NotYetValid,
+    PolicyDenied,
+    Stale,
+    UnknownDomain,
+)
+from qhx_edge.core.spiffe import parse_spiffe_id
+from qhx_edge.core.suites import ES256, MLDSA65
+from qhx_edge.core.x509ca import private_key_object
+from qhx_edge.store import clock
+from qhx_edge.store.identity import NodeIdentity
+from qhx_edge.store.keystore import Keystore
+from qhx_edge.store.trust_store import AuditEntry, Store
+
+BACKDATE = 30  # seconds an X.509-SVID's notBefore lies before its minting
+JWT_MAX_TTL = 300  # a JWT-SVID is a bearer token: five minutes at most
+MIN_ROTATION = 1  # never re-mint sooner than this after minting (no busy loops)
+POLL_SECONDS = 5.0  # refresh_in() cap: documents imported by another process are noticed this fast
+MAX_JWT_CACHE = 1024  # JWT-SVIDs cached per (SPIFFE ID, audience list); the oldest go first
+MAX_TOKEN = 16 << 10  # a JWT-SVID to validate is at most 16 KiB
+ALGORITHMS = {suites.name_of(alg): alg for alg in suites.SVID_ALGORITHMS}
+DEFAULT_ALGORITHM = "ES256"
+X509_SVID = "x509-svid"
+JWT_SVID = "jwt-svid"
+
+_EMPTY_NAME = x509.Name([])
+_BASIC = x509.BasicConstraints(ca=False, path_length=None)
+_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+_SHA256 = hashes.SHA256()
+
+CaPrivateKey = ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey
+
+
+@dataclass(frozen=True)
+class X509Svid:
+    spiffe_id: str
+    cert_chain: list[bytes]  # DER, leaf first, then the node intermediate (the domain CA is in the bundle)
+    private_key: bytes  # PKCS#8 DER
+    bundle: bytes  # concatenated DER of the trust domain's X.509 authorities (current bundle document)
+    hint: str = ""
+    not_after: int = 0
+
+
+@dataclass(frozen=True)
+class JwtSvid:
+    spiffe_id: str
+    token: str
+    hint: str = ""
+    expires: int = 0
+
+
+# --- SPIFFE IDs ---------------------------------------------------------------------------
+
+
+def algorithm_for(spiffe_id: str, algorithms: dict[str, str]) -> str:
+    """The algorithm the policy names for the longest path prefix of ``spiffe_id`` (``ES256`` if none)."""
+    _, path = parse_spiffe_id(spiffe_id)
+    best: str | None = None
+    for prefix in algorithms:
+        if path.startswith(prefix) and (best is None or len(prefix) > len(best)):
+            best = prefix
+    return DEFAULT_ALGORITHM if best is None else algorithms[best]
+
+
+# --- delegation helpers (shared with Node.status) -------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeCa:
+    """One delegated intermediate of this node."""
+
+    alg: int
+    der: bytes
+    cert: x509.Certificate
+    spki: bytes
+    not_before: int
+    not_after: int
+    aki: x509.AuthorityKeyIdentifier
+
+
+def node_cas(delegation: Delegation) -> dict[int, NodeCa]:
+    """The delegation's intermediates by algorithm (one it cannot read certifies nothing)."""
+    out: dict[int, NodeCa] = {}
+    for der in delegation.x509_cas:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            pub = cert.public_key()
+        except ValueError:
+            continue
+        if isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(pub.curve, ec.SECP256R1):
+            alg = ES256
+        elif isinstance(pub, mldsa.MLDSA65PublicKey):
+            alg = MLDSA65
+        else:
+            continue
+        try:
+            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            ski = x509.SubjectKeyIdentifier.from_public_key(pub)
+        out[alg] = NodeCa(
+            alg,
+            der,
+            cert,
+            pub.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
+            int(cert.not_valid_before_utc.timestamp()),
+            int(cert.not_valid_after_utc.timestamp()),
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+        )
+    return out
+
+
+def delegation_end(delegation: Delegation | None) -> int | None:
+    """When the node stops being able to issue: the delegation's expiry or its earliest CA notAfter."""
+    if delegation is None:
+        return None
+    ends = [delegation.expires, *(ca.not_after for ca in node_cas(delegation).values())]
+    return min(ends)
+
+
+def delegation_status(delegation: Delegation | None, now: int) -> dict[str, Any]:
+    """What ``status`` shows about the node's delegation."""
+    if delegation is None:
+        return {"present": False}
+    end = delegation_end(delegation)
+    assert end is not None
+    return {
+        "present": True,
+        "version": delegation.version,
+        "issued_at": delegation.issued_at,
+        "expires": end,
+        "expired": now >= end,
+        "remaining": max(0, end - now),
+        "method": delegation.attestation.get("method"),
+        "algorithms": [suites.name_of(a) for a in sorted(node_cas(delegation), reverse=True)],
+        "jwt_kid": delegation.jwt_key.get("kid"),
+    }
+
+
+# --- the trust snapshot ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Registration:
+    selectors: frozenset[str]
+    spiffe_id: str
+
+
+@dataclass(frozen=True)
+class _DomainState:
+    bundle: Bundle | None
+    fresh_issued_at: int | None
+    budget: Staleness | None
+    jwt_keys: dict[str, ec.EllipticCurvePublicKey]
+    jwks: bytes
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    home: str
+    tolerance: int
+    high_water: int
+    generation: bytes  # every domain's root, bundle, policy and the delegation
+    home_generation: bytes  # the home domain's: what cached SVIDs depend on
+    domains: dict[str, _DomainState]
+    policy: Policy | None
+    registrations: tuple[_Registration, ...]
+    reg_ttl: dict[str, int | None]
+    reg_alg: dict[str, str]  # SPIFFE ID -> the algorithm the policy names for it
+    home_bundle: bytes  # concatenated DER of the home domain's X.509 authorities
+    delegation: Delegation | None
+    cas: dict[int, NodeCa]
+    delegation_end: int | None  # see delegation_end()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str, what: str) -> bytes:
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+    except (ValueError, TypeError) as exc:
+        raise Malformed(f"JWT {what} is not base64url") from exc
+    if _b64(data) != text:
+        raise Malformed(f"JWT {what} is not canonical unpadded base64url")
+    return data
+
+
+def _jwk(kid: str, key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    nums = key.public_numbers()
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64(nums.x.to_bytes(32, "big")),
+        "y": _b64(nums.y.to_bytes(32, "big")),
+        "kid": kid,
+        "use": "jwt-svid",
+    }
+
+
+def _domain_state(store: Store, domain: str) -> _DomainState:
+    b = store.current(domain, "bundle")
+    p = store.current(domain, "policy")
+    f = store.current(domain, "freshness")
+    bundle = b.payload if b is not None and isinstance(b.payload, Bundle) else None
+    policy = p.payload if p is not None and isinstance(p.payload, Policy) else None
+    fresh = f.payload if f is not None and isinstance(f.payload, Freshness) else None
+    keys: dict[str, ec.EllipticCurvePublicKey] = {}
+    jwks: list[dict[str, str]] = []
+    for item in bundle.jwt_authorities if bundle else ():
+        try:
+            pub = load_der_public_key(item["spki"])
+        except (ValueError, TypeError):
+            continue
+        # JWT-SVIDs are ES256 here; other key types have no SPIFFE JWK form yet.
+        if isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(pub.curve, ec.SECP256R1):
+            keys[item["kid"]] = pub
+            jwks.append(_jwk(item["kid"], pub))
+    doc: dict[str, Any] = {"keys": jwks}
+    if bundle is not None:
+        doc["spiffe_refresh_hint"] = bundle.refresh_hint
+        doc["spiffe_sequence"] = bundle.version
+    return _DomainState(
+        bundle,
+        fresh.issued_at if fresh else None,
+        policy.staleness if policy else None,
+        keys,
+        json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
+    )
+
+
+def _registrations(policy: Policy | None) -> tuple[tuple[_Registration, ...], dict[str, int | None]]:
+    if policy is None:
+        return (), {}
+    regs: list[_Registration] = []
+    ttls: dict[str, int | None] = {}
+    bad: set[str] = set()
+    for reg in policy.registrations:
+        ttl = reg.get("ttl")
+        try:
+            domain, _ = parse_spiffe_id(reg.get("spiffe_id"))
+        except Malformed:
+            continue
+        sid = str(reg["spiffe_id"])
+        if domain != policy.domain or (ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool))):
+            continue
+        if ttl is not None and ttl <= 0:
+            bad.add(sid)  # an unusable TTL poisons the ID: never issue it with a longer one
+            continue
+        regs.append(_Registration(frozenset(reg["selectors"]), sid))
+        if ttl is not None:
+            held = ttls.get(sid)
+            ttls[sid] = ttl if held is None else min(held, ttl)
+        else:
+            ttls.setdefault(sid, None)
+    return tuple(r for r in regs if r.spiffe_id not in bad), ttls
+
+
+def _load_snapshot(store: Store) -> _Snapshot:
+    info = store.node_info()
+    home = str(info["home_domain"])
+    gen = hashlib.sha256()
+    home_gen = hashlib.sha256()
+    domains: dict[str, _DomainState] = {}
+    for d in store.domains():
+        name = d["domain"]
+        for t, m in sorted(store.marks(name).items()):
+            if t == "freshness":
+                continue
+            gen.update(f"{name}/{t}/{m.version}/".encode() + m.digest)
+            if name == home:
+                home_gen.update(f"{t}/{m.version}/".encode() + m.digest)
+        domains[name] = _domain_state(store, name)
+    p = store.current(home, "policy")
+    policy = p.payload if p is not None and isinstance(p.payload, Policy) else None
+    dl = store.current(home, "delegation")
+    delegation = dl.payload if dl is not None and isinstance(dl.payload, Delegation) else None
+    regs, ttls = _registrations(policy)
+    home_bundle = domains[home].bundle if home in domains else None
+    return _Snapshot(
+        home=home,
+        tolerance=int(info["clock_tolerance"]),
+        high_water=store.clock_high_water(),
+        generation=gen.digest(),
+        home_generation=home_gen.digest(),
+        domains=domains,
+        policy=policy,
+        registrations=regs,
+        reg_ttl=ttls,
+        reg_alg={sid: algorithm_for(sid, policy.algorithms) for sid in ttls} if policy is not None else {},
+        home_bundle=b"".join(home_bundle.x509_authorities) if home_bundle is not None else b"",
+        delegation=delegation,
+        cas=node_cas(delegation) if delegation is not None else {},
+        delegation_end=delegation_end(delegation),
+    )
+
+
+def _open_store(home: Path) -> Store:
+    """The node store on a connection the Workload API's worker threads may share.
+
+    :meth:`Store.open` checks the home and migrates; the connection is then
+    reopened with ``check_same_thread=False`` and the store's own pragmas
+    (every use is serialised by ``Issuer._lock``).
+    """
+    checked = Store.open(home)
+    path = checked.path
+    checked.close()
+    conn = sqlite3.connect(path, isolation_level=None, timeout=2.0, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return Store(conn, path)
+
+
+@dataclass
+class _Cached:
+    value: Any  # X509Svid | JwtSvid
+    rotate_at: int
+    flagged: bool = False  # past half-life and already counted in the change token
+
+
+@dataclass
+class _Minted:
+    key: Any
+    value: Any
+    rotate_at: int
+    entry: AuditEntry
+
+
+@dataclass
+class _Mode:
+    """The home domain's mode and every domain's, at one instant."""
+
+    clock_ok: bool
+    home: staleness.Mode
+    domains: dict[str, staleness.Mode] = field(default_factory=dict)
+
+
+class Issuer:
+    """SVID issuance for one node home (see the module docstring for the rules)."""
+
+    poll_seconds = POLL_SECONDS
+
+    def __init__(self, home: Path, get_passphrase: Callable[[], bytes], *, now: Callable[[], int] = clock.now) -> None:
+        self.home = Path(home)
+        self._get_passphrase = get_passphrase
+        self._now = now
+        self._lock = threading.RLock()
+        self._store = _open_store(self.home)
+        self._data_version: int | None = None
+        self._snap: _Snapshot | None = None
+        self._identity: NodeIdentity | None = None
+        self._ca_keys: dict[int, tuple[CaPrivateKey, bytes]] = {}  # alg -> (key, its SPKI DER)
+        self._jwt_key: tuple[ec.EllipticCurvePrivateKey, bytes] | None = None
+        self._cache_key: tuple[bytes, str] | None = None
+        self._x509: dict[str, _Cached] = {}
+        self._jwt: dict[tuple[str, tuple[str, ...]], _Cached] = {}
+        self._rotations = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._store.close()
+
+    def __enter__(self) -> Issuer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- state ---------------------------------------------------------------------------
+
+    def _snapshot(self) -> _Snapshot:
+        """The trust snapshot, re-read when another connection has committed since."""
+        version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])
+        if self._snap is None or version != self._data_version:
+            self._snap = _load_snapshot(self._store)
+            self._data_version = version
+        return self._snap
+
+    @staticmethod
+    def _modes(snap: _Snapshot, now: int) -> _Mode:
+        try:
+            trust.check_clock(now, snap.high_water, snap.tolerance)
+            clock_ok = True
+        except ClockRollback:
+            clock_ok = False
+        modes = {
+            name: staleness.mode(now, d.fresh_issued_at, d.budget, clock_ok=clock_ok)
+            for name, d in snap.domains.items()
+        }
+        home = modes.get(snap.home) or staleness.mode(now, None, None)
+        return _Mode(clock_ok, home, modes)
+
+    def _issuing(self, snap: _Snapshot, now: int) -> staleness.Mode:
+        """The home mode, or the reason nothing may be issued now."""
+        trust.check_clock(now, snap.high_water, snap.tolerance)
+        d = snap.delegation
+        if d is None:
+            raise Stale(
+                "node not attested: no delegation held "
+                "(attest with 'node attest request' and import the delegation pack)"
+            )
+        end = snap.delegation_end
+        assert end is not None
+        if now >= end:
+            raise Stale(f"node not attested: delegation v{d.version} expired at {end}; attest again")
+        mode = self._modes(snap, now).home
+        if mode.mode == staleness.EXPIRED:
+            dom = snap.domains.get(snap.home)
+            if dom is None or dom.fresh_issued_at is None or dom.budget is None:
+                raise Stale(f"{snap.home}: no freshness and policy held; import a pack from the authority")
+            raise Stale(
+                f"{snap.home}: trust is stale ({mode.staleness} s since freshness issued at {dom.fresh_issued_at}, "
+                f"hard budget {dom.budget.hard} s); no new SVIDs until a fresh pack is imported"
+            )
+        if self._cache_key != (snap.home_generation, mode.mode):
+            self._cache_key = (snap.home_generation, mode.mode)
+            self._x509.clear()
+            self._jwt.clear()
+        return mode
+
+    def _match(self, snap: _Snapshot, selectors: Iterable[str]) -> list[str]:
+        have = frozenset(selectors)
+        out: dict[str, None] = {}
+        for reg in snap.registrations:
+            if reg.selectors <= have:
+                out[reg.spiffe_id] = None
+        if not out:
+            raise PolicyDenied("no identity: no registration matches the caller's selectors")
+        return list(out)
+
+    def _ttl(self, snap: _Snapshot, mode: staleness.Mode, spiffe_id: str, now: int, cap: int | None) -> int:
+        assert snap.policy is not None
+        assert snap.delegation is not None
+        reg = snap.reg_ttl.get(spiffe_id)
+        end = snap.delegation_end
+        ttl = min(reg if reg is not None else snap.policy.staleness.svid_ttl, staleness.issuable_ttl(mode, end, now))
+        if cap is not None:
+            ttl = min(ttl, cap)
+        if ttl <= 0:
+            raise Stale(f"no lifetime left to issue {spiffe_id} (mode {mode.mode}, delegation ends at {end})")
+        return ttl
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def _ident(self) -> NodeIdentity:
+        if self._identity is None:
+            self._identity = NodeIdentity(Keystore.open(self.home, self._get_passphrase))
+        return self._identity
+
+    def _ca_key(self, ca: NodeCa) -> CaPrivateKey:
+        held = self._ca_keys.get(ca.alg)
+        if held is None:
+            try:
+                obj = private_key_object(self._ident().ca_key(ca.alg))
+            except MissingFile as exc:
+                raise Stale(f"node not attested: this node has no {suites.name_of(ca.alg)} CA key") from exc
+            spki = obj.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            held = self._ca_keys[ca.alg] = (obj, spki)
+        if held[1] != ca.spki:
+            raise Stale(
+                f"node not attested: the delegation certifies another {suites.name_of(ca.alg)} CA key than it holds"
+            )
+        return held[0]
+
+    def _jwt_signer(self, snap: _Snapshot) -> ec.EllipticCurvePrivateKey:
+        assert snap.delegation is not None
+        if self._jwt_key is None:
+            try:
+                obj = private_key_object(self._ident().jwt_key())
+            except MissingFile as exc:
+                raise Stale("node not attested: this node has no JWT-SVID key") from exc
+            assert isinstance(obj, ec.EllipticCurvePrivateKey)
+            self._jwt_key = (obj, obj.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+        if self._jwt_key[1] != snap.delegation.jwt_key.get("spki"):
+            raise Stale("node not attested: the delegation certifies another JWT-SVID key than this node holds")
+        return self._jwt_key[0]
+
+    # --- minting ----------------------------------------------------------------------------
+
+    def _mint_x509(self, snap: _Snapshot, mode: staleness.Mode, spiffe_id: str, now: int) -> _Minted:
+        assert snap.policy is not None
+        alg_name = snap.reg_alg[spiffe_id]
+        alg = ALGORITHMS.get(alg_name)
+        ca = snap.cas.get(alg) if alg is not None else None
+        if ca is None:
+            held = ", ".join(suites.name_of(a) for a in snap.cas) or "none"
+            raise PolicyDenied(
+                f"policy names {alg_name!r} for {spiffe_id}, but this node's delegation holds CAs for {held}"
+            )
+        ttl = self._ttl(snap, mode, spiffe_id, now, ca.not_after - now)
+        signer = self._ca_key(ca)
+        key: ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey
+        key = ec.generate_private_key(ec.SECP256R1()) if alg == ES256 else mldsa.MLDSA65PrivateKey.generate()
+        pub = key.public_key()
+        not_after = now + ttl
+        serial = x509.random_serial_number()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_EMPTY_NAME)
+            .issuer_name(ca.cert.subject)
+            .public_key(pub)
+            .serial_number(serial)
+            .not_valid_before(dt.datetime.fromtimestamp(max(now - BACKDATE, ca.not_before), dt.UTC))
+            .not_valid_after(dt.datetime.fromtimestamp(not_after, dt.UTC))
+            .add_extension(_BASIC, critical=True)
+            .add_extension(_KEY_USAGE, critical=True)
+            .add_extension(_EKU, critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+            .add_extension(ca.aki, critical=False)
+            .sign(signer, _SHA256 if alg == ES256 else None)
+        )
+        der = cert.public_bytes(Encoding.DER)
+        svid = X509Svid(
+            spiffe_id=spiffe_id,
+            cert_chain=[der, ca.der],
+            private_key=key.private_bytes(Encoding.DER, PrivateFormat.PKCS8, NoEncryption()),
+            bundle=snap.home_bundle,
+            not_after=not_after,
+        )
+        detail = (
+            f"{X509_SVID} {spiffe_id} serial {serial:x} not_after {not_after} alg {alg_name} mode {mode.mode} ttl {ttl}"
+        )
+        entry = AuditEntry("issue", detail, None, snap.home, X509_SVID, None, hashlib.sha256(der).digest())
+        return _Minted(spiffe_id, svid, now + max(MIN_ROTATION, ttl // 2), entry)
+
+    def _mint_jwt(
+        self, snap: _Snapshot, mode: staleness.Mode, spiffe_id: str, audience: tuple[str, ...], now: int
+    ) -> _Minted:
+        assert snap.delegation is not None
+        ttl = self._ttl(snap, mode, spiffe_id, now, JWT_MAX_TTL)
+        signer = self._jwt_signer(snap)
+        kid = str(snap.delegation.jwt_key["kid"])
+        header = {"alg": "ES256", "kid": kid, "typ": "JWT"}
+        claims = {"sub": spiffe_id, "aud": list(audience), "exp": now + ttl, "iat": now}
+        signing_input = (
+            _b64(json.dumps(header, separators=(",", ":")).encode())
+            + "."
+            + _b64(json.dumps(claims, separators=(",", ":")).encode())
+        )
+        r, s = decode_dss_signature(signer.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
+        token = signing_input + "." + _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        svid = JwtSvid(spiffe_id=spiffe_id, token=token, expires=now + ttl)
+        detail = (
+            f"{JWT_SVID} {spiffe_id} aud {json.dumps(list(audience))} kid {kid} not_after {now + ttl} alg ES256 "
+            f"mode {mode.mode} ttl {ttl}"
+        )
+        entry = AuditEntry("issue", detail, None, snap.home, JWT_SVID, None, hashlib.sha256(token.encode()).digest())
+        return _Minted((spiffe_id, audience), svid, now + max(MIN_ROTATION, ttl // 2), entry)
+
+    def _commit(self, now: int, minted: list[_Minted], cache: dict[Any, _Cached], *, streamed: bool) -> None:
+        """Audit every minted SVID in one transaction, then cache them (nothing is cached if the audit fails)."""
+        if not minted:
+            return
+        self._store.audit(now, [m.entry for m in minted])
+        for m in minted:
+            old = cache.get(m.key)
+            if streamed and old is not None and not old.flagged:
+                self._rotations += 1  # another stream may hold the old one: make it re-fetch
+            cache[m.key] = _Cached(m.value, m.rotate_at)
+
+    # --- the interface the Workload API uses -------------------------------------------------
+
+    def x509_svids(self, selectors: frozenset[str]) -> list[X509Svid]:
+        """Every X.509-SVID registered for ``selectors`` (cached until half-life)."""
+        with self._lock:
+            now = self._now()
+            snap = self._snapshot()
+            mode = self._issuing(snap, now)
+            ids = self._match(snap, selectors)
+            out: dict[str, X509Svid] = {}
+            minted: list[_Minted] = []
+            for sid in ids:
+                hit = self._x509.get(sid)
+                if hit is not None and now < hit.rotate_at:
+                    out[sid] = hit.value
+                else:
+                    m = self._mint_x509(snap, mode, sid, now)
+                    minted.append(m)
+                    out[sid] = m.value
+            self._commit(now, minted, self._x509, streamed=True)
+            return [out[sid] for sid in ids]
+
+    def x509_bundles(self) -> dict[str, bytes]:
+        """Trust domain -> concatenated DER of its X.509 authorities (home always, partners while fresh)."""
+        with self._lock:
+            snap = self._snapshot()
+            usable = self._usable_domains(snap, self._now())
+            return {
+                name: b"".join(d.bundle.x509_authorities)
+                for name, d in snap.domains.items()
+                if d.bundle is not None and name in usable
+            }
+
+    def jwt_svids(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid]:
+        """A JWT-SVID for ``audience`` per registered SPIFFE ID (or only ``spiffe_id``)."""
+        aud = tuple(dict.fromkeys(audience))
+        if not aud or not all(isinstance(a, str) and a for a in aud):
+            raise Malformed("a JWT-SVID needs at least one non-empty audience")
+        with self._lock:
+            now = self._now()
+            snap = self._snapshot()
+            mode = self._issuing(snap, now)
+            ids = self._match(snap, selectors)
+            if spiffe_id:
+                if spiffe_id not in ids:
+                    raise PolicyDenied(f"no identity: {spiffe_id} is not registered for the caller's selectors")
+                ids = [spiffe_id]
+            out: list[JwtSvid] = []
+            minted: list[_Minted] = []
+            for sid in ids:
+                hit = self._jwt.get((sid, aud))
+                if hit is not None and now < hit.rotate_at:
+                    out.append(hit.value)
+                else:
+                    m = self._mint_jwt(snap, mode, sid, aud, now)
+                    minted.append(m)
+                    out.append(m.value)
+            self._commit(now, minted, self._jwt, streamed=False)
+            while len(self._jwt) > MAX_JWT_CACHE:
+                del self._jwt[next(iter(self._jwt))]
+            return out
+
+    def jwt_bundles(self) -> dict[str, bytes]:
+        """Trust domain -> JWKS (RFC 7517, SPIFFE bundle format) of its JWT authorities."""
+        with self._lock:
+            snap = self._snapshot()
+            usable = self._usable_domains(snap, self._now())
+            return {name: d.jwks for name, d in snap.domains.items() if d.bundle is not None and name in usable}
+
+    def validate_jwt(self, token: str, audience: str) -> tuple[str, dict[str, Any]]:
+        """``(SPIFFE ID, claims)`` of a valid JWT-SVID for ``audience``, or a typed rejection."""
+        if not isinstance(token, str) or len(token) > MAX_TOKEN:
+            raise Malformed("a JWT-SVID must be a text of at most 16 KiB")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise Malformed("a JWT-SVID has three dot-separated parts")
+        header = _json_object(_unb64(parts[0], "header"), "header")
+        claims = _json_object(_unb64(parts[1], "claims"), "claims")
+        signature = _unb64(parts[2], "signature")
+        if header.get("alg") != "ES256":
+            raise BadSignature(f"JWT-SVID algorithm {header.get('alg')!r} is not accepted (ES256 only)")
+        if header.get("typ", "JWT") not in ("JWT", "JOSE"):
+            raise Malformed("JWT-SVID typ must be JWT or JOSE")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise Malformed("JWT-SVID header has no kid")
+        sub = claims.get("sub")
+        domain, _ = parse_spiffe_id(sub)
+        assert isinstance(sub, str)
+        with self._lock:
+            now = self._now()
+            snap = self._snapshot()
+            trust.check_clock(now, snap.high_water, snap.tolerance)
+            state = snap.domains.get(domain)
+            if state is None or state.bundle is None:
+                raise UnknownDomain(f"this node holds no bundle for {domain}")
+            if domain not in self._usable_domains(snap, now):
+                raise Stale(f"the bundle of {domain} is older than its staleness budget")
+            key = state.jwt_keys.get(kid)
+        if key is None:
+            raise BadSignature(f"no JWT authority {kid!r} in the bundle of {domain}")
+        if len(signature) != 64:
+            raise BadSignature("an ES256 signature is 64 bytes")
+        der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
+        try:
+            key.verify(der, f"{parts[0]}.{parts[1]}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise BadSignature(f"JWT-SVID signature does not verify under {kid!r}") from None
+        exp = claims.get("exp")
+        if not isinstance(exp, int) or isinstance(exp, bool):
+            raise Malformed("JWT-SVID has no integer exp claim")
+        if now >= exp:
+            raise Expired(f"JWT-SVID expired at {exp}")
+        nbf = claims.get("nbf")
+        if isinstance(nbf, int) and not isinstance(nbf, bool) and now < nbf:
+            raise NotYetValid(f"JWT-SVID is not valid before {nbf}")
+        aud = claims.get("aud")
+        auds = [aud] if isinstance(aud, str) else aud
+        if not isinstance(auds, list) or not auds or not all(isinstance(a, str) for a in auds):
+            raise Malformed("JWT-SVID aud must be a text or a non-empty list of texts")
+        if audience not in auds:
+            raise PolicyDenied(f"JWT-SVID is for audience {auds}, not {audience!r}")
+        return sub, claims
+
+    # --- change notification ----------------------------------------------------------------
+
+    @staticmethod
+    def _usable_domains(snap: _Snapshot, now: int) -> set[str]:
+        modes = Issuer._modes(snap, now).domains
+        return {n for n in snap.domains if n == snap.home or modes[n].mode != staleness.EXPIRED}
+
+    def change_token(self) -> bytes:
+        """Changes whenever a stream should re-send: a new root, bundle, policy or delegation,
+        a mode change (of any domain, or the clock), or a cached X.509-SVID past half-life."""
+        with self._lock:
+            now = self._now()
+            snap = self._snapshot()
+            modes = self._modes(snap, now)
+            for entry in self._x509.values():
+                if not entry.flagged and now >= entry.rotate_at:
+                    entry.flagged = True
+                    self._rotations += 1
+            h = hashlib.sha256(snap.generation)
+            h.update(b"clock-ok" if modes.clock_ok else b"clock-rollback")
+            for name, m in sorted(modes.domains.items()):
+                h.update(f"|{name}={m.mode}".encode())
+            d_end = snap.delegation_end
+            h.update(f"|delegation={d_end is not None and now < d_end}|rotations={self._rotations}".encode())
+            return h.digest()
+
+    def refresh_in(self) -> float:
+        """Seconds until the next scheduled change (at most :attr:`poll_seconds`, so that
+        documents imported by another process are noticed)."""
+        with self._lock:
+            now = self._now()
+            snap = self._snapshot()
+            times: list[int] = [e.rotate_at for e in self._x509.values() if not e.flagged]
+            for d in snap.domains.values():
+                if d.fresh_issued_at is not None and d.budget is not None:
+                    times += [d.fresh_issued_at + d.budget.soft, d.fresh_issued_at + d.budget.hard]
+            end = snap.delegation_end
+            if end is not None:
+                times.append(end)
+            times.append(snap.high_water - snap.tolerance)  # a clock that was behind catches up
+            future = [t - now for t in times if t > now]
+            return float(min([self.poll_seconds, *future]))
+
+    def status(self) -> dict[str, Any]:
+        """Mode, staleness and maximum TTL of the home domain, and the delegation."""
+        with self._lock:
+            now = self._now()
+            snap = self._snapshot()
+            modes = self._modes(snap, now)
+            dom = snap.domains.get(snap.home)
+            m = modes.home
+            return {
+                "domain": snap.home,
+                "now": now,
+                "clock": "ok" if modes.clock_ok else "rollback",
+                "mode": m.mode,
+                "staleness": m.staleness,
+                "max_ttl": staleness.issuable_ttl(m, snap.delegation_end, now),
+                "freshness_max_ttl": m.max_ttl,
+                "freshness_issued_at": dom.fresh_issued_at if dom else None,
+                "budget": {"soft": dom.budget.soft, "hard": dom.budget.hard} if dom and dom.budget else None,
+                "delegation": delegation_status(snap.delegation, now),
+                "registrations": len(snap.registrations),
+                "cached": {"x509_svids": len(self._x509), "jwt_svids": len(self._jwt)},
+                "refresh_in": self.refresh_in(),
+            }
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise Malformed(f"JWT {what} repeats the member {k!r}")
+            out[k] = v
+        return out
+
+    try:
+        value = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Malformed(f"JWT {what} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise Malformed(f"JWT {what} must be a JSON object")
+    return value

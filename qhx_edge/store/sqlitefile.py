@@ -1,0 +1,70 @@
+"""One SQLite file, used the same way everywhere it holds state.
+
+WAL journal, ``synchronous=FULL`` (a commit is fsynced before it returns),
+foreign keys on, numbered migrations recorded in ``PRAGMA user_version``, and
+``BEGIN IMMEDIATE`` transactions that either commit whole or roll back.  The
+node store, the authority's evidence store and its attestation store are all
+this, with their own migrations.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+from qhx_edge.core.errors import StoreCorrupt, StoreLocked
+
+
+class SqliteFile:
+    MIGRATIONS: ClassVar[tuple[str, ...]] = ()
+    WHAT: ClassVar[str] = "store"
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self.conn = conn
+        self.path = path
+
+    @staticmethod
+    def connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=2.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise StoreLocked(f"{path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreCorrupt(f"{path} is not a usable SQLite store: {exc}") from exc
+        return conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def migrate(self) -> None:
+        current = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(self.MIGRATIONS):
+            raise StoreCorrupt(f"{self.WHAT} schema v{current} is newer than this qhx-edge (v{len(self.MIGRATIONS)})")
+        for number in range(current, len(self.MIGRATIONS)):
+            with self.transaction():
+                for statement in self.MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreLocked(f"{self.path} is locked by another process: {exc}") from exc
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")

@@ -1,0 +1,486 @@
+"""The node store: one SQLite file holding everything a node believes.
+
+* the exact signed bytes of every accepted document and its history;
+* persisted high-water marks per (domain, type) -- the rollback guard;
+* the persisted clock high-water mark (trusted time);
+* a hash-chained audit log of every accept and reject.
+
+Durability: WAL journal, ``synchronous=FULL`` (every commit is fsynced before
+it is acknowledged), foreign keys on.  Every change of trust state happens in
+one ``BEGIN IMMEDIATE`` transaction, so a crash leaves the old or the new
+state and nothing between.  Rejections are written to the audit log in their
+own transaction *after* the rejected change has been rolled back, so the
+audit log grows while the trust state (every other table) stays unchanged.
+
+Schema changes are numbered migrations applied in order and recorded in
+``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from qhx_edge.core import cbor
+from qhx_edge.core.documents import Freshness, Root, Signed, parse
+from qhx_edge.core.errors import NotInitialised, StoreCorrupt
+from qhx_edge.core.trust import DomainView, Mark, Outcome, TrustState
+from qhx_edge.store.sqlitefile import SqliteFile
+
+STORE_FILE = "node.sqlite"
+GENESIS = b"\x00" * 32
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the trust core.
+    """
+    CREATE TABLE node (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        node_id TEXT NOT NULL,
+        home_domain TEXT NOT NULL,
+        clock_tolerance INTEGER NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE domains (
+        domain TEXT PRIMARY KEY,
+        relation TEXT NOT NULL CHECK (relation IN ('home', 'partner')),
+        anchor_fingerprint TEXT NOT NULL,
+        added_at INTEGER NOT NULL
+    );
+    CREATE TABLE documents (
+        id INTEGER PRIMARY KEY,
+        domain TEXT NOT NULL REFERENCES domains(domain),
+        type TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        issued_at INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        accepted_at INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        UNIQUE (domain, type, version)
+    );
+    CREATE INDEX documents_digest ON documents(digest);
+    CREATE TABLE high_water (
+        domain TEXT NOT NULL REFERENCES domains(domain),
+        type TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        PRIMARY KEY (domain, type)
+    );
+    CREATE TABLE clock (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        high_water INTEGER NOT NULL
+    );
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        at INTEGER NOT NULL,
+        event TEXT NOT NULL,
+        kind TEXT,
+        domain TEXT,
+        type TEXT,
+        version INTEGER,
+        digest BLOB,
+        detail TEXT NOT NULL,
+        prev BLOB NOT NULL,
+        hash BLOB NOT NULL
+    );
+    """,
+    # 2: node identity, export counters, packs seen, peer cards (sneakernet).
+    """
+    CREATE TABLE identity (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        card BLOB NOT NULL
+    );
+    CREATE TABLE exports (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        sequence INTEGER NOT NULL,
+        evidence_seq INTEGER NOT NULL
+    );
+    CREATE TABLE packs_seen (
+        pack_id BLOB PRIMARY KEY,
+        digest BLOB NOT NULL,
+        exporter_domain TEXT NOT NULL,
+        exporter_node TEXT NOT NULL,
+        exporter_keyid TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        imported_at INTEGER NOT NULL
+    );
+    CREATE INDEX packs_seen_digest ON packs_seen(digest);
+    CREATE TABLE cards (
+        node_id TEXT PRIMARY KEY,
+        domain TEXT NOT NULL,
+        keyid TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        body BLOB NOT NULL,
+        pinned_at INTEGER NOT NULL
+    );
+    """,
+    # 3: files handled by 'pack watch', by SHA-256 of the file's bytes (a sealed
+    # pack's outer bytes differ from the pack packs_seen records).  Bookkeeping,
+    # not trust state: trust_digest() leaves it out, like the audit log.
+    """
+    CREATE TABLE watched_files (
+        digest BLOB PRIMARY KEY,
+        name TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        at INTEGER NOT NULL
+    );
+    """,
+)
+
+# Bookkeeping, not belief: the audit log, which packs and files were seen, and
+# export counters.  A no-op import may record a pack; it must not look like a
+# change of trust.
+NOT_TRUST_STATE = frozenset({"audit", "watched_files", "packs_seen", "exports"})
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    event: str  # init | accept | reject | reset | ...
+    detail: str
+    kind: str | None = None
+    domain: str | None = None
+    type: str | None = None
+    version: int | None = None
+    digest: bytes | None = None
+
+
+def _entry_hash(prev: bytes, seq: int, at: int, e: AuditEntry) -> bytes:
+    body = cbor.encode([seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail])
+    return hashlib.sha256(prev + body).digest()
+
+
+class Store(SqliteFile):
+    """A node's SQLite store.  Use :meth:`create` or :meth:`open`."""
+
+    MIGRATIONS = MIGRATIONS
+    WHAT = "store"
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        super().__init__(conn, path)
+        self.db = sqlite_utils.Database(conn)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @classmethod
+    def open(cls, home: Path) -> Store:
+        path = Path(home) / STORE_FILE
+        if not path.exists():
+            raise NotInitialised(f"{home} is not a node home (no {STORE_FILE}); run 'node init'")
+        store = cls(cls.connect(path), path)
+        store.migrate()
+        return store
+
+    @classmethod
+    def create(cls, home: Path) -> Store:
+        Path(home).mkdir(parents=True, exist_ok=True)
+        path = Path(home) / STORE_FILE
+        store = cls(cls.connect(path), path)
+        store.migrate()
+        return store
+
+    # --- reading -------------------------------------------------------------------
+
+    def node_info(self) -> dict[str, Any]:
+        row = self.conn.execute("SELECT node_id, home_domain, clock_tolerance, created_at FROM node").fetchone()
+        if row is None:
+            raise NotInitialised(f"{self.path} holds no node (interrupted 'node init'?)")
+        return {"node_id": row[0], "home_domain": row[1], "clock_tolerance": row[2], "created_at": row[3]}
+
+    def clock_high_water(self) -> int:
+        row = self.conn.execute("SELECT high_water FROM clock").fetchone()
+        return int(row[0]) if row else 0
+
+    def domains(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT domain, relation, anchor_fingerprint, added_at FROM domains ORDER BY domain")
+        return [dict(zip(("domain", "relation", "anchor_fingerprint", "added_at"), r, strict=True)) for r in rows]
+
+    def marks(self, domain: str) -> dict[str, Mark]:
+        rows = self.conn.execute("SELECT type, version, digest FROM high_water WHERE domain = ?", (domain,))
+        return {t: Mark(v, bytes(d)) for t, v, d in rows}
+
+    def document(self, domain: str, type_: str, version: int) -> bytes | None:
+        row = self.conn.execute(
+            "SELECT body FROM documents WHERE domain = ? AND type = ? AND version = ?", (domain, type_, version)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def current(self, domain: str, type_: str) -> Signed[Any] | None:
+        mark = self.marks(domain).get(type_)
+        if mark is None:
+            return None
+        body = self.document(domain, type_, mark.version)
+        if body is None or hashlib.sha256(body).digest() != mark.digest:
+            raise StoreCorrupt(f"held {type_} v{mark.version} of {domain} is missing or does not match its mark")
+        return parse(body)
+
+    def trust_state(self) -> TrustState:
+        views = {}
+        for d in self.domains():
+            domain = d["domain"]
+            root = self.current(domain, "root")
+            if root is None or not isinstance(root.payload, Root):
+                raise StoreCorrupt(f"no root held for {domain}")
+            fresh = self.current(domain, "freshness")
+            history = {
+                (t, v): bytes(dg)
+                for t, v, dg in self.conn.execute(
+                    "SELECT type, version, digest FROM documents WHERE domain = ?", (domain,)
+                )
+            }
+            views[domain] = DomainView(
+                root=root,
+                marks=self.marks(domain),
+                freshness=fresh if fresh is not None and isinstance(fresh.payload, Freshness) else None,
+                history=history,
+            )
+        info = self.conn.execute("SELECT node_id FROM node").fetchone()
+        return TrustState(views, self.clock_high_water(), info[0] if info else None)
+
+    def list_documents(self) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT d.domain, d.type, d.version, d.digest, d.issued_at, d.expires, "
+            "h.version IS NOT NULL AS current FROM documents d LEFT JOIN high_water h "
+            "ON h.domain = d.domain AND h.type = d.type AND h.version = d.version "
+            "ORDER BY d.domain, d.type, d.version"
+        )
+        keys = ("domain", "type", "version", "digest", "issued_at", "expires", "current")
+        out = []
+        for r in rows:
+            item = dict(zip(keys, r, strict=True))
+            item["digest"] = bytes(item["digest"]).hex()
+            item["current"] = bool(item["current"])
+            out.append(item)
+        return out
+
+    def held_documents(self, *, history: bool = False) -> list[bytes]:
+        """Current documents (and with ``history`` all versions), roots first in version order."""
+        if history:
+            sql = "SELECT body FROM documents ORDER BY domain, type != 'root', type, version"
+        else:
+            sql = (
+                "SELECT d.body FROM documents d JOIN high_water h ON h.domain = d.domain AND h.type = d.type "
+                "AND (h.version = d.version OR d.type = 'root') ORDER BY d.domain, d.type != 'root', d.type, d.version"
+            )
+        return [bytes(r[0]) for r in self.conn.execute(sql)]
+
+    # --- writing -------------------------------------------------------------------
+
+    def _audit(self, conn: sqlite3.Connection, at: int, entries: Sequence[AuditEntry]) -> None:
+        row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
+        rows = []
+        for e in entries:
+            seq += 1
+            h = _entry_hash(prev, seq, at, e)
+            rows.append((seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail, prev, h))
+            prev = h
+        conn.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def audit(self, at: int, entries: Sequence[AuditEntry]) -> None:
+        """Append entries to the audit log in their own transaction."""
+        with self.transaction() as conn:
+            self._audit(conn, at, entries)
+
+    def initialise(
+        self, node_id: str, anchor: Signed[Root], fingerprint: str, tolerance: int, now: int, card: bytes
+    ) -> None:
+        p = anchor.payload
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO node VALUES (1, ?, ?, ?, ?)", (node_id, p.domain, tolerance, now))
+            conn.execute("INSERT INTO identity VALUES (1, ?)", (card,))
+            conn.execute("INSERT INTO exports VALUES (1, 0, 0)")
+            conn.execute("INSERT INTO domains VALUES (?, 'home', ?, ?)", (p.domain, fingerprint, now))
+            self._insert_docs(conn, [anchor], now)
+            conn.execute("INSERT INTO high_water VALUES (?, 'root', ?, ?)", (p.domain, p.version, anchor.digest))
+            conn.execute("INSERT INTO clock VALUES (1, ?)", (p.issued_at,))
+            self._audit(
+                conn,
+                now,
+                [
+                    AuditEntry(
+                        "init",
+                        f"node {node_id} anchored to {p.domain} root v{p.version} fingerprint {fingerprint}",
+                        None,
+                        p.domain,
+                        "root",
+                        p.version,
+                        anchor.digest,
+                    )
+                ],
+            )
+
+    @staticmethod
+    def _insert_docs(conn: sqlite3.Connection, docs: Sequence[Signed[Any]], now: int) -> None:
+        conn.executemany(
+            "INSERT INTO documents (domain, type, version, digest, issued_at, expires, accepted_at, body) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            [
+                (
+                    d.payload.domain,
+                    d.type,
+                    d.payload.version,
+                    d.digest,
+                    d.payload.issued_at,
+                    d.payload.expires,
+                    now,
+                    d.raw,
+                )
+                for d in docs
+            ],
+        )
+
+    # --- identity, exports, packs, cards -----------------------------------------------
+
+    def card(self) -> bytes:
+        row = self.conn.execute("SELECT card FROM identity").fetchone()
+        if row is None:
+            raise NotInitialised(f"{self.path} holds no node identity")
+        return bytes(row[0])
+
+    def next_export_sequence(self) -> int:
+        with self.transaction() as conn:
+            conn.execute("UPDATE exports SET sequence = sequence + 1")
+            return int(conn.execute("SELECT sequence FROM exports").fetchone()[0])
+
+    def evidence_mark(self) -> int:
+        """The last audit sequence number already exported as evidence."""
+        return int(self.conn.execute("SELECT evidence_seq FROM exports").fetchone()[0])
+
+    def set_evidence_mark(self, seq: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE exports SET evidence_seq = MAX(evidence_seq, ?)", (seq,))
+
+    def pack_seen(self, pack_id: bytes) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT exporter_domain, exporter_node, sequence, imported_at FROM packs_seen WHERE pack_id = ?", (pack_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("exporter_domain", "exporter_node", "sequence", "imported_at"), row, strict=True))
+
+    def pack_digest_seen(self, digest: bytes) -> bool:
+        """Whether a pack with these exact bytes was imported (and changed something)."""
+        row = self.conn.execute("SELECT 1 FROM packs_seen WHERE digest = ? LIMIT 1", (digest,)).fetchone()
+        return row is not None
+
+    def watched_file(self, digest: bytes) -> dict[str, Any] | None:
+        """What 'pack watch' did with a file of these bytes, if it handled one."""
+        row = self.conn.execute("SELECT name, outcome, at FROM watched_files WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else dict(zip(("name", "outcome", "at"), row, strict=True))
+
+    def record_watched(self, digest: bytes, name: str, outcome: str, at: int) -> None:
+        """Remember a file 'pack watch' handled; only a rejected outcome is ever replaced by a later one."""
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO watched_files VALUES (?,?,?,?) ON CONFLICT (digest) DO UPDATE SET "
+                "name = excluded.name, outcome = excluded.outcome, at = excluded.at "
+                "WHERE watched_files.outcome = 'rejected'",
+                (digest, name, outcome, at),
+            )
+
+    def pinned_card(self, node_id: str) -> bytes | None:
+        row = self.conn.execute("SELECT body FROM cards WHERE node_id = ?", (node_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def pin_card(self, node_id: str, domain: str, keyid: str, fingerprint: str, body: bytes, now: int) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO cards VALUES (?,?,?,?,?,?) ON CONFLICT (node_id) DO UPDATE SET domain = excluded.domain, "
+                "keyid = excluded.keyid, fingerprint = excluded.fingerprint, body = excluded.body",
+                (node_id, domain, keyid, fingerprint, body, now),
+            )
+            self._audit(conn, now, [AuditEntry("pin-card", f"card of node {node_id} ({domain}) pinned: {fingerprint}")])
+
+    def record_noop(
+        self, now: int, entries: Sequence[AuditEntry], pack_record: tuple[bytes, bytes, str, str, str, int] | None
+    ) -> None:
+        """An import that changed nothing: remember the pack (re-import says so) and audit it."""
+        with self.transaction() as conn:
+            if pack_record is not None:
+                conn.execute("INSERT OR IGNORE INTO packs_seen VALUES (?,?,?,?,?,?,?)", (*pack_record, now))
+            self._audit(conn, now, entries)
+
+    def apply(
+        self,
+        outcome: Outcome,
+        now: int,
+        detail: str,
+        *,
+        rejections: Sequence[AuditEntry] = (),
+        pack_record: tuple[bytes, bytes, str, str, str, int] | None = None,
+    ) -> None:
+        """Persist an outcome in one transaction: accepted documents, marks, the
+        pack record and every audit entry (accepts and per-document rejects)."""
+        entries: list[AuditEntry] = []
+        with self.transaction() as conn:
+            if pack_record is not None:
+                conn.execute("INSERT OR IGNORE INTO packs_seen VALUES (?,?,?,?,?,?,?)", (*pack_record, now))
+            for domain, type_ in sorted(outcome.resets):
+                # TUF 5.3.11: the role's keys changed, so its old versions no longer bind us.
+                conn.execute("DELETE FROM high_water WHERE domain = ? AND type = ?", (domain, type_))
+                conn.execute("DELETE FROM documents WHERE domain = ? AND type = ?", (domain, type_))
+                entries.append(
+                    AuditEntry("reset", f"{type_} keys rotated: high-water mark reset ({detail})", None, domain, type_)
+                )
+            docs = outcome.accepted
+            self._insert_docs(conn, docs, now)
+            for (domain, type_), mark in sorted(outcome.marks.items()):
+                conn.execute(
+                    "INSERT INTO high_water VALUES (?,?,?,?) ON CONFLICT (domain, type) "
+                    "DO UPDATE SET version = excluded.version, digest = excluded.digest",
+                    (domain, type_, mark.version, mark.digest),
+                )
+            conn.execute("UPDATE clock SET high_water = MAX(high_water, ?)", (outcome.clock_high_water,))
+            for v in outcome.verdicts:
+                if v.doc is not None and v.status in ("applied", "history"):
+                    p = v.doc.payload
+                    entries.append(
+                        AuditEntry("accept", f"{v.status}: {detail}", None, p.domain, p.type, p.version, v.doc.digest)
+                    )
+            self._audit(conn, now, [*entries, *rejections])
+
+    # --- integrity -------------------------------------------------------------------
+
+    def trust_digest(self) -> str:
+        """SHA-256 over every table but the audit log and other bookkeeping: equal digests, equal trust state."""
+        h = hashlib.sha256()
+        for table in sorted(self.db.table_names()):
+            if table in NOT_TRUST_STATE or table.startswith("sqlite_"):
+                continue
+            cols = [c.name for c in self.db[table].columns]
+            h.update(cbor.encode([table, cols]))
+            order = ", ".join(f'"{c}"' for c in cols)
+            # Table and column names come from sqlite_master, not from input.
+            for row in self.conn.execute(f'SELECT * FROM "{table}" ORDER BY {order}'):  # noqa: S608
+                h.update(cbor.encode([bytes(x) if isinstance(x, memoryview) else x for x in row]))
+        return h.hexdigest()
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        keys = ("seq", "at", "event", "kind", "domain", "type", "version", "digest", "detail", "prev", "hash")
+        return [dict(zip(keys, r, strict=True)) for r in self.conn.execute("SELECT * FROM audit ORDER BY seq")]
+
+    def verify_audit_chain(self) -> int:
+        """Check every link of the audit chain; return its length or raise StoreCorrupt."""
+        prev = GENESIS
+        n = 0
+        for row in self.conn.execute("SELECT * FROM audit ORDER BY seq"):
+            seq, at, event, kind, domain, type_, version, digest, detail, rprev, rhash = row
+            n += 1
+            if seq != n or bytes(rprev) != prev:
+                raise StoreCorrupt(f"audit chain broken at entry {seq}")
+            entry = AuditEntry(
+                event, detail, kind, domain, type_, version, bytes(digest) if digest is not None else None
+            )
+            if _entry_hash(prev, seq, at, entry) != bytes(rhash):
+                raise StoreCorrupt(f"audit entry {seq} does not match its hash")
+            prev = bytes(rhash)
+        return n
+
+    def integrity_check(self) -> str:
+        return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
