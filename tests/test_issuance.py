@@ -25,7 +25,7 @@ from qhx_edge.core.errors import QhxError
 from qhx_edge.core.policyfile import policy_fields
 from qhx_edge.core.spiffe import parse_spiffe_id
 from qhx_edge.core.suites import ES256, MLDSA65
-from qhx_edge.core.x509ca import private_key_object
+from qhx_edge.core.x509ca import domain_name_constraints, private_key_object
 from qhx_edge.homes import node
 from qhx_edge.issue.issuer import BACKDATE, JWT_MAX_TTL, Issuer, X509Svid, algorithm_for
 from qhx_edge.store import clock
@@ -276,7 +276,7 @@ def test_mldsa_svid_for_a_post_quantum_namespace_chains_with_cryptography(ready:
     # Name constraints hold: the intermediate permits exactly this domain, and the leaf's one URI is in it.
     nc = inter.extensions.get_extension_for_class(x509.NameConstraints)
     assert nc.critical
-    assert list(nc.value.permitted_subtrees or []) == [x509.UniformResourceIdentifier(DOMAIN)]
+    assert nc.value == domain_name_constraints(DOMAIN)
     assert parse_spiffe_id(pq.spiffe_id)[0] == DOMAIN
     # A leaf under the ES256 intermediate would not verify as issued by the ML-DSA one.
     with pytest.raises((ValueError, TypeError)):

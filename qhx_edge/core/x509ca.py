@@ -4,14 +4,18 @@ Each generation of CAs is one ECDSA P-256 CA and, for the ``pq`` and
 ``hybrid`` suites, one ML-DSA-65 CA.  Each is self-signed, ``cA`` true with
 path length 1 (the node's delegated intermediate, path length 0, sits below
 it), key usage keyCertSign and cRLSign, the trust domain's SPIFFE ID as URI
-SAN, and a URI name constraint to the trust domain (RFC 5280 §4.2.1.10: a
-URI constraint is a host name, so ``alpha.example`` permits exactly
-``spiffe://alpha.example/...``).
+SAN, and name constraints (RFC 5280 §4.2.1.10) that bind it to the trust
+domain: URIs in the domain only (a URI constraint is a host name, so
+``alpha.example`` permits exactly ``spiffe://alpha.example/...``), and no DNS
+name, IP address or e-mail address at all, so a compromised node cannot mint a
+certificate that a TLS client would accept for a web host (see
+:func:`domain_name_constraints`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -34,9 +38,37 @@ def private_key_object(key: PrivateKey) -> ec.EllipticCurvePrivateKey | mldsa.ML
     raise ValueError(f"no CA support for algorithm {alg}")
 
 
+# A reserved host (RFC 6761 §6.4): no real mailbox is in it.
+_NO_MAILBOX = "invalid"
+
+
+def domain_name_constraints(domain: str) -> x509.NameConstraints:
+    """The name constraints of every CA of ``domain`` (RFC 5280 §4.2.1.10).
+
+    * permitted: URIs whose host is the trust domain (the SPIFFE IDs);
+    * excluded: every DNS name (the empty dNSName constraint matches all of
+      them) and every IPv4 and IPv6 address (``0.0.0.0/0``, ``::/0``);
+    * e-mail: RFC 5280 has no "every mailbox" constraint, but a permitted
+      subtree of a name type forbids every name of that type outside it, so
+      the only permitted mailboxes are those on the reserved host ``invalid``.
+
+    Validators check subject common names that look like host names against
+    the DNS constraints too, so a node CA cannot issue a web server
+    certificate by either route.
+    """
+    return x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier(domain), x509.RFC822Name(_NO_MAILBOX)],
+        excluded_subtrees=[
+            x509.DNSName(""),
+            x509.IPAddress(ipaddress.IPv4Network("0.0.0.0/0")),
+            x509.IPAddress(ipaddress.IPv6Network("::/0")),
+        ],
+    )
+
+
 def _ca_extensions(builder: x509.CertificateBuilder, domain: str, *, path_length: int) -> x509.CertificateBuilder:
     """What every CA of a trust domain carries: ``cA`` with ``path_length``, keyCertSign and
-    cRLSign, the domain's SPIFFE ID, and a URI name constraint to the domain (RFC 5280 §4.2.1.10)."""
+    cRLSign, the domain's SPIFFE ID, and the domain's name constraints (:func:`domain_name_constraints`)."""
     return (
         builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
@@ -56,10 +88,7 @@ def _ca_extensions(builder: x509.CertificateBuilder, domain: str, *, path_length
         .add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{domain}")]), critical=False
         )
-        .add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.UniformResourceIdentifier(domain)], excluded_subtrees=None),
-            critical=True,
-        )
+        .add_extension(domain_name_constraints(domain), critical=True)
     )
 
 
