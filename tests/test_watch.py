@@ -7,15 +7,18 @@ real command against a writer that writes a pack slowly in pieces.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +26,7 @@ from qhx_edge.core import cbor
 from qhx_edge.core.cards import parse_card
 from qhx_edge.core.errors import Incomplete, Malformed, StoreLocked
 from qhx_edge.homes.node import Node
+from qhx_edge.homes.watch import FINAL as FINAL_EVENTS
 from qhx_edge.homes.watch import Event, Watcher, could_be_pack, free_name, ignored
 from qhx_edge.packs import pack, seal
 from qhx_edge.store import clock
@@ -563,3 +567,135 @@ def test_cli_missing_directory_is_an_environment_error(tmp_path: Path) -> None:
     r = run_cli("--json", "--home", homes.node_home, "pack", "watch", tmp_path / "nope", "--once")
     assert r.code == 3
     assert r.json["error"]["kind"] == "missing-file"
+
+
+# --- a hostile drop folder (whoever writes to it must not reach outside it, nor hang the watcher) ---------------
+
+
+class SwapAfterScan(Watcher):
+    """A watcher that lets the test change a file between the scan and the read (the race an attacker wins)."""
+
+    swap: Callable[[], None] | None = None
+
+    def _scan(self, dfd: int) -> dict[str, tuple[int, int, int]]:
+        found = super()._scan(dfd)
+        if self.swap is not None:
+            swap, self.swap = self.swap, None
+            swap()
+        return found
+
+
+def swapping_rig(rig: Rig) -> SwapAfterScan:
+    w = SwapAfterScan(
+        rig.drop,
+        rig.node,
+        settle=SETTLE,
+        interval=1.0,
+        incomplete_timeout=TIMEOUT,
+        emit=rig.events.append,
+        monotonic=rig.time.monotonic,
+        sleep=rig.time.sleep,
+    )
+    rig.watcher = w
+    return w
+
+
+@pytest.mark.parametrize("folder", ["imported", "rejected"])
+def test_an_outcome_folder_that_is_a_link_is_never_written_through(rig: Rig, tmp_path: Path, folder: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (rig.drop / folder).symlink_to(outside)
+    data = rig.new_pack() if folder == "imported" else b"\xff garbage, not a pack"
+    (rig.drop / "p.cbor").write_bytes(data)
+    rig.poll_at(0)
+    events = rig.poll_at(SETTLE)
+    assert [(e.event, e.kind) for e in events] == [("deferred", "unsafe-path")]
+    assert list(outside.iterdir()) == []  # nothing placed, moved or written there
+    assert (rig.drop / "p.cbor").read_bytes() == data  # the pack stays where it was dropped
+    assert rig.poll_at(1) == []
+    assert rig.poll_at(120) == []
+    assert list(outside.iterdir()) == []
+
+
+def test_a_pack_swapped_for_a_link_after_the_scan_is_not_followed(rig: Rig, tmp_path: Path) -> None:
+    secret = tmp_path / "elsewhere.pack"
+    secret.write_bytes(rig.new_pack())  # a valid pack outside the folder: following the link would import it
+    (rig.drop / "p.cbor").write_bytes(b"\xff placeholder")
+    before = rig.trust()
+    w = swapping_rig(rig)
+    rig.poll_at(0)
+
+    def to_link() -> None:
+        (rig.drop / "p.cbor").unlink()
+        (rig.drop / "p.cbor").symlink_to(secret)
+
+    w.swap = to_link
+    events = rig.poll_at(SETTLE)
+    assert [e.event for e in events if e.event in FINAL_EVENTS] == []
+    assert rig.trust() == before
+    assert (rig.drop / "p.cbor").is_symlink()
+    assert secret.exists()
+    assert not (rig.drop / "imported").exists()
+    assert not (rig.drop / "rejected").exists()
+    assert rig.poll_at(SETTLE) == []  # a link is never a candidate
+
+
+def test_a_fifo_swapped_in_after_the_scan_never_hangs_the_watcher(rig: Rig) -> None:
+    (rig.drop / "p.cbor").write_bytes(rig.new_pack())
+    w = swapping_rig(rig)
+    rig.poll_at(0)
+
+    def to_fifo() -> None:
+        (rig.drop / "p.cbor").unlink()
+        os.mkfifo(rig.drop / "p.cbor")
+
+    w.swap = to_fifo
+    rig.time.t += SETTLE
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (w.poll(), done.set()), daemon=True)
+    t.start()
+    finished = done.wait(10)
+    if not finished:  # release the blocked open() so the thread can end
+        fd = os.open(rig.drop / "p.cbor", os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+    t.join(10)
+    assert finished, "the watcher blocked opening a FIFO"
+    assert not (rig.drop / "imported").exists()
+    assert not (rig.drop / "rejected").exists()
+
+
+def test_a_failed_move_is_reported_once_and_leaves_no_reason_files(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_replace = os.replace
+
+    def cross_device(src: Any, dst: Any, **kw: Any) -> None:
+        if os.fspath(src).endswith("p.cbor"):  # the pack's own rename, as onto another file system
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", cross_device)
+    (rig.drop / "p.cbor").write_bytes(rig.new_pack())
+    rig.poll_at(0)
+    events = rig.poll_at(SETTLE) + rig.poll_at(1) + rig.poll_at(1) + rig.poll_at(120) + rig.poll_at(120)
+    assert [(e.event, e.kind) for e in events] == [("deferred", "os-error")]
+    assert sorted(p.name for p in (rig.drop / "imported").iterdir()) == []  # no reason file without its pack
+    assert (rig.drop / "p.cbor").exists()
+
+    monkeypatch.setattr(os, "replace", real_replace)  # the stick is writable again
+    events = rig.poll_at(120)
+    assert names(events) == [("imported", "p.cbor")]
+    assert sorted(p.name for p in (rig.drop / "imported").iterdir()) == ["p.cbor", "p.cbor.reason"]
+
+
+def test_cli_sigterm_stops_the_watcher_beside_a_fifo(tmp_path: Path) -> None:
+    homes = make_homes(tmp_path, import_first=False)
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    os.mkfifo(drop / "p.cbor")  # a FIFO where a pack would be: never opened
+    proc = _watch(homes.node_home, drop, "--interval", "0.2", "--settle", "0.2")
+    assert proc.stdout is not None
+    assert json.loads(proc.stdout.readline())["event"] == "watching"
+    time.sleep(1.0)  # several polls over the FIFO
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in json.loads(out.splitlines()[-1])["message"]

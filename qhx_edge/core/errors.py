@@ -171,6 +171,12 @@ class NoTpm(EnvironmentFault):
     kind = "no-tpm"
 
 
+class UnsafePath(EnvironmentFault):
+    """A path that must be a real file or directory in its place is a link, a special file or elsewhere."""
+
+    kind = "unsafe-path"
+
+
 def all_kinds() -> dict[str, type[QhxError]]:
     """Every stable kind and its class (used by docs and tests)."""
     out: dict[str, type[QhxError]] = {}

@@ -31,14 +31,32 @@ existing name in ``imported/`` or ``rejected/`` is never overwritten (a
 ``-N`` suffix is added).  So a file in those folders always has its reason,
 and a pulled stick holds each file in exactly one place.
 
+Whoever can write to the folder (the courier who carried the stick) must not
+be able to make the watcher read, write or move anything elsewhere, nor hang
+it (docs/architecture.md "Packs, cards and sealing"):
+
+* everything is done relative to a descriptor of the watched folder, opened
+  anew at every poll (holding it would keep a pulled stick's mount busy);
+* ``imported/`` and ``rejected/`` must be real directories of the watched
+  folder: opened with ``O_NOFOLLOW`` and on the same device, else the file
+  stays in place and the watcher says ``unsafe-path`` (once);
+* a pack file is opened ``O_NOFOLLOW | O_NONBLOCK`` and checked with
+  ``fstat`` against what the scan saw: a link or a FIFO swapped in after the
+  scan is never followed or waited on, so SIGTERM always stops the watcher;
+* a move that fails (another file system, a read-only stick) removes the
+  reason file it wrote, is reported once, and is retried only every
+  ``move_retry`` seconds.
+
 Time, sleeping and the wall clock are injected, so the stability and
 incomplete-timeout rules are tested without waiting.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import secrets
 import signal
 import sqlite3
 import stat
@@ -53,11 +71,10 @@ from types import FrameType
 from typing import Any
 
 from qhx_edge.core import cbor
-from qhx_edge.core.errors import EnvironmentFault, Incomplete, Malformed, MissingFile, Rejected
+from qhx_edge.core.errors import EnvironmentFault, Incomplete, Malformed, MissingFile, Oversize, Rejected, UnsafePath
 from qhx_edge.homes.node import ImportRejected, ImportResult, Node
 from qhx_edge.packs import pack, seal
 from qhx_edge.store import clock
-from qhx_edge.store.files import atomic_write, fsync_dir
 
 IMPORTED = "imported"
 REJECTED = "rejected"
@@ -169,6 +186,7 @@ class _Tracked:
     since: float  # monotonic time the file was last seen to change (or first seen)
     waiting: bool = False  # ends early at this signature: wait for a change or the timeout
     announced: str | None = None  # the last incomplete/deferred message logged (log once, not every poll)
+    retry_at: float = 0.0  # a failed move is tried again no sooner than this
 
 
 @dataclass(frozen=True)
@@ -196,8 +214,10 @@ class Watcher:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         wall: Callable[[], int] = clock.now,
+        move_retry: float = 60.0,
     ) -> None:
         self.dir = Path(directory)
+        self.move_retry = move_retry
         self.node = node
         self.settle = settle
         self.interval = interval
@@ -208,6 +228,7 @@ class Watcher:
         self._wall = wall
         self._files: dict[str, _Tracked] = {}
         self._unmoved: dict[tuple[str, bytes], _Outcome] = {}  # handled, but the move failed: retry it alone
+        self._dfd: int | None = None  # the watched folder, open during one poll
         self._unavailable = False
         self.counts: Counter[str] = Counter()
 
@@ -247,9 +268,9 @@ class Watcher:
 
     # --- one poll ------------------------------------------------------------------------
 
-    def _scan(self) -> dict[str, Signature]:
+    def _scan(self, dfd: int) -> dict[str, Signature]:
         found: dict[str, Signature] = {}
-        with os.scandir(self.dir) as entries:
+        with os.scandir(dfd) as entries:
             for entry in entries:
                 if ignored(entry.name):
                     continue
@@ -262,11 +283,27 @@ class Watcher:
         """Look at the directory once and handle every file that has settled."""
         now = self._monotonic()
         try:
-            found = self._scan()
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:  # the stick was pulled or unmounted: wait for it
-            if not self._unavailable:
-                self._unavailable = True
-                self.emit(Event("unavailable", message=f"{self.dir}: {exc.strerror or exc}", kind="os-error"))
+            self._gone(exc)
+            return
+        try:
+            self._dfd = dfd
+            self._poll(dfd, now)
+        finally:
+            self._dfd = None
+            os.close(dfd)
+
+    def _gone(self, exc: OSError) -> None:
+        if not self._unavailable:
+            self._unavailable = True
+            self.emit(Event("unavailable", message=f"{self.dir}: {exc.strerror or exc}", kind="os-error"))
+
+    def _poll(self, dfd: int, now: float) -> None:
+        try:
+            found = self._scan(dfd)
+        except OSError as exc:  # the stick was pulled or unmounted: wait for it
+            self._gone(exc)
             return
         if self._unavailable:
             self._unavailable = False
@@ -285,28 +322,51 @@ class Watcher:
                 continue
             if tracked.waiting and quiet < self.incomplete_timeout:
                 continue
-            self._handle(name, tracked, now)
+            if now < tracked.retry_at:
+                continue
+            self._handle(dfd, name, tracked, now)
 
     # --- one file --------------------------------------------------------------------------
 
-    def _handle(self, name: str, tracked: _Tracked, now: float) -> None:
-        path = self.dir / name
+    def _handle(self, dfd: int, name: str, tracked: _Tracked, now: float) -> None:
         try:
-            data = pack.read(path)
-            st = os.stat(path, follow_symlinks=False)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as exc:  # gone, or swapped for a link (ELOOP) since the scan: look again next poll
+            self._files.pop(name, None)
+            if exc.errno not in (errno.ENOENT, errno.ELOOP):
+                self._defer(name, tracked, exc)
+            return
+        try:
+            self._handle_open(fd, name, tracked, now)
+        finally:
+            os.close(fd)
+
+    def _as_scanned(self, fd: int, name: str, tracked: _Tracked, now: float) -> bool:
+        """Whether the open file is the regular file the scan saw (else forget it, or let it settle again)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device swapped in after the scan: never read
+            self._files.pop(name, None)
+            return False
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != tracked.sig:  # changed under us: settle again
+            self._files[name] = _Tracked((st.st_size, st.st_mtime_ns, st.st_ino), now, announced=tracked.announced)
+            return False
+        return True
+
+    def _handle_open(self, fd: int, name: str, tracked: _Tracked, now: float) -> None:
+        try:
+            if not self._as_scanned(fd, name, tracked, now):
+                return
+            data = _read_capped(fd, MAX_FILE)
         except Rejected as exc:  # larger than any pack may be
-            self._finish(name, tracked, None, self._rejected(name, None, exc))
+            self._finish(fd, name, tracked, None, self._rejected(name, None, exc))
             return
         except (EnvironmentFault, OSError) as exc:
             self._defer(name, tracked, exc)
             return
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != tracked.sig:  # changed under us: settle again
-            self._files[name] = _Tracked((st.st_size, st.st_mtime_ns, st.st_ino), now, announced=tracked.announced)
-            return
         digest = hashlib.sha256(data).digest()
         unmoved = self._unmoved.get((name, digest))
         if unmoved is not None:
-            self._finish(name, tracked, digest, unmoved)
+            self._finish(fd, name, tracked, digest, unmoved)
             return
         timed_out = tracked.waiting
         if not data or self._ends_early(data):
@@ -320,7 +380,7 @@ class Watcher:
         except (EnvironmentFault, OSError, sqlite3.OperationalError) as exc:
             self._defer(name, tracked, exc)
             return
-        self._finish(name, tracked, digest, outcome)
+        self._finish(fd, name, tracked, digest, outcome)
 
     def _ends_early(self, data: bytes) -> bool:
         """Whether ``data`` is an incomplete pack worth waiting for (not garbage that ends early)."""
@@ -430,12 +490,13 @@ class Watcher:
 
     # --- moving ------------------------------------------------------------------------------
 
-    def _finish(self, name: str, tracked: _Tracked, digest: bytes | None, outcome: _Outcome) -> None:
+    def _finish(self, fd: int, name: str, tracked: _Tracked, digest: bytes | None, outcome: _Outcome) -> None:
         try:
-            dest = self._move(name, outcome)
-        except OSError as exc:
+            dest = self._move(fd, name, outcome)
+        except (OSError, UnsafePath) as exc:
             if digest is not None:
                 self._unmoved[(name, digest)] = outcome
+            tracked.retry_at = self._monotonic() + self.move_retry
             self._defer(name, tracked, exc)
             return
         self._unmoved.pop((name, digest or b""), None)
@@ -450,44 +511,111 @@ class Watcher:
                 name,
                 outcome.message,
                 kind=outcome.kind,
-                moved_to=f"{outcome.folder}/{dest.name}",
+                moved_to=f"{outcome.folder}/{dest}",
                 sha256=digest.hex() if digest is not None else None,
                 report=outcome.report,
             )
         )
 
-    def _move(self, name: str, outcome: _Outcome) -> Path:
-        folder = self.dir / outcome.folder
-        if not folder.is_dir():
-            folder.mkdir(exist_ok=True)
-            fsync_dir(self.dir)
-        dest = free_name(folder, name)
-        source = self.dir / name
-        _fsync_file(source)  # the writer may not have: make the content durable before the rename
-        atomic_write(folder / f"{dest.name}{REASON_SUFFIX}", (outcome.reason + "\n").encode("utf-8", "replace"))
-        os.replace(source, dest)
-        fsync_dir(folder)
-        fsync_dir(self.dir)
+    def _subfolder(self, dfd: int, folder: str) -> int:
+        """A descriptor of ``imported/`` or ``rejected/``: made if absent, a real directory of the folder."""
+        with suppress(FileExistsError):
+            os.mkdir(folder, 0o755, dir_fd=dfd)
+            os.fsync(dfd)
+        try:
+            ffd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafePath(f"{self.dir / folder} is not a directory of the watched folder (a link?)") from exc
+            raise
+        if os.fstat(ffd).st_dev != os.fstat(dfd).st_dev:
+            os.close(ffd)
+            raise UnsafePath(f"{self.dir / folder} is another file system mounted in the watched folder")
+        return ffd
+
+    def _move(self, fd: int, name: str, outcome: _Outcome) -> str:
+        dfd = self._dfd
+        assert dfd is not None, "moves happen inside a poll"
+        ffd = self._subfolder(dfd, outcome.folder)
+        try:
+            dest = free_name_at(ffd, name)
+            reason = f"{dest}{REASON_SUFFIX}"
+            os.fsync(fd)  # the writer may not have: make the content durable before the rename
+            _write_new(ffd, reason, (outcome.reason + "\n").encode("utf-8", "replace"))
+            try:
+                os.replace(name, dest, src_dir_fd=dfd, dst_dir_fd=ffd)
+            except OSError:
+                with suppress(OSError):  # no reason file without its pack
+                    os.unlink(reason, dir_fd=ffd)
+                raise
+            os.fsync(ffd)
+            os.fsync(dfd)
+        finally:
+            os.close(ffd)
         return dest
 
 
-def free_name(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``folder/STEM-N.SUFFIX``: a name whose file and reason file are both free."""
-    candidate = folder / name
-    n = 0
-    while candidate.exists() or candidate.with_name(candidate.name + REASON_SUFFIX).exists():
+MAX_FILE = pack.MAX_PACK_SIZE + seal.MAX_HEADER_SIZE + 64  # the largest file a (sealed) pack may be
+
+
+def _read_capped(fd: int, cap: int) -> bytes:
+    """The whole of an open regular file of at most ``cap`` bytes, else :class:`Oversize`."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = os.read(fd, min(1 << 20, cap + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            raise Oversize(f"pack file larger than the cap of {cap} bytes")
+
+
+def _exists_at(dfd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dfd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def free_name_at(dfd: int, name: str) -> str:
+    """``name``, or ``STEM-N.SUFFIX``: a name in the folder ``dfd`` whose file and reason file are both free."""
+    candidate, n = name, 0
+    while _exists_at(dfd, candidate) or _exists_at(dfd, candidate + REASON_SUFFIX):
         n += 1
         p = Path(name)
-        candidate = folder / f"{p.stem}-{n}{p.suffix}"
+        candidate = f"{p.stem}-{n}{p.suffix}"
     return candidate
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def free_name(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``folder/STEM-N.SUFFIX`` (see :func:`free_name_at`)."""
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        return folder / free_name_at(dfd, name)
     finally:
-        os.close(fd)
+        os.close(dfd)
+
+
+def _write_new(dfd: int, name: str, data: bytes) -> None:
+    """Write ``name`` in the folder ``dfd`` atomically (temporary name, fsync, rename), never through a link."""
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
 
 
 # --- running it ----------------------------------------------------------------------------------
