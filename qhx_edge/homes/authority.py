@@ -29,7 +29,7 @@ from qhx_edge.core.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, poli
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, ca_algs, suite_algs
 from qhx_edge.core.x509ca import load_spki, make_ca, make_intermediate
-from qhx_edge.store.files import atomic_write
+from qhx_edge.store.files import atomic_write, private_dir
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
 
@@ -82,7 +82,7 @@ class Authority:
         home = Path(home)
         if (home / STATE).exists():
             raise AlreadyInitialised(f"{home} already holds an authority")
-        home.mkdir(parents=True, exist_ok=True)
+        private_dir(home)
         keystore = Keystore.create(home, passphrase)
         state: dict[str, Any] = {
             "format": "qhx-edge-authority",

@@ -37,6 +37,7 @@ from qhx_edge.core.errors import (
 )
 from qhx_edge.homes.authority import fingerprint
 from qhx_edge.packs import pack
+from qhx_edge.store.files import private_dir
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
 from qhx_edge.store.trust_store import STORE_FILE, AuditEntry, Store
@@ -75,7 +76,7 @@ def init(
         raise AnchorMismatch(f"anchor fingerprint {fp} does not match the expected {expect}")
     root = trust.verify_anchor(anchor, now, tolerance)
     node_id = secrets.token_hex(8)
-    home.mkdir(parents=True, exist_ok=True)
+    private_dir(home)
     ident = NodeIdentity.create(Keystore.create(home, passphrase), root.payload.suite)
     card = make_card(root.payload.domain, node_id, ident.signer, ident.encryption.public, now)
     store = Store.create(home)

@@ -56,3 +56,15 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` (and missing parents) a directory only its owner may enter: mode 0700.
+
+    A home holds the node's trust store, audit chain and sealed keys; another
+    local user must not even list it.  An existing home is tightened too.
+    """
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o777 != 0o700:
+        path.chmod(0o700)

@@ -3,19 +3,43 @@
 WAL journal, ``synchronous=FULL`` (a commit is fsynced before it returns),
 foreign keys on, numbered migrations recorded in ``PRAGMA user_version``, and
 ``BEGIN IMMEDIATE`` transactions that either commit whole or roll back.  The
-node store, the authority's evidence store and its attestation store are all
-this, with their own migrations.
+file and its WAL and shared-memory files are mode 0600: another local user
+reads nothing of the trust state or the audit chain.  The node store, the
+authority's evidence store and its attestation store are all this, with their
+own migrations.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar
 
 from qhx_edge.core.errors import StoreCorrupt, StoreLocked
+
+
+def _private_file(path: Path, *, create: bool = True) -> None:
+    """Make ``path`` a regular file only its owner may read or write (mode 0600), never through a link."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreCorrupt(f"{path} is a symbolic link, not a store file") from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreCorrupt(f"{path} is not a regular file")
+        if st.st_mode & 0o777 != 0o600:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 class SqliteFile:
@@ -28,6 +52,7 @@ class SqliteFile:
 
     @staticmethod
     def connect(path: Path) -> sqlite3.Connection:
+        _private_file(path)  # before SQLite creates it: its -wal and -shm files take the same mode
         conn = sqlite3.connect(path, isolation_level=None, timeout=2.0)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -39,6 +64,9 @@ class SqliteFile:
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise StoreCorrupt(f"{path} is not a usable SQLite store: {exc}") from exc
+        for suffix in ("-wal", "-shm"):  # made by an older version with a wider mode: tighten them
+            with suppress(FileNotFoundError):
+                _private_file(Path(f"{path}{suffix}"), create=False)
         return conn
 
     def close(self) -> None:

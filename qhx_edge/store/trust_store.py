@@ -31,6 +31,7 @@ from qhx_edge.core import cbor
 from qhx_edge.core.documents import Freshness, Root, Signed, parse
 from qhx_edge.core.errors import NotInitialised, StoreCorrupt
 from qhx_edge.core.trust import DomainView, Mark, Outcome, TrustState
+from qhx_edge.store.files import private_dir
 from qhx_edge.store.sqlitefile import SqliteFile
 
 STORE_FILE = "node.sqlite"
@@ -178,7 +179,7 @@ class Store(SqliteFile):
 
     @classmethod
     def create(cls, home: Path) -> Store:
-        Path(home).mkdir(parents=True, exist_ok=True)
+        private_dir(Path(home))
         path = Path(home) / STORE_FILE
         store = cls(cls.connect(path), path)
         store.migrate()
