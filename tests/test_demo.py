@@ -26,7 +26,7 @@ def _no_tss(tmp_path: Path) -> dict[str, str]:
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text('raise ImportError("no TPM software stack on this machine (test)")\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("QHX_EDGE_")}
-    env["PYTHONPATH"] = str(blocker.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(blocker.parent), os.environ.get("PYTHONPATH")]))
     return env
 
 
