@@ -2,7 +2,7 @@
 
 A policy file::
 
-    [staleness]          # DESIGN.md "Freshness and degraded issuance"
+    [staleness]          # docs/architecture.md "Freshness and modes"
     soft = "6h"          # S1: connected below this staleness
     hard = "72h"         # S2: expired at or beyond it; no SVID outlives issued_at + S2
     svid_ttl = "1h"      # TTL while connected

@@ -1,4 +1,4 @@
-"""Staleness and issuance mode (DESIGN.md "Freshness and degraded issuance").
+"""Staleness and issuance mode (docs/architecture.md "Freshness and modes").
 
 Staleness of a domain = ``now - issued_at`` of its newest valid freshness
 document.  With the policy's soft budget S1 and hard budget S2:
@@ -47,8 +47,9 @@ def mode(now: int, fresh_issued_at: int | None, budget: Staleness | None, *, clo
 def issuable_ttl(m: Mode, delegation_end: int | None, now: int) -> int:
     """The longest SVID a node may issue now: the mode's TTL, capped by its delegation (0 without one).
 
-    The invariant of DESIGN.md: no SVID outlives ``freshness.issued_at + S2``
-    (``m.max_ttl`` already holds that cap) nor the node's delegation.
+    The invariant of docs/architecture.md "Freshness and modes": no SVID
+    outlives ``freshness.issued_at + S2`` (``m.max_ttl`` already holds that
+    cap) nor the node's delegation.
     """
     if delegation_end is None:
         return 0
