@@ -36,60 +36,92 @@ from qhx_edge.core.errors import Malformed
 MAX_POLICY_FILE = 1 << 20
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+# ASCII digits only: re's \d (and int()) also take other scripts' digits, such as "٣".
+_DURATION = re.compile(r"\s*([0-9]{1,19})\s*([smhdw]?)\s*", re.ASCII)
+_PCR_INDEX = re.compile(r"[0-9]{1,2}", re.ASCII)
+# Durations end up added to times in documents, certificates and SQLite (all at most 2^63 - 1, and
+# X.509 dates before year 10000): a century is longer than anything qhx-edge needs to express.
+MAX_DURATION = 100 * 365 * 86400
 SVID_ALGORITHMS = tuple(suites.name_of(alg) for alg in suites.SVID_ALGORITHMS)
 
 DEFAULT_STALENESS = {"soft": 6 * 3600, "hard": 72 * 3600, "svid_ttl": 3600, "ttl_floor": 300}
 DEFAULT_ALGORITHMS = {"/": "ES256"}
+_REGISTRATION_KEYS = {"spiffe_id", "selectors", "ttl", "namespace", "labels"}
 
 
 def duration(value: Any, what: str = "duration") -> int:
-    """Seconds from an integer or a string such as ``"90d"``, ``"6h"``, ``"300"``."""
+    """Seconds from an integer or a string such as ``"90d"``, ``"6h"``, ``"300"`` (at most a century)."""
+    seconds: int | None = None
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        m = _DURATION.match(value)
+        seconds = value
+    elif isinstance(value, str):
+        m = _DURATION.fullmatch(value)
         if m:
-            return int(m.group(1)) * _UNITS[m.group(2) or "s"]
-    raise Malformed(f"{what}: {value!r} is not a duration (examples: 300, '45s', '30m', '6h', '90d')")
+            seconds = int(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds is None:
+        raise Malformed(f"{what}: {value!r} is not a duration (examples: 300, '45s', '30m', '6h', '90d')")
+    if seconds > MAX_DURATION:
+        raise Malformed(f"{what}: {value!r} is longer than a century, the longest duration qhx-edge takes")
+    return seconds
+
+
+def _table(data: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise Malformed(f"{what} must be a table")
+    return value
+
+
+def _tables(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise Malformed(f"{key} must be an array of tables ([[{key}]])")
+    return value
 
 
 def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """Validate a parsed policy TOML table and return the payload fields."""
+    """Validate a parsed policy TOML table and return the payload fields (every bad value ``malformed``)."""
     known = {"staleness", "algorithms", "registrations", "authorization", "attestation"}
     unknown = set(data) - known
     if unknown:
         raise Malformed(f"unknown policy sections {sorted(unknown)}")
     stale = dict(DEFAULT_STALENESS)
-    for key, value in data.get("staleness", {}).items():
+    for key, value in _table(data, "staleness", "[staleness]").items():
         if key not in stale:
             raise Malformed(f"unknown staleness setting {key!r}")
         stale[key] = duration(value, f"staleness.{key}")
-    algorithms = dict(data.get("algorithms", DEFAULT_ALGORITHMS))
+    algorithms = dict(_table(data, "algorithms", "[algorithms]")) if "algorithms" in data else dict(DEFAULT_ALGORITHMS)
     for prefix, alg in algorithms.items():
         if alg not in SVID_ALGORITHMS:
             raise Malformed(f"algorithm for {prefix!r} must be one of {SVID_ALGORITHMS}")
     regs = []
-    for item in data.get("registrations", []):
-        if not isinstance(item, dict) or set(item) - {"spiffe_id", "selectors", "ttl", "namespace", "labels"}:
+    for item in _tables(data, "registrations"):
+        if set(item) - _REGISTRATION_KEYS:
             raise Malformed("a registration has spiffe_id, selectors and optionally ttl, namespace, labels")
         reg = dict(item)
         if "ttl" in reg:
             reg["ttl"] = duration(reg["ttl"], "registration ttl")
         regs.append(reg)
-    auth = [dict(a) for a in data.get("authorization", [])]
+    auth = [dict(a) for a in _tables(data, "authorization")]
     out = {"registrations": regs, "authorization": auth, "algorithms": algorithms, "staleness": stale}
-    att = data.get("attestation")
-    if att is not None:
-        tpm = att.get("tpm", {}) if isinstance(att, dict) else None
-        if not isinstance(tpm, dict):
-            raise Malformed("[attestation.tpm] must be a table")
+    if "attestation" in data:
+        att = _table(data, "attestation", "[attestation]")
+        if set(att) - {"tpm"}:
+            raise Malformed(f"unknown attestation settings {sorted(set(att) - {'tpm'})}")
+        tpm = _table(att, "tpm", "[attestation.tpm]")
+        if set(tpm) - {"pcrs"}:
+            raise Malformed(f"unknown attestation.tpm settings {sorted(set(tpm) - {'pcrs'})}")
         pcrs = {}
-        for index, value in tpm.get("pcrs", {}).items():
+        for index, value in _table(tpm, "pcrs", "[attestation.tpm.pcrs]").items():
+            if not _PCR_INDEX.fullmatch(index) or int(index) > 23:
+                raise Malformed(f"attestation.tpm.pcrs: {index!r} is not a PCR index (0 to 23)")
             try:
-                pcrs[str(int(index))] = bytes.fromhex(value)
+                digest = bytes.fromhex(value)
             except (ValueError, TypeError) as exc:
                 raise Malformed(f"attestation.tpm.pcrs.{index} must be a hex SHA-256 value") from exc
+            if len(digest) != 32:
+                raise Malformed(f"attestation.tpm.pcrs.{index} must be a SHA-256 value (32 bytes)")
+            pcrs[str(int(index))] = digest
         out["attestation"] = {"tpm": {"pcrs": pcrs}}
     return out
 
