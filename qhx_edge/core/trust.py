@@ -6,7 +6,26 @@ mark).  Output: a verdict per document and the state changes to persist.  No
 files, no sockets, no clock reads: the caller passes ``now`` once per
 operation (TUF client workflow §5.1, "fix the reference time").
 
-Invariants enforced here (DESIGN.md "Verification rules"):
+Shaped after python-tuf's ``TrustedMetadataSet``, which has one method per
+step of the client workflow: :func:`verify_batch` parses the batch and groups
+it by domain, and :class:`DomainBatch` walks one domain's documents through
+one method per step, in this order (each step sees only what the steps before
+it accepted):
+
+1. :meth:`DomainBatch.update_roots` -- the root rotation chain (TUF 5.3.4 to 5.3.11);
+2. :meth:`DomainBatch.check_signed` -- signatures, versions and times of the
+   bundle, policy and freshness documents;
+3. :meth:`DomainBatch.choose_epoch` -- the freshness epoch;
+4. :meth:`DomainBatch.apply_epoch` -- the bundle and policy the epoch names;
+5. :meth:`DomainBatch.update_delegations` -- this node's delegations.
+
+Signatures are checked once, before the verdicts: :func:`verify_batch` hands
+every signature it may need to one ``checker`` (by default a plain loop; a
+node may spread the list over several cores), and the steps then decide every
+verdict sequentially from those results, so verdicts never depend on how the
+checks were scheduled.
+
+Invariants enforced here (docs/architecture.md "Verification rules"):
 
 1. Clock first: ``now`` behind the clock high-water mark by more than the
    tolerance is ``clock-rollback`` for the whole batch, whatever it holds.
@@ -40,11 +59,13 @@ Invariants enforced here (DESIGN.md "Verification rules"):
    copy is refused for its own fault and cannot block the genuine one.
 9. Suites: every key of a root holds exactly its suite's algorithms, and a
    root rotation may not drop post-quantum signatures (``downgrade``).
+10. Determinism: the verdicts are a function of the batch bytes, the state,
+    ``now`` and the limits only -- never of the checker's scheduling.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +94,8 @@ from qhx_edge.core.errors import (
     UnknownDomain,
     WrongRole,
 )
-from qhx_edge.core.suites import POST_QUANTUM, canonical_alg, suite_algs
+from qhx_edge.core.suites import POST_QUANTUM, PublicKey, canonical_alg, suite_algs
+from qhx_edge.core.suites import get as get_algorithm
 
 DEFAULT_CLOCK_TOLERANCE = 300
 MAX_BATCH = 10_000
@@ -83,6 +105,17 @@ TYPES_OF_ROLE: dict[str, tuple[str, ...]] = {}
 for _t, _r in ROLE_FOR_TYPE.items():
     TYPES_OF_ROLE.setdefault(_r, ())
     TYPES_OF_ROLE[_r] += (_t,)
+
+# One signature to check: (COSE algorithm, raw public key, signature, message).
+SignatureCheck = tuple[int, bytes, bytes, bytes]
+# Checks a list of signatures and returns their validity, in order.  It must be
+# a pure function of its input (any scheduling: a loop, threads, processes).
+Checker = Callable[[Sequence[SignatureCheck]], Sequence[bool]]
+
+
+def check_signatures(checks: Sequence[SignatureCheck]) -> list[bool]:
+    """The default :data:`Checker`: each signature in turn, on this thread."""
+    return [get_algorithm(alg).verify(public, sig, msg) for alg, public, sig, msg in checks]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +155,9 @@ class Verdict:
     status: str  # applied | history | already-held | duplicate | rejected
     doc: Signed[Any] | None = None
     error: Rejected | None = None
+    # Validity of this document's signatures by index, as far as checked (under
+    # the key each signature's kid names; a key id names exactly one key).
+    checked: dict[int, bool] = field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"index": self.index, "status": self.status}
@@ -182,7 +218,9 @@ def satisfied_keys(
 
     Returns the satisfied key ids and the number of signatures by those keys
     that failed cryptographic verification.  Distinct key ids only: a key that
-    signs twice, or is listed twice, still counts once.
+    signs twice, or is listed twice, still counts once.  ``cache`` maps a
+    signature's index to its validity under the key its kid names (a key id
+    names exactly one key: :class:`~qhx_edge.core.documents.Root` checks it).
     """
     cache = {} if cache is None else cache
     good: dict[str, set[int]] = {}
@@ -209,7 +247,7 @@ def check_role(doc: Signed[Any], root: Root, role: str, cache: dict[int, bool] |
     if len(ok) >= spec.threshold:
         return
     others = {k: v for k, v in root.keys.items() if k not in spec.keyids}
-    foreign, _ = satisfied_keys(doc, others)
+    foreign, _ = satisfied_keys(doc, others, cache)
     where = f"{doc.describe()}: {len(ok)} of {spec.threshold} required {role} signatures"
     if foreign:
         raise WrongRole(f"{where}; signed by keys of another role (type confusion)")
@@ -263,7 +301,7 @@ def _check_version(
 
 
 def _check_version_signed(
-    doc: Signed[Any],
+    v: Verdict,
     mark: Mark | None,
     history: Mapping[tuple[str, int], bytes],
     root: Root,
@@ -275,10 +313,11 @@ def _check_version_signed(
     validly signed document: a forgery of a held version is refused for its own
     fault, so nobody without keys can make the audit log show the authority
     signing two documents for one version."""
+    assert v.doc is not None
     try:
-        return _check_version(doc, mark, history, carried=carried)
+        return _check_version(v.doc, mark, history, carried=carried)
     except EqualVersionConflict:
-        check_role(doc, root, role)
+        check_role(v.doc, root, role, v.checked)
         raise
 
 
@@ -292,59 +331,6 @@ def _check_suite_change(old: Root, new: Root) -> None:
 def _role_changed(old: Root, new: Root, role: str) -> bool:
     a, b = old.roles[role], new.roles[role]
     return a.threshold != b.threshold or set(a.keyids) != set(b.keyids)
-
-
-# --- batches ------------------------------------------------------------------
-
-
-def verify_batch(
-    docs: Sequence[bytes],
-    state: TrustState,
-    now: int,
-    limits: Limits = Limits(),
-    *,
-    digests: Sequence[bytes] | None = None,
-) -> Outcome:
-    """Verify a batch of documents (a pack) against ``state`` at time ``now``.
-
-    ``digests``: the SHA-256 of each document, when the caller has already
-    checked them (a pack's manifest), so they are not computed twice.
-    """
-    check_clock(now, state.clock_high_water, limits.clock_tolerance)
-    if len(docs) > limits.max_batch:
-        raise Oversize(f"{len(docs)} documents exceed the cap of {limits.max_batch}")
-    if digests is not None and len(digests) != len(docs):
-        raise ValueError("one digest per document")
-    verdicts: list[Verdict] = []
-    by_domain: dict[str, list[Verdict]] = {}
-    for i, raw in enumerate(docs):
-        try:
-            doc = parse(raw)
-        except Rejected as exc:
-            verdicts.append(Verdict(i, "rejected", None, exc))
-            continue
-        if digests is not None:
-            doc.__dict__["digest"] = digests[i]  # fills Signed.digest's cache (a cached_property)
-        v = Verdict(i, "pending", doc)
-        verdicts.append(v)
-        if doc.payload.domain not in state.domains:
-            v.status, v.error = (
-                "rejected",
-                UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}"),
-            )
-            continue
-        if doc.type not in (*EPOCH_TYPES, "freshness", "delegation"):
-            v.status, v.error = "rejected", Malformed(f"{doc.type} documents are not accepted in this batch")
-            continue
-        by_domain.setdefault(doc.payload.domain, []).append(v)
-
-    outcome = Outcome(verdicts, clock_high_water=state.clock_high_water)
-    for domain, items in by_domain.items():
-        _verify_domain(domain, items, state.domains[domain], now, limits, outcome, state.node_id)
-    for v in verdicts:
-        if v.status in ("applied", "history") and v.doc is not None:
-            outcome.clock_high_water = max(outcome.clock_high_water, v.doc.payload.issued_at)
-    return outcome
 
 
 def _reject(v: Verdict, exc: Rejected) -> None:
@@ -375,188 +361,384 @@ def _dedupe(vs: list[Verdict]) -> list[Verdict]:
     return list(kept.values())
 
 
-def _verify_domain(
-    domain: str,
-    items: list[Verdict],
-    view: DomainView,
+# --- batches ------------------------------------------------------------------
+
+
+def verify_batch(
+    docs: Sequence[bytes],
+    state: TrustState,
     now: int,
-    limits: Limits,
-    out: Outcome,
-    node_id: str | None = None,
-) -> None:
-    tol = limits.clock_tolerance
-    by_type: dict[str, list[Verdict]] = {}
-    for v in items:
-        assert v.doc is not None
-        by_type.setdefault(v.doc.type, []).append(v)
-    for vs in by_type.values():
-        vs.sort(key=lambda v: (v.doc.payload.version if v.doc else 0, v.index))
-    # Roots are deduplicated before the chain walk; other types after their
-    # signature check, so a forged copy cannot get a genuine document refused.
-    by_type["root"] = _dedupe(by_type.get("root", []))
+    limits: Limits = Limits(),
+    *,
+    digests: Sequence[bytes] | None = None,
+    checker: Checker = check_signatures,
+) -> Outcome:
+    """Verify a batch of documents (a pack) against ``state`` at time ``now``.
 
-    # 1. Root rotation chain, one version at a time.
-    root = view.root
-    root_mark = Mark(root.payload.version, root.digest)
-    steps: list[tuple[Verdict, Signed[Root]]] = []
-    for v in by_type.get("root", []):
-        doc: Signed[Any] = v.doc  # type: ignore[assignment]
+    ``digests``: the SHA-256 of each document, when the caller has already
+    checked them (a pack's manifest), so they are not computed twice.
+    ``checker``: how the batch's signatures are checked (see :data:`Checker`);
+    it changes how long verification takes, never a verdict.
+    """
+    check_clock(now, state.clock_high_water, limits.clock_tolerance)
+    if len(docs) > limits.max_batch:
+        raise Oversize(f"{len(docs)} documents exceed the cap of {limits.max_batch}")
+    if digests is not None and len(digests) != len(docs):
+        raise ValueError("one digest per document")
+    verdicts: list[Verdict] = []
+    by_domain: dict[str, list[Verdict]] = {}
+    for i, raw in enumerate(docs):
         try:
-            state = _check_version_signed(doc, root_mark, view.history, root.payload, "root")
-            if state:
-                v.status = state
-                continue
-            if doc.payload.version != root.payload.version + 1:
-                raise ThresholdNotMet(
-                    f"{doc.describe()} cannot be verified from held root v{root.payload.version}: "
-                    "rotation is one version at a time; the missing versions are needed"
-                )
-            cache: dict[int, bool] = {}
-            check_role(doc, root.payload, "root", cache)  # old threshold
-            check_role(doc, doc.payload, "root", cache)  # new threshold
-            _check_times(doc, now, tol, expiry=False)
-            _check_suite_change(root.payload, doc.payload)
+            doc = parse(raw)
         except Rejected as exc:
-            _reject(v, exc)
+            verdicts.append(Verdict(i, "rejected", None, exc))
             continue
-        steps.append((v, doc))
-        root = doc
-        root_mark = Mark(doc.payload.version, doc.digest)
-        v.status = "history"
-    # Expiry on the final root only (TUF 5.3.10): drop expired tails.
-    while steps and now >= steps[-1][1].payload.expires:
-        v, doc = steps.pop()
-        _reject(v, Expired(f"{doc.describe()} expired at {doc.payload.expires}"))
-        root = steps[-1][1] if steps else view.root
-    if steps:
-        steps[-1][0].status = "applied"
-        out.marks[(domain, "root")] = Mark(root.payload.version, root.digest)
-        for role, types in TYPES_OF_ROLE.items():
-            if role != "root" and _role_changed(view.root.payload, root.payload, role):
-                for t in types:
-                    out.resets.add((domain, t))
-    marks = {t: m for t, m in view.marks.items() if (domain, t) not in out.resets}
-    history = {k: d for k, d in view.history.items() if (domain, k[0]) not in out.resets}
+        if digests is not None:
+            doc.__dict__["digest"] = digests[i]  # fills Signed.digest's cache (a cached_property)
+        v = Verdict(i, "pending", doc)
+        verdicts.append(v)
+        if doc.payload.domain not in state.domains:
+            v.status, v.error = (
+                "rejected",
+                UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}"),
+            )
+            continue
+        if doc.type not in (*EPOCH_TYPES, "freshness", "delegation"):
+            v.status, v.error = "rejected", Malformed(f"{doc.type} documents are not accepted in this batch")
+            continue
+        by_domain.setdefault(doc.payload.domain, []).append(v)
 
-    # 2. Signatures, versions and times of the other documents.
-    valid: dict[str, list[Verdict]] = {}
-    for t in ("bundle", "policy", "freshness"):
-        mark = marks.get(t)
-        carried = mark is not None and any(
-            v.doc is not None and v.doc.payload.version == mark.version and v.doc.digest == mark.digest
-            for v in by_type.get(t, [])
-        )
-        candidates = []
-        for v in by_type.get(t, []):
-            doc = v.doc  # type: ignore[assignment]
+    outcome = Outcome(verdicts, clock_high_water=state.clock_high_water)
+    batches = [
+        DomainBatch(domain, items, state.domains[domain], now, limits, outcome, state.node_id)
+        for domain, items in by_domain.items()
+    ]
+    _prefetch_signatures(batches, checker)
+    for batch in batches:
+        batch.verify()
+    for v in verdicts:
+        if v.status in ("applied", "history") and v.doc is not None:
+            outcome.clock_high_water = max(outcome.clock_high_water, v.doc.payload.issued_at)
+    return outcome
+
+
+def _prefetch_signatures(batches: Sequence[DomainBatch], checker: Checker) -> None:
+    """Check, in one call of ``checker``, every signature the steps will ask about.
+
+    For each document that may need its signatures (newer than its type's mark,
+    or a root newer than the held one; a delegation for this node), each
+    signature whose kid names a key of the role owning the document's type, in
+    the held root or a root of the batch.  The results fill each verdict's
+    ``checked``; a signature not prefetched is checked when a step asks.
+    """
+    checks: list[SignatureCheck] = []
+    slots: list[tuple[Verdict, int]] = []
+    for batch in batches:
+        keys = batch.role_key_index()
+        for v in batch.items:
+            if not batch.may_need_signatures(v):
+                continue
+            assert v.doc is not None
+            env = v.doc.envelope
+            role_keys = keys.get(ROLE_FOR_TYPE[v.doc.type], {})
+            for i, sig in enumerate(env.signatures):
+                key = role_keys.get(sig.kid)
+                if key is None:
+                    continue
+                alg = canonical_alg(sig.alg)
+                for part_alg, raw in key.parts:
+                    if part_alg == alg:
+                        checks.append((alg, raw, sig.signature, env.to_be_signed(sig.protected)))
+                        slots.append((v, i))
+                        break
+    if not checks:
+        return
+    results = checker(checks)
+    if len(results) != len(checks):
+        raise ValueError("the checker must return one result per signature")
+    for (v, i), ok in zip(slots, results, strict=True):
+        v.checked[i] = bool(ok)
+
+
+class DomainBatch:
+    """One domain's documents of a batch, verified one workflow step per method.
+
+    Like python-tuf's ``TrustedMetadataSet``: the state a step establishes
+    (the final root, the marks left after fast-forward resets, the documents
+    still valid, the chosen epoch) is what the next step starts from.
+    """
+
+    def __init__(
+        self,
+        domain: str,
+        items: list[Verdict],
+        view: DomainView,
+        now: int,
+        limits: Limits,
+        out: Outcome,
+        node_id: str | None = None,
+    ) -> None:
+        self.domain = domain
+        self.items = items
+        self.view = view
+        self.now = now
+        self.tolerance = limits.clock_tolerance
+        self.out = out
+        self.node_id = node_id
+        by_type: dict[str, list[Verdict]] = {}
+        for v in items:
+            assert v.doc is not None
+            by_type.setdefault(v.doc.type, []).append(v)
+        for vs in by_type.values():
+            vs.sort(key=lambda v: (v.doc.payload.version if v.doc else 0, v.index))
+        self.by_type = by_type
+        # Set by the steps, in order.
+        self.root: Signed[Root] = view.root
+        self.marks: dict[str, Mark] = dict(view.marks)
+        self.history: dict[tuple[str, int], bytes] = dict(view.history)
+        self.valid: dict[str, list[Verdict]] = {}
+        self.epoch: Freshness | None = None
+
+    # --- signatures ---------------------------------------------------------------
+
+    def role_key_index(self) -> dict[str, dict[bytes, PublicKey]]:
+        """Role -> raw key id -> key, over the held root and every root in the batch.
+
+        A key id is the SHA-256 of its key, so whichever root lists it names the
+        same key; which root's thresholds count is decided by the steps.
+        """
+        index: dict[str, dict[bytes, PublicKey]] = {}
+        roots = [self.view.root.payload] + [v.doc.payload for v in self.by_type.get("root", []) if v.doc is not None]
+        for root in roots:
+            for role, spec in root.roles.items():
+                keys = index.setdefault(role, {})
+                for keyid in spec.keyids:
+                    keys.setdefault(bytes.fromhex(keyid), root.keys[keyid])
+        return index
+
+    def may_need_signatures(self, v: Verdict) -> bool:
+        """Whether a step may check ``v``'s signatures (the rest are held, rollbacks or out of scope)."""
+        doc = v.doc
+        assert doc is not None
+        if doc.type == "root":
+            return bool(doc.payload.version > self.view.root.payload.version)
+        if doc.type == "delegation" and (self.node_id is None or doc.payload.node_id != self.node_id):
+            return False
+        mark = self.view.marks.get(doc.type)
+        return mark is None or doc.payload.version > mark.version
+
+    def check_role(self, v: Verdict, root: Root, role: str) -> None:
+        assert v.doc is not None
+        check_role(v.doc, root, role, v.checked)
+
+    # --- the steps ----------------------------------------------------------------
+
+    def verify(self) -> None:
+        """Every step, in the order of the client workflow."""
+        self.update_roots()
+        self.check_signed()
+        self.choose_epoch()
+        self.apply_epoch()
+        self.update_delegations()
+
+    def update_roots(self) -> None:
+        """Step 1: the root rotation chain, one version at a time (TUF 5.3.4).
+
+        Roots are deduplicated before the walk (a root is checked against the
+        one before it, so copies must not branch the chain).  Root N+1 needs
+        the root thresholds of N and N+1, must not be issued in the future,
+        and must not drop post-quantum signatures; expiry is checked on the
+        final root only (TUF 5.3.10), dropping expired tails.  When the final
+        root changes a role's keys or threshold, the marks and history of the
+        types that role signs are reset (TUF 5.3.11).
+        """
+        view, now = self.view, self.now
+        root = view.root
+        root_mark = Mark(root.payload.version, root.digest)
+        steps: list[tuple[Verdict, Signed[Root]]] = []
+        for v in _dedupe(self.by_type.get("root", [])):
+            doc: Signed[Any] = v.doc  # type: ignore[assignment]
             try:
-                state = _check_version_signed(doc, mark, history, root.payload, ROLE_FOR_TYPE[t], carried=carried)
+                state = _check_version_signed(v, root_mark, view.history, root.payload, "root")
                 if state:
                     v.status = state
                     continue
-                check_role(doc, root.payload, ROLE_FOR_TYPE[t])
-                _check_times(doc, now, tol, expiry=False)
+                if doc.payload.version != root.payload.version + 1:
+                    raise ThresholdNotMet(
+                        f"{doc.describe()} cannot be verified from held root v{root.payload.version}: "
+                        "rotation is one version at a time; the missing versions are needed"
+                    )
+                self.check_role(v, root.payload, "root")  # old threshold
+                self.check_role(v, doc.payload, "root")  # new threshold
+                _check_times(doc, now, self.tolerance, expiry=False)
+                _check_suite_change(root.payload, doc.payload)
             except Rejected as exc:
                 _reject(v, exc)
                 continue
-            candidates.append(v)
-        candidates = _dedupe(candidates)
-        # The newest version is the one that would become current: it must not be
-        # expired (older ones in the batch are only ever history).
-        while t != "freshness" and candidates and now >= candidates[-1].doc.payload.expires:  # type: ignore[union-attr]
-            top = candidates.pop()
-            _reject(top, Expired(f"{top.doc.describe()} expired at {top.doc.payload.expires}"))  # type: ignore[union-attr]
-        if candidates:
-            valid[t] = candidates
+            steps.append((v, doc))
+            root = doc
+            root_mark = Mark(doc.payload.version, doc.digest)
+            v.status = "history"
+        while steps and now >= steps[-1][1].payload.expires:
+            v, doc = steps.pop()
+            _reject(v, Expired(f"{doc.describe()} expired at {doc.payload.expires}"))
+            root = steps[-1][1] if steps else view.root
+        self.root = root
+        if steps:
+            steps[-1][0].status = "applied"
+            self.out.marks[(self.domain, "root")] = Mark(root.payload.version, root.digest)
+            for role, types in TYPES_OF_ROLE.items():
+                if role != "root" and _role_changed(view.root.payload, root.payload, role):
+                    for t in types:
+                        self.out.resets.add((self.domain, t))
+        resets = self.out.resets
+        self.marks = {t: m for t, m in view.marks.items() if (self.domain, t) not in resets}
+        self.history = {k: d for k, d in view.history.items() if (self.domain, k[0]) not in resets}
 
-    def usable(t: str, version: int) -> bool:
-        m = marks.get(t)
+    def check_signed(self) -> None:
+        """Step 2: signatures, versions and times of the bundle, policy and freshness documents.
+
+        Each must be newer than its type's mark (or held: ``already-held``),
+        carry a threshold of its role's signatures in the final root, and not
+        be issued in the future.  Copies are deduplicated after the signature
+        check, so a forged copy cannot get a genuine document refused.  The
+        newest bundle or policy is the one that would become current, so it
+        must not be expired (older ones in the batch are only ever history).
+        """
+        root, now = self.root.payload, self.now
+        for t in ("bundle", "policy", "freshness"):
+            mark = self.marks.get(t)
+            role = ROLE_FOR_TYPE[t]
+            vs = self.by_type.get(t, [])
+            carried = mark is not None and any(
+                v.doc is not None and v.doc.payload.version == mark.version and v.doc.digest == mark.digest for v in vs
+            )
+            candidates = []
+            for v in vs:
+                doc: Signed[Any] = v.doc  # type: ignore[assignment]
+                try:
+                    state = _check_version_signed(v, mark, self.history, root, role, carried=carried)
+                    if state:
+                        v.status = state
+                        continue
+                    self.check_role(v, root, role)
+                    _check_times(doc, now, self.tolerance, expiry=False)
+                except Rejected as exc:
+                    _reject(v, exc)
+                    continue
+                candidates.append(v)
+            candidates = _dedupe(candidates)
+            while t != "freshness" and candidates and now >= candidates[-1].doc.payload.expires:  # type: ignore[union-attr]
+                top = candidates.pop()
+                _reject(top, Expired(f"{top.doc.describe()} expired at {top.doc.payload.expires}"))  # type: ignore[union-attr]
+            if candidates:
+                self.valid[t] = candidates
+
+    def _usable(self, t: str, version: int) -> bool:
+        """Whether ``version`` of ``t`` is held or arrives valid and unexpired in this batch."""
+        m = self.marks.get(t)
         if m is not None and m.version == version:
             return True
         return any(
-            v.doc is not None and v.doc.payload.version == version and now < v.doc.payload.expires
-            for v in valid.get(t, [])
+            v.doc is not None and v.doc.payload.version == version and self.now < v.doc.payload.expires
+            for v in self.valid.get(t, [])
         )
 
-    # 3. The freshness epoch: the newest valid freshness that names what we can hold.
-    epoch: Freshness | None = None
-    if view.freshness is not None and (domain, "freshness") not in out.resets:
-        epoch = view.freshness.payload
-    fresh = valid.get("freshness", [])
-    chosen: Verdict | None = None
-    for v in reversed(fresh):
-        f: Freshness = v.doc.payload  # type: ignore[union-attr]
-        try:
-            if now >= f.expires:
-                raise Expired(f"freshness v{f.version} expired at {f.expires}")
-            if f.versions["root"] != root.payload.version:
-                raise MixAndMatch(
-                    f"freshness v{f.version} names root v{f.versions['root']}, the node holds v{root.payload.version}"
-                )
-            for t in ("bundle", "policy"):
-                if not usable(t, f.versions[t]):
+    def choose_epoch(self) -> None:
+        """Step 3: the freshness epoch -- the newest valid freshness that names what the node can hold.
+
+        It must be unexpired and name the final root and bundle and policy
+        versions that are held or valid in this batch (mix-and-match); newer
+        freshness documents that fail are rejected, older valid ones are history.
+        Without a new one, the held epoch stays (unless its role was reset).
+        """
+        now = self.now
+        if self.view.freshness is not None and (self.domain, "freshness") not in self.out.resets:
+            self.epoch = self.view.freshness.payload
+        fresh = self.valid.get("freshness", [])
+        chosen: Verdict | None = None
+        root_version = self.root.payload.version
+        for v in reversed(fresh):
+            f: Freshness = v.doc.payload  # type: ignore[union-attr]
+            try:
+                if now >= f.expires:
+                    raise Expired(f"freshness v{f.version} expired at {f.expires}")
+                if f.versions["root"] != root_version:
                     raise MixAndMatch(
-                        f"freshness v{f.version} names {t} v{f.versions[t]}, which is neither held nor supplied"
+                        f"freshness v{f.version} names root v{f.versions['root']}, the node holds v{root_version}"
                     )
-        except Rejected as exc:
-            _reject(v, exc)
-            continue
-        chosen = v
-        epoch = f
-        break
-    for v in fresh:
-        if v.status == "pending":
-            v.status = "applied" if v is chosen else "history"
-    if chosen is not None:
-        assert chosen.doc is not None
-        out.marks[(domain, "freshness")] = Mark(chosen.doc.payload.version, chosen.doc.digest)
-        # Superseded freshness newer than the chosen one was rejected above, so
-        # any remaining "history" freshness is older than the chosen epoch.
-
-    # 4. Bundle and policy: only the versions the epoch names become current.
-    for t in ("bundle", "policy"):
-        for v in valid.get(t, []):
-            doc = v.doc  # type: ignore[assignment]
-            ver = doc.payload.version
-            if epoch is None:
-                _reject(v, MixAndMatch(f"{doc.describe()}: no freshness epoch names it"))
-            elif ver > epoch.versions[t]:
-                _reject(
-                    v,
-                    MixAndMatch(
-                        f"{doc.describe()} is not named by freshness v{epoch.version} ({t} v{epoch.versions[t]})"
-                    ),
-                )
-            elif ver < epoch.versions[t]:
-                v.status = "history"
-            elif now >= doc.payload.expires:
-                _reject(v, Expired(f"{doc.describe()} expired at {doc.payload.expires}"))
-            else:
-                v.status = "applied"
-                out.marks[(domain, t)] = Mark(ver, doc.digest)
-
-    # 5. Delegations: only this node's own, by the pki threshold of the held root,
-    # unexpired; not part of the freshness epoch (a delegation outlives many epochs).
-    mark = marks.get("delegation")
-    delegations = []
-    for v in by_type.get("delegation", []):
-        doc = v.doc  # type: ignore[assignment]
-        try:
-            if node_id is None or doc.payload.node_id != node_id:
-                raise ScopeViolation(f"{doc.describe()} delegates node {doc.payload.node_id}, not this node")
-            state = _check_version_signed(doc, mark, history, root.payload, "pki")
-            if state:
-                v.status = state
+                for t in ("bundle", "policy"):
+                    if not self._usable(t, f.versions[t]):
+                        raise MixAndMatch(
+                            f"freshness v{f.version} names {t} v{f.versions[t]}, which is neither held nor supplied"
+                        )
+            except Rejected as exc:
+                _reject(v, exc)
                 continue
-            check_role(doc, root.payload, "pki")
-            _check_times(doc, now, tol)
-        except Rejected as exc:
-            _reject(v, exc)
-            continue
-        delegations.append(v)
-    delegations = _dedupe(delegations)
-    for i, v in enumerate(delegations):
-        assert v.doc is not None
-        v.status = "applied" if i == len(delegations) - 1 else "history"
-        if v.status == "applied":
-            out.marks[(domain, "delegation")] = Mark(v.doc.payload.version, v.doc.digest)
+            chosen = v
+            self.epoch = f
+            break
+        for v in fresh:
+            if v.status == "pending":
+                v.status = "applied" if v is chosen else "history"
+        if chosen is not None:
+            assert chosen.doc is not None
+            self.out.marks[(self.domain, "freshness")] = Mark(chosen.doc.payload.version, chosen.doc.digest)
+
+    def apply_epoch(self) -> None:
+        """Step 4: bundle and policy -- only the versions the epoch names become current.
+
+        A newer version than the epoch names, or any without an epoch, is
+        ``mix-and-match``; an older one is history; the named one must be unexpired.
+        """
+        epoch, now = self.epoch, self.now
+        for t in ("bundle", "policy"):
+            for v in self.valid.get(t, []):
+                doc: Signed[Any] = v.doc  # type: ignore[assignment]
+                ver = doc.payload.version
+                if epoch is None:
+                    _reject(v, MixAndMatch(f"{doc.describe()}: no freshness epoch names it"))
+                elif ver > epoch.versions[t]:
+                    _reject(
+                        v,
+                        MixAndMatch(
+                            f"{doc.describe()} is not named by freshness v{epoch.version} ({t} v{epoch.versions[t]})"
+                        ),
+                    )
+                elif ver < epoch.versions[t]:
+                    v.status = "history"
+                elif now >= doc.payload.expires:
+                    _reject(v, Expired(f"{doc.describe()} expired at {doc.payload.expires}"))
+                else:
+                    v.status = "applied"
+                    self.out.marks[(self.domain, t)] = Mark(ver, doc.digest)
+
+    def update_delegations(self) -> None:
+        """Step 5: delegations -- only this node's own, by the pki threshold of the final root, unexpired.
+
+        Not part of the freshness epoch (a delegation outlives many epochs);
+        the newest valid one becomes current, older ones are history.
+        """
+        root, mark = self.root.payload, self.marks.get("delegation")
+        delegations = []
+        for v in self.by_type.get("delegation", []):
+            doc: Signed[Any] = v.doc  # type: ignore[assignment]
+            try:
+                if self.node_id is None or doc.payload.node_id != self.node_id:
+                    raise ScopeViolation(f"{doc.describe()} delegates node {doc.payload.node_id}, not this node")
+                state = _check_version_signed(v, mark, self.history, root, "pki")
+                if state:
+                    v.status = state
+                    continue
+                self.check_role(v, root, "pki")
+                _check_times(doc, self.now, self.tolerance)
+            except Rejected as exc:
+                _reject(v, exc)
+                continue
+            delegations.append(v)
+        delegations = _dedupe(delegations)
+        for i, v in enumerate(delegations):
+            assert v.doc is not None
+            v.status = "applied" if i == len(delegations) - 1 else "history"
+            if v.status == "applied":
+                self.out.marks[(self.domain, "delegation")] = Mark(v.doc.payload.version, v.doc.digest)
