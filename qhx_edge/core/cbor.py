@@ -7,6 +7,19 @@ comparison rejects every non-deterministic form (non-minimal integer or length
 heads, indefinite lengths, duplicate or unsorted map keys, non-shortest
 floats) without a hand-written parser: cbor2 parses, we re-encode and compare.
 
+Most input is deterministic, so :func:`decode` first tries a path that needs
+no re-encoding: cbor2 parses with indefinite lengths and duplicate keys
+refused, and one walk over the value checks the data model, checks that every
+map's keys are in strictly increasing order of their encodings, and sums the
+length of the value's deterministic encoding.  A CBOR head with a non-minimal
+argument is always longer than the minimal one and every other item's length
+is fixed by its value, so when that sum equals the number of bytes read, the
+input *is* the deterministic encoding of the value (RFC 8949 §4.2.1: definite
+lengths, minimal heads, sorted keys) -- exactly what the byte comparison
+would have found.  Anything else (an error, an unsorted map, a length that
+does not add up) goes to the byte comparison, which decides, so the fast path
+never changes a verdict or an error kind.
+
 Map keys are ordered by the bytewise order of their encodings (§4.2.1), not
 cbor2's ``canonical=True`` length-first order (RFC 7049 §3.9), which differs
 for keys of mixed types such as COSE's positive and negative labels.
@@ -147,9 +160,118 @@ def decode_prefix(data: bytes, *, tags: frozenset[int] = frozenset()) -> tuple[V
     return _decode(bytes(data), tags, whole=False)
 
 
+class _Undecided(Exception):
+    """The fast path cannot prove the input deterministic: the byte comparison decides."""
+
+
+def _head_size(n: int) -> int:
+    """Bytes of a CBOR head whose argument is ``n`` in its shortest form (RFC 8949 §3, §4.2.1)."""
+    if n < 24:
+        return 1
+    if n < 0x100:
+        return 2
+    if n < 0x10000:
+        return 3
+    if n < 0x100000000:
+        return 5
+    return 9
+
+
+def _walk(value: Value, tags: frozenset[int], depth: int) -> tuple[Value, int]:  # noqa: PLR0911 - one return per type
+    """``value`` as :func:`_normalise` returns it, and the length of its deterministic encoding.
+
+    Raises :class:`_Undecided` for anything :func:`_normalise` would refuse and
+    for a map whose keys are not in strictly increasing encoded order.
+    """
+    if depth > MAX_DEPTH:
+        raise _Undecided
+    t = type(value)
+    if t is bytes:
+        n = len(value)
+        return value, _head_size(n) + n
+    if t is str:
+        n = len(value) if value.isascii() else len(value.encode())
+        return value, _head_size(n) + n
+    if t is int:
+        if 0 <= value <= _INT_MAX:
+            return value, _head_size(value)
+        if _INT_MIN <= value < 0:
+            return value, _head_size(-1 - value)
+        raise _Undecided
+    if t is bool or value is None:
+        return value, 1
+    if t is list or t is tuple:
+        size = _head_size(len(value))
+        items = []
+        for item in value:
+            v, n = _walk(item, tags, depth + 1)
+            items.append(v)
+            size += n
+        return items, size
+    if t is dict or t is cbor2.frozendict:
+        if value and depth + 1 > MAX_DEPTH:  # its keys sit one level deeper
+            raise _Undecided
+        size = _head_size(len(value))
+        out: dict[Value, Value] = {}
+        prev = b""
+        for k, item in value.items():
+            tk = type(k)
+            if not (tk is str or tk is bytes or (tk is int and _INT_MIN <= k <= _INT_MAX)):
+                raise _Undecided
+            kb = _key_bytes(k)
+            if kb <= prev:  # out of order, or equal (no two keys encode alike)
+                raise _Undecided
+            prev = kb
+            v, n = _walk(item, tags, depth + 1)
+            out[k] = v
+            size += len(kb) + n
+        return out, size
+    if t is cbor2.CBORTag and value.tag in tags:
+        v, n = _walk(value.value, tags, depth + 1)
+        return cbor2.CBORTag(value.tag, v), _head_size(value.tag) + n
+    raise _Undecided
+
+
+def _decode_fast(data: bytes, tags: frozenset[int], *, whole: bool) -> tuple[Value, int] | None:
+    """The decoded value and its length if ``data`` provably starts with (whole: is) a
+    deterministic item of the allowed data model; ``None`` when undecided."""
+    try:
+        if whole:
+            # loads ignores trailing bytes: the length check below catches them.
+            raw = cbor2.loads(data, **_STRICT)
+            end = len(data)
+        else:
+            fp = io.BytesIO(data)
+            raw = cbor2.CBORDecoder(fp, **_STRICT).decode()
+            end = fp.tell()
+        value, size = _walk(raw, tags, 0)
+    except Exception:  # any doubt goes to the byte comparison, which decides
+        return None
+    # Every head read is at least as long as its shortest form, so equal totals
+    # mean every head was the shortest and the item ends exactly at ``end``.
+    return (value, end) if size == end else None
+
+
+_STRICT: dict[str, Any] = {
+    "max_depth": MAX_DEPTH + 2,
+    "allow_indefinite": False,
+    "allow_duplicate_keys": False,
+    "semantic_decoders": _RAW_TAGS,
+    "str_errors": "strict",
+}
+
+
 def _decode(data: bytes, tags: frozenset[int], *, whole: bool) -> tuple[Value, int]:
     if not data:
         raise Malformed("empty input")
+    fast = _decode_fast(data, tags, whole=whole)
+    if fast is not None:
+        return fast
+    return _decode_compare(data, tags, whole=whole)
+
+
+def _decode_compare(data: bytes, tags: frozenset[int], *, whole: bool) -> tuple[Value, int]:
+    """The decision by byte comparison: parse leniently, normalise, re-encode, compare."""
     fp = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(

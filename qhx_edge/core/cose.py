@@ -130,7 +130,23 @@ class Envelope:
 
 
 def sig_structure(body_protected: bytes, sign_protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
-    return cbor.encode(["Signature", body_protected, sign_protected, external_aad, payload])
+    """``Sig_structure`` (RFC 9052 §4.4): ``["Signature", body_protected, sign_protected, external_aad, payload]``.
+
+    The deterministic encoding of that array is its head, then each item's own
+    encoding (RFC 8949 §4.2.1: an array has no order to choose), so the first
+    four items, which recur in every document, are encoded once
+    (:func:`_sig_prefix`) and only the payload's byte string per call.
+    """
+    if not isinstance(payload, bytes):
+        raise TypeError("the payload must be bytes")
+    return _sig_prefix(body_protected, sign_protected, external_aad) + cbor.encode(payload)
+
+
+@functools.lru_cache(maxsize=256)
+def _sig_prefix(body_protected: bytes, sign_protected: bytes, external_aad: bytes) -> bytes:
+    """The encoding of ``Sig_structure`` up to its payload: a pure function of exact bytes."""
+    full = cbor.encode(["Signature", body_protected, sign_protected, external_aad, b""])
+    return full[:-1]  # the empty payload's encoding is the one byte 0x40
 
 
 def sign(
