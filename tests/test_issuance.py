@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from qhx_edge.core import documents as D  # noqa: N812
 from qhx_edge.core import staleness
 from qhx_edge.core.cards import parse_card, spki
-from qhx_edge.core.errors import QhxError
+from qhx_edge.core.errors import QhxError, StoreLocked
 from qhx_edge.core.policyfile import policy_fields
 from qhx_edge.core.spiffe import parse_spiffe_id
 from qhx_edge.core.suites import ES256, MLDSA65
@@ -714,20 +715,126 @@ def test_every_issuance_is_audited_in_one_transaction_per_call(ready: tuple[Home
 
 
 def test_a_failed_audit_write_hands_nothing_out(ready: tuple[Homes, Clock], monkeypatch: pytest.MonkeyPatch) -> None:
-    from qhx_edge.core.errors import StoreLocked
-
     homes, clk = ready
     with issuer(homes, clk) as iss:
 
         def locked(*_: Any) -> None:
             raise StoreLocked("locked by a test")
 
-        monkeypatch.setattr(iss._store, "audit", locked)
+        monkeypatch.setattr(iss._audit.store, "audit_batches", locked)
         rejected("store-locked", iss.x509_svids, UID)
         monkeypatch.undo()
         (s,) = iss.x509_svids(UID)
     assert len(audit_issues(homes)) == 1
     assert leaf(s).serial_number > 0
+
+
+def _hold_commits(
+    iss: Issuer, monkeypatch: pytest.MonkeyPatch, fail_second: bool = False
+) -> tuple[Any, Any, list[int]]:
+    """Make the issuer's first audit commit wait for a gate; record every commit's number of callers."""
+    gate, entered = threading.Event(), threading.Event()
+    groups: list[int] = []
+    real = iss._audit.store.audit_batches
+
+    def held(batches: Any) -> None:
+        groups.append(len(batches))
+        if len(groups) == 1:
+            entered.set()
+            assert gate.wait(60)
+        elif fail_second and len(groups) == 2:
+            raise StoreLocked("locked by a test")
+        real(batches)
+
+    monkeypatch.setattr(iss._audit.store, "audit_batches", held)
+    return gate, entered, groups
+
+
+def _queued(iss: Issuer, count: int) -> None:
+    """Wait until ``count`` callers queue behind the commit in flight (synchronisation, not a timing)."""
+    deadline = time.monotonic() + 60
+    while len(iss._audit._queue) < count:
+        assert time.monotonic() < deadline, "callers never queued"
+        time.sleep(0.01)
+
+
+def test_concurrent_callers_share_one_commit_and_wait_for_it(
+    ready: tuple[Homes, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    homes, clk = ready
+    results: dict[str, Any] = {}
+    with issuer(homes, clk) as iss:
+        gate, entered, groups = _hold_commits(iss, monkeypatch)
+        calls = {
+            "web": lambda: iss.x509_svids(UID),
+            "api": lambda: iss.x509_svids(frozenset({"unix:uid:2000"})),
+            "jwt": lambda: iss.jwt_svids(UID, ["db"], None),
+        }
+        threads = {name: threading.Thread(target=lambda n=name: results.update({n: calls[n]()})) for name in calls}
+        threads["web"].start()
+        assert entered.wait(60)  # the first caller's commit is in flight, held
+        threads["api"].start()
+        threads["jwt"].start()
+        _queued(iss, 2)
+        assert results == {}  # nobody has an SVID before the commit holding its entry
+        assert len(audit_issues(homes)) == 0
+        gate.set()
+        for t in threads.values():
+            t.join(60)
+        assert groups == [1, 2]  # the two callers that waited shared one transaction
+        assert iss.audit_commits == (2, 3)
+    assert [s.spiffe_id for s in results["web"]] == [WEB]
+    assert [s.spiffe_id for s in results["api"]] == [API]
+    assert [s.spiffe_id for s in results["jwt"]] == [WEB]
+    issues = audit_issues(homes)
+    assert len(issues) == 3
+    digests = {bytes(e["digest"]) for e in issues}
+    assert hashlib.sha256(results["web"][0].cert_chain[0]).digest() in digests
+    assert hashlib.sha256(results["api"][0].cert_chain[0]).digest() in digests
+    assert hashlib.sha256(results["jwt"][0].token.encode()).digest() in digests
+
+
+def test_a_failed_group_commit_fails_every_caller_in_it(
+    ready: tuple[Homes, Clock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    homes, clk = ready
+    outcomes: dict[str, Any] = {}
+
+    def call(name: str, fn: Any) -> None:
+        try:
+            outcomes[name] = fn()
+        except QhxError as exc:
+            outcomes[name] = exc
+
+    with issuer(homes, clk) as iss:
+        gate, entered, groups = _hold_commits(iss, monkeypatch, fail_second=True)
+        first = threading.Thread(target=call, args=("web", lambda: iss.x509_svids(UID)))
+        first.start()
+        assert entered.wait(60)
+        waiting = [
+            threading.Thread(target=call, args=("api", lambda: iss.x509_svids(frozenset({"unix:uid:2000"})))),
+            threading.Thread(target=call, args=("web-again", lambda: iss.x509_svids(UID))),  # waits on web's mint
+            threading.Thread(target=call, args=("pq", lambda: iss.x509_svids(BOTH))),
+        ]
+        for t in waiting:
+            t.start()
+        _queued(iss, 2)  # api and pq queue for the commit; web-again waits for the SVID web is minting
+        gate.set()
+        for t in [first, *waiting]:
+            t.join(60)
+        assert groups == [1, 2]
+        assert [s.spiffe_id for s in outcomes["web"]] == [WEB]
+        assert [s.spiffe_id for s in outcomes["web-again"]] == [WEB]
+        assert outcomes["web-again"][0] == outcomes["web"][0]  # minted once
+        assert isinstance(outcomes["api"], QhxError)
+        assert outcomes["api"].kind == "store-locked"
+        assert isinstance(outcomes["pq"], QhxError)
+        assert outcomes["pq"].kind == "store-locked"
+        monkeypatch.undo()
+        (api,) = iss.x509_svids(frozenset({"unix:uid:2000"}))  # nothing of the failed group was cached
+    issues = audit_issues(homes)
+    assert [e["detail"].split()[1] for e in issues] == [WEB, API]
+    assert bytes(issues[1]["digest"]) == hashlib.sha256(api.cert_chain[0]).digest()
 
 
 def test_bundles_per_domain(ready: tuple[Homes, Clock]) -> None:

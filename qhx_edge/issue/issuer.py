@@ -41,9 +41,12 @@ Rules:
   empties the cache.
 * Every SVID minted is written to the node's audit log (event ``issue``:
   SPIFFE ID, serial or JWT id, notAfter, algorithm, mode, TTL; ``digest`` =
-  SHA-256 of the certificate DER or of the token) before it is handed out,
-  one transaction per call however many SVIDs the call mints.  If the
-  audit write fails the SVIDs are not returned.
+  SHA-256 of the certificate DER or of the token) before it is handed out:
+  a call returns only after a fsynced commit holds its entries.  Concurrent
+  callers share commits (:class:`~qhx_edge.store.trust_store.GroupCommit`:
+  one transaction and one fsync for the entries of every caller waiting at
+  that moment; docs/issuance.md §4).  If the audit write fails the SVIDs are
+  neither returned nor cached, for every caller of that commit.
 * Registrations the issuer cannot honour (a SPIFFE ID outside the SPIFFE ID
   syntax, a ``ttl`` that is not a positive integer) never match: fail closed
   for that entry only.
@@ -54,9 +57,17 @@ keep running out); a partner domain's only while its own mode is not expired
 SVIDs"; the budget comes from the partner's held policy until agreements
 carry one).
 
-Thread safety: one lock guards the store connection, the trust snapshot and
-the caches, so the Workload API's worker threads may share one Issuer.  A
-mint holds the lock, so concurrent first requests for one SPIFFE ID mint once.
+Thread safety: one lock guards the reading connection, the trust snapshot
+and the caches, so the Workload API's worker threads may share one Issuer.
+Minting and the audit commit run outside it: a caller plans its SVIDs under
+the lock (TTL, signer), marks them in flight, mints them, and waits for the
+commit; a second caller asking for an SVID in flight waits for that one, so
+concurrent first requests for one SPIFFE ID mint once.  At most
+:data:`MINT_SLOTS` callers plan or mint at a time (the rest sleep rather than
+contend for the interpreter); waiting for a commit takes no slot.  The audit
+log is written on a connection of its own, so this issuer's own commits move
+``PRAGMA data_version`` too: the snapshot is re-read only when the rows it is
+made of changed.
 """
 
 from __future__ import annotations
@@ -105,13 +116,14 @@ from qhx_edge.core.x509ca import private_key_object
 from qhx_edge.store import clock
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
-from qhx_edge.store.trust_store import AuditEntry, Store
+from qhx_edge.store.trust_store import AuditEntry, GroupCommit, Store, copy_error
 
 BACKDATE = 30  # seconds an X.509-SVID's notBefore lies before its minting
 JWT_MAX_TTL = 300  # a JWT-SVID is a bearer token: five minutes at most
 MIN_ROTATION = 1  # never re-mint sooner than this after minting (no busy loops)
 POLL_SECONDS = 5.0  # refresh_in() cap: documents imported by another process are noticed this fast
 MAX_JWT_CACHE = 1024  # JWT-SVIDs cached per (SPIFFE ID, audience list); the oldest go first
+MINT_SLOTS = 2  # callers planning or minting at once (see Issuer._slots)
 MAX_TOKEN = 16 << 10  # a JWT-SVID to validate is at most 16 KiB
 ALGORITHMS = {suites.name_of(alg): alg for alg in suites.SVID_ALGORITHMS}
 DEFAULT_ALGORITHM = "ES256"
@@ -270,6 +282,7 @@ class _Snapshot:
     domains: dict[str, _DomainState]
     policy: Policy | None
     registrations: tuple[_Registration, ...]
+    by_selector: dict[str, tuple[int, ...]]  # see _index()
     reg_ttl: dict[str, int | None]
     reg_alg: dict[str, str]  # SPIFFE ID -> the algorithm the policy names for it
     home_bundle: bytes  # concatenated DER of the home domain's X.509 authorities
@@ -362,6 +375,15 @@ def _registrations(policy: Policy | None) -> tuple[tuple[_Registration, ...], di
     return tuple(r for r in regs if r.spiffe_id not in bad), ttls
 
 
+def _index(regs: tuple[_Registration, ...]) -> dict[str, tuple[int, ...]]:
+    """Registration positions by their smallest selector ("" for none): a caller is matched against
+    the registrations filed under one of its own selectors only, not against the whole policy."""
+    out: dict[str, list[int]] = {}
+    for i, reg in enumerate(regs):
+        out.setdefault(min(reg.selectors, default=""), []).append(i)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def _load_snapshot(store: Store) -> _Snapshot:
     info = store.node_info()
     home = str(info["home_domain"])
@@ -392,6 +414,7 @@ def _load_snapshot(store: Store) -> _Snapshot:
         domains=domains,
         policy=policy,
         registrations=regs,
+        by_selector=_index(regs),
         reg_ttl=ttls,
         reg_alg={sid: algorithm_for(sid, policy.algorithms) for sid in ttls} if policy is not None else {},
         home_bundle=b"".join(home_bundle.x509_authorities) if home_bundle is not None else b"",
@@ -399,6 +422,20 @@ def _load_snapshot(store: Store) -> _Snapshot:
         cas=node_cas(delegation) if delegation is not None else {},
         delegation_end=delegation_end(delegation),
     )
+
+
+_FINGERPRINT = (
+    "SELECT (SELECT home_domain || ' ' || clock_tolerance FROM node), (SELECT high_water FROM clock), "
+    "(SELECT group_concat(domain || ' ' || relation, ' ') FROM domains), "
+    "(SELECT group_concat(domain || ' ' || type || ' ' || version || ' ' || hex(digest), ' ') FROM high_water)"
+)
+
+
+def _trust_fingerprint(conn: sqlite3.Connection) -> tuple[Any, ...]:
+    """The rows a snapshot is made of, in one statement (documents are immutable per version and digest).
+
+    Equal rows give an equal fingerprint; rows read in another order only cost a needless re-read."""
+    return tuple(conn.execute(_FINGERPRINT).fetchone())
 
 
 def _open_store(home: Path) -> Store:
@@ -433,6 +470,42 @@ class _Minted:
     entry: AuditEntry
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one SVID will be, decided under the issuer's lock; signed outside it."""
+
+    key: Any  # the cache key: SPIFFE ID, or (SPIFFE ID, audience) for a JWT-SVID
+    spiffe_id: str
+    ttl: int
+    signer: Any  # CaPrivateKey for an X.509-SVID, the JWT key for a JWT-SVID
+    alg_name: str
+    ca: NodeCa | None = None
+    audience: tuple[str, ...] = ()
+
+
+class _InFlight:
+    """An SVID one caller is minting; other callers asking for the same one wait for it."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def resolve(self, value: Any) -> None:
+        self._value = value
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def wait(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise copy_error(self._error)
+        return self._value
+
+
 @dataclass
 class _Mode:
     """The home domain's mode and every domain's, at one instant."""
@@ -452,8 +525,11 @@ class Issuer:
         self._get_passphrase = get_passphrase
         self._now = now
         self._lock = threading.RLock()
-        self._store = _open_store(self.home)
+        self._store = _open_store(self.home)  # reads, under self._lock
+        # The audit log's own connection: commits grouped across callers, outside self._lock.
+        self._audit = GroupCommit(_open_store(self.home))
         self._data_version: int | None = None
+        self._fingerprint: tuple[Any, ...] | None = None
         self._snap: _Snapshot | None = None
         self._identity: NodeIdentity | None = None
         self._ca_keys: dict[int, tuple[CaPrivateKey, bytes]] = {}  # alg -> (key, its SPKI DER)
@@ -461,11 +537,22 @@ class Issuer:
         self._cache_key: tuple[bytes, str] | None = None
         self._x509: dict[str, _Cached] = {}
         self._jwt: dict[tuple[str, tuple[str, ...]], _Cached] = {}
+        self._x509_flight: dict[str, _InFlight] = {}
+        self._jwt_flight: dict[tuple[str, tuple[str, ...]], _InFlight] = {}
         self._rotations = 0
+        # Callers planning or minting at once; the rest wait here, asleep, rather than contend for the
+        # interpreter and the lock (measured: bench/issuance.py).  Waiting for a commit takes no slot.
+        self._slots = threading.BoundedSemaphore(MINT_SLOTS)
 
     def close(self) -> None:
         with self._lock:
             self._store.close()
+            self._audit.store.close()
+
+    @property
+    def audit_commits(self) -> tuple[int, int]:
+        """(audit transactions committed, issuing calls they held): their ratio is the group size."""
+        return self._audit.commits, self._audit.appended
 
     def __enter__(self) -> Issuer:
         return self
@@ -476,11 +563,21 @@ class Issuer:
     # --- state ---------------------------------------------------------------------------
 
     def _snapshot(self) -> _Snapshot:
-        """The trust snapshot, re-read when another connection has committed since."""
+        """The trust snapshot, re-read when another connection has changed the trust state since.
+
+        ``PRAGMA data_version`` moves on any other connection's commit, this
+        issuer's own audit commits included; so when it moves, the rows the
+        snapshot is made of (node, domains, clock mark, high-water marks) are
+        compared, and the snapshot is re-read only if they changed.
+        """
         version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])
-        if self._snap is None or version != self._data_version:
+        if self._snap is not None and version == self._data_version:
+            return self._snap
+        fingerprint = _trust_fingerprint(self._store.conn)
+        if self._snap is None or fingerprint != self._fingerprint:
             self._snap = _load_snapshot(self._store)
-            self._data_version = version
+            self._fingerprint = fingerprint
+        self._data_version = version
         return self._snap
 
     @staticmethod
@@ -523,12 +620,17 @@ class Issuer:
             self._cache_key = (snap.home_generation, mode.mode)
             self._x509.clear()
             self._jwt.clear()
+            self._x509_flight.clear()  # SVIDs being minted under the old state fill no new caller's request
+            self._jwt_flight.clear()
         return mode
 
     def _match(self, snap: _Snapshot, selectors: Iterable[str]) -> list[str]:
         have = frozenset(selectors)
+        # A registration matches when all its selectors are the caller's, so its smallest one is too.
+        candidates = sorted(i for sel in (*have, "") for i in snap.by_selector.get(sel, ()))
         out: dict[str, None] = {}
-        for reg in snap.registrations:
+        for i in candidates:  # in policy order
+            reg = snap.registrations[i]
             if reg.selectors <= have:
                 out[reg.spiffe_id] = None
         if not out:
@@ -584,7 +686,7 @@ class Issuer:
 
     # --- minting ----------------------------------------------------------------------------
 
-    def _mint_x509(self, snap: _Snapshot, mode: staleness.Mode, spiffe_id: str, now: int) -> _Minted:
+    def _plan_x509(self, snap: _Snapshot, mode: staleness.Mode, spiffe_id: str, now: int) -> _Plan:
         assert snap.policy is not None
         alg_name = snap.reg_alg[spiffe_id]
         alg = ALGORITHMS.get(alg_name)
@@ -595,9 +697,15 @@ class Issuer:
                 f"policy names {alg_name!r} for {spiffe_id}, but this node's delegation holds CAs for {held}"
             )
         ttl = self._ttl(snap, mode, spiffe_id, now, ca.not_after - now)
-        signer = self._ca_key(ca)
+        return _Plan(spiffe_id, spiffe_id, ttl, self._ca_key(ca), alg_name, ca=ca)
+
+    @staticmethod
+    def _mint_x509(snap: _Snapshot, mode: staleness.Mode, plan: _Plan, now: int) -> _Minted:
+        ca = plan.ca
+        assert ca is not None
+        spiffe_id, ttl = plan.spiffe_id, plan.ttl
         key: ec.EllipticCurvePrivateKey | mldsa.MLDSA65PrivateKey
-        key = ec.generate_private_key(ec.SECP256R1()) if alg == ES256 else mldsa.MLDSA65PrivateKey.generate()
+        key = ec.generate_private_key(ec.SECP256R1()) if ca.alg == ES256 else mldsa.MLDSA65PrivateKey.generate()
         pub = key.public_key()
         not_after = now + ttl
         serial = x509.random_serial_number()
@@ -615,7 +723,7 @@ class Issuer:
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
             .add_extension(ca.aki, critical=False)
-            .sign(signer, _SHA256 if alg == ES256 else None)
+            .sign(plan.signer, _SHA256 if ca.alg == ES256 else None)
         )
         der = cert.public_bytes(Encoding.DER)
         svid = X509Svid(
@@ -626,17 +734,23 @@ class Issuer:
             not_after=not_after,
         )
         detail = (
-            f"{X509_SVID} {spiffe_id} serial {serial:x} not_after {not_after} alg {alg_name} mode {mode.mode} ttl {ttl}"
+            f"{X509_SVID} {spiffe_id} serial {serial:x} not_after {not_after} alg {plan.alg_name} "
+            f"mode {mode.mode} ttl {ttl}"
         )
         entry = AuditEntry("issue", detail, None, snap.home, X509_SVID, None, hashlib.sha256(der).digest())
         return _Minted(spiffe_id, svid, now + max(MIN_ROTATION, ttl // 2), entry)
 
-    def _mint_jwt(
+    def _plan_jwt(
         self, snap: _Snapshot, mode: staleness.Mode, spiffe_id: str, audience: tuple[str, ...], now: int
-    ) -> _Minted:
+    ) -> _Plan:
         assert snap.delegation is not None
         ttl = self._ttl(snap, mode, spiffe_id, now, JWT_MAX_TTL)
-        signer = self._jwt_signer(snap)
+        return _Plan((spiffe_id, audience), spiffe_id, ttl, self._jwt_signer(snap), "ES256", audience=audience)
+
+    @staticmethod
+    def _mint_jwt(snap: _Snapshot, mode: staleness.Mode, plan: _Plan, now: int) -> _Minted:
+        assert snap.delegation is not None
+        spiffe_id, ttl, audience = plan.spiffe_id, plan.ttl, plan.audience
         kid = str(snap.delegation.jwt_key["kid"])
         header = {"alg": "ES256", "kid": kid, "typ": "JWT"}
         claims = {"sub": spiffe_id, "aud": list(audience), "exp": now + ttl, "iat": now}
@@ -645,7 +759,7 @@ class Issuer:
             + "."
             + _b64(json.dumps(claims, separators=(",", ":")).encode())
         )
-        r, s = decode_dss_signature(signer.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
+        r, s = decode_dss_signature(plan.signer.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
         token = signing_input + "." + _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
         svid = JwtSvid(spiffe_id=spiffe_id, token=token, expires=now + ttl)
         detail = (
@@ -653,40 +767,98 @@ class Issuer:
             f"mode {mode.mode} ttl {ttl}"
         )
         entry = AuditEntry("issue", detail, None, snap.home, JWT_SVID, None, hashlib.sha256(token.encode()).digest())
-        return _Minted((spiffe_id, audience), svid, now + max(MIN_ROTATION, ttl // 2), entry)
+        return _Minted(plan.key, svid, now + max(MIN_ROTATION, ttl // 2), entry)
 
-    def _commit(self, now: int, minted: list[_Minted], cache: dict[Any, _Cached], *, streamed: bool) -> None:
-        """Audit every minted SVID in one transaction, then cache them (nothing is cached if the audit fails)."""
-        if not minted:
-            return
-        self._store.audit(now, [m.entry for m in minted])
-        for m in minted:
-            old = cache.get(m.key)
-            if streamed and old is not None and not old.flagged:
-                self._rotations += 1  # another stream may hold the old one: make it re-fetch
-            cache[m.key] = _Cached(m.value, m.rotate_at)
+    def _claim(
+        self, keys: list[Any], cache: dict[Any, _Cached], flights: dict[Any, _InFlight], now: int
+    ) -> tuple[dict[Any, Any], list[Any], dict[Any, _InFlight]]:
+        """Split ``keys`` into cache hits, SVIDs this caller must mint, and SVIDs another caller is minting."""
+        hits: dict[Any, Any] = {}
+        mine: list[Any] = []
+        theirs: dict[Any, _InFlight] = {}
+        for key in keys:
+            hit = cache.get(key)
+            if hit is not None and now < hit.rotate_at:
+                hits[key] = hit.value
+            elif key in flights:
+                theirs[key] = flights[key]
+            else:
+                mine.append(key)
+        return hits, mine, theirs
+
+    def _issue(
+        self,
+        snap: _Snapshot,
+        mode: staleness.Mode,
+        now: int,
+        plans: list[_Plan],
+        generation: Any,
+        cache: dict[Any, _Cached],
+        flights: dict[Any, _InFlight],
+        *,
+        streamed: bool,
+    ) -> dict[Any, Any]:
+        """Mint the planned SVIDs (outside the lock), audit them durably, then cache and return them.
+
+        The caller holds one of ``self._slots``; it is released once the SVIDs
+        are minted, before the wait for the audit commit.  The caller has
+        registered an :class:`_InFlight` per plan in ``flights`` (under the
+        lock).  Nothing minted is cached or returned unless the commit holding
+        its audit entries succeeded; callers waiting on these SVIDs get the
+        same error.
+        """
+        mine = [flights[p.key] for p in plans]
+        try:
+            try:
+                minted = [(self._mint_x509 if p.ca is not None else self._mint_jwt)(snap, mode, p, now) for p in plans]
+            finally:
+                self._slots.release()  # taken by the caller: the wait for the commit holds no slot
+            if minted:
+                self._audit.append(now, [m.entry for m in minted])
+        except BaseException as exc:
+            with self._lock:
+                for p, f in zip(plans, mine, strict=True):
+                    if flights.get(p.key) is f:
+                        del flights[p.key]
+            for f in mine:
+                f.fail(exc)
+            raise
+        with self._lock:
+            for m, f in zip(minted, mine, strict=True):
+                if flights.get(m.key) is f:
+                    del flights[m.key]
+                if self._cache_key == generation:  # else the state changed meanwhile: cache nothing stale
+                    old = cache.get(m.key)
+                    if streamed and old is not None and not old.flagged:
+                        self._rotations += 1  # another stream may hold the old one: make it re-fetch
+                    cache[m.key] = _Cached(m.value, m.rotate_at)
+        for m, f in zip(minted, mine, strict=True):
+            f.resolve(m.value)
+        return {m.key: m.value for m in minted}
 
     # --- the interface the Workload API uses -------------------------------------------------
 
     def x509_svids(self, selectors: frozenset[str]) -> list[X509Svid]:
         """Every X.509-SVID registered for ``selectors`` (cached until half-life)."""
-        with self._lock:
-            now = self._now()
-            snap = self._snapshot()
-            mode = self._issuing(snap, now)
-            ids = self._match(snap, selectors)
-            out: dict[str, X509Svid] = {}
-            minted: list[_Minted] = []
-            for sid in ids:
-                hit = self._x509.get(sid)
-                if hit is not None and now < hit.rotate_at:
-                    out[sid] = hit.value
-                else:
-                    m = self._mint_x509(snap, mode, sid, now)
-                    minted.append(m)
-                    out[sid] = m.value
-            self._commit(now, minted, self._x509, streamed=True)
-            return [out[sid] for sid in ids]
+        self._slots.acquire()
+        try:
+            with self._lock:
+                now = self._now()
+                snap = self._snapshot()
+                mode = self._issuing(snap, now)
+                ids = self._match(snap, selectors)
+                out, mine, theirs = self._claim(ids, self._x509, self._x509_flight, now)
+                plans = [self._plan_x509(snap, mode, sid, now) for sid in mine]  # may refuse: nothing claimed yet
+                for p in plans:
+                    self._x509_flight[p.key] = _InFlight()
+                generation = self._cache_key
+        except BaseException:
+            self._slots.release()
+            raise
+        out.update(self._issue(snap, mode, now, plans, generation, self._x509, self._x509_flight, streamed=True))
+        for sid, flight in theirs.items():
+            out[sid] = flight.wait()
+        return [out[sid] for sid in ids]
 
     def x509_bundles(self) -> dict[str, bytes]:
         """Trust domain -> concatenated DER of its X.509 authorities (home always, partners while fresh)."""
@@ -704,29 +876,29 @@ class Issuer:
         aud = tuple(dict.fromkeys(audience))
         if not aud or not all(isinstance(a, str) and a for a in aud):
             raise Malformed("a JWT-SVID needs at least one non-empty audience")
+        self._slots.acquire()
+        try:
+            with self._lock:
+                now = self._now()
+                snap = self._snapshot()
+                mode = self._issuing(snap, now)
+                ids = _only(self._match(snap, selectors), spiffe_id)
+                keys = [(sid, aud) for sid in ids]
+                out, mine, theirs = self._claim(keys, self._jwt, self._jwt_flight, now)
+                plans = [self._plan_jwt(snap, mode, sid, a, now) for sid, a in mine]
+                for p in plans:
+                    self._jwt_flight[p.key] = _InFlight()
+                generation = self._cache_key
+        except BaseException:
+            self._slots.release()
+            raise
+        out.update(self._issue(snap, mode, now, plans, generation, self._jwt, self._jwt_flight, streamed=False))
         with self._lock:
-            now = self._now()
-            snap = self._snapshot()
-            mode = self._issuing(snap, now)
-            ids = self._match(snap, selectors)
-            if spiffe_id:
-                if spiffe_id not in ids:
-                    raise PolicyDenied(f"no identity: {spiffe_id} is not registered for the caller's selectors")
-                ids = [spiffe_id]
-            out: list[JwtSvid] = []
-            minted: list[_Minted] = []
-            for sid in ids:
-                hit = self._jwt.get((sid, aud))
-                if hit is not None and now < hit.rotate_at:
-                    out.append(hit.value)
-                else:
-                    m = self._mint_jwt(snap, mode, sid, aud, now)
-                    minted.append(m)
-                    out.append(m.value)
-            self._commit(now, minted, self._jwt, streamed=False)
             while len(self._jwt) > MAX_JWT_CACHE:
                 del self._jwt[next(iter(self._jwt))]
-            return out
+        for key, flight in theirs.items():
+            out[key] = flight.wait()
+        return [out[key] for key in keys]
 
     def jwt_bundles(self) -> dict[str, bytes]:
         """Trust domain -> JWKS (RFC 7517, SPIFFE bundle format) of its JWT authorities."""
@@ -856,6 +1028,15 @@ class Issuer:
                 "cached": {"x509_svids": len(self._x509), "jwt_svids": len(self._jwt)},
                 "refresh_in": self.refresh_in(),
             }
+
+
+def _only(ids: list[str], spiffe_id: str | None) -> list[str]:
+    """``ids``, or just ``spiffe_id`` when the caller asked for one of them."""
+    if not spiffe_id:
+        return ids
+    if spiffe_id not in ids:
+        raise PolicyDenied(f"no identity: {spiffe_id} is not registered for the caller's selectors")
+    return [spiffe_id]
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import sqlite_utils
 
 from qhx_edge.core import cbor
 from qhx_edge.core.documents import Freshness, Root, Signed, parse
-from qhx_edge.core.errors import NotInitialised, StoreCorrupt
+from qhx_edge.core.errors import EnvironmentFault, NotInitialised, QhxError, StoreCorrupt
 from qhx_edge.core.trust import DomainView, Mark, Outcome, TrustState
 from qhx_edge.store.files import private_dir
 from qhx_edge.store.sqlitefile import SqliteFile
@@ -273,20 +274,30 @@ class Store(SqliteFile):
     # --- writing -------------------------------------------------------------------
 
     def _audit(self, conn: sqlite3.Connection, at: int, entries: Sequence[AuditEntry]) -> None:
+        self._audit_many(conn, [(at, entries)])
+
+    @staticmethod
+    def _audit_many(conn: sqlite3.Connection, batches: Sequence[tuple[int, Sequence[AuditEntry]]]) -> None:
         row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
         rows = []
-        for e in entries:
-            seq += 1
-            h = _entry_hash(prev, seq, at, e)
-            rows.append((seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail, prev, h))
-            prev = h
+        for at, entries in batches:
+            for e in entries:
+                seq += 1
+                h = _entry_hash(prev, seq, at, e)
+                rows.append((seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail, prev, h))
+                prev = h
         conn.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     def audit(self, at: int, entries: Sequence[AuditEntry]) -> None:
         """Append entries to the audit log in their own transaction."""
         with self.transaction() as conn:
             self._audit(conn, at, entries)
+
+    def audit_batches(self, batches: Sequence[tuple[int, Sequence[AuditEntry]]]) -> None:
+        """Append the entries of several callers, each with its own time, in one transaction (one fsync)."""
+        with self.transaction() as conn:
+            self._audit_many(conn, batches)
 
     def initialise(
         self, node_id: str, anchor: Signed[Root], fingerprint: str, tolerance: int, now: int, card: bytes
@@ -485,3 +496,90 @@ class Store(SqliteFile):
 
     def integrity_check(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+# --- group commit of audit entries -------------------------------------------------------------
+
+
+class _Waiter:
+    __slots__ = ("at", "done", "entries", "error", "event", "lead")
+
+    def __init__(self, at: int, entries: Sequence[AuditEntry]) -> None:
+        self.at = at
+        self.entries = entries
+        self.event = threading.Event()
+        self.done = False
+        self.lead = False
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Durable audit appends from many threads, one transaction and one fsync per group.
+
+    :meth:`append` returns only once a commit holding the caller's entries has
+    been fsynced (``synchronous=FULL``), or raises; so whoever hands something
+    out after it returns has it on record (docs/issuance.md §4).  Callers that
+    arrive while a commit is in flight queue up; when it ends, the first of them
+    commits every queued caller's entries in one transaction (leader/follower
+    group commit), while the others only wait for their own commit.  A lone
+    caller commits at once, on its own thread, with no hand-off.
+
+    A failed commit fails every caller in it (none of them may hand anything
+    out); the next group starts afresh.  ``store`` must be used by nothing else
+    (its own connection; it may be used from any thread).
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._mutex = threading.Lock()
+        self._queue: list[_Waiter] = []
+        self._busy = False
+        self.commits = 0  # transactions committed (for benchmarks and tests)
+        self.appended = 0  # calls of append() those transactions held
+
+    def append(self, at: int, entries: Sequence[AuditEntry]) -> None:
+        me = _Waiter(at, entries)
+        with self._mutex:
+            self._queue.append(me)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            me.event.wait()
+            lead = not me.done  # the previous leader handed the next commit to this caller
+        if lead:
+            self._lead()
+        if me.error is not None:
+            raise copy_error(me.error)
+
+    def _lead(self) -> None:
+        with self._mutex:
+            group, self._queue = self._queue, []
+        error: BaseException | None = None
+        try:
+            self.store.audit_batches([(w.at, w.entries) for w in group])
+        except BaseException as exc:
+            error = exc
+        else:
+            self.commits += 1
+            self.appended += len(group)
+        for w in group:
+            w.error = error
+            w.done = True
+            w.event.set()
+        with self._mutex:
+            nxt = self._queue[0] if self._queue else None
+            if nxt is None:
+                self._busy = False
+            else:
+                nxt.lead = True
+        if nxt is not None:
+            nxt.event.set()
+
+
+def copy_error(exc: BaseException) -> BaseException:
+    """One exception object per raising thread: typed errors keep their kind, the rest become one."""
+    if isinstance(exc, QhxError):
+        return type(exc)(exc.message)
+    if isinstance(exc, sqlite3.Error):
+        return EnvironmentFault(f"the audit log could not be written: {exc}")
+    return exc
