@@ -24,12 +24,12 @@ from typing import Any
 
 from qhx_edge.core import documents as D  # noqa: N812 - short alias for the payload classes
 from qhx_edge.core.cards import make_card
-from qhx_edge.core.errors import AlreadyInitialised, Malformed, NotInitialised
+from qhx_edge.core.errors import AlreadyInitialised, Malformed, NotInitialised, StoreCorrupt
 from qhx_edge.core.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, policy_fields
 from qhx_edge.core.spiffe import check_trust_domain
-from qhx_edge.core.suites import PrivateKey, ca_algs, suite_algs
+from qhx_edge.core.suites import SUITES, PrivateKey, ca_algs, suite_algs
 from qhx_edge.core.x509ca import load_spki, make_ca, make_intermediate
-from qhx_edge.store.files import atomic_write, private_dir
+from qhx_edge.store.files import atomic_write, private_dir, read_capped
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
 
@@ -40,6 +40,89 @@ DAY = 86400
 DELEGATION_LIFETIME = 7 * 86400
 DEFAULT_LIFETIMES = {"root": 365 * DAY, "bundle": 90 * DAY, "policy": 90 * DAY, "ca": 365 * DAY}
 REFRESH_HINT = 3600
+
+
+MAX_STATE_FILE = 16 << 20
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 2**63 - 1
+
+
+def load_state(data: bytes, where: Path) -> dict[str, Any]:
+    """The authority's ``authority.json``, checked field by field: ``store-corrupt`` if it is not one.
+
+    The file is the authority's own state, not input from anyone else, so a
+    damaged one is an environment fault (exit 3), found here rather than as a
+    KeyError deep in a command.
+    """
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise StoreCorrupt(f"{where} is not a usable authority state file: {what}")
+
+    try:
+        state = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StoreCorrupt(f"{where} is not a usable authority state file: {exc}") from exc
+    need(isinstance(state, dict) and state.get("format") == "qhx-edge-authority", "not an authority state file")
+    need(isinstance(state.get("domain"), str), "no domain")
+    try:
+        check_trust_domain(state["domain"])
+    except Malformed as exc:
+        raise StoreCorrupt(f"{where}: {exc.message}") from exc
+    need(state.get("suite") in SUITES, "unknown suite")
+    roles = state.get("roles")
+    need(isinstance(roles, dict) and set(roles) == set(D.ROLES), "roles must name every role")
+    for role, spec in roles.items():
+        need(
+            isinstance(spec, dict)
+            and isinstance(spec.get("keys"), list)
+            and spec["keys"]
+            and all(isinstance(k, str) for k in spec["keys"])
+            and _is_uint(spec.get("threshold"))
+            and 1 <= spec["threshold"] <= len(spec["keys"]),
+            f"role {role!r} needs key names and a threshold",
+        )
+    need(_is_uint(state.get("key_counter")), "key_counter must be a count")
+    cas = state.get("cas")
+    need(isinstance(cas, list) and bool(cas), "cas must list the CA generations")
+    for entry in cas:
+        certs = entry.get("certs") if isinstance(entry, dict) else None
+        need(_is_uint(entry.get("generation")) if isinstance(entry, dict) else False, "a CA generation needs a number")
+        need(
+            isinstance(certs, dict)
+            and bool(certs)
+            and all(
+                isinstance(c, dict)
+                and isinstance(c.get("key"), str)
+                and isinstance(c.get("cert"), str)
+                and _is_uint(c.get("not_after"))
+                for c in certs.values()
+            ),
+            "a CA generation lists its certificates",
+        )
+    versions = state.get("versions")
+    need(isinstance(versions, dict) and all(_is_uint(v) for v in versions.values()), "versions must be counts")
+    lifetimes = state.get("lifetimes")
+    need(
+        isinstance(lifetimes, dict)
+        and set(DEFAULT_LIFETIMES) <= set(lifetimes)
+        and all(_is_uint(v) for v in lifetimes.values()),
+        "lifetimes must give every document's lifetime",
+    )
+    jwt = state.get("jwt_keys", {})
+    need(
+        isinstance(jwt, dict)
+        and all(
+            isinstance(k, dict) and isinstance(k.get("spki"), str) and _is_uint(k.get("not_after"))
+            for k in jwt.values()
+        ),
+        "jwt_keys must map key ids to keys",
+    )
+    need(_is_uint(state.get("export_sequence", 0)), "export_sequence must be a count")
+    checked: dict[str, Any] = state
+    return checked
 
 
 def fingerprint(data: bytes) -> str:
@@ -113,12 +196,9 @@ class Authority:
     @classmethod
     def open(cls, home: Path, get_passphrase: Callable[[], bytes]) -> Authority:
         home = Path(home)
-        try:
-            state = json.loads((home / STATE).read_text())
-        except FileNotFoundError:
-            raise NotInitialised(f"{home} is not an authority home (no {STATE}); run 'authority init'") from None
-        if state.get("format") != "qhx-edge-authority":
-            raise Malformed(f"{home / STATE} is not an authority state file")
+        if not (home / STATE).exists():
+            raise NotInitialised(f"{home} is not an authority home (no {STATE}); run 'authority init'")
+        state = load_state(read_capped(home / STATE, MAX_STATE_FILE, "authority state file"), home / STATE)
         return cls(home, state, lambda: Keystore.open(home, get_passphrase))
 
     @staticmethod

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from qhx_edge.core import cbor
-from qhx_edge.core.errors import Malformed, MissingFile, PassphraseError
+from qhx_edge.core.errors import Malformed, MissingFile, PassphraseError, Rejected, StoreCorrupt
 from qhx_edge.core.suites import PrivateKey
 from qhx_edge.store.files import atomic_write
 
@@ -91,6 +91,23 @@ class Keystore:
             memory_cost=int(kdf["memory_kib"]),
         ).derive(passphrase)
 
+    @staticmethod
+    def _check_header(doc: dict[str, Any], path: Path) -> None:
+        """An encrypted keystore's header has the shape :meth:`create` writes, else ``store-corrupt``."""
+        kdf, check = doc.get("kdf"), doc.get("check")
+        ok = (
+            isinstance(doc.get("salt"), bytes)
+            and isinstance(kdf, dict)
+            and kdf.get("alg") == "argon2id"
+            and all(_small_uint(kdf.get(k)) for k in ("iterations", "lanes", "memory_kib"))
+            and isinstance(check, list)
+            and len(check) == 2
+            and all(isinstance(c, bytes) for c in check)
+            and len(check[0]) == 12
+        )
+        if not ok:
+            raise StoreCorrupt(f"{path} is not a usable qhx-edge keystore: its header is damaged")
+
     @classmethod
     def create(cls, home: Path, passphrase: bytes | None) -> Keystore:
         """Create ``home/keystore.cbor``; ``None`` means no passphrase (loud)."""
@@ -112,12 +129,13 @@ class Keystore:
             raw = (home / KEYSTORE).read_bytes()
         except FileNotFoundError:
             raise MissingFile(f"no keystore in {home}") from None
-        doc = cbor.decode(raw, max_size=MAX_KEY_FILE)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise Malformed(f"{home / KEYSTORE} is not a qhx-edge keystore")
-        if not doc.get("encrypted"):
+        doc = _decode(raw, home / KEYSTORE, "keystore")
+        if doc.get("format") != FORMAT or not isinstance(doc.get("encrypted"), bool):
+            raise StoreCorrupt(f"{home / KEYSTORE} is not a qhx-edge keystore")
+        if doc.get("encrypted") is False:
             print(WARNING.format(path=home), file=sys.stderr)
             return cls(home, None)
+        cls._check_header(doc, home / KEYSTORE)
         key = cls._derive(get_passphrase(), doc["salt"], doc["kdf"])
         nonce, check = doc["check"]
         try:
@@ -150,9 +168,9 @@ class Keystore:
             raw = path.read_bytes()
         except FileNotFoundError:
             raise MissingFile(f"missing key file {path}") from None
-        body = cbor.decode(raw, max_size=MAX_KEY_FILE)
-        if not isinstance(body, dict) or body.get("format") != "qhx-edge-key":
-            raise Malformed(f"{path} is not a qhx-edge key file")
+        body = _decode(raw, path, "key file")
+        if body.get("format") != "qhx-edge-key":
+            raise StoreCorrupt(f"{path} is not a qhx-edge key file")
         if body.get("encrypted"):
             if self._aead is None:
                 raise PassphraseError(f"{path} is encrypted but the keystore is not")
@@ -166,11 +184,30 @@ class Keystore:
             raise PassphraseError(f"{path} is stored unencrypted inside an encrypted keystore")
         plain = body.get("key")
         if not isinstance(plain, bytes):
-            raise Malformed(f"{path} holds no key")
+            raise StoreCorrupt(f"{path} holds no key")
         return plain
 
     def save(self, name: str, key: PrivateKey) -> Path:
         return self.save_secret(name, cbor.encode(key.to_cbor()))
 
     def load(self, name: str) -> PrivateKey:
-        return PrivateKey.from_cbor(cbor.decode(self.load_secret(name), max_size=MAX_KEY_FILE))
+        path = self.home / "keys" / f"{name}.key"
+        try:
+            return PrivateKey.from_cbor(cbor.decode(self.load_secret(name), max_size=MAX_KEY_FILE))
+        except Rejected as exc:  # decrypted, so the passphrase was right: the file itself is damaged
+            raise StoreCorrupt(f"{path} holds no usable key: {exc.message}") from exc
+
+
+def _small_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**32
+
+
+def _decode(raw: bytes, path: Path, what: str) -> dict[str, Any]:
+    """A keystore or key file's CBOR map, else ``store-corrupt`` naming the file (it is ours, not input)."""
+    try:
+        doc = cbor.decode(raw, max_size=MAX_KEY_FILE)
+    except Rejected as exc:  # malformed, non-deterministic or oversize
+        raise StoreCorrupt(f"{path} is not a usable qhx-edge {what}: {exc.message}") from exc
+    if not isinstance(doc, dict):
+        raise StoreCorrupt(f"{path} is not a qhx-edge {what}")
+    return doc
