@@ -251,6 +251,16 @@ def _detail_rechained(d: dict[str, Any]) -> None:
     _rechain(d)
 
 
+def _huge_version(d: dict[str, Any]) -> None:
+    d["entries"][0]["version"] = 2**63  # beyond SQLite's INTEGER: refused where it is read, not at the database
+    _rechain(d)
+
+
+def _huge_time(d: dict[str, Any]) -> None:
+    d["entries"][0]["at"] = 2**64 - 1
+    _rechain(d)
+
+
 NOT_SIGNED = "not signed by the key it names"
 ALTERED = "does not match its hash"
 # name: (forge(segment, node's own signer), kind, message fragment naming the check that caught it)
@@ -287,6 +297,16 @@ FORGERIES: dict[str, tuple[Callable[[bytes, PrivateKey], bytes], str, str]] = {
         lambda raw, k: resign(raw, _renumber, k),
         "malformed",
         "not contiguous",
+    ),
+    "version past 2^63 - 1, re-signed by the node's own key": (
+        lambda raw, k: resign(raw, _huge_version, k),
+        "malformed",
+        "at most 2^63 - 1",
+    ),
+    "time past 2^63 - 1, re-signed by the node's own key": (
+        lambda raw, k: resign(raw, _huge_time, k),
+        "malformed",
+        "at most 2^63 - 1",
     ),
 }
 

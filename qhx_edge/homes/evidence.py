@@ -94,6 +94,7 @@ from qhx_edge.core.errors import (
     Rejected,
     StoreCorrupt,
 )
+from qhx_edge.core.limits import is_uint
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, PublicKey
 from qhx_edge.homes.authority import AUTHORITY_NODE
@@ -159,8 +160,9 @@ def make_segment(
 
 def _uint(d: dict[str, Any], key: str, what: str) -> int:
     v = d.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise Malformed(f"{what} {key} must be an unsigned integer")
+    if not is_uint(v):
+        raise Malformed(f"{what} {key} must be an unsigned integer (at most 2^63 - 1)")
+    assert isinstance(v, int)
     return v
 
 
@@ -175,6 +177,8 @@ def _optional(d: dict[str, Any], key: str, types: type | tuple[type, ...], what:
     v = d.get(key)
     if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
         raise Malformed(f"{what} {key} has the wrong type")
+    if isinstance(v, int) and not is_uint(v):
+        raise Malformed(f"{what} {key} must be an unsigned integer (at most 2^63 - 1)")
     return v
 
 
