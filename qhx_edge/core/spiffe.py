@@ -1,7 +1,11 @@
 """SPIFFE names: trust domain names and SPIFFE IDs (SPIFFE ID §2), the one place their rules live.
 
 * A trust domain name (§2.1) is 1 to 255 bytes of lowercase letters, digits,
-  dots, dashes and underscores; no userinfo, port or percent-encoding.
+  dots, dashes and underscores; no userinfo, port or percent-encoding.  We add
+  one restriction: it neither begins nor ends with a dot.  Every CA of a
+  domain carries the domain as a URI name constraint, and RFC 5280 §4.2.1.10
+  reads a constraint that begins with a dot as "every host below it": a
+  domain named ``.example`` would be permitted ``spiffe://alpha.example/...``.
 * A SPIFFE ID (§2) is ``spiffe://`` + trust domain + path, at most 2,048 bytes
   (§2.3).  A workload's ID has a non-empty path (§2.2) whose segments are
   letters, digits, dots, dashes and underscores, never empty, ``.`` or ``..``,
@@ -28,7 +32,7 @@ _SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 
 def check_trust_domain(name: Any) -> str:
     """``name`` if it is a trust domain name (SPIFFE ID §2.1), else :class:`Malformed`."""
-    if not isinstance(name, str) or not _TRUST_DOMAIN.fullmatch(name):
+    if not isinstance(name, str) or not _TRUST_DOMAIN.fullmatch(name) or name.strip(".") != name:
         raise Malformed(f"invalid trust domain name {name!r}")
     return name
 
@@ -41,6 +45,7 @@ def parse_spiffe_id(value: Any) -> tuple[str, str]:
     if (
         not slash
         or not _TRUST_DOMAIN.fullmatch(domain)
+        or domain.strip(".") != domain
         or any(not _SEGMENT.fullmatch(s) or s in (".", "..") for s in path.split("/"))
     ):
         raise Malformed(f"{value!r} is not a SPIFFE ID with a workload path")
