@@ -272,7 +272,7 @@ class PublicKey:
 
     @property
     def keyid(self) -> str:
-        return hashlib.sha256(cbor.encode(self.to_cbor())).hexdigest()
+        return _keyid(self.parts)
 
     def verify_part(self, alg: int, signature: bytes, message: bytes) -> bool:
         alg = canonical_alg(alg)
@@ -280,6 +280,17 @@ class PublicKey:
             if part_alg == alg:
                 return get(alg).verify(raw, signature, message)
         return False
+
+
+@functools.lru_cache(maxsize=1024)
+def _keyid(parts: tuple[tuple[int, bytes], ...]) -> str:
+    """SHA-256 over the deterministic CBOR of ``[[alg, raw_public], ...]``, once per distinct key.
+
+    Every root lists its keys by id, and a root is re-read at every import: the
+    id is a pure function of the exact (algorithm, raw bytes) pairs, so caching
+    it by them can never give one key another's id.
+    """
+    return hashlib.sha256(cbor.encode([[alg, raw] for alg, raw in parts])).hexdigest()
 
 
 @dataclass(frozen=True)
