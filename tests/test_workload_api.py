@@ -376,13 +376,23 @@ def test_a_caller_matching_no_registration_gets_no_identity(sock_dir: Path) -> N
     assert f"unix:path:{os.path.realpath(sys.executable)}" in issuer.seen[0]
 
 
-def test_a_call_that_bypasses_the_proxy_is_not_attested(server: WorkloadApiServer) -> None:
-    channel, stub = raw_stub(server._private_path)
+def test_a_caller_whose_attestation_fails_gets_nothing(
+    server: WorkloadApiServer, issuer: FakeIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qhx_edge.issue import peercred
+
+    def gone(sock: Any) -> Any:
+        raise errors.AttestationFailed("the caller exited before attestation")
+
+    monkeypatch.setattr(peercred, "attest", gone)
+    channel, stub = raw_stub(server.socket_path)
     with channel:
-        err = rpc_error(lambda: stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER))
-    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert err.details().startswith("attestation-failed:")
-    assert stat.S_IMODE(os.stat(os.path.dirname(server._private_path)).st_mode) == 0o700
+        for name in ("FetchX509SVID", "FetchX509Bundles", "FetchJWTSVID", "FetchJWTBundles", "ValidateJWTSVID"):
+            err = rpc_error(lambda n=name: getattr(stub, n)(ALL_RPCS[n], metadata=HEADER))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, name
+            assert err.details() == "attestation-failed: the caller exited before attestation", name
+    assert issuer.seen == []  # the issuer was never asked on behalf of an unattested caller
+    assert server.accepted == 0
 
 
 def test_socket_file(server: WorkloadApiServer, issuer: FakeIssuer, sock_dir: Path) -> None:
@@ -399,7 +409,8 @@ def test_socket_file(server: WorkloadApiServer, issuer: FakeIssuer, sock_dir: Pa
     server.stop()
     assert not server.socket_path.exists()
     assert issuer.closed
-    assert issuer.threads == {"qhx-issuer_0"}  # one thread made every issuer call
+    assert issuer.threads  # every issuer call ran on an issuer thread, never on the event loop's
+    assert all(name.startswith("qhx-issuer_") for name in issuer.threads), issuer.threads
 
 
 def test_a_stale_socket_file_is_replaced(issuer: FakeIssuer, sock_dir: Path) -> None:

@@ -860,16 +860,42 @@ class Issuer:
             out[sid] = flight.wait()
         return [out[sid] for sid in ids]
 
+    def cached_x509(self, selectors: frozenset[str]) -> tuple[list[X509Svid], dict[str, bytes]] | None:
+        """``(x509_svids(selectors), x509_bundles())`` when that needs no minting, no store read beyond
+        ``PRAGMA data_version`` and no waiting for the lock; else None.  Never blocks, so the Workload
+        API may answer a fetch served from the cache on its event loop, without a thread hop.
+        Refusals are the same typed errors as :meth:`x509_svids` raises."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])
+            snap = self._snap
+            if snap is None or version != self._data_version:
+                return None  # the state may have changed: the blocking path re-reads it
+            now = self._now()
+            self._issuing(snap, now)
+            out: list[X509Svid] = []
+            for sid in self._match(snap, selectors):
+                hit = self._x509.get(sid)
+                if hit is None or now >= hit.rotate_at:
+                    return None
+                out.append(hit.value)
+            return out, self._x509_bundles(snap, now)
+        finally:
+            self._lock.release()
+
     def x509_bundles(self) -> dict[str, bytes]:
         """Trust domain -> concatenated DER of its X.509 authorities (home always, partners while fresh)."""
         with self._lock:
-            snap = self._snapshot()
-            usable = self._usable_domains(snap, self._now())
-            return {
-                name: b"".join(d.bundle.x509_authorities)
-                for name, d in snap.domains.items()
-                if d.bundle is not None and name in usable
-            }
+            return self._x509_bundles(self._snapshot(), self._now())
+
+    def _x509_bundles(self, snap: _Snapshot, now: int) -> dict[str, bytes]:
+        usable = self._usable_domains(snap, now)
+        return {
+            name: b"".join(d.bundle.x509_authorities)
+            for name, d in snap.domains.items()
+            if d.bundle is not None and name in usable
+        }
 
     def jwt_svids(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid]:
         """A JWT-SVID for ``audience`` per registered SPIFFE ID (or only ``spiffe_id``)."""

@@ -15,41 +15,38 @@ attested caller but no identity (bundles are public; SPIRE's
 Who is calling.  grpcio gives a handler no access to the connection's socket:
 ``context.peer()`` of a Unix socket client is just ``unix:``, and
 ``auth_context()``, even with local credentials, holds only the security level
--- grpc core never reads ``SO_PEERCRED`` (grpc/grpc#15511, #28755).  So the
-server owns the public socket and hands each connection to gRPC itself::
+-- grpc core never reads ``SO_PEERCRED`` (grpc/grpc#15511, #28755) -- and it
+cannot serve a socket it did not accept itself.  So this module is its own gRPC
+server: HTTP/2 from the ``h2`` library (state machine, HPACK, flow control), on
+asyncio, handling only the Workload API's methods, their server streams and
+the gRPC status trailers (gRPC over HTTP/2: ``:path /SpiffeWorkloadAPI/<Method>``,
+``content-type application/grpc``, length-prefixed messages, ``grpc-status`` and
+percent-encoded ``grpc-message`` trailers, Trailers-Only responses for errors)::
 
-    workload ─► public socket ─► accept proxy ─────────► private socket ─► grpc.aio server
-                (mode 0666)      peercred.attest(conn)   (0700 directory)   context.peer()
-                                 bind \\0qhx-edge-…, record peer → attestation
+    workload ─► public socket (mode 0666) ─► accept() ─► _Connection: attestation + HTTP/2 + calls
+                                              peercred.attest(the accepted socket), once
 
-For each accepted connection the proxy attests the caller from the accepted
-socket (:mod:`qhx_edge.issue.peercred`, at accept time), binds a fresh client socket
-to a new abstract address, records ``unix-abstract:<name>`` → attestation,
-connects to the private gRPC socket and pipes bytes both ways.  gRPC reports
-that bound address as ``context.peer()`` of every call on the connection, so a
-handler finds exactly the attestation of the connection its call came on.
-One caller's credentials are never attributed to another:
-
-* one public connection ↔ one private connection ↔ one name, and names are
-  never reused (a counter plus 64 random bits), so no entry can outlive its
-  connection into another's;
-* an entry is recorded before the private connect and removed before its
-  socket is closed, so while it exists the name is bound by our own socket
-  and the kernel lets no other socket bind it;
-* only the server's uid can reach the private socket (0700 directory); a call
-  whose peer has no entry -- one that bypassed the proxy, or an unbound
-  ``unix:`` peer -- is refused (PERMISSION_DENIED, ``attestation-failed``);
-* the proxy and the handlers run on one event loop thread: no lock, no window.
+Each accepted connection is attested at once from the accepted socket
+(:mod:`qhx_edge.issue.peercred`: ``SO_PEERCRED``, and ``SO_PEERPIDFD`` against
+pid reuse), on a duplicate of its descriptor in a small pool, so the socket it
+reads can never be closed and its number reused meanwhile; the HTTP/2 set-up
+proceeds meanwhile, and every call on the connection waits for that
+attestation and uses it: one caller's credentials are never attributed to
+another, since the attestation belongs to the connection object that owns the
+socket.  A connection whose attestation failed gets PERMISSION_DENIED
+``attestation-failed`` for every call that needs a caller; nothing is asked of
+the issuer on its behalf.
 
 Attestation is made once per connection, at accept time (so a pid cannot be
 recycled under it); a long-lived stream keeps the identity its connection was
 attested with until the client reconnects, as with any SO_PEERCRED attestor.
 
-Threads.  One asyncio loop in one background thread runs the proxy, the
-grpc.aio server and the change watcher.  Attestation (reading /proc, hashing)
-runs in a small pool; every issuer call runs on *one* dedicated thread, which
-also creates the issuer: the issuer is never called concurrently, and always
-from the thread that made it (sqlite connections are bound to their thread).
+Threads.  One asyncio loop in one background thread runs the connections and
+the change watcher.  Attestation (reading /proc, hashing) runs in a small pool.
+Issuer calls run on a pool of :data:`ISSUER_THREADS` threads (the issuer is
+thread-safe; concurrent first fetches share its audit commits), which also
+creates and closes the issuer.  A fetch the issuer can answer from its cache
+without blocking (``cached_x509``, optional) is answered on the loop itself.
 
 Errors.  Typed errors map to statuses with ``kind: message`` as details:
 ``policy-denied`` → PERMISSION_DENIED; ``stale`` and ``clock-rollback`` →
@@ -63,23 +60,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
-import secrets
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-import grpc
-from grpc import aio
+import grpc  # the status codes; the server below is our own
+import h2.events
+import h2.exceptions
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.settings import SettingCodes, Settings
 
 from qhx_edge.core import spiffe
 from qhx_edge.core.errors import (
@@ -93,7 +91,6 @@ from qhx_edge.core.errors import (
 )
 from qhx_edge.issue import peercred
 from qhx_edge.issue.proto import workload_pb2 as pb
-from qhx_edge.issue.proto import workload_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +98,11 @@ SECURITY_HEADER = "workload.spiffe.io"
 POLL_INTERVAL = 1.0  # longest wait between two change_token() checks
 MIN_POLL_INTERVAL = 0.05
 MAX_CONNECTIONS = 1024
+MAX_STREAMS = 128  # concurrent calls per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
+MAX_HEADER_LIST_SIZE = 16 << 10
 MAX_REQUEST_SIZE = 1 << 20  # requests are a few hundred bytes; a JWT to validate a few KiB
-_PIPE_CHUNK = 1 << 16
+ISSUER_THREADS = 16  # issuer calls at once: concurrent first fetches share audit commits
+BACKLOG = 512
 _T = TypeVar("_T")
 
 
@@ -134,11 +134,13 @@ class JwtSvidLike(Protocol):
 class IssuerLike(Protocol):
     """What the Workload API needs from :class:`qhx_edge.issue.issuer.Issuer`.
 
-    The server creates the issuer on one dedicated thread and calls it only
-    from there, one call at a time.  Refusals are :class:`Rejected` subclasses:
-    ``PolicyDenied`` (no registration matches the selectors), ``Stale``
-    (expired mode), ``ClockRollback``; ``validate_jwt`` raises any ``Rejected``
-    for a bad token.  An optional ``close()`` is called on shutdown.
+    The server calls it from several issuer threads at once: it must be
+    thread-safe.  Refusals are :class:`Rejected` subclasses: ``PolicyDenied``
+    (no registration matches the selectors), ``Stale`` (expired mode),
+    ``ClockRollback``; ``validate_jwt`` raises any ``Rejected`` for a bad token.
+    Optional: ``close()``, called on shutdown; ``cached_x509(selectors)``, which
+    returns ``(x509_svids(selectors), x509_bundles())`` or None without ever
+    blocking (called on the event loop).
     """
 
     def x509_svids(self, selectors: frozenset[str]) -> Sequence[X509SvidLike]: ...
@@ -187,11 +189,6 @@ def status_for(exc: BaseException, *, validating: bool = False) -> tuple[grpc.St
     return grpc.StatusCode.INTERNAL, "internal: the issuer failed (see the server log)"
 
 
-async def _abort(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
-    await context.abort(code, details)
-    raise AssertionError("grpc abort returned")  # pragma: no cover
-
-
 def _bundle_key(name_or_id: str) -> str:
     """Bundles are keyed by the trust domain's SPIFFE ID (Workload API §5.2.2)."""
     return spiffe.trust_domain_id(spiffe.trust_domain_of(name_or_id))
@@ -208,7 +205,7 @@ def _unique_hints(hints: list[str]) -> list[str]:
     return out
 
 
-# --- the gRPC service -------------------------------------------------------------------------
+# --- change notification ---------------------------------------------------------------------
 
 
 class _Changes:
@@ -228,66 +225,267 @@ class _Changes:
             await self._cond.wait_for(lambda: self.generation != generation)
 
 
-class _Service(pb_grpc.SpiffeWorkloadAPIServicer):
+# --- gRPC over HTTP/2, served by us ---------------------------------------------------------------
+
+_PATH_PREFIX = "/SpiffeWorkloadAPI/"
+_RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
+_STREAMING = frozenset({"FetchX509SVID", "FetchX509Bundles", "FetchJWTBundles", "FetchWITSVID", "FetchWITBundles"})
+_REQUESTS: dict[str, Any] = {
+    "FetchX509SVID": pb.X509SVIDRequest,
+    "FetchX509Bundles": pb.X509BundlesRequest,
+    "FetchJWTSVID": pb.JWTSVIDRequest,
+    "FetchJWTBundles": pb.JWTBundlesRequest,
+    "ValidateJWTSVID": pb.ValidateJWTSVIDRequest,
+    "FetchWITSVID": pb.WITSVIDRequest,
+    "FetchWITBundles": pb.WITBundlesRequest,
+}
+_H2_SETTINGS = {
+    SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+    SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+    SettingCodes.ENABLE_PUSH: 0,
+}
+
+
+class _Abort(Exception):
+    """End the call with this status (raised inside a handler)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+def _grpc_message(details: str) -> str:
+    """Percent-encode a status message as gRPC over HTTP/2 requires (printable ASCII but '%' as is)."""
+    out = []
+    for byte in details.encode("utf-8"):
+        out.append(chr(byte) if 0x20 <= byte <= 0x7E and byte != 0x25 else f"%{byte:02X}")
+    return "".join(out)
+
+
+class _Call:
+    """One gRPC call: an HTTP/2 stream of one connection."""
+
+    __slots__ = ("body", "headers_sent", "metadata", "method", "stream_id", "task")
+
+    def __init__(self, stream_id: int, method: str, metadata: list[tuple[str, str]]) -> None:
+        self.stream_id = stream_id
+        self.method = method
+        self.metadata = metadata
+        self.body = bytearray()
+        self.headers_sent = False
+        self.task: asyncio.Task[None] | None = None
+
+
+class _Connection(asyncio.Protocol):
+    """One caller's connection: its attestation, its HTTP/2 state, its calls.
+
+    The socket is the one the kernel handed to ``accept()``: its peer credentials
+    are the caller's, and the attestation made from them belongs to this object
+    alone, so no call can be attributed to another connection's caller.
+    """
+
     def __init__(self, server: WorkloadApiServer) -> None:
-        self._s = server
+        self._server = server
+        self._h2 = H2Connection(config=H2Configuration(client_side=False, header_encoding="utf-8"))
+        self._transport: asyncio.Transport | None = None
+        self._calls: dict[int, _Call] = {}
+        self._window = asyncio.Event()
+        self.attestation: asyncio.Future[peercred.Attestation] | None = None
 
-    async def FetchX509SVID(  # noqa: N802 - gRPC method names
-        self, request: pb.X509SVIDRequest, context: Any
-    ) -> AsyncIterator[pb.X509SVIDResponse]:
-        selectors = await self._s.caller(context)
-        async with contextlib.aclosing(self._s.stream(context, lambda: self._s.x509_svid_response(selectors))) as it:
-            async for msg in it:
-                yield msg
+    # asyncio.Protocol
 
-    async def FetchX509Bundles(  # noqa: N802
-        self, request: pb.X509BundlesRequest, context: Any
-    ) -> AsyncIterator[pb.X509BundlesResponse]:
-        await self._s.caller(context)
-        async with contextlib.aclosing(self._s.stream(context, self._s.x509_bundles_response)) as it:
-            async for msg in it:
-                yield msg
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        server = self._server
+        if len(server.open_connections) >= server.max_connections:
+            log.warning("workload socket: %d connections open, refusing one", len(server.open_connections))
+            transport.abort()
+            return
+        server.open_connections.add(self)
+        sock = transport.get_extra_info("socket")
+        # Attest from the accepted socket itself, at once.  A duplicate of its descriptor goes to the
+        # attestation thread, so the socket it reads can never be closed and its number reused meanwhile.
+        try:
+            dup = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError as exc:
+            log.info("workload socket: cannot attest a connection: %s", exc)
+            transport.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self.attestation = loop.run_in_executor(server.attest_pool, _attest_and_close, dup)
+        self.attestation.add_done_callback(server.count_attested)
+        self._h2.local_settings = Settings(client=False, initial_values=_H2_SETTINGS)
+        self._h2.initiate_connection()
+        self._flush()
 
-    async def FetchJWTSVID(self, request: pb.JWTSVIDRequest, context: Any) -> pb.JWTSVIDResponse:  # noqa: N802
-        selectors = await self._s.caller(context)
-        audience = list(request.audience)
-        if not audience or not all(audience):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
-        wanted = request.spiffe_id or None
-        if wanted is not None and not wanted.startswith("spiffe://"):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "invalid requested SPIFFE ID")
-        return await self._s.call(context, lambda: self._s.jwt_svid_response(selectors, audience, wanted))
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.info("workload socket: HTTP/2 protocol error: %s", exc)
+            self._flush()
+            self._close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._request(event)
+            elif isinstance(event, h2.events.DataReceived):
+                self._data(event)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._start(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                self._cancel(event.stream_id)
+            elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                self._window.set()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self._close()
+                return
+        self._flush()
 
-    async def FetchJWTBundles(  # noqa: N802
-        self, request: pb.JWTBundlesRequest, context: Any
-    ) -> AsyncIterator[pb.JWTBundlesResponse]:
-        await self._s.caller(context)
-        async with contextlib.aclosing(self._s.stream(context, self._s.jwt_bundles_response)) as it:
-            async for msg in it:
-                yield msg
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.open_connections.discard(self)
+        for call in list(self._calls.values()):
+            if call.task is not None:
+                call.task.cancel()
+        self._calls.clear()
+        self._window.set()
+        if self.attestation is not None and not self.attestation.done():
+            self.attestation.cancel()
 
-    async def ValidateJWTSVID(  # noqa: N802
-        self, request: pb.ValidateJWTSVIDRequest, context: Any
-    ) -> pb.ValidateJWTSVIDResponse:
-        await self._s.caller(context)
-        if not request.audience:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
-        if not request.svid:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
-        token, audience = request.svid, request.audience
-        return await self._s.call(context, lambda: self._s.validate_response(token, audience), validating=True)
+    # HTTP/2 events
 
-    async def FetchWITSVID(self, request: pb.WITSVIDRequest, context: Any) -> AsyncIterator[pb.WITSVIDResponse]:  # noqa: N802
-        await self._s.check_header(context)
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "the WIT-SVID profile is not supported")
-        yield pb.WITSVIDResponse()  # pragma: no cover - makes this an async generator
+    def _request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        headers = [(str(k), str(v)) for k, v in event.headers or ()]
+        pseudo = {k: v for k, v in headers if k.startswith(":")}
+        content_type = next((v for k, v in headers if k == "content-type"), "")
+        if pseudo.get(":method") != "POST" or not content_type.startswith("application/grpc"):
+            self._h2.send_headers(sid, [(":status", "415")], end_stream=True)  # gRPC over HTTP/2: not gRPC
+            return
+        path = pseudo.get(":path", "")
+        method = path[len(_PATH_PREFIX) :] if path.startswith(_PATH_PREFIX) else ""
+        metadata = [(k, v) for k, v in headers if not k.startswith(":")]
+        self._calls[sid] = _Call(sid, method, metadata)
 
-    async def FetchWITBundles(  # noqa: N802
-        self, request: pb.WITBundlesRequest, context: Any
-    ) -> AsyncIterator[pb.WITBundlesResponse]:
-        await self._s.check_header(context)
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "the WIT-SVID profile is not supported")
-        yield pb.WITBundlesResponse()  # pragma: no cover
+    def _data(self, event: h2.events.DataReceived) -> None:
+        sid = event.stream_id
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self._h2.acknowledge_received_data(event.flow_controlled_length, sid)
+        call = self._calls.get(sid)
+        if call is None or call.task is not None:
+            return
+        call.body += event.data or b""
+        if len(call.body) > MAX_REQUEST_SIZE + 5:
+            del self._calls[sid]
+            self._trailers(call, grpc.StatusCode.RESOURCE_EXHAUSTED, "request too large")
+
+    def _start(self, stream_id: int) -> None:
+        call = self._calls.get(stream_id)
+        if call is not None and call.task is None:
+            call.task = asyncio.get_running_loop().create_task(self._serve(call))
+
+    def _cancel(self, stream_id: int) -> None:
+        call = self._calls.pop(stream_id, None)
+        if call is not None and call.task is not None:
+            call.task.cancel()
+
+    # a call
+
+    async def _serve(self, call: _Call) -> None:
+        try:
+            request = self._parse(call)
+            await self._server.handle(self, call, request)
+        except _Abort as abort:
+            self._trailers(call, abort.code, abort.details)
+        except asyncio.CancelledError:
+            return  # reset by the client, connection gone, or shutdown: nobody to answer
+        except h2.exceptions.StreamClosedError:
+            return
+        except Exception:
+            log.exception("workload API: unexpected error")
+            self._trailers(call, grpc.StatusCode.INTERNAL, "internal: the server failed (see its log)")
+        else:
+            self._trailers(call, grpc.StatusCode.OK, "")
+        finally:
+            if self._calls.get(call.stream_id) is call:
+                del self._calls[call.stream_id]
+
+    @staticmethod
+    def _parse(call: _Call) -> Any:
+        cls = _REQUESTS.get(call.method)
+        if cls is None:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {call.method!r}")
+        body = bytes(call.body)
+        if len(body) < 5 or int.from_bytes(body[1:5], "big") != len(body) - 5:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed: the request is not one gRPC message")
+        if body[0] != 0:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "compressed requests are not supported")
+        try:
+            return cls.FromString(body[5:])
+        except DecodeError:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed: not a {cls.__name__}") from None
+
+    async def send(self, call: _Call, message: Any) -> None:
+        """Send one response message, within HTTP/2 flow control."""
+        payload = message.SerializeToString()
+        data = memoryview(b"\x00" + len(payload).to_bytes(4, "big") + payload)
+        if not call.headers_sent:
+            self._h2.send_headers(call.stream_id, _RESPONSE_HEADERS)
+            call.headers_sent = True
+        while data:
+            if self._transport is None or self._transport.is_closing():
+                raise asyncio.CancelledError
+            room = min(self._h2.local_flow_control_window(call.stream_id), self._h2.max_outbound_frame_size)
+            if room <= 0:
+                self._flush()
+                self._window.clear()
+                await self._window.wait()
+                continue
+            self._h2.send_data(call.stream_id, data[:room].tobytes())
+            data = data[room:]
+        self._flush()
+
+    def _trailers(self, call: _Call, code: grpc.StatusCode, details: str) -> None:
+        trailers = [("grpc-status", str(code.value[0]))]
+        if details:
+            trailers.append(("grpc-message", _grpc_message(details)))
+        headers = trailers if call.headers_sent else _RESPONSE_HEADERS + trailers  # else Trailers-Only
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self._h2.send_headers(call.stream_id, headers, end_stream=True)
+            self._flush()
+
+    def metadata(self, call: _Call) -> list[tuple[str, str]]:
+        return call.metadata
+
+    # the connection
+
+    def _flush(self) -> None:
+        data = self._h2.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def go_away(self) -> None:
+        """Shutdown: tell the client no new calls are taken, end the open ones, close."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection()
+        self._flush()
+        for call in list(self._calls.values()):
+            if call.task is not None:
+                call.task.cancel()
+        self._close()
+
+
+def _attest_and_close(sock: socket.socket) -> peercred.Attestation:
+    try:
+        return peercred.attest(sock)
+    finally:
+        sock.close()
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -296,7 +494,7 @@ class _Service(pb_grpc.SpiffeWorkloadAPIServicer):
 class WorkloadApiServer:
     """The Workload API on ``socket_path``, served from a background thread.
 
-    ``make_issuer`` is called once, on the issuer thread.  ``start()`` returns
+    ``make_issuer`` is called once, on an issuer thread.  ``start()`` returns
     once the socket accepts connections (or raises what went wrong);
     ``stop()`` closes the socket, ends the streams and removes the socket file.
     """
@@ -313,15 +511,13 @@ class WorkloadApiServer:
         self.socket_path = Path(socket_path)
         self._make_issuer = make_issuer
         self._poll_interval = poll_interval
-        self._max_connections = max_connections
+        self.max_connections = max_connections
         self._grace = grace
         self._issuer: IssuerLike | None = None
-        self._issuer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qhx-issuer")
-        self._attest_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qhx-attest")
-        self._peers: dict[str, peercred.Attestation] = {}
-        self._names = itertools.count()
-        self.accepted = 0  # connections attested and proxied since start
-        self._conns: set[asyncio.Task[None]] = set()
+        self._issuer_pool = ThreadPoolExecutor(max_workers=ISSUER_THREADS, thread_name_prefix="qhx-issuer")
+        self.attest_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qhx-attest")
+        self.open_connections: set[_Connection] = set()
+        self.accepted = 0  # connections attested since start
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -331,9 +527,7 @@ class WorkloadApiServer:
         self._changes: _Changes | None = None
         self._listener: socket.socket | None = None
         self._listener_ino: int | None = None
-        self._private_dir: str | None = None
-        self._private_path = ""
-        self._grpc: Any = None
+        self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # lifecycle
@@ -372,8 +566,12 @@ class WorkloadApiServer:
 
     @property
     def connections(self) -> int:
-        """Proxied connections currently open (for tests and status)."""
-        return len(self._peers)
+        """Connections currently open (for tests and status)."""
+        return len(self.open_connections)
+
+    def count_attested(self, future: asyncio.Future[peercred.Attestation]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.accepted += 1
 
     def _run(self) -> None:
         try:
@@ -383,7 +581,7 @@ class WorkloadApiServer:
                 with contextlib.suppress(Exception):
                     self._issuer_pool.submit(self._issuer.close).result()  # type: ignore[attr-defined]
             self._issuer_pool.shutdown(wait=True, cancel_futures=True)
-            self._attest_pool.shutdown(wait=True, cancel_futures=True)
+            self.attest_pool.shutdown(wait=True, cancel_futures=True)
             self._ready.set()
 
     async def _main(self) -> None:
@@ -407,93 +605,28 @@ class WorkloadApiServer:
         token: bytes | None = None
         with contextlib.suppress(Exception):  # the watcher logs it if it persists
             token = await self._blocking(self._issuer.change_token)
-        # The private gRPC socket, reachable only by this uid.
-        self._private_dir = tempfile.mkdtemp(prefix="qhx-edge-wl-")
-        self._private_path = os.path.join(self._private_dir, "grpc.sock")
-        self._grpc = aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_SIZE)])
-        pb_grpc.add_SpiffeWorkloadAPIServicer_to_server(_Service(self), self._grpc)  # type: ignore[no-untyped-call]
-        self._grpc.add_insecure_port("unix:" + self._private_path)
-        await self._grpc.start()
         self._listener, self._listener_ino = _listen(self.socket_path)
-        self._tasks = [asyncio.create_task(self._accept()), asyncio.create_task(self._watch(token))]
+        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=self._listener, backlog=BACKLOG)
+        self._tasks = [asyncio.create_task(self._watch(token))]
 
     async def _shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._listener is not None:
+        if self._server is not None:
+            self._server.close()
+        elif self._listener is not None:
             self._listener.close()
+        if self._listener is not None:
             with contextlib.suppress(OSError):  # remove the socket file only if it is still ours
                 if os.lstat(self.socket_path).st_ino == self._listener_ino:
                     os.unlink(self.socket_path)
-        if self._grpc is not None:
-            await self._grpc.stop(self._grace)
-        for conn in list(self._conns):
-            conn.cancel()
-        await asyncio.gather(*self._conns, return_exceptions=True)
-        if self._private_dir is not None:
-            shutil.rmtree(self._private_dir, ignore_errors=True)
-
-    # the accept proxy
-
-    async def _accept(self) -> None:
-        loop = asyncio.get_running_loop()
-        assert self._listener is not None
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(self._listener)
-            except OSError as exc:  # out of descriptors or memory: shed load, keep serving
-                log.warning("workload socket: accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            if len(self._conns) >= self._max_connections:
-                log.warning("workload socket: %d connections open, refusing one", len(self._conns))
-                conn.close()
-                continue
-            task = asyncio.create_task(self._proxy(conn))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
-
-    async def _proxy(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        up: socket.socket | None = None
-        peer = ""
-        try:
-            try:
-                attestation = await loop.run_in_executor(self._attest_pool, peercred.attest, conn)
-            except QhxError as exc:
-                log.info("workload socket: %s", exc.message)
-                return
-            name = f"qhx-edge-{os.getpid()}-{next(self._names)}-{secrets.token_hex(8)}"
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            up.setblocking(False)
-            up.bind("\0" + name)  # a name clash (EADDRINUSE) fails this connection, never shares a name
-            peer = "unix-abstract:" + name  # how grpc reports this socket as the call's peer
-            self._peers[peer] = attestation
-            self.accepted += 1
-            await loop.sock_connect(up, self._private_path)
-            await asyncio.gather(self._pump(conn, up), self._pump(up, conn))
-        except OSError as exc:
-            log.info("workload socket: connection dropped: %s", exc)
-        except Exception:
-            log.exception("workload socket: connection failed")
-        finally:
-            self._peers.pop(peer, None)  # before `up` closes and its name can be bound again
-            if up is not None:
-                up.close()
-            conn.close()
-
-    @staticmethod
-    async def _pump(src: socket.socket, dst: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while data := await loop.sock_recv(src, _PIPE_CHUNK):
-                await loop.sock_sendall(dst, data)
-        except OSError:
-            pass  # reset by either side: end this direction, the other follows
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+        for conn in list(self.open_connections):
+            conn.go_away()
+        await asyncio.sleep(0)  # let the transports close
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), self._grace)
 
     # change detection
 
@@ -518,46 +651,104 @@ class WorkloadApiServer:
                 await asyncio.wait_for(self._kick.wait(), max(delay, MIN_POLL_INTERVAL))
             self._kick.clear()
 
-    # helpers for the service
+    # the service (on the event loop)
+
+    async def handle(self, conn: _Connection, call: _Call, request: Any) -> None:
+        """Serve one call; returning ends it with OK, :class:`_Abort` with that status."""
+        method = call.method
+        if method in ("FetchWITSVID", "FetchWITBundles"):
+            self.check_header(call)
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "the WIT-SVID profile is not supported")
+        if method == "FetchX509SVID":
+            selectors = await self.caller(conn, call)
+            await self.stream(
+                conn,
+                call,
+                lambda: self.x509_svid_response(selectors),
+                cached=lambda: self.cached_x509_svid_response(selectors),
+            )
+        elif method == "FetchX509Bundles":
+            await self.caller(conn, call)
+            await self.stream(conn, call, self.x509_bundles_response)
+        elif method == "FetchJWTBundles":
+            await self.caller(conn, call)
+            await self.stream(conn, call, self.jwt_bundles_response)
+        elif method == "FetchJWTSVID":
+            selectors = await self.caller(conn, call)
+            audience = list(request.audience)
+            if not audience or not all(audience):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+            wanted = request.spiffe_id or None
+            if wanted is not None and not wanted.startswith("spiffe://"):
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid requested SPIFFE ID")
+            await conn.send(call, await self.call(lambda: self.jwt_svid_response(selectors, audience, wanted)))
+        elif method == "ValidateJWTSVID":
+            await self.caller(conn, call)
+            if not request.audience:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+            if not request.svid:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
+            token, aud = request.svid, request.audience
+            await conn.send(call, await self.call(lambda: self.validate_response(token, aud), validating=True))
+        else:  # pragma: no cover - _parse refuses every other method
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
 
     async def _blocking(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._issuer_pool, fn)
 
-    async def check_header(self, context: Any) -> None:
+    @staticmethod
+    def check_header(call: _Call) -> None:
         # Workload Endpoint §3: exactly the value "true" (case sensitive), else InvalidArgument (§6).
-        values = [v for k, v in (context.invocation_metadata() or ()) if k == SECURITY_HEADER]
+        values = [v for k, v in call.metadata if k == SECURITY_HEADER]
         if values != ["true"]:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
 
-    async def caller(self, context: Any) -> frozenset[str]:
-        """The selectors of the caller of this call, after the security header check."""
-        await self.check_header(context)
-        attestation = self._peers.get(context.peer())
-        if attestation is None:
-            await _abort(
-                context,
-                grpc.StatusCode.PERMISSION_DENIED,
-                "attestation-failed: caller not attested (connect through the workload socket)",
-            )
+    async def caller(self, conn: _Connection, call: _Call) -> frozenset[str]:
+        """The selectors of this call's caller (its connection's attestation), after the security header check."""
+        self.check_header(call)
+        assert conn.attestation is not None
+        try:
+            attestation = await asyncio.shield(conn.attestation)
+        except QhxError as exc:
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"{exc.kind}: {exc.message}") from None
+        except OSError as exc:
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"attestation-failed: {exc}") from None
         return attestation.selectors
 
-    async def call(self, context: Any, fn: Callable[[], _T], *, validating: bool = False) -> _T:
-        """Run ``fn`` on the issuer thread; an error becomes the call's status."""
+    async def call(self, fn: Callable[[], _T], *, validating: bool = False) -> _T:
+        """Run ``fn`` on an issuer thread; an error becomes the call's status."""
         try:
             return await self._blocking(fn)
         except Exception as exc:
             code, details = status_for(exc, validating=validating)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("workload API: unexpected error")
-            await _abort(context, code, details)
+            raise _Abort(code, details) from None
 
-    async def stream(self, context: Any, build: Callable[[], _T]) -> AsyncGenerator[_T, None]:
-        """The current message, then a new one after every change, until the client goes away."""
+    async def stream(
+        self, conn: _Connection, call: _Call, build: Callable[[], Any], *, cached: Callable[[], Any] | None = None
+    ) -> None:
+        """The current message, then a new one after every change, until the client goes away.
+
+        ``cached`` (non-blocking) may give the message on the event loop; when it gives None,
+        ``build`` runs on an issuer thread."""
         assert self._changes is not None
         while True:
             seen = self._changes.generation  # read before building: a change meanwhile re-sends
-            yield await self.call(context, build)
+            message = self.inline(cached) if cached is not None else None
+            await conn.send(call, message if message is not None else await self.call(build))
             await self._changes.wait_past(seen)
+
+    @staticmethod
+    def inline(fn: Callable[[], _T]) -> _T:
+        """Run a non-blocking issuer call on the event loop; an error becomes the call's status."""
+        try:
+            return fn()
+        except Exception as exc:
+            code, details = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("workload API: unexpected error")
+            raise _Abort(code, details) from None
 
     # responses (run on the issuer thread)
 
@@ -567,13 +758,20 @@ class WorkloadApiServer:
 
     def x509_svid_response(self, selectors: frozenset[str]) -> pb.X509SVIDResponse:
         issuer = self._issuer_now()
-        svids = issuer.x509_svids(selectors)
+        return self._x509_svid_message(issuer.x509_svids(selectors), issuer.x509_bundles())
+
+    def cached_x509_svid_response(self, selectors: frozenset[str]) -> pb.X509SVIDResponse | None:
+        """The response from the issuer's cache, on the event loop, if it can give it without blocking."""
+        cached = getattr(self._issuer_now(), "cached_x509", None)
+        parts = cached(selectors) if cached is not None else None
+        return None if parts is None else self._x509_svid_message(*parts)
+
+    @staticmethod
+    def _x509_svid_message(svids: Sequence[X509SvidLike], bundles: dict[str, bytes]) -> pb.X509SVIDResponse:
         if not svids:
             raise PolicyDenied("no registration matches the caller")
         own = {spiffe.trust_domain_of(s.spiffe_id) for s in svids}
-        federated = {
-            _bundle_key(td): der for td, der in issuer.x509_bundles().items() if spiffe.trust_domain_of(td) not in own
-        }
+        federated = {_bundle_key(td): der for td, der in bundles.items() if spiffe.trust_domain_of(td) not in own}
         hints = _unique_hints([s.hint for s in svids])
         return pb.X509SVIDResponse(
             svids=[
