@@ -44,14 +44,17 @@ from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import cbor, cose
 from qhx_edge.core.cards import Card, parse_card, spki
-from qhx_edge.core.documents import Root
+from qhx_edge.core.documents import Policy, Root, parse
 from qhx_edge.core.errors import AttestationFailed, Malformed, Rejected
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, PublicKey, ca_algs
-from qhx_edge.packs import pack
+from qhx_edge.packs import pack, seal
+from qhx_edge.store.files import atomic_write
 from qhx_edge.store.sqlitefile import SqliteFile
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from qhx_edge.attest.tpm import TpmClient
     from qhx_edge.homes.authority import Authority
     from qhx_edge.homes.node import Node
@@ -61,6 +64,7 @@ MAX_MESSAGE = 1 << 20
 METHODS = ("tpm", "join-token")
 CHALLENGE_TTL = 900
 DB = "attestation.sqlite"
+TPM_CAS = "tpm-cas"  # the authority's trusted TPM manufacturer CAs, DER, one file each
 
 MIGRATIONS = (
     """
@@ -237,6 +241,55 @@ def respond(node: Node, challenge_raw: bytes, now: int, *, tpm: TpmClient | None
     return sign_message(body, node.identity.signer)
 
 
+def tpm_client(tcti: str | None) -> TpmClient | None:
+    """The TPM named by ``tcti`` (``None``: no TPM); ``no-tpm`` without the optional tpm2-pytss."""
+    if tcti is None:
+        return None
+    from qhx_edge.attest.tpm import TpmClient
+
+    return TpmClient(tcti)
+
+
+def request_pack(
+    node: Node, authority_card: Card, method: str, now: int, *, token: str | None = None, tpm: TpmClient | None = None
+) -> bytes:
+    """``node attest request``: the signed request in an attestation pack, sealed to the authority's card."""
+    if authority_card.domain != node.domain:
+        raise Malformed(f"the authority card is for {authority_card.domain}, this node belongs to {node.domain}")
+    raw = make_request(node, method, now, token=token, tpm=tpm)
+    data = wrap(raw, node.identity.signer, domain=node.domain, node=node.node_id, now=now)
+    return seal.seal(data, [authority_card.encryption_key])
+
+
+def challenge_card(challenge_data: bytes) -> tuple[bytes, Card]:
+    """The challenge and the authority's card from a challenge pack (checked against the node later)."""
+    docs = unwrap_all(challenge_data)
+    if len(docs) != 2:
+        raise Malformed("a challenge pack holds the challenge and the authority's card")
+    return docs[0], parse_card(docs[1])
+
+
+def evidence_pack(
+    node: Node, challenge_raw: bytes, authority_card: Card, now: int, *, tcti: str | None = None
+) -> bytes:
+    """``node attest respond``: the evidence in an attestation pack, sealed to the card the challenge carried.
+
+    The TPM named by ``tcti`` is opened only once the card is known to be this domain's authority.
+    """
+    if authority_card.domain != node.domain or authority_card.node_id != "authority":
+        raise Malformed("the challenge pack carries a card that is not this domain's authority")
+    tpm = tpm_client(tcti)
+    try:
+        # The AK is a primary key of the endorsement hierarchy made from a fixed
+        # template, so this TPM yields the same AK as for the request.
+        raw = respond(node, challenge_raw, now, tpm=tpm)
+    finally:
+        if tpm is not None:
+            tpm.close()
+    data = wrap(raw, node.identity.signer, domain=node.domain, node=node.node_id, now=now)
+    return seal.seal(data, [authority_card.encryption_key])
+
+
 def _signed_by(env: cose.Envelope, key: PublicKey) -> bool:
     try:
         cose.require_signed_by(env, key, "message")
@@ -273,6 +326,68 @@ class AttestationStore(SqliteFile):
     def attempts(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT at, node_id, step, outcome, detail FROM attempts ORDER BY seq")
         return [dict(zip(("at", "node_id", "step", "outcome", "detail"), r, strict=True)) for r in rows]
+
+
+def load_manufacturer_ca(data: bytes, what: str) -> x509.Certificate:
+    """A TPM manufacturer CA certificate, PEM or DER (``malformed`` if it is neither)."""
+    from cryptography import x509
+
+    try:
+        if data.lstrip().startswith(b"-----"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise Malformed(f"{what}: not an X.509 certificate ({exc})") from exc
+
+
+def trust_manufacturer_ca(auth: Authority, cert: x509.Certificate) -> dict[str, str]:
+    """Trust ``cert`` for EK certificate chains: kept as DER in ``tpm-cas/``, named by its SHA-256."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    der = cert.public_bytes(Encoding.DER)
+    name = hashlib.sha256(der).hexdigest()[:16]
+    atomic_write(auth.home / TPM_CAS / f"{name}.der", der)
+    return {"tpm_ca": name, "subject": cert.subject.rfc4514_string()}
+
+
+def manufacturer_cas(auth: Authority) -> list[bytes]:
+    """The TPM manufacturer CAs the authority trusts (DER), in a stable order."""
+    folder = auth.home / TPM_CAS
+    return [p.read_bytes() for p in sorted(folder.glob("*.der"))] if folder.is_dir() else []
+
+
+def _policy(auth: Authority) -> Policy:
+    policy = parse(auth.current("policy")).payload
+    assert isinstance(policy, Policy)
+    return policy
+
+
+def read_message(auth: Authority, path: Path) -> bytes:
+    """The attestation message in the pack file at ``path`` (opened if it is sealed to the authority)."""
+    my_kid = parse_card(auth.card()).encryption_key.kid
+    data, _ = pack.unseal_if_sealed(pack.read(path), my_kid, lambda: auth.identity.encryption)
+    return unwrap(data)
+
+
+def challenge_pack(auth: Authority, request_raw: bytes, now: int) -> bytes:
+    """``authority attest challenge``: :func:`challenge` under the authority's TPM CAs and policy PCRs,
+    in an attestation pack signed by the freshness role beside the authority's card."""
+    pcrs = sorted(_policy(auth).tpm_pcrs())
+    raw = challenge(auth, request_raw, now, manufacturer_cas=manufacturer_cas(auth), pcrs=pcrs)
+    signer = auth._signers("freshness")[0]
+    return wrap(raw, signer, domain=auth.domain, node="authority", now=now, documents=[auth.card()])
+
+
+def delegation_pack(
+    auth: Authority, evidence_raw: bytes, now: int, *, lifetime: int | None = None
+) -> tuple[bytes, int]:
+    """``authority attest finish``: :func:`finish` against the policy's PCR values; the documents pack
+    for the node (the delegation and everything current) and how many documents it holds."""
+    docs = finish(auth, evidence_raw, now, expected_pcrs=_policy(auth).tpm_pcrs(), lifetime=lifetime)
+    # The delegation with everything current (the new bundle names the node's JWT key,
+    # and the freshness naming it), so the node can apply it whatever it held before.
+    docs = [docs[0], *auth.export_documents()]
+    return auth.export_pack(docs, now), len(docs)
 
 
 def create_join_token(auth: Authority, now: int, ttl: int) -> str:

@@ -29,11 +29,12 @@ from qhx_edge.core.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, poli
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import SUITES, PrivateKey, ca_algs, suite_algs
 from qhx_edge.core.x509ca import load_spki, make_ca, make_intermediate
+from qhx_edge.homes.layout import AUTHORITY_STATE, is_authority
 from qhx_edge.store.files import atomic_write, private_dir, read_capped
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
 
-STATE = "authority.json"
+STATE = AUTHORITY_STATE
 CARD = "card.cbor"
 AUTHORITY_NODE = "authority"
 DAY = 86400
@@ -203,7 +204,7 @@ class Authority:
 
     @staticmethod
     def exists(home: Path) -> bool:
-        return (Path(home) / STATE).exists()
+        return is_authority(home)
 
     def _save(self) -> None:
         atomic_write(self.home / STATE, json.dumps(self.state, indent=2, sort_keys=True).encode() + b"\n", mode=0o600)

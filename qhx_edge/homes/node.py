@@ -17,11 +17,12 @@ transaction.  Import order for a pack (issue: sneakernet):
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import staleness, trust
 from qhx_edge.core.cards import make_card, parse_card
@@ -35,12 +36,13 @@ from qhx_edge.core.errors import (
     QhxError,
     Rejected,
 )
-from qhx_edge.homes.authority import fingerprint
-from qhx_edge.packs import pack
-from qhx_edge.store.files import private_dir
+from qhx_edge.store.files import private_dir, read_capped
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
 from qhx_edge.store.trust_store import STORE_FILE, AuditEntry, Store
+
+if TYPE_CHECKING:
+    from qhx_edge.packs import pack
 
 DEFAULT_CLOCK_TOLERANCE = trust.DEFAULT_CLOCK_TOLERANCE
 PassphraseSource = Callable[[], bytes]
@@ -95,6 +97,8 @@ def init(
     The node's signing and encryption keys are made here and sealed under
     ``passphrase`` (``None``: stored unencrypted, loudly).
     """
+    from qhx_edge.homes.authority import fingerprint
+
     home = Path(home)
     if (home / STORE_FILE).exists():
         raise AlreadyInitialised(f"{home} already holds a node store")
@@ -236,6 +240,8 @@ class Node:
         Raises :class:`ImportRejected` (carrying the report) when any document
         was rejected; with ``strict`` nothing is applied in that case.
         """
+        from qhx_edge.packs import pack  # local, as below: status and doc commands need no pack code
+
         sealed = False
         try:
             trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
@@ -334,6 +340,8 @@ class Node:
         return select(docs, domain=domain, since=since)
 
     def export_pack(self, docs: list[bytes], now: int, *, kind: str = "documents") -> bytes:
+        from qhx_edge.packs import pack
+
         return pack.build(
             docs,
             self.identity.signer,
@@ -422,6 +430,20 @@ def summary_of(docs: Iterable[bytes], **about: Any) -> dict[str, Any]:
         if held is None or held["version"] < d.payload.version:
             entry[d.type] = {"version": d.payload.version, "digest": d.digest.hex()}
     return {"format": "qhx-edge-summary", **about, "domains": out}
+
+
+MAX_SUMMARY_FILE = 16 << 20
+
+
+def load_summary(path: str | Path) -> dict[str, Any]:
+    """A peer's ``doc summary`` JSON from a file, for ``--since`` (``malformed`` unless it is a JSON object)."""
+    try:
+        value = json.loads(read_capped(Path(path), MAX_SUMMARY_FILE, "summary file"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Malformed(f"{path}: not a JSON summary ({exc})") from exc
+    if not isinstance(value, dict):
+        raise Malformed(f"{path}: not a JSON summary")
+    return value
 
 
 def select(docs: list[bytes], *, domain: str | None = None, since: dict[str, Any] | None = None) -> list[bytes]:

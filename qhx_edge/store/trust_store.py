@@ -18,6 +18,7 @@ Schema changes are numbered migrations applied in order and recorded in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sqlite3
 import threading
@@ -25,8 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import sqlite_utils
 
 from qhx_edge.core import cbor
 from qhx_edge.core.documents import Freshness, Root, Signed, parse
@@ -163,9 +162,13 @@ class Store(SqliteFile):
     MIGRATIONS = MIGRATIONS
     WHAT = "store"
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
-        super().__init__(conn, path)
-        self.db = sqlite_utils.Database(conn)
+    @functools.cached_property
+    def db(self) -> Any:
+        """sqlite-utils' view of the file, made on first use: only :meth:`trust_digest` needs it,
+        and importing sqlite-utils (with its plugins and date parser) would cost every command."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
 
     # --- lifecycle ---------------------------------------------------------------
 
