@@ -177,44 +177,61 @@ def _head_size(n: int) -> int:
     return 9
 
 
-def _walk(value: Value, tags: frozenset[int], depth: int) -> tuple[Value, int]:  # noqa: PLR0911 - one return per type
+def _leaf_size(item: Value) -> int:
+    """The deterministic encoding's length of a text, byte string or 64-bit integer; -1 for anything else."""
+    t = type(item)
+    if t is str:
+        n = len(item) if item.isascii() else len(item.encode())
+        return (1 if n < 24 else _head_size(n)) + n
+    if t is bytes:
+        n = len(item)
+        return (1 if n < 24 else _head_size(n)) + n
+    if t is int:
+        if 0 <= item < 24 or -24 <= item < 0:
+            return 1
+        if 0 <= item <= _INT_MAX:
+            return _head_size(item)
+        if _INT_MIN <= item < 0:
+            return _head_size(-1 - item)
+    return -1
+
+
+def _walk(value: Value, tags: frozenset[int], depth: int) -> tuple[Value, int]:
     """``value`` as :func:`_normalise` returns it, and the length of its deterministic encoding.
 
     Raises :class:`_Undecided` for anything :func:`_normalise` would refuse and
-    for a map whose keys are not in strictly increasing encoded order.
+    for a map whose keys are not in strictly increasing encoded order.  Lists
+    and maps outside tags are returned as they are (their members are checked
+    in place); the immutable ones cbor2 makes inside tags become lists and dicts.
     """
     if depth > MAX_DEPTH:
         raise _Undecided
+    n = _leaf_size(value)
+    if n >= 0:
+        return value, n
     t = type(value)
-    if t is bytes:
-        n = len(value)
-        return value, _head_size(n) + n
-    if t is str:
-        n = len(value) if value.isascii() else len(value.encode())
-        return value, _head_size(n) + n
-    if t is int:
-        if 0 <= value <= _INT_MAX:
-            return value, _head_size(value)
-        if _INT_MIN <= value < 0:
-            return value, _head_size(-1 - value)
-        raise _Undecided
     if t is bool or value is None:
         return value, 1
     if t is list or t is tuple:
+        if value and depth >= MAX_DEPTH:  # its members sit one level deeper
+            raise _Undecided
         size = _head_size(len(value))
-        items = []
-        for item in value:
-            v, n = _walk(item, tags, depth + 1)
-            items.append(v)
+        items = value if t is list else list(value)
+        for i, item in enumerate(items):
+            n = _leaf_size(item)
+            if n < 0:
+                v, n = _walk(item, tags, depth + 1)
+                if v is not item:
+                    items[i] = v
             size += n
         return items, size
     if t is dict or t is cbor2.frozendict:
-        if value and depth + 1 > MAX_DEPTH:  # its keys sit one level deeper
+        if value and depth >= MAX_DEPTH:  # its keys and values sit one level deeper
             raise _Undecided
         size = _head_size(len(value))
-        out: dict[Value, Value] = {}
+        out: dict[Value, Value] = value if t is dict else dict(value)
         prev = b""
-        for k, item in value.items():
+        for k, item in out.items():
             tk = type(k)
             if not (tk is str or tk is bytes or (tk is int and _INT_MIN <= k <= _INT_MAX)):
                 raise _Undecided
@@ -222,8 +239,11 @@ def _walk(value: Value, tags: frozenset[int], depth: int) -> tuple[Value, int]: 
             if kb <= prev:  # out of order, or equal (no two keys encode alike)
                 raise _Undecided
             prev = kb
-            v, n = _walk(item, tags, depth + 1)
-            out[k] = v
+            n = _leaf_size(item)
+            if n < 0:
+                v, n = _walk(item, tags, depth + 1)
+                if v is not item:
+                    out[k] = v  # a value replaced, no key added: safe while iterating
             size += len(kb) + n
         return out, size
     if t is cbor2.CBORTag and value.tag in tags:
