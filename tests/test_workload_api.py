@@ -424,6 +424,45 @@ def test_a_stale_socket_file_is_replaced(issuer: FakeIssuer, sock_dir: Path) -> 
         assert str(client.fetch_x509_svid().spiffe_id) == ME
 
 
+# --- gRPC over HTTP/2 -------------------------------------------------------------------------------
+
+
+def test_unknown_methods_and_malformed_requests_get_grpc_statuses(server: WorkloadApiServer) -> None:
+    channel = grpc.insecure_channel(f"unix:{server.socket_path}")
+    with channel:
+        unknown = channel.unary_unary("/SpiffeWorkloadAPI/FetchNothing", request_serializer=None)
+        err = rpc_error(lambda: unknown(b"", metadata=HEADER, timeout=10))
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+        other = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None)
+        assert rpc_error(lambda: other(b"", metadata=HEADER, timeout=10)).code() == grpc.StatusCode.UNIMPLEMENTED
+        raw = channel.unary_stream("/SpiffeWorkloadAPI/FetchX509SVID", request_serializer=None)
+        err = rpc_error(lambda: raw(b"\xff\xff\xff", metadata=HEADER, timeout=10))  # not a protobuf message
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.details().startswith("malformed: ")
+        ok = raw(b"", metadata=HEADER, timeout=10)  # an empty X509SVIDRequest: the same connection still serves
+        assert pb.X509SVIDResponse.FromString(next(ok)).svids[0].spiffe_id == ME
+        ok.cancel()
+
+
+def test_a_response_larger_than_the_flow_control_window_arrives_whole(sock_dir: Path) -> None:
+    ids = [f"spiffe://{TD}/many/w{i}" for i in range(150)]
+    issuer = FakeIssuer({})
+    issuer._match = lambda selectors: ids  # type: ignore[method-assign] # 150 identities for any caller
+    with WorkloadApiServer(lambda: issuer, sock_dir / "big.sock", grace=0.1) as server:
+        # A client that opens its window 16 KiB at a time, so the server must wait for WINDOW_UPDATEs.
+        small_window = [("grpc.http2.lookahead_bytes", 16384), ("grpc.http2.bdp_probe", 0)]
+        channel = grpc.insecure_channel(f"unix:{server.socket_path}", options=small_window)
+        stub = pb_grpc.SpiffeWorkloadAPIStub(channel)
+        with channel:
+            stream = stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER, timeout=30)
+            first = next(stream)
+            stream.cancel()
+    assert [s.spiffe_id for s in first.svids] == ids
+    assert first.ByteSize() > 8 * 16384  # beyond the client's window: sent as the client opened it
+    for s in first.svids:
+        x509.load_der_x509_certificate(s.x509_svid).verify_directly_issued_by(issuer.ca)
+
+
 # --- streams -------------------------------------------------------------------------------------
 
 
