@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from qhx_edge.core import cbor, cose
 from qhx_edge.core.cose import Envelope
 from qhx_edge.core.errors import Malformed
+from qhx_edge.core.limits import MAX_INT
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import SUITES, PublicKey
 
@@ -47,7 +48,6 @@ ROLE_FOR_TYPE = {
 # The documents a freshness epoch binds together (mix-and-match guard).
 EPOCH_TYPES = ("root", "bundle", "policy")
 
-_U64 = 2**64 - 1
 
 
 def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str | None = None) -> Any:
@@ -63,8 +63,8 @@ def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str |
 
 def _uint(d: dict[str, Any], key: str, minimum: int = 0) -> int:
     value: int = _get(d, key, int, "an unsigned integer")
-    if not minimum <= value <= _U64:
-        raise Malformed(f"field {key!r} out of range")
+    if not minimum <= value <= MAX_INT:
+        raise Malformed(f"field {key!r} out of range (at most 2^63 - 1)")
     return value
 
 

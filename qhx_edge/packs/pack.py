@@ -36,6 +36,7 @@ from typing import Any
 from qhx_edge.core import cbor, cose
 from qhx_edge.core.cards import EncryptionPrivateKey
 from qhx_edge.core.errors import BadSignature, Malformed, Oversize
+from qhx_edge.core.limits import is_uint
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, PublicKey
 from qhx_edge.packs import seal
@@ -134,8 +135,9 @@ def unseal_if_sealed(data: bytes, my_kid: bytes, get_key: Callable[[], Encryptio
 
 def _uint(d: dict[str, Any], key: str) -> int:
     v = d.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise Malformed(f"manifest {key} must be an unsigned integer")
+    if not is_uint(v):
+        raise Malformed(f"manifest {key} must be an unsigned integer (at most 2^63 - 1)")
+    assert isinstance(v, int)
     return v
 
 
