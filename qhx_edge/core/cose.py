@@ -137,9 +137,10 @@ def sig_structure(body_protected: bytes, sign_protected: bytes, payload: bytes, 
     four items, which recur in every document, are encoded once
     (:func:`_sig_prefix`) and only the payload's byte string per call.
     """
-    if not isinstance(payload, bytes):
+    if type(payload) is not bytes:
         raise TypeError("the payload must be bytes")
-    return _sig_prefix(body_protected, sign_protected, external_aad) + cbor.encode(payload)
+    # A byte string's encoding is its shortest head and its bytes: deterministic as cbor2 writes it.
+    return _sig_prefix(body_protected, sign_protected, external_aad) + cbor2.dumps(payload)
 
 
 @functools.lru_cache(maxsize=256)
