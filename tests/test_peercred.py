@@ -72,6 +72,18 @@ def test_selectors_of_this_process(listener: tuple[socket.socket, str]) -> None:
     assert att.exe == EXE
 
 
+def test_attest_if_cached_hashes_nothing_and_otherwise_agrees(
+    listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peercred, "_digests", type(peercred._digests)())  # nothing hashed yet
+    client, conn = _accept_own(listener)
+    with client, conn:
+        assert peercred.attest_if_cached(conn) is None  # would have to hash the executable: left to a thread
+        full = peercred.attest(conn)  # hashes it, and caches the digest (the interpreter is not racily new)
+        assert peercred.attest_if_cached(conn) == full
+    assert full.selectors == _own_selectors()
+
+
 def test_without_so_peerpidfd_the_pid_is_pinned_by_pidfd_open(
     listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

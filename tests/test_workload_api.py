@@ -385,6 +385,7 @@ def test_a_caller_whose_attestation_fails_gets_nothing(
         raise errors.AttestationFailed("the caller exited before attestation")
 
     monkeypatch.setattr(peercred, "attest", gone)
+    monkeypatch.setattr(peercred, "attest_if_cached", gone)
     channel, stub = raw_stub(server.socket_path)
     with channel:
         for name in ("FetchX509SVID", "FetchX509Bundles", "FetchJWTSVID", "FetchJWTBundles", "ValidateJWTSVID"):

@@ -118,12 +118,33 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     return PeerCred(pid, uid, gid)
 
 
+class _NotCached(Exception):
+    """The executable's digest is not cached: hashing it may take long (see attest_if_cached)."""
+
+
 def attest(sock: socket.socket) -> Attestation:
     """Attest the process that connected ``sock``; blocking (reads /proc and hashes a file).
 
     Raises :class:`AttestationFailed` when the caller is gone before its
     attestation is complete.
     """
+    return _attest(sock, cached_only=False)
+
+
+def attest_if_cached(sock: socket.socket) -> Attestation | None:
+    """:func:`attest`, but None instead of hashing an executable whose digest is not cached.
+
+    What is left is a few system calls on the socket, the pidfd and ``/proc``
+    (and the passwd lookup of the uid), so an event loop may call it at accept
+    time and hand only the rest to a thread.
+    """
+    try:
+        return _attest(sock, cached_only=True)
+    except _NotCached:
+        return None
+
+
+def _attest(sock: socket.socket, *, cached_only: bool) -> Attestation:
     cred = peer_cred(sock)
     user = _user_name(cred.uid)
     if cred.pid <= 0:  # connected from another pid namespace: uid and gid only
@@ -140,7 +161,7 @@ def attest(sock: socket.socket) -> Attestation:
             _require_running(pidfd)  # from here on, `proc` is the caller's directory
             if not pinned:
                 _require_ids(proc, cred)
-            exe, digest = _executable(proc)
+            exe, digest = _executable(proc, cached_only)
             _require_running(pidfd)
         finally:
             os.close(proc)
@@ -200,7 +221,7 @@ def _require_ids(proc: int, cred: PeerCred) -> None:
         raise AttestationFailed("the process at the caller's pid is not the caller")
 
 
-def _executable(proc: int) -> tuple[str | None, str | None]:
+def _executable(proc: int, cached_only: bool = False) -> tuple[str | None, str | None]:
     """(absolute path, SHA-256 hex) of the program running in ``proc``; None where unknown."""
     try:
         target = os.readlink("exe", dir_fd=proc)
@@ -212,7 +233,7 @@ def _executable(proc: int) -> tuple[str | None, str | None]:
         path: str | None = target if target.startswith("/") else None
         if path is not None and st.st_nlink == 0 and path.endswith(" (deleted)"):
             path = None  # the file was unlinked: the kernel's marker is not part of any path
-        return path, _digest(fd, st)
+        return path, _digest(fd, st, cached_only)
     finally:
         os.close(fd)
 
@@ -221,7 +242,7 @@ def _stat_key(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def _digest(fd: int, st: os.stat_result) -> str | None:
+def _digest(fd: int, st: os.stat_result, cached_only: bool = False) -> str | None:
     if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_EXECUTABLE_SIZE:
         return None
     key = _stat_key(st)
@@ -230,6 +251,8 @@ def _digest(fd: int, st: os.stat_result) -> str | None:
         if hit is not None:
             _digests.move_to_end(key)
             return hit
+    if cached_only:
+        raise _NotCached
     h = hashlib.sha256()
     total = 0
     while chunk := os.read(fd, _CHUNK):

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -246,6 +247,12 @@ _H2_SETTINGS = {
 }
 
 
+# Inbound headers are validated (RFC 9113 §8.2); ours are constant and valid, so outbound checks are skipped.
+_H2_CONFIG = H2Configuration(
+    client_side=False, header_encoding="utf-8", validate_outbound_headers=False, normalize_outbound_headers=False
+)
+
+
 class _Abort(Exception):
     """End the call with this status (raised inside a handler)."""
 
@@ -287,10 +294,11 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: WorkloadApiServer) -> None:
         self._server = server
-        self._h2 = H2Connection(config=H2Configuration(client_side=False, header_encoding="utf-8"))
+        self._h2 = H2Connection(config=_H2_CONFIG)
         self._transport: asyncio.Transport | None = None
         self._calls: dict[int, _Call] = {}
         self._window = asyncio.Event()
+        self._flush_due = False
         self.attestation: asyncio.Future[peercred.Attestation] | None = None
 
     # asyncio.Protocol
@@ -305,16 +313,21 @@ class _Connection(asyncio.Protocol):
             return
         server.open_connections.add(self)
         sock = transport.get_extra_info("socket")
-        # Attest from the accepted socket itself, at once.  A duplicate of its descriptor goes to the
-        # attestation thread, so the socket it reads can never be closed and its number reused meanwhile.
-        try:
-            dup = socket.socket(fileno=os.dup(sock.fileno()))
-        except OSError as exc:
-            log.info("workload socket: cannot attest a connection: %s", exc)
-            transport.abort()
-            return
         loop = asyncio.get_running_loop()
-        self.attestation = loop.run_in_executor(server.attest_pool, _attest_and_close, dup)
+        # Attest from the accepted socket itself, at once: here, when the executable's digest is cached
+        # (a few system calls), else on a duplicate of its descriptor in the attestation pool, so the
+        # socket it reads can never be closed and its number reused meanwhile.
+        try:
+            done = peercred.attest_if_cached(sock)
+            if done is not None:
+                self.attestation = loop.create_future()
+                self.attestation.set_result(done)
+            else:
+                dup = socket.socket(fileno=os.dup(sock.fileno()))
+                self.attestation = loop.run_in_executor(server.attest_pool, _attest_and_close, dup)
+        except (QhxError, OSError) as exc:
+            self.attestation = loop.create_future()
+            self.attestation.set_exception(exc)
         self.attestation.add_done_callback(server.count_attested)
         self._h2.local_settings = Settings(client=False, initial_values=_H2_SETTINGS)
         self._h2.initiate_connection()
@@ -462,12 +475,21 @@ class _Connection(asyncio.Protocol):
     # the connection
 
     def _flush(self) -> None:
+        """Write what HTTP/2 has to send, once per turn of the loop: the SETTINGS acknowledgement
+        and a response made in the same turn leave in one write."""
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def _write(self) -> None:
+        self._flush_due = False
         data = self._h2.data_to_send()
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
     def _close(self) -> None:
         if self._transport is not None:
+            self._write()  # what is due (a GOAWAY) leaves before the socket closes
             self._transport.close()
 
     def go_away(self) -> None:
@@ -859,6 +881,9 @@ def serve_forever(make_issuer: Callable[[], IssuerLike], socket_path: Path, on_r
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         with WorkloadApiServer(make_issuer, socket_path):
+            # Everything made so far (the issuer's snapshot, modules) lives as long as the server:
+            # leave it out of every later garbage collection, which then scans only per-call objects.
+            gc.freeze()
             on_ready()
             while not stop.wait(1.0):
                 pass
