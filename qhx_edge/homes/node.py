@@ -63,7 +63,10 @@ def spread_checks(checks: Sequence[trust.SignatureCheck], workers: int | None = 
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    n = workers if workers is not None else len(os.sched_getaffinity(0))
+    if workers is None:
+        affinity = getattr(os, "sched_getaffinity", None)  # the cores this process may use (Linux)
+        workers = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    n = workers
     n = max(1, min(n, len(checks) // max(1, PARALLEL_MIN_CHECKS // 2)))
     if n < 2:
         return trust.check_signatures(checks)
