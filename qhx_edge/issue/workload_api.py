@@ -331,7 +331,7 @@ class _Connection(asyncio.Protocol):
         self.attestation.add_done_callback(server.count_attested)
         self._h2.local_settings = Settings(client=False, initial_values=_H2_SETTINGS)
         self._h2.initiate_connection()
-        self._flush()
+        self._write()  # the client waits for our SETTINGS before its first call
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -355,7 +355,7 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._close()
                 return
-        self._flush()
+        self._write()  # acknowledgements, and a first response made above, in one write
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.open_connections.discard(self)
@@ -397,7 +397,8 @@ class _Connection(asyncio.Protocol):
     def _start(self, stream_id: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None and call.task is None:
-            call.task = asyncio.get_running_loop().create_task(self._serve(call))
+            sent = self._server.first_from_cache(self, call)
+            call.task = asyncio.get_running_loop().create_task(self._serve(call, sent))
 
     def _cancel(self, stream_id: int) -> None:
         call = self._calls.pop(stream_id, None)
@@ -406,10 +407,10 @@ class _Connection(asyncio.Protocol):
 
     # a call
 
-    async def _serve(self, call: _Call) -> None:
+    async def _serve(self, call: _Call, sent: int | None = None) -> None:
         try:
-            request = self._parse(call)
-            await self._server.handle(self, call, request)
+            request = self.parse(call)
+            await self._server.handle(self, call, request, sent)
         except _Abort as abort:
             self._trailers(call, abort.code, abort.details)
         except asyncio.CancelledError:
@@ -426,7 +427,7 @@ class _Connection(asyncio.Protocol):
                 del self._calls[call.stream_id]
 
     @staticmethod
-    def _parse(call: _Call) -> Any:
+    def parse(call: _Call) -> Any:
         cls = _REQUESTS.get(call.method)
         if cls is None:
             raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {call.method!r}")
@@ -439,6 +440,20 @@ class _Connection(asyncio.Protocol):
             return cls.FromString(body[5:])
         except DecodeError:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed: not a {cls.__name__}") from None
+
+    def send_now(self, call: _Call, message: Any) -> bool:
+        """Queue one response message at once if the flow-control window takes all of it."""
+        payload = message.SerializeToString()
+        data = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        if len(data) > self._h2.local_flow_control_window(call.stream_id):
+            return False
+        if not call.headers_sent:
+            self._h2.send_headers(call.stream_id, _RESPONSE_HEADERS)
+            call.headers_sent = True
+        frame = self._h2.max_outbound_frame_size
+        for at in range(0, len(data), frame):
+            self._h2.send_data(call.stream_id, data[at : at + frame])
+        return True
 
     async def send(self, call: _Call, message: Any) -> None:
         """Send one response message, within HTTP/2 flow control."""
@@ -675,8 +690,36 @@ class WorkloadApiServer:
 
     # the service (on the event loop)
 
-    async def handle(self, conn: _Connection, call: _Call, request: Any) -> None:
-        """Serve one call; returning ends it with OK, :class:`_Abort` with that status."""
+    def first_from_cache(self, conn: _Connection, call: _Call) -> int | None:
+        """A FetchX509SVID's first response, sent from within the event that completed the request, when
+        everything it needs is at hand: the connection attested, the security header right, the
+        issuer's cache holding the caller's SVIDs (``cached_x509``), the window open.  Returns the
+        change generation it was built at (the stream continues from there), or None: then the call
+        is served from the start as any other, and says why it fails, if it does."""
+        attestation = conn.attestation
+        if (
+            call.method != "FetchX509SVID"
+            or self._changes is None
+            or attestation is None
+            or not attestation.done()
+            or attestation.cancelled()
+            or attestation.exception() is not None
+        ):
+            return None
+        seen = self._changes.generation
+        try:
+            conn.parse(call)
+            self.check_header(call)
+            message = self.cached_x509_svid_response(attestation.result().selectors)
+            if message is None or not conn.send_now(call, message):
+                return None
+        except Exception:  # the call's own task answers it properly
+            return None
+        return seen
+
+    async def handle(self, conn: _Connection, call: _Call, request: Any, sent: int | None = None) -> None:
+        """Serve one call; returning ends it with OK, :class:`_Abort` with that status.  ``sent``: a first
+        FetchX509SVID response already went out (:meth:`first_from_cache`) at that change generation."""
         method = call.method
         if method in ("FetchWITSVID", "FetchWITBundles"):
             self.check_header(call)
@@ -688,6 +731,7 @@ class WorkloadApiServer:
                 call,
                 lambda: self.x509_svid_response(selectors),
                 cached=lambda: self.cached_x509_svid_response(selectors),
+                sent=sent,
             )
         elif method == "FetchX509Bundles":
             await self.caller(conn, call)
@@ -712,7 +756,7 @@ class WorkloadApiServer:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
             token, aud = request.svid, request.audience
             await conn.send(call, await self.call(lambda: self.validate_response(token, aud), validating=True))
-        else:  # pragma: no cover - _parse refuses every other method
+        else:  # pragma: no cover - parse refuses every other method
             raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
 
     async def _blocking(self, fn: Callable[[], _T]) -> _T:
@@ -748,13 +792,22 @@ class WorkloadApiServer:
             raise _Abort(code, details) from None
 
     async def stream(
-        self, conn: _Connection, call: _Call, build: Callable[[], Any], *, cached: Callable[[], Any] | None = None
+        self,
+        conn: _Connection,
+        call: _Call,
+        build: Callable[[], Any],
+        *,
+        cached: Callable[[], Any] | None = None,
+        sent: int | None = None,
     ) -> None:
         """The current message, then a new one after every change, until the client goes away.
 
         ``cached`` (non-blocking) may give the message on the event loop; when it gives None,
-        ``build`` runs on an issuer thread."""
+        ``build`` runs on an issuer thread.  ``sent``: the first message already went out, built at
+        that change generation."""
         assert self._changes is not None
+        if sent is not None:
+            await self._changes.wait_past(sent)
         while True:
             seen = self._changes.generation  # read before building: a change meanwhile re-sends
             message = self.inline(cached) if cached is not None else None
