@@ -124,6 +124,7 @@ MIN_ROTATION = 1  # never re-mint sooner than this after minting (no busy loops)
 POLL_SECONDS = 5.0  # refresh_in() cap: documents imported by another process are noticed this fast
 MAX_JWT_CACHE = 1024  # JWT-SVIDs cached per (SPIFFE ID, audience list); the oldest go first
 MINT_SLOTS = 2  # callers planning or minting at once (see Issuer._slots)
+CACHED_LOCK_WAIT = 0.0005  # seconds Issuer.cached_x509 waits for the lock
 MAX_TOKEN = 16 << 10  # a JWT-SVID to validate is at most 16 KiB
 ALGORITHMS = {suites.name_of(alg): alg for alg in suites.SVID_ALGORITHMS}
 DEFAULT_ALGORITHM = "ES256"
@@ -861,11 +862,13 @@ class Issuer:
         return [out[sid] for sid in ids]
 
     def cached_x509(self, selectors: frozenset[str]) -> tuple[list[X509Svid], dict[str, bytes]] | None:
-        """``(x509_svids(selectors), x509_bundles())`` when that needs no minting, no store read beyond
-        ``PRAGMA data_version`` and no waiting for the lock; else None.  Never blocks, so the Workload
-        API may answer a fetch served from the cache on its event loop, without a thread hop.
-        Refusals are the same typed errors as :meth:`x509_svids` raises."""
-        if not self._lock.acquire(blocking=False):
+        """``(x509_svids(selectors), x509_bundles())`` when that needs no minting and no store read beyond
+        ``PRAGMA data_version``, else None; it waits at most :data:`CACHED_LOCK_WAIT` for the lock (held
+        for microseconds but while a snapshot is re-read or a key loaded), so the Workload API may answer
+        a fetch served from the cache on its event loop, without a thread hop.  Waiting a little rather
+        than not at all lets a holder the interpreter had paused finish, instead of sending every fetch
+        meanwhile to the threads.  Refusals are the same typed errors as :meth:`x509_svids` raises."""
+        if not self._lock.acquire(timeout=CACHED_LOCK_WAIT):
             return None
         try:
             version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])

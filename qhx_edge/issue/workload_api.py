@@ -442,8 +442,8 @@ class _Connection(asyncio.Protocol):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed: not a {cls.__name__}") from None
 
     def send_now(self, call: _Call, message: Any) -> bool:
-        """Queue one response message at once if the flow-control window takes all of it."""
-        payload = message.SerializeToString()
+        """Queue one response message (or its serialised bytes) at once if the flow-control window takes all of it."""
+        payload = message if isinstance(message, bytes) else message.SerializeToString()
         data = b"\x00" + len(payload).to_bytes(4, "big") + payload
         if len(data) > self._h2.local_flow_control_window(call.stream_id):
             return False
@@ -456,8 +456,8 @@ class _Connection(asyncio.Protocol):
         return True
 
     async def send(self, call: _Call, message: Any) -> None:
-        """Send one response message, within HTTP/2 flow control."""
-        payload = message.SerializeToString()
+        """Send one response message (or its serialised bytes), within HTTP/2 flow control."""
+        payload = message if isinstance(message, bytes) else message.SerializeToString()
         data = memoryview(b"\x00" + len(payload).to_bytes(4, "big") + payload)
         if not call.headers_sent:
             self._h2.send_headers(call.stream_id, _RESPONSE_HEADERS)
@@ -554,6 +554,8 @@ class WorkloadApiServer:
         self._issuer_pool = ThreadPoolExecutor(max_workers=ISSUER_THREADS, thread_name_prefix="qhx-issuer")
         self.attest_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qhx-attest")
         self.open_connections: set[_Connection] = set()
+        # selectors -> (SVIDs, bundles, serialised response): see cached_x509_svid_response (event loop only)
+        self._x509_wire: dict[frozenset[str], tuple[tuple[Any, ...], dict[str, bytes], bytes]] = {}
         self.accepted = 0  # connections attested since start
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -835,11 +837,28 @@ class WorkloadApiServer:
         issuer = self._issuer_now()
         return self._x509_svid_message(issuer.x509_svids(selectors), issuer.x509_bundles())
 
-    def cached_x509_svid_response(self, selectors: frozenset[str]) -> pb.X509SVIDResponse | None:
-        """The response from the issuer's cache, on the event loop, if it can give it without blocking."""
+    def cached_x509_svid_response(self, selectors: frozenset[str]) -> bytes | None:
+        """The serialised response from the issuer's cache, on the event loop, if it can give it without
+        blocking.  The bytes are kept per selector set while the issuer hands out the very same SVID
+        objects and bundles (the entry holds them, so they cannot be freed and their identity reused)."""
         cached = getattr(self._issuer_now(), "cached_x509", None)
         parts = cached(selectors) if cached is not None else None
-        return None if parts is None else self._x509_svid_message(*parts)
+        if parts is None:
+            return None
+        svids, bundles = parts
+        held = self._x509_wire.get(selectors)
+        if (
+            held is not None
+            and held[1] == bundles
+            and len(held[0]) == len(svids)
+            and all(a is b for a, b in zip(held[0], svids, strict=True))
+        ):
+            return held[2]
+        wire: bytes = self._x509_svid_message(svids, bundles).SerializeToString()
+        if len(self._x509_wire) >= MAX_CONNECTIONS:
+            del self._x509_wire[next(iter(self._x509_wire))]
+        self._x509_wire[selectors] = (tuple(svids), bundles, wire)
+        return wire
 
     @staticmethod
     def _x509_svid_message(svids: Sequence[X509SvidLike], bundles: dict[str, bytes]) -> pb.X509SVIDResponse:
