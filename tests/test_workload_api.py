@@ -464,6 +464,53 @@ def test_a_response_larger_than_the_flow_control_window_arrives_whole(sock_dir: 
         x509.load_der_x509_certificate(s.x509_svid).verify_directly_issued_by(issuer.ca)
 
 
+class CachingIssuer(FakeIssuer):
+    """A FakeIssuer with the Issuer's optional non-blocking cache path: the same SVID objects until a rotation."""
+
+    def __init__(self, registrations: dict[frozenset[str], str]) -> None:
+        super().__init__(registrations)
+        self.memo: dict[frozenset[str], list[FakeX509Svid]] = {}
+        self.cached_calls = 0
+
+    def x509_svids(self, selectors: frozenset[str]) -> list[FakeX509Svid]:
+        if selectors not in self.memo:
+            self.memo[selectors] = super().x509_svids(selectors)
+        return self.memo[selectors]
+
+    def cached_x509(self, selectors: frozenset[str]) -> tuple[list[FakeX509Svid], dict[str, bytes]] | None:
+        self.cached_calls += 1
+        held = self.memo.get(selectors)
+        return None if held is None else (held, self.x509_bundles())
+
+    def rotate(self) -> None:
+        self.memo.clear()
+        self.token += 1
+
+
+def test_fetches_answered_from_the_issuers_cache_follow_its_rotation(sock_dir: Path) -> None:
+    issuer = CachingIssuer({frozenset({f"unix:uid:{os.getuid()}"}): ME})
+    with WorkloadApiServer(lambda: issuer, sock_dir / "c.sock", poll_interval=0.1, grace=0.1) as server:
+        first = fetch_svid_der(server.socket_path)  # minted on an issuer thread (nothing cached yet)
+        again = [fetch_svid_der(server.socket_path) for _ in range(3)]  # answered from the cache
+        assert again == [first] * 3
+        assert issuer.cached_calls >= 3
+        issuer.rotate()
+        rotated = fetch_svid_der(server.socket_path)  # minted again on an issuer thread
+        from_cache = fetch_svid_der(server.socket_path)  # from the cache: the new SVID, not the old bytes
+    assert rotated != first
+    assert from_cache == rotated  # a rotated SVID is never answered with the bytes of the one before
+    assert len(issuer.seen) == 2  # x509_svids minted twice, once per SVID; every other fetch came from the cache
+
+
+def fetch_svid_der(path: Path) -> bytes:
+    channel = grpc.insecure_channel(f"unix:{path}", options=[("grpc.use_local_subchannel_pool", 1)])
+    with channel:
+        stream = pb_grpc.SpiffeWorkloadAPIStub(channel).FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER, timeout=30)
+        der = next(stream).svids[0].x509_svid
+        stream.cancel()
+    return der
+
+
 # --- streams -------------------------------------------------------------------------------------
 
 
