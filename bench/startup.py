@@ -62,7 +62,8 @@ def node_home(tmp: Path) -> Path:
     return tmp / "N"
 
 
-def environment(tmp: Path) -> dict[str, str]:
+def child_env(tmp: Path) -> dict[str, str]:
+    """The environment of both sides: no QHX_EDGE_* settings, bytecode cached in the work folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("QHX_EDGE_") and k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
     return env
@@ -77,8 +78,11 @@ def wall(cmd: list[str], env: dict[str, str]) -> float:
 
 def run(quick: bool, tmp: Path) -> dict[str, Any]:
     home = node_home(tmp)
-    env = environment(tmp)
-    status = [str(Path(sys.executable).with_name("qhx-edge")), "--home", str(home), "--json", "status"]
+    env = child_env(tmp)
+    script = Path(sys.executable).with_name("qhx-edge")
+    if not script.exists():
+        raise SystemExit(f"no qhx-edge beside {sys.executable}: run this with the project's venv (pip install -e .)")
+    status = [str(script), "--home", str(home), "--json", "status"]
     baseline = [sys.executable, "-c", BASELINE]
     # Untimed: fill the bytecode cache, and check that status works on this home.
     subprocess.run(baseline, env=env, check=True)
