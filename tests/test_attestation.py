@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from qhx_edge.core import documents as D  # noqa: N812
-from qhx_edge.core.errors import AttestationFailed
+from qhx_edge.core.errors import AttestationFailed, BadSignature
 from qhx_edge.homes import attestation, node
 from qhx_edge.homes.authority import Authority
 from qhx_edge.packs import pack
@@ -183,3 +183,93 @@ def test_delegation_pack_is_a_normal_documents_pack(homes: Homes) -> None:
     finally:
         n.close()
     assert pack.parse(auth.export_pack(docs, now)).manifest.kind == "documents"
+
+
+# --- the authority's card: authenticated before anything is sealed to it -------------------------------------
+
+
+def _rogue_card(tmp_path: Path) -> Path:
+    """A courier's own 'authority' card for the same domain: its own keys, its own freshness role."""
+    rogue = Authority.init(
+        tmp_path / "rogue",
+        "alpha.example",
+        suite="hybrid",
+        root_keys=1,
+        root_threshold=1,
+        passphrase=PASSPHRASE.encode(),
+        now=clock.now(),
+    )
+    path = tmp_path / "rogue.card"
+    path.write_bytes(rogue.card())
+    return path
+
+
+def _request(n: Path, card: Path, to: Path, *extra: str) -> object:
+    return run_cli(
+        "--home", n, "--json", "node", "attest", "request", "--method", "join-token",
+        "--token", "qhx1-secret", "--authority-card", card, "--to", to, *extra,
+    )  # fmt: skip
+
+
+def test_a_swapped_authority_card_gets_no_join_token(homes: Homes, tmp_path: Path) -> None:
+    rogue = _rogue_card(tmp_path)
+    r = _request(homes.node_home, rogue, tmp_path / "req.pack")
+    assert (r.code, r.json["error"]["kind"]) == (1, "bad-signature"), r.stdout  # type: ignore[attr-defined]
+    assert not (tmp_path / "req.pack").exists()  # nothing was sealed to the courier's key
+
+    genuine = tmp_path / "a.card"
+    genuine.write_bytes(homes.authority.card())
+    fp = attestation.parse_card(genuine.read_bytes()).fingerprint
+    r = _request(homes.node_home, rogue, tmp_path / "req.pack", "--expect-fingerprint", fp)
+    assert (r.code, r.json["error"]["kind"]) == (1, "anchor-mismatch"), r.stdout  # type: ignore[attr-defined]
+    assert not (tmp_path / "req.pack").exists()
+
+    r = _request(homes.node_home, genuine, tmp_path / "req.pack", "--expect-fingerprint", fp)
+    assert r.code == 0, r.stdout  # type: ignore[attr-defined]
+    r = _request(homes.node_home, genuine, tmp_path / "req2.pack")  # countersigned by the held root's freshness role
+    assert r.code == 0, r.stdout  # type: ignore[attr-defined]
+
+
+def test_evidence_is_never_sealed_to_a_swapped_authority_card(homes: Homes, tmp_path: Path) -> None:
+    rogue = _rogue_card(tmp_path)
+    r = run_cli("--home", homes.node_home, "--json", "pack", "export", "--evidence", "--seal-to", rogue, "--to",
+                tmp_path / "ev.pack")  # fmt: skip
+    assert (r.code, r.json["error"]["kind"]) == (1, "bad-signature"), r.stdout
+    assert not (tmp_path / "ev.pack").exists()
+    genuine = tmp_path / "a.card"
+    genuine.write_bytes(homes.authority.card())
+    r = run_cli("--home", homes.node_home, "--json", "pack", "export", "--evidence", "--seal-to", genuine, "--to",
+                tmp_path / "ev.pack")  # fmt: skip
+    assert r.code == 0, r.stdout
+
+
+def test_a_challenge_pack_with_a_swapped_card_gets_no_evidence(homes: Homes, tmp_path: Path) -> None:
+    auth, now = homes.authority, clock.now()
+    token = attestation.create_join_token(auth, now, 600)
+    with node.Node(homes.node_home, PASSPHRASE.encode) as n:
+        card = attestation.parse_card(auth.card())
+        request = attestation.unwrap(
+            pack.unseal_if_sealed(
+                attestation.request_pack(n, card, "join-token", now, token=token),
+                card.encryption_key.kid,
+                lambda: auth.identity.encryption,
+            )[0]
+        )
+        challenge = attestation.challenge(auth, request, now)
+        rogue = attestation.parse_card(_rogue_card(tmp_path).read_bytes())
+        with pytest.raises(BadSignature):
+            attestation.evidence_pack(n, challenge, rogue, now)
+        assert attestation.evidence_pack(n, challenge, card, now)
+
+
+def test_the_card_follows_a_rotation_of_the_freshness_role(homes: Homes, tmp_path: Path) -> None:
+    auth, now = homes.authority, clock.now()
+    old = auth.card()
+    auth.rotate_root(now, root_keys=None, root_threshold=None, roles=("freshness",))
+    new = auth.card()
+    assert new != old
+    with node.Node(homes.node_home, PASSPHRASE.encode) as n:
+        n.import_pack(auth.export_pack(auth.export_documents(), now), now)
+        attestation.check_authority_card(n, attestation.parse_card(new))
+        with pytest.raises(BadSignature):  # countersigned by a freshness key the held root no longer names
+            attestation.check_authority_card(n, attestation.parse_card(old))

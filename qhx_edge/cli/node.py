@@ -95,10 +95,22 @@ def node_attest() -> None:
     "--tpm", "tcti", envvar="QHX_EDGE_TPM", default=None, help="TPM TCTI, e.g. swtpm:host=127.0.0.1,port=2321."
 )
 @click.option("--authority-card", required=True, help="The authority's card: the request is sealed to it.")
+@click.option(
+    "--expect-fingerprint",
+    default=None,
+    help="The authority card's fingerprint, given out of band (else the card must be countersigned by the "
+    "freshness role of the root this node holds).",
+)
 @click.option("--to", "to", required=True, help="Where to write the request pack.")
 @pass_ctx
 def node_attest_request(
-    ctx: Ctx, method: str, token: str | None, tcti: str | None, authority_card: str, to: str
+    ctx: Ctx,
+    method: str,
+    token: str | None,
+    tcti: str | None,
+    authority_card: str,
+    expect_fingerprint: str | None,
+    to: str,
 ) -> None:
     """Write an attestation request (sealed to the authority)."""
     from qhx_edge.homes import attestation
@@ -108,7 +120,9 @@ def node_attest_request(
     tpm = attestation.tpm_client(tcti) if method == "tpm" else None
     try:
         with ctx.node() as n:
-            data = attestation.request_pack(n, card, method, now, token=token, tpm=tpm)
+            data = attestation.request_pack(
+                n, card, method, now, token=token, tpm=tpm, expect_fingerprint=expect_fingerprint
+            )
     finally:
         if tpm is not None:
             tpm.close()

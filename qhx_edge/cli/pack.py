@@ -49,12 +49,16 @@ def pack_export(
         auth = ctx.authority()
         docs = node.select(auth.export_documents(), domain=domain, since=peer)
         data = auth.export_pack(docs, now)
+        recipients = [c.encryption_key for c in cards]
     else:
+        from qhx_edge.homes.attestation import sealing_keys
+
         with ctx.node() as n:
             docs = n.export_documents(history=history, domain=domain, since=peer)
             data = n.export_pack(docs, now)
+            recipients = sealing_keys(n, cards)
     if cards:
-        data = seal.seal(data, [c.encryption_key for c in cards])
+        data = seal.seal(data, recipients)
     size = pack.write(Path(to), data)
     sealed_to = [c.node_id for c in cards]
     ctx.emit(
@@ -71,8 +75,10 @@ def _export_evidence(ctx: Ctx, to: str, cards: list[Card], now: int, *, conflict
         raise click.UsageError("--evidence exports the audit log; it takes no --domain, --since or --history")
     if ctx.is_authority():
         raise Malformed("an authority home holds no node audit log; export evidence from a node home")
+    from qhx_edge.homes.attestation import sealing_keys
+
     with ctx.node() as n:
-        info = evidence.write_evidence(n, Path(to), now, recipients=[c.encryption_key for c in cards])
+        info = evidence.write_evidence(n, Path(to), now, recipients=sealing_keys(n, cards))
     info["sealed_to"] = [c.node_id for c in cards]
     ctx.emit(info, lambda: evidence.export_text(info))
 

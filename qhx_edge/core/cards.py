@@ -18,6 +18,7 @@ trusted the way an anchor is: by its fingerprint, compared out of band, and
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,7 +138,16 @@ class Card:
         }
 
 
-def make_card(domain: str, node_id: str, signer: PrivateKey, enc: EncryptionPublicKey, now: int) -> bytes:
+def make_card(
+    domain: str,
+    node_id: str,
+    signer: PrivateKey,
+    enc: EncryptionPublicKey,
+    now: int,
+    countersigners: Sequence[PrivateKey] = (),
+) -> bytes:
+    """A card signed by its own key, and by ``countersigners`` (an authority's freshness role keys vouch
+    for its card, so a node can check it against the root it holds before sealing anything to it)."""
     payload = {
         "type": "card",
         "domain": domain,
@@ -147,7 +157,7 @@ def make_card(domain: str, node_id: str, signer: PrivateKey, enc: EncryptionPubl
         "signing_key": signer.public.to_cbor(),
         "encryption_key": enc.to_cbor(),
     }
-    return cose.sign(cbor.encode(payload), [signer], content_type=CARD_CONTENT_TYPE)
+    return cose.sign(cbor.encode(payload), [signer, *countersigners], content_type=CARD_CONTENT_TYPE)
 
 
 def parse_card(data: bytes) -> Card:

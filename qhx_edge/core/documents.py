@@ -49,7 +49,6 @@ ROLE_FOR_TYPE = {
 EPOCH_TYPES = ("root", "bundle", "policy")
 
 
-
 def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str | None = None) -> Any:
     if key not in d:
         raise Malformed(f"missing field {key!r}")

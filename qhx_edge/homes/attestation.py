@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import cbor, cose
-from qhx_edge.core.cards import Card, parse_card, spki
+from qhx_edge.core.cards import Card, EncryptionPublicKey, parse_card, spki
 from qhx_edge.core.documents import Policy, Root, parse
-from qhx_edge.core.errors import AttestationFailed, Malformed, Rejected
+from qhx_edge.core.errors import AnchorMismatch, AttestationFailed, BadSignature, Malformed, Rejected
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, PublicKey, ca_algs
 from qhx_edge.packs import pack, seal
@@ -63,6 +63,7 @@ CONTENT_TYPE = "application/qhx-edge-attest+cbor"
 MAX_MESSAGE = 1 << 20
 METHODS = ("tpm", "join-token")
 CHALLENGE_TTL = 900
+AUTHORITY_NODE_ID = "authority"  # the node id of every authority's own card
 DB = "attestation.sqlite"
 TPM_CAS = "tpm-cas"  # the authority's trusted TPM manufacturer CAs, DER, one file each
 
@@ -250,12 +251,57 @@ def tpm_client(tcti: str | None) -> TpmClient | None:
     return TpmClient(tcti)
 
 
+def check_authority_card(node: Node, card: Card, expect_fingerprint: str | None = None) -> None:
+    """Refuse to seal anything to ``card`` unless it is this node's authority's (before any secret goes in).
+
+    Either ``expect_fingerprint`` (given out of band, as for an anchor) names
+    exactly this card, or the card is countersigned by a key of the freshness
+    role of the root the node holds.  A card a courier swapped in carries
+    neither: ``bad-signature`` (``anchor-mismatch`` for a wrong fingerprint).
+    """
+    if card.domain != node.domain or card.node_id != AUTHORITY_NODE_ID:
+        raise BadSignature(f"the card is {card.node_id} of {card.domain}, not the authority of {node.domain}")
+    if expect_fingerprint is not None:
+        if not hmac.compare_digest(expect_fingerprint.lower(), card.fingerprint):
+            raise AnchorMismatch(
+                f"authority card fingerprint {card.fingerprint} is not the expected {expect_fingerprint}"
+            )
+        return
+    root = node.store.current(node.domain, "root")
+    assert root is not None
+    assert isinstance(root.payload, Root)
+    env = cose.Envelope.parse(card.raw, max_size=MAX_MESSAGE)
+    if not any(_signed_by(env, k) for k in root.payload.role_keys("freshness").values()):
+        raise BadSignature(
+            "the authority card is not countersigned by this domain's freshness role "
+            "(a card from another authority, or swapped on the way); check its fingerprint with --expect-fingerprint"
+        )
+
+
+def sealing_keys(node: Node, cards: Sequence[Card]) -> list[EncryptionPublicKey]:
+    """The keys to seal a node's pack to: an authority's card must first pass :func:`check_authority_card`.
+
+    Node cards are public and self-signed; an authority's is where secrets go
+    (join tokens, evidence), so it is never taken on the courier's word.
+    """
+    for card in cards:
+        if card.node_id == AUTHORITY_NODE_ID:
+            check_authority_card(node, card)
+    return [c.encryption_key for c in cards]
+
+
 def request_pack(
-    node: Node, authority_card: Card, method: str, now: int, *, token: str | None = None, tpm: TpmClient | None = None
+    node: Node,
+    authority_card: Card,
+    method: str,
+    now: int,
+    *,
+    token: str | None = None,
+    tpm: TpmClient | None = None,
+    expect_fingerprint: str | None = None,
 ) -> bytes:
     """``node attest request``: the signed request in an attestation pack, sealed to the authority's card."""
-    if authority_card.domain != node.domain:
-        raise Malformed(f"the authority card is for {authority_card.domain}, this node belongs to {node.domain}")
+    check_authority_card(node, authority_card, expect_fingerprint)
     raw = make_request(node, method, now, token=token, tpm=tpm)
     data = wrap(raw, node.identity.signer, domain=node.domain, node=node.node_id, now=now)
     return seal.seal(data, [authority_card.encryption_key])
@@ -276,8 +322,7 @@ def evidence_pack(
 
     The TPM named by ``tcti`` is opened only once the card is known to be this domain's authority.
     """
-    if authority_card.domain != node.domain or authority_card.node_id != "authority":
-        raise Malformed("the challenge pack carries a card that is not this domain's authority")
+    check_authority_card(node, authority_card)
     tpm = tpm_client(tcti)
     try:
         # The AK is a primary key of the endorsement hierarchy made from a fixed

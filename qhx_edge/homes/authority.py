@@ -185,7 +185,7 @@ class Authority:
         # The authority's own identity: an encryption key so nodes can seal evidence
         # to it, and a card (node id "authority") that carries it.
         ident = NodeIdentity.create(keystore, suite)
-        atomic_write(home / CARD, make_card(domain, AUTHORITY_NODE, ident.signer, ident.encryption.public, now))
+        auth._write_card(ident, now)
         auth._new_ca_generation(now)
         root = auth._root_payload(1, now)
         auth._publish(root, auth._signers("root"))
@@ -361,6 +361,8 @@ class Authority:
             fields = {k: v for k, v in current.to_dict().items() if k in D.Policy._fields}
             out.append(self._publish(self._policy_payload(fields, now), self._signers("policy")))
         out.append(self._publish_freshness(now))
+        if "freshness" in roles:
+            self._write_card(self.identity, now)
         return out
 
     def anchor(self) -> bytes:
@@ -426,6 +428,18 @@ class Authority:
 
     def card(self) -> bytes:
         return (self.home / CARD).read_bytes()
+
+    def _write_card(self, ident: NodeIdentity, now: int) -> None:
+        """The authority's card: its own identity key, countersigned by the freshness role's keys.
+
+        Nodes seal join tokens and evidence to this card; the countersignature lets
+        them check it against the root they hold (``attestation.check_authority_card``),
+        so a card swapped by a courier is refused.  Remade when the freshness role rotates.
+        """
+        card = make_card(
+            self.domain, AUTHORITY_NODE, ident.signer, ident.encryption.public, now, self._signers("freshness")
+        )
+        atomic_write(self.home / CARD, card)
 
     @property
     def identity(self) -> NodeIdentity:
