@@ -72,8 +72,11 @@ def child_env(tmp: Path) -> dict[str, str]:
 def wall(cmd: list[str], env: dict[str, str]) -> float:
     """Seconds of one run of ``cmd`` (output discarded; a failure stops the benchmark)."""
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr.decode(errors='replace')[-2000:]}")
+    return seconds
 
 
 def run(quick: bool, tmp: Path) -> dict[str, Any]:
