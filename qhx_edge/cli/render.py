@@ -1,6 +1,6 @@
 """What the command line prints: one JSON object with ``--json``, text otherwise.
 
-The contract of DESIGN.md (see :mod:`qhx_edge.cli`): success is ``{"ok": true,
+The contract stated in :mod:`qhx_edge.cli`: success is ``{"ok": true,
 ...}`` on standard output; a failure is ``{"ok": false, "error": {"kind": ...,
 "message": ...}}`` with ``--json``, else ``error [KIND]: MESSAGE`` on standard
 error.  Keys are sorted, so the output of a command is stable byte for byte.
