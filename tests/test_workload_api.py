@@ -494,8 +494,13 @@ def test_fetches_answered_from_the_issuers_cache_follow_its_rotation(sock_dir: P
         again = [fetch_svid_der(server.socket_path) for _ in range(3)]  # answered from the cache
         assert again == [first] * 3
         assert issuer.cached_calls >= 3
-        issuer.rotate()
-        rotated = fetch_svid_der(server.socket_path)  # minted again on an issuer thread
+        channel, stub = raw_stub(server.socket_path)
+        with channel:
+            stream = stub.FetchX509SVID(pb.X509SVIDRequest(), metadata=HEADER, timeout=30)
+            assert next(stream).svids[0].x509_svid == first  # answered from the cache, then waiting
+            issuer.rotate()
+            rotated = next(stream).svids[0].x509_svid  # pushed on the change, minted on an issuer thread
+            stream.cancel()
         from_cache = fetch_svid_der(server.socket_path)  # from the cache: the new SVID, not the old bytes
     assert rotated != first
     assert from_cache == rotated  # a rotated SVID is never answered with the bytes of the one before

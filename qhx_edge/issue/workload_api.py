@@ -273,7 +273,7 @@ def _grpc_message(details: str) -> str:
 class _Call:
     """One gRPC call: an HTTP/2 stream of one connection."""
 
-    __slots__ = ("body", "headers_sent", "metadata", "method", "stream_id", "task")
+    __slots__ = ("body", "headers_sent", "metadata", "method", "parked", "stream_id", "task")
 
     def __init__(self, stream_id: int, method: str, metadata: list[tuple[str, str]]) -> None:
         self.stream_id = stream_id
@@ -282,6 +282,7 @@ class _Call:
         self.body = bytearray()
         self.headers_sent = False
         self.task: asyncio.Task[None] | None = None
+        self.parked: int | None = None  # first response sent at this change generation; no task until a change
 
 
 class _Connection(asyncio.Protocol):
@@ -312,6 +313,9 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         server.open_connections.add(self)
+        self._h2.local_settings = Settings(client=False, initial_values=_H2_SETTINGS)
+        self._h2.initiate_connection()
+        self._write()  # first: the client waits for our SETTINGS before its first call
         sock = transport.get_extra_info("socket")
         loop = asyncio.get_running_loop()
         # Attest from the accepted socket itself, at once: here, when the executable's digest is cached
@@ -329,9 +333,6 @@ class _Connection(asyncio.Protocol):
             self.attestation = loop.create_future()
             self.attestation.set_exception(exc)
         self.attestation.add_done_callback(server.count_attested)
-        self._h2.local_settings = Settings(client=False, initial_values=_H2_SETTINGS)
-        self._h2.initiate_connection()
-        self._write()  # the client waits for our SETTINGS before its first call
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -360,8 +361,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.open_connections.discard(self)
         for call in list(self._calls.values()):
-            if call.task is not None:
-                call.task.cancel()
+            self._drop(call)
         self._calls.clear()
         self._window.set()
         if self.attestation is not None and not self.attestation.done():
@@ -387,7 +387,7 @@ class _Connection(asyncio.Protocol):
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._h2.acknowledge_received_data(event.flow_controlled_length, sid)
         call = self._calls.get(sid)
-        if call is None or call.task is not None:
+        if call is None or call.task is not None or call.parked is not None:
             return
         call.body += event.data or b""
         if len(call.body) > MAX_REQUEST_SIZE + 5:
@@ -396,14 +396,29 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, stream_id: int) -> None:
         call = self._calls.get(stream_id)
-        if call is not None and call.task is None:
+        if call is not None and call.task is None and call.parked is None:
             sent = self._server.first_from_cache(self, call)
-            call.task = asyncio.get_running_loop().create_task(self._serve(call, sent))
+            if sent is not None:  # answered: the stream waits for a change with no task of its own
+                call.parked = sent
+                self._server.parked[call] = self
+            else:
+                call.task = asyncio.get_running_loop().create_task(self._serve(call))
+
+    def resume(self, call: _Call) -> None:
+        """A change after a parked stream's first response: serve it on from there, as a task."""
+        if self._calls.get(call.stream_id) is call and call.task is None and call.parked is not None:
+            call.task = asyncio.get_running_loop().create_task(self._serve(call, call.parked))
 
     def _cancel(self, stream_id: int) -> None:
         call = self._calls.pop(stream_id, None)
-        if call is not None and call.task is not None:
+        if call is not None:
+            self._drop(call)
+
+    def _drop(self, call: _Call) -> None:
+        if call.task is not None:
             call.task.cancel()
+        else:
+            self._server.parked.pop(call, None)
 
     # a call
 
@@ -554,6 +569,7 @@ class WorkloadApiServer:
         self._issuer_pool = ThreadPoolExecutor(max_workers=ISSUER_THREADS, thread_name_prefix="qhx-issuer")
         self.attest_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qhx-attest")
         self.open_connections: set[_Connection] = set()
+        self.parked: dict[_Call, _Connection] = {}  # streams answered from the cache, waiting for a change
         # selectors -> (SVIDs, bundles, serialised response): see cached_x509_svid_response (event loop only)
         self._x509_wire: dict[frozenset[str], tuple[tuple[Any, ...], dict[str, bytes], bytes]] = {}
         self.accepted = 0  # connections attested since start
@@ -684,6 +700,9 @@ class WorkloadApiServer:
             if current != token:
                 token = current
                 await self._changes.bump()
+                parked, self.parked = self.parked, {}
+                for call, conn in parked.items():
+                    conn.resume(call)
             with contextlib.suppress(Exception):
                 delay = min(delay, await self._blocking(self._issuer.refresh_in))
             with contextlib.suppress(TimeoutError):
