@@ -28,12 +28,13 @@ percent-encoded ``grpc-message`` trailers, Trailers-Only responses for errors)::
 
 Each accepted connection is attested at once from the accepted socket
 (:mod:`qhx_edge.issue.peercred`: ``SO_PEERCRED``, and ``SO_PEERPIDFD`` against
-pid reuse), on a duplicate of its descriptor in a small pool, so the socket it
-reads can never be closed and its number reused meanwhile; the HTTP/2 set-up
-proceeds meanwhile, and every call on the connection waits for that
-attestation and uses it: one caller's credentials are never attributed to
-another, since the attestation belongs to the connection object that owns the
-socket.  A connection whose attestation failed gets PERMISSION_DENIED
+pid reuse), right after our HTTP/2 SETTINGS leave: on the event loop when the
+executable's digest is cached (``attest_if_cached``: a few system calls), else
+on a duplicate of its descriptor in a small pool, so the socket it reads can
+never be closed and its number reused meanwhile.  Every call on the connection
+waits for that attestation and uses it: one caller's credentials are never
+attributed to another, since the attestation belongs to the connection object
+that owns the socket.  A connection whose attestation failed gets PERMISSION_DENIED
 ``attestation-failed`` for every call that needs a caller; nothing is asked of
 the issuer on its behalf.
 
@@ -45,8 +46,12 @@ Threads.  One asyncio loop in one background thread runs the connections and
 the change watcher.  Attestation (reading /proc, hashing) runs in a small pool.
 Issuer calls run on a pool of :data:`ISSUER_THREADS` threads (the issuer is
 thread-safe; concurrent first fetches share its audit commits), which also
-creates and closes the issuer.  A fetch the issuer can answer from its cache
-without blocking (``cached_x509``, optional) is answered on the loop itself.
+creates and closes the issuer.  A ``FetchX509SVID`` the issuer can answer
+from its cache (``cached_x509``, optional; it waits at most half a millisecond
+for the issuer's lock) is answered on the loop itself, within the HTTP/2 event
+that completed the request, from the serialised response kept per selector set
+while the issuer hands out the same SVID objects and bundles; the stream then
+waits, parked with no task of its own, until a change resumes it.
 
 Errors.  Typed errors map to statuses with ``kind: message`` as details:
 ``policy-denied`` → PERMISSION_DENIED; ``stale`` and ``clock-rollback`` →
