@@ -273,3 +273,105 @@ def test_the_card_follows_a_rotation_of_the_freshness_role(homes: Homes, tmp_pat
         attestation.check_authority_card(n, attestation.parse_card(new))
         with pytest.raises(BadSignature):  # countersigned by a freshness key the held root no longer names
             attestation.check_authority_card(n, attestation.parse_card(old))
+
+
+# --- a node id belongs to its first card; tokens are spent when the exchange finishes ---------------------------
+
+
+def _exchange(auth: Authority, n: node.Node, token: str, now: int) -> tuple[bytes, bytes]:
+    """(request message, challenge message) of a join-token exchange, as the authority reads them."""
+    card = attestation.parse_card(auth.card())
+    sealed = attestation.request_pack(n, card, "join-token", now, token=token)
+    request = attestation.unwrap(
+        pack.unseal_if_sealed(sealed, card.encryption_key.kid, lambda: auth.identity.encryption)[0]
+    )
+    return request, attestation.challenge(auth, request, now)
+
+
+def _evidence(n: node.Node, challenge: bytes, now: int) -> bytes:
+    return attestation.respond(n, challenge, now)
+
+
+def test_a_second_card_claiming_an_attested_node_id_is_refused(homes: Homes) -> None:
+    from qhx_edge.core.cards import make_card
+    from qhx_edge.core.suites import PrivateKey
+
+    auth, now = homes.authority, clock.now()
+    with node.Node(homes.node_home, PASSPHRASE.encode) as n:
+        _, chal = _exchange(auth, n, attestation.create_join_token(auth, now, 600), now)
+        attestation.finish(auth, _evidence(n, chal, now), now)  # node n is attested: its id is bound
+        node_id, card = n.node_id, attestation.parse_card(n.card())
+        body = attestation.parse_message(_exchange(auth, n, attestation.create_join_token(auth, now, 600), now)[0],
+                                         "attest-request").body  # fmt: skip
+    impostor = PrivateKey.generate("hybrid")
+    fake_card = make_card(card.domain, node_id, impostor, card.encryption_key, now)
+    token = attestation.create_join_token(auth, now, 600)
+    forged = attestation.sign_message({**body, "card": fake_card, "token": token}, impostor)
+    with pytest.raises(AttestationFailed, match="bound to another card"):
+        attestation.challenge(auth, forged, now)
+
+
+def test_a_delegation_for_another_card_with_this_node_id_is_not_accepted(homes: Homes) -> None:
+    from qhx_edge.core.cards import spki
+    from qhx_edge.core.suites import ES256, MLDSA65
+
+    auth, now = homes.authority, clock.now()
+    with node.Node(homes.node_home, PASSPHRASE.encode) as n:
+        ident = n.identity
+        docs = auth.issue_delegation(
+            node_id=n.node_id,
+            card_fingerprint="ab" * 32,  # another card claiming this node's id
+            ca_spkis={alg: spki(ident.ca_key(alg, create=True)) for alg in (ES256, MLDSA65)},
+            jwt_spki=spki(ident.jwt_key(create=True)),
+            attestation={"method": "join-token"},
+            now=now,
+        )
+        with pytest.raises(node.ImportRejected) as exc:
+            n.import_pack(auth.export_pack(docs[:1], now), now)
+        reports = exc.value.result.to_json()["documents"]
+        assert [d["report"] for d in reports] == ["rejected:scope-violation"]
+
+
+def test_a_join_token_is_spent_when_its_exchange_finishes_not_before(homes: Homes) -> None:
+    auth, now = homes.authority, clock.now()
+    token = attestation.create_join_token(auth, now, 7 * 86400)
+    with node.Node(homes.node_home, PASSPHRASE.encode) as n:
+        _, first = _exchange(auth, n, token, now)
+        # The courier is slow: the first challenge expires unanswered (three days by default) ...
+        late = now + attestation.CHALLENGE_TTL + 1
+        with pytest.raises(AttestationFailed, match="expired"):
+            attestation.finish(auth, _evidence(n, first, now), late)
+        # ... and the token, never spent, earns a new challenge, answered two days later: it holds.
+        _, second = _exchange(auth, n, token, late)
+        docs = attestation.finish(auth, _evidence(n, second, late + 2 * 86400), late + 2 * 86400)
+        assert D.parse(docs[0]).payload.type == "delegation"
+        # Spent now: a third exchange with it fails at the challenge.
+        with pytest.raises(AttestationFailed, match="already used"):
+            _exchange(auth, n, token, late + 2 * 86400)
+
+
+def test_two_pending_exchanges_with_one_token_deliver_one_delegation(homes: Homes) -> None:
+    auth, now = homes.authority, clock.now()
+    token = attestation.create_join_token(auth, now, 600)
+    with node.Node(homes.node_home, PASSPHRASE.encode) as n:
+        _, a = _exchange(auth, n, token, now)
+        _, b = _exchange(auth, n, token, now)  # not spent by the first challenge
+        attestation.finish(auth, _evidence(n, a, now), now)
+        with pytest.raises(AttestationFailed, match="already used"):
+            attestation.finish(auth, _evidence(n, b, now), now)
+
+
+def test_the_policy_sets_how_long_a_challenge_lives(homes: Homes, tmp_path: Path) -> None:
+    from qhx_edge.core.policyfile import parse_policy_file
+
+    auth, now = homes.authority, clock.now()
+    auth.publish_policy(parse_policy_file(b'[attestation]\nchallenge_ttl = "10m"\n', "p.toml"), now)
+    with node.Node(homes.node_home, PASSPHRASE.encode) as n:
+        card = attestation.parse_card(auth.card())
+        sealed = attestation.request_pack(
+            n, card, "join-token", now, token=attestation.create_join_token(auth, now, 600)
+        )
+        path = tmp_path / "req.pack"
+        path.write_bytes(sealed)
+        chal = attestation.unwrap(attestation.challenge_pack(auth, attestation.read_message(auth, path), now))
+        assert attestation.parse_message(chal, "attest-challenge").body["expires"] == now + 600

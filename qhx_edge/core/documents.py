@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -272,19 +273,32 @@ class Staleness:
         return {"soft": self.soft, "hard": self.hard, "svid_ttl": self.svid_ttl, "ttl_floor": self.ttl_floor}
 
 
+# A PCR index as the policy writes it: canonical ASCII decimal ("7", never "07" or another script's digit), 0 to 23.
+_PCR_INDEX = re.compile(r"(?:[0-9]|1[0-9]|2[0-3])", re.ASCII)
+MAX_CHALLENGE_TTL = 30 * 86400
+
+
 def _attestation(value: Any) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) - {"tpm"}:
-        raise Malformed("policy attestation must be a map with an optional 'tpm' entry")
+    if not isinstance(value, dict) or set(value) - {"tpm", "challenge_ttl"}:
+        raise Malformed("policy attestation must be a map with optional 'tpm' and 'challenge_ttl' entries")
+    out: dict[str, Any] = {}
+    if "challenge_ttl" in value:
+        ttl = value["challenge_ttl"]
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not 60 <= ttl <= MAX_CHALLENGE_TTL:
+            raise Malformed("policy attestation.challenge_ttl must be 60 seconds to 30 days")
+        out["challenge_ttl"] = ttl
     tpm = value.get("tpm", {})
     if not isinstance(tpm, dict) or set(tpm) - {"pcrs"}:
         raise Malformed("policy attestation.tpm has only 'pcrs'")
     pcrs = tpm.get("pcrs", {})
     if not isinstance(pcrs, dict) or not all(
-        isinstance(k, str) and k.isdigit() and int(k) < 24 and isinstance(v, bytes) and len(v) == 32
+        isinstance(k, str) and _PCR_INDEX.fullmatch(k) and isinstance(v, bytes) and len(v) == 32
         for k, v in pcrs.items()
     ):
         raise Malformed("policy attestation.tpm.pcrs maps PCR indexes (0-23) to 32-byte SHA-256 values")
-    return {"tpm": {"pcrs": dict(pcrs)}} if tpm else {}
+    if tpm:
+        out["tpm"] = {"pcrs": dict(pcrs)}
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -300,6 +314,12 @@ class Policy(Payload):
     staleness: Staleness
     # Node attestation policy: {"tpm": {"pcrs": {"<index>": sha256 value}}} (optional).
     attestation: dict[str, Any] = field(default_factory=dict)
+
+    def challenge_ttl(self, default: int) -> int:
+        """How long an attestation challenge stays answerable: long enough for a courier's round trip."""
+        ttl = self.attestation.get("challenge_ttl", default)
+        assert isinstance(ttl, int)
+        return ttl
 
     def tpm_pcrs(self) -> dict[int, bytes]:
         """The PCR values (sha256 bank) a TPM quote must show, by index."""

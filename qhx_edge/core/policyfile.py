@@ -16,6 +16,9 @@ A policy file::
     spiffe_id = "spiffe://alpha.example/web"
     selectors = ["unix:uid:1000"]
 
+    [attestation]
+    challenge_ttl = "3d" # how long a node may take to answer (a courier's round trip)
+
     [attestation.tpm.pcrs]  # PCR values (sha256 bank) a node's TPM quote must show
     0 = "3d458cfe55cc03ea1f443f1562beec8df51c75e14a9fcf9a7234a13f198e7969"
 
@@ -106,8 +109,8 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
     out = {"registrations": regs, "authorization": auth, "algorithms": algorithms, "staleness": stale}
     if "attestation" in data:
         att = _table(data, "attestation", "[attestation]")
-        if set(att) - {"tpm"}:
-            raise Malformed(f"unknown attestation settings {sorted(set(att) - {'tpm'})}")
+        if set(att) - {"tpm", "challenge_ttl"}:
+            raise Malformed(f"unknown attestation settings {sorted(set(att) - {'tpm', 'challenge_ttl'})}")
         tpm = _table(att, "tpm", "[attestation.tpm]")
         if set(tpm) - {"pcrs"}:
             raise Malformed(f"unknown attestation.tpm settings {sorted(set(tpm) - {'pcrs'})}")
@@ -122,7 +125,10 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
             if len(digest) != 32:
                 raise Malformed(f"attestation.tpm.pcrs.{index} must be a SHA-256 value (32 bytes)")
             pcrs[str(int(index))] = digest
-        out["attestation"] = {"tpm": {"pcrs": pcrs}}
+        attestation: dict[str, Any] = {"tpm": {"pcrs": pcrs}} if "tpm" in att else {}
+        if "challenge_ttl" in att:
+            attestation["challenge_ttl"] = duration(att["challenge_ttl"], "attestation.challenge_ttl")
+        out["attestation"] = attestation
     return out
 
 

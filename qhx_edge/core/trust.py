@@ -141,6 +141,7 @@ class TrustState:
     domains: Mapping[str, DomainView]
     clock_high_water: int = 0
     node_id: str | None = None  # the node whose delegations this state may accept
+    card_fingerprint: str | None = None  # ... and the card they must name (its own, not another claiming its id)
 
 
 @dataclass(frozen=True)
@@ -410,7 +411,7 @@ def verify_batch(
 
     outcome = Outcome(verdicts, clock_high_water=state.clock_high_water)
     batches = [
-        DomainBatch(domain, items, state.domains[domain], now, limits, outcome, state.node_id)
+        DomainBatch(domain, items, state.domains[domain], now, limits, outcome, state.node_id, state.card_fingerprint)
         for domain, items in by_domain.items()
     ]
     _prefetch_signatures(batches, checker)
@@ -477,6 +478,7 @@ class DomainBatch:
         limits: Limits,
         out: Outcome,
         node_id: str | None = None,
+        card_fingerprint: str | None = None,
     ) -> None:
         self.domain = domain
         self.items = items
@@ -485,6 +487,7 @@ class DomainBatch:
         self.tolerance = limits.clock_tolerance
         self.out = out
         self.node_id = node_id
+        self.card_fingerprint = card_fingerprint
         by_type: dict[str, list[Verdict]] = {}
         for v in items:
             assert v.doc is not None
@@ -522,7 +525,7 @@ class DomainBatch:
         assert doc is not None
         if doc.type == "root":
             return bool(doc.payload.version > self.view.root.payload.version)
-        if doc.type == "delegation" and (self.node_id is None or doc.payload.node_id != self.node_id):
+        if doc.type == "delegation" and not self._delegates_me(doc):
             return False
         mark = self.view.marks.get(doc.type)
         return mark is None or doc.payload.version > mark.version
@@ -713,6 +716,12 @@ class DomainBatch:
                     v.status = "applied"
                     self.out.marks[(self.domain, t)] = Mark(ver, doc.digest)
 
+    def _delegates_me(self, doc: Signed[Any]) -> bool:
+        """Whether a delegation names this node and this node's own card (not another claiming its id)."""
+        if self.node_id is None or doc.payload.node_id != self.node_id:
+            return False
+        return self.card_fingerprint is None or doc.payload.card_fingerprint == self.card_fingerprint
+
     def update_delegations(self) -> None:
         """Step 5: delegations -- only this node's own, by the pki threshold of the final root, unexpired.
 
@@ -726,6 +735,8 @@ class DomainBatch:
             try:
                 if self.node_id is None or doc.payload.node_id != self.node_id:
                     raise ScopeViolation(f"{doc.describe()} delegates node {doc.payload.node_id}, not this node")
+                if not self._delegates_me(doc):
+                    raise ScopeViolation(f"{doc.describe()} delegates another card claiming this node's id")
                 state = _check_version_signed(v, mark, self.history, root, "pki")
                 if state:
                     v.status = state

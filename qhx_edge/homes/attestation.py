@@ -25,7 +25,14 @@ What the authority checks (docs/issuance.md §1):
   the PCRs the policy names carries this challenge's nonce and the policy's
   values.  The nonce is single use and expires: a replayed quote fails.
 * ``join-token``: the token exists, is unexpired and unused (stored as its
-  SHA-256 only), and is consumed by the first request that presents it.
+  SHA-256 only) when the challenge is made, and is spent when the exchange
+  finishes (a challenge that expires on a courier's way leaves it usable).
+
+A node id is bound to the card of its first successful attestation: a second
+node claiming that id with another card fails, and a node accepts only a
+delegation that names its own card.  A challenge stays answerable for the
+policy's ``attestation.challenge_ttl`` (three days by default: a courier's
+round trip).
 
 Every failure is ``attestation-failed`` and leaves nothing issued; attempts are
 recorded in the authority's ``attestation.sqlite``.
@@ -37,6 +44,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +70,7 @@ if TYPE_CHECKING:
 CONTENT_TYPE = "application/qhx-edge-attest+cbor"
 MAX_MESSAGE = 1 << 20
 METHODS = ("tpm", "join-token")
-CHALLENGE_TTL = 900
+CHALLENGE_TTL = 3 * 86400  # a courier's round trip; the policy's attestation.challenge_ttl overrides it
 AUTHORITY_NODE_ID = "authority"  # the node id of every authority's own card
 DB = "attestation.sqlite"
 TPM_CAS = "tpm-cas"  # the authority's trusted TPM manufacturer CAs, DER, one file each
@@ -94,6 +102,16 @@ MIGRATIONS = (
         step TEXT NOT NULL,
         outcome TEXT NOT NULL,
         detail TEXT NOT NULL
+    );
+    """,
+    # 2: a join token is spent when its exchange finishes (not at the challenge); a node id is bound
+    # to the card of its first successful attestation.
+    """
+    ALTER TABLE pending ADD COLUMN token_digest BLOB;
+    CREATE TABLE bindings (
+        node_id TEXT PRIMARY KEY,
+        card_fingerprint TEXT NOT NULL,
+        bound_at INTEGER NOT NULL
     );
     """,
 )
@@ -417,8 +435,15 @@ def read_message(auth: Authority, path: Path) -> bytes:
 def challenge_pack(auth: Authority, request_raw: bytes, now: int) -> bytes:
     """``authority attest challenge``: :func:`challenge` under the authority's TPM CAs and policy PCRs,
     in an attestation pack signed by the freshness role beside the authority's card."""
-    pcrs = sorted(_policy(auth).tpm_pcrs())
-    raw = challenge(auth, request_raw, now, manufacturer_cas=manufacturer_cas(auth), pcrs=pcrs)
+    policy = _policy(auth)
+    raw = challenge(
+        auth,
+        request_raw,
+        now,
+        manufacturer_cas=manufacturer_cas(auth),
+        pcrs=sorted(policy.tpm_pcrs()),
+        ttl=policy.challenge_ttl(CHALLENGE_TTL),
+    )
     signer = auth._signers("freshness")[0]
     return wrap(raw, signer, domain=auth.domain, node="authority", now=now, documents=[auth.card()])
 
@@ -433,6 +458,13 @@ def delegation_pack(
     # and the freshness naming it), so the node can apply it whatever it held before.
     docs = [docs[0], *auth.export_documents()]
     return auth.export_pack(docs, now), len(docs)
+
+
+def _check_binding(conn: sqlite3.Connection, node_id: str, card_fingerprint: str) -> None:
+    """A node id belongs to the card of its first successful attestation: another card claiming it fails."""
+    row = conn.execute("SELECT card_fingerprint FROM bindings WHERE node_id = ?", (node_id,)).fetchone()
+    if row is not None and not hmac.compare_digest(str(row[0]), card_fingerprint):
+        raise AttestationFailed(f"node id {node_id} is bound to another card since its first attestation")
 
 
 def create_join_token(auth: Authority, now: int, ttl: int) -> str:
@@ -496,6 +528,7 @@ def challenge(
     try:
         req = _parse_request(auth, request_raw)
         node_id = req.card.node_id
+        _check_binding(store.conn, node_id, req.card.fingerprint)
         nonce = secrets.token_bytes(32)
         challenge_id = secrets.token_bytes(16)
         body: dict[str, Any] = {
@@ -508,6 +541,7 @@ def challenge(
             "expires": now + ttl,
         }
         secret_digest: bytes | None = None
+        token_digest: bytes | None = None
         with store.transaction() as c:
             if req.method == "join-token":
                 token = req.msg.body.get("token")
@@ -521,7 +555,9 @@ def challenge(
                     raise AttestationFailed("join token already used")
                 if now >= row[0]:
                     raise AttestationFailed("join token expired")
-                c.execute("UPDATE join_tokens SET used_at = ?, used_by = ? WHERE digest = ?", (now, node_id, digest))
+                # Not spent yet: only a finished exchange spends it, so a challenge that expires
+                # on the courier's way leaves the token usable for a new one.
+                token_digest = digest
             else:
                 from qhx_edge.attest import tpm
 
@@ -543,8 +579,8 @@ def challenge(
                     raise AttestationFailed("the policy names no PCRs for TPM attestation")
                 body.update(credential_blob=blob, encrypted_secret=encrypted, pcrs=sorted(pcrs))
             c.execute(
-                "INSERT INTO pending VALUES (?,?,?,?,?,?,?,?,NULL)",
-                (challenge_id, node_id, req.method, nonce, secret_digest, request_raw, now, now + ttl),
+                "INSERT INTO pending VALUES (?,?,?,?,?,?,?,?,NULL,?)",
+                (challenge_id, node_id, req.method, nonce, secret_digest, request_raw, now, now + ttl, token_digest),
             )
         store.attempt(now, node_id, "challenge", "ok", f"{req.method} challenge issued")
         return sign_message(body, auth._signers("freshness")[0])
@@ -574,13 +610,13 @@ def finish(
         challenge_id = _bytes(b, "challenge_id", 16)
         with store.transaction() as c:
             row = c.execute(
-                "SELECT node_id, method, nonce, secret_digest, request, expires, finished_at FROM pending "
-                "WHERE challenge_id = ?",
+                "SELECT node_id, method, nonce, secret_digest, request, expires, finished_at, token_digest "
+                "FROM pending WHERE challenge_id = ?",
                 (challenge_id,),
             ).fetchone()
             if row is None:
                 raise AttestationFailed("no such challenge (never issued, or from another authority)")
-            node_id, method, nonce, secret_digest, request_raw, expires, finished = row
+            node_id, method, nonce, secret_digest, request_raw, expires, finished, token_digest = row
             if finished is not None:
                 raise AttestationFailed("this challenge was already answered (replay)")
             if now >= expires:
@@ -610,6 +646,18 @@ def finish(
             tpm.verify_quote(rt["ak_public"], quote, bytes(nonce), expected_pcrs)
             summary["ek_certificate_sha256"] = hashlib.sha256(rt["ek_cert"]).hexdigest()
             summary["pcrs"] = {str(k): v.hex() for k, v in sorted(quote.pcrs.items())}
+        with store.transaction() as c:
+            # The exchange holds: bind the node id to this card (first attestation) and spend the
+            # token, atomically, before anything is signed.
+            _check_binding(c, str(node_id), req.card.fingerprint)
+            c.execute("INSERT OR IGNORE INTO bindings VALUES (?,?,?)", (str(node_id), req.card.fingerprint, now))
+            if method == "join-token":
+                spent = c.execute(
+                    "UPDATE join_tokens SET used_at = ?, used_by = ? WHERE digest = ? AND used_at IS NULL",
+                    (now, node_id, token_digest),
+                )
+                if spent.rowcount != 1:
+                    raise AttestationFailed("join token already used (by another exchange that finished first)")
         kwargs: dict[str, Any] = {} if lifetime is None else {"lifetime": lifetime}
         docs = auth.issue_delegation(
             node_id=str(node_id),

@@ -245,7 +245,13 @@ class Store(SqliteFile):
                 history=history,
             )
         info = self.conn.execute("SELECT node_id FROM node").fetchone()
-        return TrustState(views, self.clock_high_water(), info[0] if info else None)
+        card = self.conn.execute("SELECT card FROM identity").fetchone()
+        return TrustState(
+            views,
+            self.clock_high_water(),
+            info[0] if info else None,
+            hashlib.sha256(bytes(card[0])).hexdigest() if card else None,
+        )
 
     def list_documents(self) -> list[dict[str, Any]]:
         rows = self.conn.execute(
