@@ -487,21 +487,27 @@ class _Plan:
 class _InFlight:
     """An SVID one caller is minting; other callers asking for the same one wait for it."""
 
+    __slots__ = ("_done", "_error", "_value")
+
     def __init__(self) -> None:
-        self._done = threading.Event()
+        # Held until resolved; each waiter takes it and passes it on (cheaper than an Event: most
+        # SVIDs in flight are never waited for).
+        self._done = threading.Lock()
+        self._done.acquire()
         self._value: Any = None
         self._error: BaseException | None = None
 
     def resolve(self, value: Any) -> None:
         self._value = value
-        self._done.set()
+        self._done.release()
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self._done.set()
+        self._done.release()
 
     def wait(self) -> Any:
-        self._done.wait()
+        with self._done:
+            pass
         if self._error is not None:
             raise copy_error(self._error)
         return self._value

@@ -516,7 +516,9 @@ class _Waiter:
     def __init__(self, at: int, entries: Sequence[AuditEntry]) -> None:
         self.at = at
         self.entries = entries
-        self.event = threading.Event()
+        # Held until this caller's commit is done or the lead is handed to it: released once per wait.
+        self.event = threading.Lock()
+        self.event.acquire()
         self.done = False
         self.lead = False
         self.error: BaseException | None = None
@@ -553,7 +555,7 @@ class GroupCommit:
             lead = not self._busy
             self._busy = True
         if not lead:
-            me.event.wait()
+            me.event.acquire()
             lead = not me.done  # the previous leader handed the next commit to this caller
         if lead:
             self._lead()
@@ -574,7 +576,7 @@ class GroupCommit:
         for w in group:
             w.error = error
             w.done = True
-            w.event.set()
+            w.event.release()
         with self._mutex:
             nxt = self._queue[0] if self._queue else None
             if nxt is None:
@@ -582,7 +584,7 @@ class GroupCommit:
             else:
                 nxt.lead = True
         if nxt is not None:
-            nxt.event.set()
+            nxt.event.release()
 
 
 def copy_error(exc: BaseException) -> BaseException:
