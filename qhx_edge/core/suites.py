@@ -75,6 +75,12 @@ def get(cose_id: int) -> Algorithm:
         raise Malformed(f"unsupported signature algorithm {cose_id!r}") from None
 
 
+def _rank(cose_id: int) -> int:
+    """An algorithm's place in the registry (the canonical order of a key's parts); unknown ones last."""
+    order = list(_REGISTRY)
+    return order.index(cose_id) if cose_id in _REGISTRY else len(order)
+
+
 def canonical_alg(cose_id: int) -> int:
     return _ALIASES.get(cose_id, cose_id)
 
@@ -239,6 +245,12 @@ class PublicKey:
         algs = [a for a, _ in self.parts]
         if len(set(algs)) != len(algs):
             raise Malformed("a key lists one algorithm twice")
+        # One key, one id: the id hashes the parts in order, so the same key material in another
+        # order would be another "distinct" key and one private key could count twice toward a
+        # threshold.  Parts must come in registry order (the order of every suite).
+        ranks = [_rank(a) for a in algs]
+        if ranks != sorted(ranks):
+            raise Malformed("the parts of a key must be in registry order (one key has one id)")
         for alg, raw in self.parts:
             spec = get(alg)
             if canonical_alg(alg) != alg:
