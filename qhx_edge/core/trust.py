@@ -133,7 +133,10 @@ class DomainView:
     root: Signed[Root]
     marks: Mapping[str, Mark] = field(default_factory=dict)
     freshness: Signed[Freshness] | None = None
-    history: Mapping[tuple[str, int], bytes] = field(default_factory=dict)  # (type, version) -> digest
+    # (type, version) -> digest of held documents.  A rule only ever asks whether a
+    # batch document's exact bytes are held, so a caller may give just the entries
+    # whose digest is among the batch's (the node store does, for a pack).
+    history: Mapping[tuple[str, int], bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,13 @@ Home layout::
     published/TYPE/N.cbor every document ever published, exact signed bytes
     card.cbor             the authority's own card (nodes seal evidence to it)
     evidence.sqlite       audit-log evidence imported from nodes (see evidence.py)
+    .lock                 held while a command changes the authority (one writer)
+
+One writer: every operation that signs or changes the state takes an exclusive
+lock on ``.lock`` and re-reads ``authority.json`` under it, so two commands at
+once never sign two documents with one version (that would be equivocation by
+our own authority); a command that cannot get the lock in time is
+``store-locked``.
 
 Each role (root, pki, policy, freshness, federation, notary) has its own keys
 and threshold in the root document: separation of duties is structural, and
@@ -16,15 +23,19 @@ root keys exist only here, never on a node.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from qhx_edge.core import documents as D  # noqa: N812 - short alias for the payload classes
 from qhx_edge.core.cards import make_card
-from qhx_edge.core.errors import AlreadyInitialised, Malformed, NotInitialised, StoreCorrupt
+from qhx_edge.core.errors import AlreadyInitialised, Malformed, NotInitialised, StoreCorrupt, StoreLocked
 from qhx_edge.core.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, policy_fields
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import SUITES, PrivateKey, ca_algs, suite_algs
@@ -126,9 +137,31 @@ def load_state(data: bytes, where: Path) -> dict[str, Any]:
     return checked
 
 
+def _read_state(home: Path) -> dict[str, Any]:
+    return load_state(read_capped(home / STATE, MAX_STATE_FILE, "authority state file"), home / STATE)
+
+
 def fingerprint(data: bytes) -> str:
     """A root document's fingerprint: SHA-256 of its exact signed bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+LOCK = ".lock"
+LOCK_TIMEOUT = 30.0  # seconds a command waits for another to finish changing the authority
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _one_writer(fn: Callable[Concatenate[Authority, _P], _R]) -> Callable[Concatenate[Authority, _P], _R]:
+    """Run ``fn`` holding the authority's lock, on its state as re-read under the lock."""
+
+    def locked(self: Authority, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.locked():
+            return fn(self, *args, **kwargs)
+
+    locked.__name__, locked.__qualname__, locked.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return locked
 
 
 class Authority:
@@ -139,6 +172,40 @@ class Authority:
         self.home = home
         self.state = state
         self._keystore = keystore
+        self._lock_depth = 0
+
+    @contextlib.contextmanager
+    def locked(self, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+        """Hold the authority's exclusive lock (re-entrant) and work on its state as on disk now."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        fd = os.open(self.home / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreLocked(f"{self.home} is being changed by another command") from None
+                    time.sleep(0.02)
+            # Another command may have changed the state since this one read it.
+            self.state = load_state(
+                read_capped(self.home / STATE, MAX_STATE_FILE, "authority state file"), self.home / STATE
+            )
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+        finally:
+            os.close(fd)  # releases the lock
 
     @property
     def keystore(self) -> Keystore:
@@ -199,8 +266,7 @@ class Authority:
         home = Path(home)
         if not (home / STATE).exists():
             raise NotInitialised(f"{home} is not an authority home (no {STATE}); run 'authority init'")
-        state = load_state(read_capped(home / STATE, MAX_STATE_FILE, "authority state file"), home / STATE)
-        return cls(home, state, lambda: Keystore.open(home, get_passphrase))
+        return cls(home, _read_state(home), lambda: Keystore.open(home, get_passphrase))
 
     @staticmethod
     def exists(home: Path) -> bool:
@@ -320,20 +386,25 @@ class Authority:
     def published(self, type_: str, version: int) -> bytes:
         return (self.home / "published" / type_ / f"{version}.cbor").read_bytes()
 
+    @_one_writer
     def publish_bundle(self, now: int) -> list[bytes]:
         return [self._publish_bundle(now), self._publish_freshness(now)]
 
+    @_one_writer
     def publish_policy(self, fields: dict[str, Any], now: int) -> list[bytes]:
         policy = self._publish(self._policy_payload(fields, now), self._signers("policy"))
         return [policy, self._publish_freshness(now)]
 
+    @_one_writer
     def publish_freshness(self, now: int, lifetime: int | None = None) -> list[bytes]:
         return [self._publish_freshness(now, lifetime)]
 
+    @_one_writer
     def rotate_ca(self, now: int) -> list[bytes]:
         self._new_ca_generation(now)
         return self.publish_bundle(now)
 
+    @_one_writer
     def rotate_root(
         self, now: int, *, root_keys: int | None, root_threshold: int | None, roles: tuple[str, ...] = ()
     ) -> list[bytes]:
@@ -368,6 +439,7 @@ class Authority:
     def anchor(self) -> bytes:
         return self.current("root")
 
+    @_one_writer
     def issue_delegation(
         self,
         *,
@@ -445,6 +517,7 @@ class Authority:
     def identity(self) -> NodeIdentity:
         return NodeIdentity(self.keystore)
 
+    @_one_writer
     def export_pack(self, docs: list[bytes], now: int, *, kind: str = "documents") -> bytes:
         """A pack of ``docs`` whose manifest is signed by the freshness role key.
 

@@ -255,7 +255,7 @@ class Node:
             exporter = self._check_exporter(p.manifest)
             outcome = trust.verify_batch(
                 p.documents,
-                self.store.trust_state(),
+                self.store.trust_state(p.manifest.digests),
                 now,
                 trust.Limits(self.tolerance),
                 digests=p.manifest.digests,

@@ -224,7 +224,15 @@ class Store(SqliteFile):
             raise StoreCorrupt(f"held {type_} v{mark.version} of {domain} is missing or does not match its mark")
         return parse(body)
 
-    def trust_state(self) -> TrustState:
+    def trust_state(self, digests: Sequence[bytes] | None = None) -> TrustState:
+        """What the trust core needs to verify a batch.
+
+        ``digests``: the SHA-256 of the batch's documents (a pack's manifest).
+        History is then read only for held documents with one of those
+        digests -- the only entries a rule can match, since a held version
+        counts only with the same bytes -- instead of every held document, so
+        an import does not slow down as the store grows.
+        """
         views = {}
         for d in self.domains():
             domain = d["domain"]
@@ -232,12 +240,7 @@ class Store(SqliteFile):
             if root is None or not isinstance(root.payload, Root):
                 raise StoreCorrupt(f"no root held for {domain}")
             fresh = self.current(domain, "freshness")
-            history = {
-                (t, v): bytes(dg)
-                for t, v, dg in self.conn.execute(
-                    "SELECT type, version, digest FROM documents WHERE domain = ?", (domain,)
-                )
-            }
+            history = self._history(domain, digests)
             views[domain] = DomainView(
                 root=root,
                 marks=self.marks(domain),
@@ -252,6 +255,21 @@ class Store(SqliteFile):
             info[0] if info else None,
             hashlib.sha256(bytes(card[0])).hexdigest() if card else None,
         )
+
+    def _history(self, domain: str, digests: Sequence[bytes] | None) -> dict[tuple[str, int], bytes]:
+        """(type, version) -> digest of the held documents of ``domain`` (those with ``digests`` only)."""
+        if digests is None:
+            rows = self.conn.execute("SELECT type, version, digest FROM documents WHERE domain = ?", (domain,))
+            return {(t, v): bytes(dg) for t, v, dg in rows}
+        out: dict[tuple[str, int], bytes] = {}
+        wanted = list(dict.fromkeys(bytes(x) for x in digests))
+        for i in range(0, len(wanted), 500):  # below SQLite's limit on bound parameters
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT type, version, digest FROM documents WHERE domain = ? AND digest IN ({marks})"  # noqa: S608 - placeholders only
+            for t, v, dg in self.conn.execute(sql, (domain, *chunk)):
+                out[(t, v)] = bytes(dg)
+        return out
 
     def list_documents(self) -> list[dict[str, Any]]:
         rows = self.conn.execute(
