@@ -88,6 +88,8 @@ def authority_status_text(st: dict[str, Any]) -> str:
 
 def node_status_text(st: dict[str, Any]) -> str:
     lines = [f"node {st['node_id']} ({st['home_domain']})  clock: {st['clock']}"]
+    if st.get("clock_reason"):
+        lines.append(f"  clock: {st['clock_reason']}")
     dg = st.get("delegation", {})
     if dg.get("present"):
         state = "EXPIRED" if dg["expired"] else f"valid until {when(dg['expires'])}"

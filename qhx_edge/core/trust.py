@@ -212,6 +212,21 @@ def check_clock(now: int, clock_high_water: int, tolerance: int = DEFAULT_CLOCK_
         )
 
 
+def check_observed(now: int, observed: int, tolerance: int = DEFAULT_CLOCK_TOLERANCE) -> None:
+    """Raise :class:`ClockRollback` if ``now`` is behind the latest time the node itself observed.
+
+    Trusted time (:func:`check_clock`) only moves with verified documents; a
+    clock set back after the node went ``expired`` would otherwise issue
+    full-TTL SVIDs again.  Issuance checks both marks.
+    """
+    if now < observed - tolerance:
+        raise ClockRollback(
+            f"node clock {now} is {observed - now} s behind the latest time this node observed ({observed}; "
+            f"tolerance {tolerance} s): the clock was set back; nothing is issued until it is fixed or a fresh "
+            "pack re-anchors the node's time"
+        )
+
+
 # --- signatures and thresholds ----------------------------------------------------
 
 

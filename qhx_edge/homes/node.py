@@ -363,21 +363,26 @@ class Node:
     def status(self, now: int) -> dict[str, Any]:
         from qhx_edge.issue import issuer  # local: keeps the CLI's start-up light
 
-        hw = self.store.clock_high_water()
+        hw, observed = self.store.clock_high_water(), self.store.observed_time()
+        clock_reason = None
         try:
             trust.check_clock(now, hw, self.tolerance)
-            clock_ok = True
-        except ClockRollback:
-            clock_ok = False
+            trust.check_observed(now, observed, self.tolerance)
+        except ClockRollback as exc:
+            clock_reason = exc.message
+        clock_ok = clock_reason is None
         out: dict[str, Any] = {
             "node_id": self.info["node_id"],
             "home_domain": self.info["home_domain"],
             "clock": "ok" if clock_ok else "rollback",
             "now": now,
             "clock_high_water": hw,
+            "observed_high_water": observed,
             "clock_tolerance": self.tolerance,
             "domains": {},
         }
+        if clock_reason is not None:
+            out["clock_reason"] = clock_reason
         held = self.store.current(self.domain, "delegation")
         delegation = held.payload if held is not None and isinstance(held.payload, Delegation) else None
         out["delegation"] = issuer.delegation_status(delegation, now)

@@ -73,6 +73,7 @@ made of changed.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -290,6 +291,7 @@ class _Snapshot:
     delegation: Delegation | None
     cas: dict[int, NodeCa]
     delegation_end: int | None  # see delegation_end()
+    observed: int = 0  # the latest time the node itself observed (Store.observed_time)
 
 
 def _b64(data: bytes) -> str:
@@ -410,6 +412,7 @@ def _load_snapshot(store: Store) -> _Snapshot:
         home=home,
         tolerance=int(info["clock_tolerance"]),
         high_water=store.clock_high_water(),
+        observed=store.observed_time(),
         generation=gen.digest(),
         home_generation=home_gen.digest(),
         domains=domains,
@@ -428,7 +431,9 @@ def _load_snapshot(store: Store) -> _Snapshot:
 _FINGERPRINT = (
     "SELECT (SELECT home_domain || ' ' || clock_tolerance FROM node), (SELECT high_water FROM clock), "
     "(SELECT group_concat(domain || ' ' || relation, ' ') FROM domains), "
-    "(SELECT group_concat(domain || ' ' || type || ' ' || version || ' ' || hex(digest), ' ') FROM high_water)"
+    "(SELECT group_concat(domain || ' ' || type || ' ' || version || ' ' || hex(digest), ' ') FROM high_water), "
+    # Last, and not part of the comparison: the observed time moves with every audited event.
+    "(SELECT high_water FROM observed)"
 )
 
 
@@ -580,10 +585,12 @@ class Issuer:
         version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])
         if self._snap is not None and version == self._data_version:
             return self._snap
-        fingerprint = _trust_fingerprint(self._store.conn)
-        if self._snap is None or fingerprint != self._fingerprint:
+        *fingerprint, observed = _trust_fingerprint(self._store.conn)
+        if self._snap is None or tuple(fingerprint) != self._fingerprint:
             self._snap = _load_snapshot(self._store)
-            self._fingerprint = fingerprint
+            self._fingerprint = tuple(fingerprint)
+        elif observed != self._snap.observed:
+            self._snap = dataclasses.replace(self._snap, observed=int(observed or 0))
         self._data_version = version
         return self._snap
 
@@ -591,6 +598,7 @@ class Issuer:
     def _modes(snap: _Snapshot, now: int) -> _Mode:
         try:
             trust.check_clock(now, snap.high_water, snap.tolerance)
+            trust.check_observed(now, snap.observed, snap.tolerance)
             clock_ok = True
         except ClockRollback:
             clock_ok = False
@@ -604,6 +612,7 @@ class Issuer:
     def _issuing(self, snap: _Snapshot, now: int) -> staleness.Mode:
         """The home mode, or the reason nothing may be issued now."""
         trust.check_clock(now, snap.high_water, snap.tolerance)
+        trust.check_observed(now, snap.observed, snap.tolerance)
         d = snap.delegation
         if d is None:
             raise Stale(
@@ -966,6 +975,7 @@ class Issuer:
             now = self._now()
             snap = self._snapshot()
             trust.check_clock(now, snap.high_water, snap.tolerance)
+            trust.check_observed(now, snap.observed, snap.tolerance)
             state = snap.domains.get(domain)
             if state is None or state.bundle is None:
                 raise UnknownDomain(f"this node holds no bundle for {domain}")

@@ -132,12 +132,23 @@ MIGRATIONS: tuple[str, ...] = (
         at INTEGER NOT NULL
     );
     """,
+    # 4: the latest time this node itself observed (every audited import and issuance), beside the
+    # trusted-time mark: a clock set back behind it issues nothing (clock-rollback).  Re-anchored only
+    # when a newly verified freshness epoch is applied (the authority's word on the time), so a clock
+    # pushed forward and then corrected fails closed until the next fresh pack, never for ever.
+    """
+    CREATE TABLE observed (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        high_water INTEGER NOT NULL
+    );
+    INSERT INTO observed VALUES (1, 0);
+    """,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
 # export counters.  A no-op import may record a pack; it must not look like a
 # change of trust.
-NOT_TRUST_STATE = frozenset({"audit", "watched_files", "packs_seen", "exports"})
+NOT_TRUST_STATE = frozenset({"audit", "watched_files", "packs_seen", "exports", "observed"})
 
 
 @dataclass(frozen=True)
@@ -196,6 +207,11 @@ class Store(SqliteFile):
         if row is None:
             raise NotInitialised(f"{self.path} holds no node (interrupted 'node init'?)")
         return {"node_id": row[0], "home_domain": row[1], "clock_tolerance": row[2], "created_at": row[3]}
+
+    def observed_time(self) -> int:
+        """The latest time this node itself observed (issuance, imports); see migration 4."""
+        row = self.conn.execute("SELECT high_water FROM observed").fetchone()
+        return int(row[0]) if row else 0
 
     def clock_high_water(self) -> int:
         row = self.conn.execute("SELECT high_water FROM clock").fetchone()
@@ -316,6 +332,8 @@ class Store(SqliteFile):
                 rows.append((seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail, prev, h))
                 prev = h
         conn.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        if batches:  # every audited event is a time this node observed
+            conn.execute("UPDATE observed SET high_water = MAX(high_water, ?)", (max(at for at, _ in batches),))
 
     def audit(self, at: int, entries: Sequence[AuditEntry]) -> None:
         """Append entries to the audit log in their own transaction."""
@@ -484,6 +502,9 @@ class Store(SqliteFile):
                         AuditEntry("accept", f"{v.status}: {detail}", None, p.domain, p.type, p.version, v.doc.digest)
                     )
             self._audit(conn, now, [*entries, *rejections])
+            if any(d.payload.type == "freshness" for d in docs):
+                # A newly verified epoch re-anchors the observed time (see migration 4).
+                conn.execute("UPDATE observed SET high_water = ?", (now,))
 
     # --- integrity -------------------------------------------------------------------
 
