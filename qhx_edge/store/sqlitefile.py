@@ -11,7 +11,6 @@ own migrations.
 
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 import stat
@@ -24,22 +23,29 @@ from qhx_edge.core.errors import StoreCorrupt, StoreLocked
 
 
 def _private_file(path: Path, *, create: bool = True) -> None:
-    """Make ``path`` a regular file only its owner may read or write (mode 0600), never through a link."""
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    """Make ``path`` a regular file only its owner may read or write (mode 0600), never through a link.
+
+    A file that exists is never opened here, only checked with ``lstat`` and
+    changed with ``chmod``: closing any descriptor of a SQLite file releases
+    every POSIX lock this process holds on it, including another connection's,
+    and another process would then reset the shared-memory index under it.
+    """
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreCorrupt(f"{path} is a symbolic link, not a store file") from exc
-        raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreCorrupt(f"{path} is not a regular file")
-        if st.st_mode & 0o777 != 0o600:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise
+        try:  # a new file: no connection can hold a lock on it yet
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        except FileExistsError:  # made meanwhile by another process: check it as it is
+            _private_file(path, create=False)
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreCorrupt(f"{path} is a symbolic link, not a store file")
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreCorrupt(f"{path} is not a regular file")
+    if stat.S_IMODE(st.st_mode) != 0o600:
+        os.chmod(path, 0o600)
 
 
 class SqliteFile:

@@ -22,7 +22,8 @@ import functools
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,12 +144,27 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO observed VALUES (1, 0);
     """,
+    # 5: the trust generation, raised by every import that changes trust state.  An import verifies
+    # against the state read with its generation and applies only if the generation is unchanged
+    # inside its write transaction (else it verifies again): concurrent imports give what the same
+    # imports in sequence give, and no high-water mark ever falls.
+    """
+    CREATE TABLE generation (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        n INTEGER NOT NULL
+    );
+    INSERT INTO generation VALUES (1, 0);
+    """,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
 # export counters.  A no-op import may record a pack; it must not look like a
 # change of trust.
-NOT_TRUST_STATE = frozenset({"audit", "watched_files", "packs_seen", "exports", "observed"})
+NOT_TRUST_STATE = frozenset({"audit", "watched_files", "packs_seen", "exports", "observed", "generation"})
+
+
+class StateChanged(Exception):
+    """The trust state changed since the import read it: verify again against the new one."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +255,28 @@ class Store(SqliteFile):
         if body is None or hashlib.sha256(body).digest() != mark.digest:
             raise StoreCorrupt(f"held {type_} v{mark.version} of {domain} is missing or does not match its mark")
         return parse(body)
+
+    def read_trust_state(self, digests: Sequence[bytes] | None = None) -> tuple[TrustState, int]:
+        """:meth:`trust_state` and the trust generation it belongs to, read as one snapshot."""
+        self.conn.execute("BEGIN")  # a read transaction: every read below sees one state
+        try:
+            state = self.trust_state(digests)
+            return state, self._generation(self.conn)
+        finally:
+            self.conn.execute("COMMIT")
+
+    @staticmethod
+    def _generation(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT n FROM generation").fetchone()
+        return int(row[0]) if row else 0
+
+    @contextmanager
+    def _write(self, generation: int | None) -> Iterator[sqlite3.Connection]:
+        """A write transaction, refused with :class:`StateChanged` if the trust generation moved on."""
+        with self.transaction() as conn:
+            if generation is not None and self._generation(conn) != generation:
+                raise StateChanged
+            yield conn
 
     def trust_state(self, digests: Sequence[bytes] | None = None) -> TrustState:
         """What the trust core needs to verify a batch.
@@ -335,9 +373,9 @@ class Store(SqliteFile):
         if batches:  # every audited event is a time this node observed
             conn.execute("UPDATE observed SET high_water = MAX(high_water, ?)", (max(at for at, _ in batches),))
 
-    def audit(self, at: int, entries: Sequence[AuditEntry]) -> None:
-        """Append entries to the audit log in their own transaction."""
-        with self.transaction() as conn:
+    def audit(self, at: int, entries: Sequence[AuditEntry], *, generation: int | None = None) -> None:
+        """Append entries to the audit log in their own transaction (if the trust generation is still this)."""
+        with self._write(generation) as conn:
             self._audit(conn, at, entries)
 
     def audit_batches(self, batches: Sequence[tuple[int, Sequence[AuditEntry]]]) -> None:
@@ -456,10 +494,15 @@ class Store(SqliteFile):
             self._audit(conn, now, [AuditEntry("pin-card", f"card of node {node_id} ({domain}) pinned: {fingerprint}")])
 
     def record_noop(
-        self, now: int, entries: Sequence[AuditEntry], pack_record: tuple[bytes, bytes, str, str, str, int] | None
+        self,
+        now: int,
+        entries: Sequence[AuditEntry],
+        pack_record: tuple[bytes, bytes, str, str, str, int] | None,
+        *,
+        generation: int | None = None,
     ) -> None:
         """An import that changed nothing: remember the pack (re-import says so) and audit it."""
-        with self.transaction() as conn:
+        with self._write(generation) as conn:
             if pack_record is not None:
                 conn.execute("INSERT OR IGNORE INTO packs_seen VALUES (?,?,?,?,?,?,?)", (*pack_record, now))
             self._audit(conn, now, entries)
@@ -472,11 +515,17 @@ class Store(SqliteFile):
         *,
         rejections: Sequence[AuditEntry] = (),
         pack_record: tuple[bytes, bytes, str, str, str, int] | None = None,
+        generation: int | None = None,
     ) -> None:
         """Persist an outcome in one transaction: accepted documents, marks, the
-        pack record and every audit entry (accepts and per-document rejects)."""
+        pack record and every audit entry (accepts and per-document rejects).
+
+        With ``generation`` (what :meth:`read_trust_state` gave), refused with
+        :class:`StateChanged` if another import changed the trust state since.
+        """
         entries: list[AuditEntry] = []
-        with self.transaction() as conn:
+        with self._write(generation) as conn:
+            conn.execute("UPDATE generation SET n = n + 1")
             if pack_record is not None:
                 conn.execute("INSERT OR IGNORE INTO packs_seen VALUES (?,?,?,?,?,?,?)", (*pack_record, now))
             for domain, type_ in sorted(outcome.resets):
