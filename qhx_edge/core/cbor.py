@@ -65,14 +65,26 @@ def _raw_tag(tag: int) -> Callable[[Any, bool], cbor2.CBORTag]:
 _RAW_TAGS = {tag: _raw_tag(tag) for tag in _CBOR2_SEMANTIC_TAGS}
 
 
+# Keys longer than this are encoded each time, never cached: a cache entry keeps its key alive,
+# and a hostile input's megabyte-long keys must not stay in memory after it was refused.
+MAX_CACHED_KEY = 64
+
+
 @functools.lru_cache(maxsize=4096, typed=True)
+def _cached_key_bytes(key: Value) -> bytes:
+    return cbor2.dumps(key)
+
+
 def _key_bytes(key: Value) -> bytes:
     """The encoding of a map key, which decides its order (§4.2.1).
 
-    Cached: documents repeat the same few keys, and this ran once per key per
-    map.  ``typed`` keeps ``True`` and ``1`` (equal in Python) apart.
+    Short keys are cached: documents repeat the same few keys, and this ran
+    once per key per map.  ``typed`` keeps ``True`` and ``1`` (equal in
+    Python) apart.
     """
-    return cbor2.dumps(key)
+    if isinstance(key, int) or (isinstance(key, (str, bytes)) and len(key) <= MAX_CACHED_KEY):
+        return _cached_key_bytes(key)
+    return cbor2.dumps(key)  # long or composite keys (a tuple can hold anything): never kept
 
 
 def _prepare(value: Value, depth: int = 0) -> Value:
