@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -770,3 +771,93 @@ def test_cli_serve_help() -> None:
     result = run_cli("serve", "--help")
     assert result.code == 0
     assert "--socket" in result.stdout
+
+
+# --- a hostile neighbour on the socket (findings of an adversarial review) ---------------------------------------
+
+
+def _h2_client(path: Path) -> tuple[socket.socket, Any]:
+    import h2.config
+    import h2.connection
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(path))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    return sock, conn
+
+
+def _request_headers(method: str = "FetchJWTBundles") -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", f"/SpiffeWorkloadAPI/{method}".encode()),
+        (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+        (b"workload.spiffe.io", b"true"),
+    ]
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_connection_that_buffers_request_bodies_without_ending_them_is_closed(server: WorkloadApiServer) -> None:
+    # Before: every byte was acknowledged at once and kept, up to 128 streams x 1 MiB per connection.
+    import h2.exceptions
+
+    sock, conn = _h2_client(server.socket_path)
+    sock.settimeout(0.2)
+    sent, closed = 0, False
+    streams = [conn.get_next_available_stream_id()]
+    conn.send_headers(streams[0], _request_headers())
+    try:
+        while sent < 8 << 20 and not closed:
+            sid = streams[-1]
+            room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if room > 0:
+                conn.send_data(sid, b"\0" * room)  # no END_STREAM: the calls never start
+                sent += room
+                if sent // (48 << 10) >= len(streams) and len(streams) < 120:
+                    streams.append(conn.get_next_available_stream_id())
+                    conn.send_headers(streams[-1], _request_headers())
+            sock.sendall(conn.data_to_send())
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                closed = True
+            else:
+                conn.receive_data(data)
+                sock.sendall(conn.data_to_send())
+    except (BrokenPipeError, ConnectionResetError, h2.exceptions.ProtocolError):
+        closed = True
+    closed = closed or _closed_by_server(sock)
+    sock.close()
+    assert closed, f"the server kept a connection that buffered {sent} bytes of unfinished requests"
+    assert sent < 1 << 20  # closed soon after the per-connection cap (256 KiB), not after megabytes
+    assert fetch_svid_der(server.socket_path)  # others are still served
+
+
+def test_a_header_that_is_not_utf8_closes_only_that_connection_without_a_traceback(
+    server: WorkloadApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    sock, conn = _h2_client(server.socket_path)
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [*_request_headers("FetchX509SVID"), (b"x-bad", b"\xff\xfe")], end_stream=True)
+    sock.sendall(conn.data_to_send())
+    assert _closed_by_server(sock)
+    sock.close()
+    assert not [r for r in caplog.records if r.exc_info], "an exception escaped the protocol handler"
+    assert fetch_svid_der(server.socket_path)

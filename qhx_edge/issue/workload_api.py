@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import grpc  # the status codes; the server below is our own
+import h2.errors
 import h2.events
 import h2.exceptions
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -106,7 +107,11 @@ MIN_POLL_INTERVAL = 0.05
 MAX_CONNECTIONS = 1024
 MAX_STREAMS = 128  # concurrent calls per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
 MAX_HEADER_LIST_SIZE = 16 << 10
-MAX_REQUEST_SIZE = 1 << 20  # requests are a few hundred bytes; a JWT to validate a few KiB
+MAX_REQUEST_SIZE = 64 << 10  # requests are a few hundred bytes; a JWT to validate at most 16 KiB
+# Request bytes one connection may hold before its calls start: every call's body is acknowledged at
+# once (so flow control never pushes back), and a caller that never ends its streams must not make the
+# server buffer 128 streams x MAX_REQUEST_SIZE per connection.
+MAX_BUFFERED_PER_CONNECTION = 4 * MAX_REQUEST_SIZE
 ISSUER_THREADS = 16  # issuer calls at once: concurrent first fetches share audit commits
 BACKLOG = 512
 _T = TypeVar("_T")
@@ -342,7 +347,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+        except (h2.exceptions.ProtocolError, UnicodeDecodeError) as exc:  # a header that is not UTF-8 too
             log.info("workload socket: HTTP/2 protocol error: %s", exc)
             self._flush()
             self._close()
@@ -351,7 +356,8 @@ class _Connection(asyncio.Protocol):
             if isinstance(event, h2.events.RequestReceived):
                 self._request(event)
             elif isinstance(event, h2.events.DataReceived):
-                self._data(event)
+                if not self._data(event):
+                    return  # the connection was closed
             elif isinstance(event, h2.events.StreamEnded):
                 self._start(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
@@ -387,17 +393,27 @@ class _Connection(asyncio.Protocol):
         metadata = [(k, v) for k, v in headers if not k.startswith(":")]
         self._calls[sid] = _Call(sid, method, metadata)
 
-    def _data(self, event: h2.events.DataReceived) -> None:
+    def _data(self, event: h2.events.DataReceived) -> bool:
+        """Buffer a request body; False if the connection had to be closed for what it buffers."""
         sid = event.stream_id
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._h2.acknowledge_received_data(event.flow_controlled_length, sid)
         call = self._calls.get(sid)
         if call is None or call.task is not None or call.parked is not None:
-            return
+            return True
         call.body += event.data or b""
         if len(call.body) > MAX_REQUEST_SIZE + 5:
             del self._calls[sid]
             self._trailers(call, grpc.StatusCode.RESOURCE_EXHAUSTED, "request too large")
+            return True
+        waiting = sum(len(c.body) for c in self._calls.values() if c.task is None and c.parked is None)
+        if waiting > MAX_BUFFERED_PER_CONNECTION:
+            log.info("workload socket: a connection buffered %d request bytes without ending them: closed", waiting)
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self._close()
+            return False
+        return True
 
     def _start(self, stream_id: int) -> None:
         call = self._calls.get(stream_id)
