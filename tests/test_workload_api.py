@@ -861,3 +861,25 @@ def test_a_header_that_is_not_utf8_closes_only_that_connection_without_a_traceba
     sock.close()
     assert not [r for r in caplog.records if r.exc_info], "an exception escaped the protocol handler"
     assert fetch_svid_der(server.socket_path)
+
+
+def test_a_client_that_never_reads_cannot_grow_the_servers_write_buffer(server: WorkloadApiServer) -> None:
+    # Before: PING after PING was answered into asyncio's write buffer, which grew without bound.
+    sock, conn = _h2_client(server.socket_path)
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + 4
+    while sent < 8 << 20 and time.monotonic() < deadline:
+        for i in range(2000):
+            conn.ping(i.to_bytes(8, "big"))
+        data = conn.data_to_send()
+        try:
+            sent += sock.send(data)  # whatever the kernel takes; the rest is dropped (we only flood)
+        except BlockingIOError:
+            time.sleep(0.01)  # the server stopped reading us: what back-pressure looks like from here
+    time.sleep(0.5)
+    buffered = max((c._transport.get_write_buffer_size() for c in list(server.open_connections) if c._transport),
+                   default=0)  # fmt: skip
+    sock.close()
+    assert buffered < 1 << 20, f"the server buffered {buffered} bytes for a client that never reads"
+    assert fetch_svid_der(server.socket_path)

@@ -378,6 +378,17 @@ class _Connection(asyncio.Protocol):
         if self.attestation is not None and not self.attestation.done():
             self.attestation.cancel()
 
+    def pause_writing(self) -> None:
+        """The caller reads slower than we write (asyncio's write buffer is past its high-water mark):
+        read nothing more from it until it catches up, so a client that never reads (a PING flood)
+        cannot make the buffer grow without bound."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
     # HTTP/2 events
 
     def _request(self, event: h2.events.RequestReceived) -> None:
