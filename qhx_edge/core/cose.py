@@ -24,6 +24,7 @@ headers (label 2) are refused because we implement none.
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,13 +78,53 @@ class Signature:
     kid: bytes
     signature: bytes
 
+    def to_value(self) -> list[Any]:
+        """This signature as a canonical COSE_Signature: the kid unprotected unless it is protected."""
+        sheaders = _decode_header(self.protected) if self.protected else {}
+        unprotected = {} if H_KID in sheaders else {H_KID: self.kid}
+        return [self.protected, unprotected, self.signature]
 
-@dataclass(frozen=True, slots=True)
+
+# The content of a COSE_Sign: what every one of its signers signed (RFC 9052 §4.4), and
+# nothing a relay can change without a key: the body's protected header and the payload.
+# Domain-separated from every other hash of the project.
+_CONTENT_PREFIX = cbor2.dumps(["qhx-edge signed content", b"", b""])[:-2]
+
+
+@dataclass(frozen=True)
 class Envelope:
     protected: bytes
     headers: dict[Any, Any]
     payload: bytes
     signatures: tuple[Signature, ...]
+
+    @functools.cached_property
+    def content_digest(self) -> bytes:
+        """SHA-256 of the signed content: ``["qhx-edge signed content", protected, payload]``.
+
+        Two envelopes with one content digest say the same thing under the
+        same protected header; they may differ only in what no signer signed
+        (unprotected headers, extra or missing signatures), so a relay that
+        adds a junk signature or header does not make another document.
+        """
+        return hashlib.sha256(_CONTENT_PREFIX + cbor2.dumps(self.protected) + cbor2.dumps(self.payload)).digest()
+
+    def canonical(self, keep: Sequence[int]) -> bytes:
+        """The canonical envelope of the signatures at ``keep`` (those that verified).
+
+        The same content with the same verified signatures always gives the
+        same bytes: no unprotected body header, each signature's kid in its
+        unprotected header (unless its protected header holds it), one
+        signature per key id and algorithm, in (key id, algorithm) order.
+        """
+        chosen: dict[tuple[bytes, int], Signature] = {}
+        for i in keep:
+            sig = self.signatures[i]
+            slot = (sig.kid, sig.alg)
+            if slot not in chosen or (sig.protected, sig.signature) < (chosen[slot].protected, chosen[slot].signature):
+                chosen[slot] = sig
+        sigs = [chosen[slot].to_value() for slot in sorted(chosen)]
+        return cbor.encode(cbor2.CBORTag(COSE_SIGN_TAG, [self.protected, {}, self.payload, sigs]))
 
     def to_be_signed(self, sig_protected: bytes, external_aad: bytes = b"") -> bytes:
         """``Sig_structure`` for one signer (RFC 9052 §4.4)."""
@@ -156,7 +197,12 @@ def sign(
     *,
     content_type: str | int | None = None,
 ) -> bytes:
-    """Build a COSE_Sign over ``payload`` with every algorithm of every signer."""
+    """Build a COSE_Sign over ``payload`` with every algorithm of every signer.
+
+    The signatures are in the canonical order of :meth:`Envelope.canonical`
+    (key id, then algorithm), so what a signer publishes is byte for byte what
+    a node stores and relays once every signature has verified.
+    """
     protected = cbor.encode({H_CONTENT_TYPE: content_type}) if content_type is not None else b""
     signatures = []
     for key in signers:
@@ -164,8 +210,9 @@ def sign(
         for alg, _ in key.parts:
             sprot = cbor.encode({H_ALG: alg})
             tbs = sig_structure(protected, sprot, payload)
-            signatures.append([sprot, {H_KID: kid}, key.sign(alg, tbs)])
-    return cbor.encode(cbor2.CBORTag(COSE_SIGN_TAG, [protected, {}, payload, signatures]))
+            signatures.append((kid, alg, [sprot, {H_KID: kid}, key.sign(alg, tbs)]))
+    signatures.sort(key=lambda s: (s[0], s[1]))  # the canonical order (Envelope.canonical)
+    return cbor.encode(cbor2.CBORTag(COSE_SIGN_TAG, [protected, {}, payload, [s[2] for s in signatures]]))
 
 
 def require_signed_by(env: Envelope, key: PublicKey, what: str) -> None:

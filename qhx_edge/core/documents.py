@@ -16,9 +16,8 @@ domain and type, >= 1), ``issued_at`` and ``expires`` (integer Unix seconds,
 from __future__ import annotations
 
 import abc
-import functools
-import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -462,16 +461,32 @@ T = TypeVar("T", bound=Payload)
 
 @dataclass(frozen=True)
 class Signed(Generic[T]):
-    """A signed document: its exact bytes, its envelope and its payload."""
+    """A signed document: its exact bytes, its envelope and its payload.
+
+    A document is what its signers signed: its identity, :attr:`digest`, is
+    the digest of its signed content (the envelope's protected header and
+    payload, :attr:`Envelope.content_digest`), not of its bytes, so copies
+    that differ only in unsigned parts are one document (docs/architecture.md
+    "Verification rules").  What a node stores and relays is
+    :meth:`canonical`: the envelope of the signatures that verified.
+    """
 
     raw: bytes
     envelope: Envelope
     payload: T
 
-    @functools.cached_property
+    @property
     def digest(self) -> bytes:
-        # Computed once: a batch asks for it per check, mark, row and audit entry (raw is immutable bytes).
-        return hashlib.sha256(self.raw).digest()
+        return self.envelope.content_digest
+
+    def canonical(self, verified: Sequence[int]) -> Signed[T]:
+        """This document with only the signatures at ``verified``, in the canonical envelope."""
+        raw = self.envelope.canonical(verified)
+        if raw == self.raw:
+            return self
+        env = Envelope.parse(raw, max_size=MAX_DOCUMENT_SIZE)
+        env.__dict__["content_digest"] = self.envelope.content_digest  # the same content (fills the cache)
+        return Signed(raw, env, self.payload)
 
     @property
     def type(self) -> str:

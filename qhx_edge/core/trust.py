@@ -41,9 +41,12 @@ Invariants enforced here (docs/architecture.md "Verification rules"):
    When a role's keys or threshold change, the high-water mark of the types
    it signs is reset (TUF 5.3.11 fast-forward attack recovery).
 5. Versions never go back: lower than the mark is ``rollback`` (except a
-   root whose exact bytes are a held link of the rotation chain:
-   ``already-held``), the same bytes again are ``already-held``, equal
-   version with other bytes is ``equal-version-conflict``.
+   root whose content is a held link of the rotation chain:
+   ``already-held``), the same content again is ``already-held``, equal
+   version with other content is ``equal-version-conflict``.  A document is
+   what its signers signed: "content" is the protected header and payload
+   (:attr:`Signed.digest`), so a copy differing only in unsigned parts (an
+   added signature or unprotected header) is the same document.
 6. ``issued_at`` later than ``now`` + tolerance is ``not-yet-valid``;
    ``expires`` before ``now`` is ``expired`` for documents that would become
    current (superseded history versions in the same batch are kept unexpired
@@ -53,10 +56,14 @@ Invariants enforced here (docs/architecture.md "Verification rules"):
    freshness document is accepted only if it names the held root and versions
    that are held or arrive valid in the same batch.  The newest bundle or
    policy of a batch must not be expired.
-8. One document per version: exact copies in a batch are ``duplicate``;
-   validly signed different documents claiming one version are all
-   ``equal-version-conflict`` (nothing says which is genuine), while a forged
-   copy is refused for its own fault and cannot block the genuine one.
+8. One document per version: copies of one content in a batch are
+   ``duplicate``; validly signed different documents claiming one version
+   are all ``equal-version-conflict`` (nothing says which is genuine), while
+   a forged copy is refused for its own fault and cannot block the genuine
+   one: signatures are checked before duplicates are resolved, roots
+   included.  Accepted documents are returned in their canonical envelope
+   (the signatures that verified, :meth:`Signed.canonical`): that is what a
+   node stores and relays.
 9. Suites: every key of a root holds exactly its suite's algorithms, and a
    root rotation may not drop post-quantum signatures (``downgrade``).
 10. Determinism: the verdicts are a function of the batch bytes, the state,
@@ -389,31 +396,26 @@ def verify_batch(
     now: int,
     limits: Limits = Limits(),
     *,
-    digests: Sequence[bytes] | None = None,
+    parsed: Sequence[Signed[Any] | Rejected] | None = None,
     checker: Checker = check_signatures,
 ) -> Outcome:
     """Verify a batch of documents (a pack) against ``state`` at time ``now``.
 
-    ``digests``: the SHA-256 of each document, when the caller has already
-    checked them (a pack's manifest), so they are not computed twice.
+    ``parsed``: :func:`parse_batch` of ``docs``, when the caller has parsed them already.
+    Accepted documents come back in their canonical envelope (:meth:`Signed.canonical`).
     ``checker``: how the batch's signatures are checked (see :data:`Checker`);
     it changes how long verification takes, never a verdict.
     """
     check_clock(now, state.clock_high_water, limits.clock_tolerance)
-    if len(docs) > limits.max_batch:
-        raise Oversize(f"{len(docs)} documents exceed the cap of {limits.max_batch}")
-    if digests is not None and len(digests) != len(docs):
-        raise ValueError("one digest per document")
+    items = parse_batch(docs, limits) if parsed is None else parsed
+    if parsed is not None and len(parsed) != len(docs):
+        raise ValueError("one parsed item per document")
     verdicts: list[Verdict] = []
     by_domain: dict[str, list[Verdict]] = {}
-    for i, raw in enumerate(docs):
-        try:
-            doc = parse(raw)
-        except Rejected as exc:
-            verdicts.append(Verdict(i, "rejected", None, exc))
+    for i, doc in enumerate(items):
+        if isinstance(doc, Rejected):
+            verdicts.append(Verdict(i, "rejected", None, doc))
             continue
-        if digests is not None:
-            doc.__dict__["digest"] = digests[i]  # fills Signed.digest's cache (a cached_property)
         v = Verdict(i, "pending", doc)
         verdicts.append(v)
         if doc.payload.domain not in state.domains:
@@ -438,7 +440,27 @@ def verify_batch(
     for v in verdicts:
         if v.status in ("applied", "history") and v.doc is not None:
             outcome.clock_high_water = max(outcome.clock_high_water, v.doc.payload.issued_at)
+            # What is stored and relayed: the signatures that verified, in the canonical envelope.
+            v.doc = v.doc.canonical(sorted(i for i, ok in v.checked.items() if ok))
     return outcome
+
+
+def parse_batch(docs: Sequence[bytes], limits: Limits = Limits()) -> list[Signed[Any] | Rejected]:
+    """Each document of a batch parsed (no signature checked), or the error that refused it.
+
+    A caller may parse first to learn the batch's :attr:`Signed.digest` values
+    (to read only the history they can match), then pass the result to
+    :func:`verify_batch` as ``parsed``.
+    """
+    if len(docs) > limits.max_batch:
+        raise Oversize(f"{len(docs)} documents exceed the cap of {limits.max_batch}")
+    out: list[Signed[Any] | Rejected] = []
+    for raw in docs:
+        try:
+            out.append(parse(raw))
+        except Rejected as exc:
+            out.append(exc)
+    return out
 
 
 def _prefetch_signatures(batches: Sequence[DomainBatch], checker: Checker) -> None:
@@ -577,29 +599,39 @@ class DomainBatch:
         root = view.root
         root_mark = Mark(root.payload.version, root.digest)
         steps: list[tuple[Verdict, Signed[Root]]] = []
-        for v in _dedupe(self.by_type.get("root", [])):
-            doc: Signed[Any] = v.doc  # type: ignore[assignment]
-            try:
-                state = _check_version_signed(v, root_mark, view.history, root.payload, "root")
-                if state:
-                    v.status = state
+        by_version: dict[int, list[Verdict]] = {}
+        for v in self.by_type.get("root", []):
+            by_version.setdefault(v.doc.payload.version if v.doc else 0, []).append(v)
+        for version in sorted(by_version):
+            # Every copy of a version is checked against the chain first; only copies that
+            # verify are then deduplicated, so a forged copy never blocks the genuine one.
+            passed = []
+            for v in by_version[version]:
+                doc: Signed[Any] = v.doc  # type: ignore[assignment]
+                try:
+                    state = _check_version_signed(v, root_mark, view.history, root.payload, "root")
+                    if state:
+                        v.status = state
+                        continue
+                    if version != root.payload.version + 1:
+                        raise ThresholdNotMet(
+                            f"{doc.describe()} cannot be verified from held root v{root.payload.version}: "
+                            "rotation is one version at a time; the missing versions are needed"
+                        )
+                    self.check_role(v, root.payload, "root")  # old threshold
+                    self.check_role(v, doc.payload, "root")  # new threshold
+                    _check_times(doc, now, self.tolerance, expiry=False)
+                    _check_suite_change(root.payload, doc.payload)
+                except Rejected as exc:
+                    _reject(v, exc)
                     continue
-                if doc.payload.version != root.payload.version + 1:
-                    raise ThresholdNotMet(
-                        f"{doc.describe()} cannot be verified from held root v{root.payload.version}: "
-                        "rotation is one version at a time; the missing versions are needed"
-                    )
-                self.check_role(v, root.payload, "root")  # old threshold
-                self.check_role(v, doc.payload, "root")  # new threshold
-                _check_times(doc, now, self.tolerance, expiry=False)
-                _check_suite_change(root.payload, doc.payload)
-            except Rejected as exc:
-                _reject(v, exc)
-                continue
-            steps.append((v, doc))
-            root = doc
-            root_mark = Mark(doc.payload.version, doc.digest)
-            v.status = "history"
+                passed.append(v)
+            for v in _dedupe(passed):
+                assert v.doc is not None
+                steps.append((v, v.doc))
+                root = v.doc
+                root_mark = Mark(root.payload.version, root.digest)
+                v.status = "history"
         while steps and now >= steps[-1][1].payload.expires:
             v, doc = steps.pop()
             _reject(v, Expired(f"{doc.describe()} expired at {doc.payload.expires}"))

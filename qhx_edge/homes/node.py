@@ -268,17 +268,13 @@ class Node:
 
     def _import_once(self, p: pack.Pack, sealed: bool, now: int, source: str, strict: bool) -> ImportResult:
         try:
-            state, generation = self.store.read_trust_state(p.manifest.digests)
+            limits = trust.Limits(self.tolerance)
+            parsed = trust.parse_batch(p.documents, limits)
+            digests = [d.digest for d in parsed if not isinstance(d, Rejected)]
+            state, generation = self.store.read_trust_state(digests)
             trust.check_clock(now, state.clock_high_water, self.tolerance)
             exporter = self._check_exporter(p.manifest)
-            outcome = trust.verify_batch(
-                p.documents,
-                state,
-                now,
-                trust.Limits(self.tolerance),
-                digests=p.manifest.digests,
-                checker=spread_checks,
-            )
+            outcome = trust.verify_batch(p.documents, state, now, limits, parsed=parsed, checker=spread_checks)
         except Rejected as exc:
             self._reject(now, exc, source)
             raise

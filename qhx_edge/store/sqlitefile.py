@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import ClassVar
@@ -49,7 +49,8 @@ def _private_file(path: Path, *, create: bool = True) -> None:
 
 
 class SqliteFile:
-    MIGRATIONS: ClassVar[tuple[str, ...]] = ()
+    # SQL scripts, or functions run in the migration's transaction.
+    MIGRATIONS: ClassVar[tuple[str | Callable[[sqlite3.Connection], None], ...]] = ()
     WHAT: ClassVar[str] = "store"
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
@@ -84,9 +85,13 @@ class SqliteFile:
             raise StoreCorrupt(f"{self.WHAT} schema v{current} is newer than this qhx-edge (v{len(self.MIGRATIONS)})")
         for number in range(current, len(self.MIGRATIONS)):
             with self.transaction():
-                for statement in self.MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
+                migration = self.MIGRATIONS[number]
+                if callable(migration):  # a migration that must compute (parse stored bodies)
+                    migration(self.conn)
+                else:
+                    for statement in migration.split(";"):
+                        if statement.strip():
+                            self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number + 1}")
 
     @contextmanager

@@ -22,7 +22,7 @@ import functools
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +38,29 @@ from qhx_edge.store.sqlitefile import SqliteFile
 STORE_FILE = "node.sqlite"
 GENESIS = b"\x00" * 32
 
-MIGRATIONS: tuple[str, ...] = (
+def _content_digests(conn: sqlite3.Connection) -> None:
+    """Migration 6: re-key documents and marks by :attr:`Signed.digest`, the signed content's digest.
+
+    Earlier versions keyed them by the SHA-256 of the exact bytes, so a copy a
+    relay had altered in unsigned parts (an extra signature, an unprotected
+    header) counted as another document and blocked the genuine one.  Bodies
+    are kept as stored; the marks point at the same rows.  The audit log is
+    history and keeps the digests it recorded.
+    """
+    rows = conn.execute("SELECT id, domain, type, version, digest, body FROM documents").fetchall()
+    for row_id, domain, type_, version, old, body in rows:
+        try:
+            new = parse(bytes(body)).digest
+        except QhxError as exc:
+            raise StoreCorrupt(f"held {type_} v{version} of {domain} does not parse: {exc}") from exc
+        conn.execute("UPDATE documents SET digest = ? WHERE id = ?", (new, row_id))
+        conn.execute(
+            "UPDATE high_water SET digest = ? WHERE domain = ? AND type = ? AND version = ? AND digest = ?",
+            (new, domain, type_, version, old),
+        )
+
+
+MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # 1: the trust core.
     """
     CREATE TABLE node (
@@ -155,6 +177,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
     INSERT INTO generation VALUES (1, 0);
     """,
+    # 6: a document's digest is the digest of its signed content, not of its bytes (see below).
+    _content_digests,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
@@ -252,9 +276,13 @@ class Store(SqliteFile):
         if mark is None:
             return None
         body = self.document(domain, type_, mark.version)
-        if body is None or hashlib.sha256(body).digest() != mark.digest:
+        try:
+            doc = parse(body) if body is not None else None
+        except QhxError as exc:
+            raise StoreCorrupt(f"held {type_} v{mark.version} of {domain} does not parse: {exc}") from exc
+        if doc is None or doc.digest != mark.digest:
             raise StoreCorrupt(f"held {type_} v{mark.version} of {domain} is missing or does not match its mark")
-        return parse(body)
+        return doc
 
     def read_trust_state(self, digests: Sequence[bytes] | None = None) -> tuple[TrustState, int]:
         """:meth:`trust_state` and the trust generation it belongs to, read as one snapshot."""
@@ -281,10 +309,10 @@ class Store(SqliteFile):
     def trust_state(self, digests: Sequence[bytes] | None = None) -> TrustState:
         """What the trust core needs to verify a batch.
 
-        ``digests``: the SHA-256 of the batch's documents (a pack's manifest).
+        ``digests``: the digests (:attr:`Signed.digest`) of the batch's documents.
         History is then read only for held documents with one of those
         digests -- the only entries a rule can match, since a held version
-        counts only with the same bytes -- instead of every held document, so
+        counts only with the same content -- instead of every held document, so
         an import does not slow down as the store grows.
         """
         views = {}
