@@ -385,8 +385,7 @@ def test_a_caller_whose_attestation_fails_gets_nothing(
     def gone(sock: Any) -> Any:
         raise errors.AttestationFailed("the caller exited before attestation")
 
-    monkeypatch.setattr(peercred, "attest", gone)
-    monkeypatch.setattr(peercred, "attest_if_cached", gone)
+    monkeypatch.setattr(peercred, "probe", gone)  # what the server attests each accepted connection with
     channel, stub = raw_stub(server.socket_path)
     with channel:
         for name in ("FetchX509SVID", "FetchX509Bundles", "FetchJWTSVID", "FetchJWTBundles", "ValidateJWTSVID"):
@@ -412,7 +411,7 @@ def test_socket_file(server: WorkloadApiServer, issuer: FakeIssuer, sock_dir: Pa
     assert not server.socket_path.exists()
     assert issuer.closed
     assert issuer.threads  # every issuer call ran on an issuer thread, never on the event loop's
-    assert all(name.startswith("qhx-issuer_") for name in issuer.threads), issuer.threads
+    assert all(name.startswith(("qhx-issuer_", "qhx-issuer-read_")) for name in issuer.threads), issuer.threads
 
 
 def test_a_stale_socket_file_is_replaced(issuer: FakeIssuer, sock_dir: Path) -> None:
@@ -534,8 +533,12 @@ def test_streams_send_again_when_the_change_token_changes(server: WorkloadApiSer
         issuer.token += 1  # a rotation: the server polls the token every 0.1 s here
         second = next(svids)
         assert second.svids[0].x509_svid != first.svids[0].x509_svid  # a freshly minted SVID
-        assert next(x509_bundles).bundles
-        assert next(jwt_bundles).bundles
+        _, issuer.foreign_ca = _ca(FOREIGN_TD)  # a bundle change: bundle streams send only those
+        issuer.jwt_key = ec.generate_private_key(ec.SECP256R1())
+        issuer.token += 1
+        assert next(x509_bundles).bundles[f"spiffe://{FOREIGN_TD}"] == FakeIssuer._der(issuer.foreign_ca)
+        assert next(jwt_bundles).bundles[f"spiffe://{TD}"] == issuer.jwt_bundles()[TD]
+        assert next(svids).svids  # the SVID stream follows every change
         # Expired mode: the stream ends, and the client keeps its SVID until it expires and retries.
         issuer.fail = Stale("expired mode: freshness too old")
         issuer.token += 1

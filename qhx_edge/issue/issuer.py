@@ -124,6 +124,10 @@ JWT_MAX_TTL = 300  # a JWT-SVID is a bearer token: five minutes at most
 MIN_ROTATION = 1  # never re-mint sooner than this after minting (no busy loops)
 POLL_SECONDS = 5.0  # refresh_in() cap: documents imported by another process are noticed this fast
 MAX_JWT_CACHE = 1024  # JWT-SVIDs cached per (SPIFFE ID, audience list); the oldest go first
+MAX_JWT_CACHE_BYTES = 4 << 20  # and at most this many bytes of them (tokens, audiences, IDs)
+MAX_AUDIENCES = 32  # audiences of one JWT-SVID
+MAX_AUDIENCE_BYTES = 256  # UTF-8 bytes of one audience
+MAX_JSON_DEPTH = 16  # nesting of a JWT header or claims set (ours are flat)
 MINT_SLOTS = 2  # callers planning or minting at once (see Issuer._slots)
 CACHED_LOCK_WAIT = 0.0005  # seconds Issuer.cached_x509 waits for the lock
 MAX_TOKEN = 16 << 10  # a JWT-SVID to validate is at most 16 KiB
@@ -468,6 +472,40 @@ class _Cached:
     flagged: bool = False  # past half-life and already counted in the change token
 
 
+def _jwt_size(key: tuple[str, tuple[str, ...]], entry: _Cached) -> int:
+    """What a cached JWT-SVID holds, in bytes: its token, its SPIFFE ID and audiences (twice: key and value)."""
+    sid, audience = key
+    return len(entry.value.token) + 2 * (len(sid) + sum(len(a) for a in audience)) + 64
+
+
+class _JwtCache(dict[tuple[str, tuple[str, ...]], _Cached]):
+    """The JWT-SVID cache, which keeps count of the bytes it holds (:attr:`size`); oldest first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
+
+    def __setitem__(self, key: tuple[str, tuple[str, ...]], value: _Cached) -> None:
+        old = self.get(key)
+        if old is not None:
+            self.size -= _jwt_size(key, old)
+        super().__setitem__(key, value)
+        self.size += _jwt_size(key, value)
+
+    def __delitem__(self, key: tuple[str, tuple[str, ...]]) -> None:
+        self.size -= _jwt_size(key, self[key])
+        super().__delitem__(key)
+
+    def clear(self) -> None:
+        super().clear()
+        self.size = 0
+
+    def trim(self, entries: int, size: int) -> None:
+        """Drop the oldest entries until at most ``entries`` of at most ``size`` bytes are left."""
+        while self and (len(self) > entries or self.size > size):
+            del self[next(iter(self))]
+
+
 @dataclass
 class _Minted:
     key: Any
@@ -531,6 +569,7 @@ class Issuer:
     """SVID issuance for one node home (see the module docstring for the rules)."""
 
     poll_seconds = POLL_SECONDS
+    jwt_cache_bytes = MAX_JWT_CACHE_BYTES
 
     def __init__(self, home: Path, get_passphrase: Callable[[], bytes], *, now: Callable[[], int] = clock.now) -> None:
         self.home = Path(home)
@@ -548,7 +587,7 @@ class Issuer:
         self._jwt_key: tuple[ec.EllipticCurvePrivateKey, bytes] | None = None
         self._cache_key: tuple[bytes, str] | None = None
         self._x509: dict[str, _Cached] = {}
-        self._jwt: dict[tuple[str, tuple[str, ...]], _Cached] = {}
+        self._jwt = _JwtCache()
         self._x509_flight: dict[str, _InFlight] = {}
         self._jwt_flight: dict[tuple[str, tuple[str, ...]], _InFlight] = {}
         self._rotations = 0
@@ -582,11 +621,20 @@ class Issuer:
         snapshot is made of (node, domains, clock mark, high-water marks) are
         compared, and the snapshot is re-read only if they changed.
         """
+        snap = self._current_snapshot(reload=True)
+        assert snap is not None
+        return snap
+
+    def _current_snapshot(self, *, reload: bool) -> _Snapshot | None:
+        """:meth:`_snapshot`; without ``reload``, None instead of re-reading a snapshot whose rows changed
+        (checking the rows is one read, which a writer holding the store's lock never blocks: WAL)."""
         version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])
         if self._snap is not None and version == self._data_version:
             return self._snap
         *fingerprint, observed = _trust_fingerprint(self._store.conn)
         if self._snap is None or tuple(fingerprint) != self._fingerprint:
+            if not reload:
+                return None
             self._snap = _load_snapshot(self._store)
             self._fingerprint = tuple(fingerprint)
         elif observed != self._snap.observed:
@@ -779,8 +827,8 @@ class Issuer:
         token = signing_input + "." + _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
         svid = JwtSvid(spiffe_id=spiffe_id, token=token, expires=now + ttl)
         detail = (
-            f"{JWT_SVID} {spiffe_id} aud {json.dumps(list(audience))} kid {kid} not_after {now + ttl} alg ES256 "
-            f"mode {mode.mode} ttl {ttl}"
+            f"{JWT_SVID} {spiffe_id} aud sha256:{audience_digest(audience)} kid {kid} not_after {now + ttl} "
+            f"alg ES256 mode {mode.mode} ttl {ttl}"
         )
         entry = AuditEntry("issue", detail, None, snap.home, JWT_SVID, None, hashlib.sha256(token.encode()).digest())
         return _Minted(plan.key, svid, now + max(MIN_ROTATION, ttl // 2), entry)
@@ -886,10 +934,9 @@ class Issuer:
         if not self._lock.acquire(timeout=CACHED_LOCK_WAIT):
             return None
         try:
-            version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])
-            snap = self._snap
-            if snap is None or version != self._data_version:
-                return None  # the state may have changed: the blocking path re-reads it
+            snap = self._current_snapshot(reload=False)
+            if snap is None:
+                return None  # the state changed: the blocking path re-reads it
             now = self._now()
             self._issuing(snap, now)
             out: list[X509Svid] = []
@@ -917,9 +964,7 @@ class Issuer:
 
     def jwt_svids(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid]:
         """A JWT-SVID for ``audience`` per registered SPIFFE ID (or only ``spiffe_id``)."""
-        aud = tuple(dict.fromkeys(audience))
-        if not aud or not all(isinstance(a, str) and a for a in aud):
-            raise Malformed("a JWT-SVID needs at least one non-empty audience")
+        aud = _audience(audience)
         self._slots.acquire()
         try:
             with self._lock:
@@ -938,11 +983,33 @@ class Issuer:
             raise
         out.update(self._issue(snap, mode, now, plans, generation, self._jwt, self._jwt_flight, streamed=False))
         with self._lock:
-            while len(self._jwt) > MAX_JWT_CACHE:
-                del self._jwt[next(iter(self._jwt))]
+            self._jwt.trim(MAX_JWT_CACHE, self.jwt_cache_bytes)
         for key, flight in theirs.items():
             out[key] = flight.wait()
         return [out[key] for key in keys]
+
+    def cached_jwt(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid] | None:
+        """``jwt_svids(...)`` when every SVID it would give is cached, else None; like :meth:`cached_x509` it
+        never mints, writes or waits more than :data:`CACHED_LOCK_WAIT` for the lock, so the Workload API
+        answers a JWT-SVID cache hit on its event loop, even while the store is locked by a writer."""
+        aud = _audience(audience)
+        if not self._lock.acquire(timeout=CACHED_LOCK_WAIT):
+            return None
+        try:
+            snap = self._current_snapshot(reload=False)
+            if snap is None:
+                return None
+            now = self._now()
+            self._issuing(snap, now)
+            out: list[JwtSvid] = []
+            for sid in _only(self._match(snap, selectors), spiffe_id):
+                hit = self._jwt.get((sid, aud))
+                if hit is None or now >= hit.rotate_at:
+                    return None
+                out.append(hit.value)
+            return out
+        finally:
+            self._lock.release()
 
     def jwt_bundles(self) -> dict[str, bytes]:
         """Trust domain -> JWKS (RFC 7517, SPIFFE bundle format) of its JWT authorities."""
@@ -961,6 +1028,8 @@ class Issuer:
         header = _json_object(_unb64(parts[0], "header"), "header")
         claims = _json_object(_unb64(parts[1], "claims"), "claims")
         signature = _unb64(parts[2], "signature")
+        if "crit" in header:  # RFC 7515 §4.1.11: extensions that must be understood; we understand none
+            raise Malformed(f"JWT-SVID header lists critical extensions {header['crit']!r}: none is understood")
         if header.get("alg") != "ES256":
             raise BadSignature(f"JWT-SVID algorithm {header.get('alg')!r} is not accepted (ES256 only)")
         if header.get("typ", "JWT") not in ("JWT", "JOSE"):
@@ -1003,8 +1072,8 @@ class Issuer:
         auds = [aud] if isinstance(aud, str) else aud
         if not isinstance(auds, list) or not auds or not all(isinstance(a, str) for a in auds):
             raise Malformed("JWT-SVID aud must be a text or a non-empty list of texts")
-        if audience not in auds:
-            raise PolicyDenied(f"JWT-SVID is for audience {auds}, not {audience!r}")
+        if audience not in auds:  # the audience asked about is capped by the caller; the token's are not shown
+            raise PolicyDenied(f"JWT-SVID is not for audience {audience!r}")
         return sub, claims
 
     # --- change notification ----------------------------------------------------------------
@@ -1070,7 +1139,7 @@ class Issuer:
                 "budget": {"soft": dom.budget.soft, "hard": dom.budget.hard} if dom and dom.budget else None,
                 "delegation": delegation_status(snap.delegation, now),
                 "registrations": len(snap.registrations),
-                "cached": {"x509_svids": len(self._x509), "jwt_svids": len(self._jwt)},
+                "cached": {"x509_svids": len(self._x509), "jwt_svids": len(self._jwt), "jwt_bytes": self._jwt.size},
                 "refresh_in": self.refresh_in(),
             }
 
@@ -1084,6 +1153,54 @@ def _only(ids: list[str], spiffe_id: str | None) -> list[str]:
     return [spiffe_id]
 
 
+def audience_digest(audience: Iterable[str]) -> str:
+    """SHA-256 (hex) of an audience list as compact JSON: what the audit log records instead of the list."""
+    return hashlib.sha256(json.dumps(list(audience), separators=(",", ":")).encode()).hexdigest()
+
+
+def _audience(audience: list[str]) -> tuple[str, ...]:
+    """The audience list of a JWT-SVID request, duplicates removed; ``malformed`` unless it has 1 to
+    :data:`MAX_AUDIENCES` non-empty texts of at most :data:`MAX_AUDIENCE_BYTES` bytes each."""
+    if not isinstance(audience, list | tuple) or len(audience) > MAX_AUDIENCES:
+        raise Malformed(f"a JWT-SVID has at most {MAX_AUDIENCES} audiences")
+    aud = tuple(dict.fromkeys(audience))
+    if not aud or not all(isinstance(a, str) and a for a in aud):
+        raise Malformed("a JWT-SVID needs at least one non-empty audience")
+    if any(len(a.encode("utf-8", "surrogatepass")) > MAX_AUDIENCE_BYTES for a in aud):
+        raise Malformed(f"a JWT-SVID audience is at most {MAX_AUDIENCE_BYTES} bytes")
+    return aud
+
+
+def _nests_deeper(text: str, limit: int) -> bool:
+    """Whether arrays and objects in a JSON text nest deeper than ``limit`` (strings skipped), without
+    parsing it (the parser would recurse once per level)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False  # too few brackets to nest deeper: no need to walk the text
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _no_constant(name: str) -> Any:
+    raise Malformed(f"JWT JSON holds {name}, which is not JSON (RFC 8259 §6)")
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -1094,9 +1211,15 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
         return out
 
     try:
-        value = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Malformed(f"JWT {what} is not JSON: {exc}") from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Malformed(f"JWT {what} is not UTF-8") from exc
+    if _nests_deeper(text, MAX_JSON_DEPTH):
+        raise Malformed(f"JWT {what} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and integers of too many digits
+        raise Malformed(f"JWT {what} is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise Malformed(f"JWT {what} must be a JSON object")
     return value

@@ -64,6 +64,7 @@ UNAVAILABLE; anything else → INTERNAL, details logged, not sent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import logging
@@ -88,6 +89,7 @@ from h2.settings import SettingCodes, Settings
 
 from qhx_edge.core import spiffe
 from qhx_edge.core.errors import (
+    AttestationFailed,
     ClockRollback,
     EnvironmentFault,
     Malformed,
@@ -105,6 +107,11 @@ SECURITY_HEADER = "workload.spiffe.io"
 POLL_INTERVAL = 1.0  # longest wait between two change_token() checks
 MIN_POLL_INTERVAL = 0.05
 MAX_CONNECTIONS = 1024
+# Connections one uid may hold at once (the kernel's uid, read at accept), so one local user cannot take every
+# slot; room for a burst of one service's short-lived processes (bench/issuance.py runs 200 at once).
+MAX_CONNECTIONS_PER_UID = 256
+HANDSHAKE_TIMEOUT = 5.0  # seconds a new connection has to send its whole HTTP/2 preface
+IDLE_TIMEOUT = 60.0  # seconds a connection may stay open with no call (PINGs are no call)
 MAX_STREAMS = 128  # concurrent calls per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)
 MAX_HEADER_LIST_SIZE = 16 << 10
 MAX_REQUEST_SIZE = 64 << 10  # requests are a few hundred bytes; a JWT to validate at most 16 KiB
@@ -112,7 +119,12 @@ MAX_REQUEST_SIZE = 64 << 10  # requests are a few hundred bytes; a JWT to valida
 # once (so flow control never pushes back), and a caller that never ends its streams must not make the
 # server buffer 128 streams x MAX_REQUEST_SIZE per connection.
 MAX_BUFFERED_PER_CONNECTION = 4 * MAX_REQUEST_SIZE
-ISSUER_THREADS = 16  # issuer calls at once: concurrent first fetches share audit commits
+ISSUER_THREADS = 16  # issuer calls that may write (mint and audit) at once: concurrent first fetches share commits
+READ_THREADS = 4  # issuer calls that never write (bundles, validation, change token): never queued behind writers
+ATTEST_THREADS = 4  # executables hashed at once, at most one per uid
+MAX_AUDIENCES = 32  # audiences of one JWT-SVID request
+MAX_AUDIENCE_BYTES = 256  # UTF-8 bytes of one audience
+REFUSAL_LOG_SECONDS = 10.0  # refused connections are logged at most this often (a flood must not flood the log)
 BACKLOG = 512
 _T = TypeVar("_T")
 
@@ -150,8 +162,12 @@ class IssuerLike(Protocol):
     (no registration matches the selectors), ``Stale`` (expired mode),
     ``ClockRollback``; ``validate_jwt`` raises any ``Rejected`` for a bad token.
     Optional: ``close()``, called on shutdown; ``cached_x509(selectors)``, which
-    returns ``(x509_svids(selectors), x509_bundles())`` or None without ever
-    blocking (called on the event loop).
+    returns ``(x509_svids(selectors), x509_bundles())`` or None, and
+    ``cached_jwt(selectors, audience, spiffe_id)``, which returns
+    ``jwt_svids(...)`` or None, both without ever blocking or writing (called
+    on the event loop).  ``x509_svids`` and ``jwt_svids`` may write (an audit
+    commit); every other method must not, since it runs on threads that never
+    wait for the store's write lock.
     """
 
     def x509_svids(self, selectors: frozenset[str]) -> Sequence[X509SvidLike]: ...
@@ -185,16 +201,18 @@ class IssuerLike(Protocol):
 
 
 def status_for(exc: BaseException, *, validating: bool = False) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for an error raised while serving a call; details carry the error kind."""
-    if isinstance(exc, PolicyDenied):
-        return grpc.StatusCode.PERMISSION_DENIED, f"{exc.kind}: no identity issued ({exc.message})"
+    """The gRPC status for an error raised while serving a call; details carry the error kind.
+
+    ``validating``: the error is about the token a caller asked us to validate (a wrong audience
+    included), so any rejection of it is INVALID_ARGUMENT, as SPIRE answers."""
     if isinstance(exc, Stale | ClockRollback):
         return grpc.StatusCode.UNAVAILABLE, f"{exc.kind}: {exc.message}"
-    if isinstance(exc, Malformed):
+    if isinstance(exc, Malformed) or (validating and isinstance(exc, Rejected)):
         return grpc.StatusCode.INVALID_ARGUMENT, f"{exc.kind}: {exc.message}"
+    if isinstance(exc, PolicyDenied):
+        return grpc.StatusCode.PERMISSION_DENIED, f"{exc.kind}: no identity issued ({exc.message})"
     if isinstance(exc, Rejected):
-        code = grpc.StatusCode.INVALID_ARGUMENT if validating else grpc.StatusCode.PERMISSION_DENIED
-        return code, f"{exc.kind}: {exc.message}"
+        return grpc.StatusCode.PERMISSION_DENIED, f"{exc.kind}: {exc.message}"
     if isinstance(exc, QhxError):  # environment faults: the node cannot serve right now
         return grpc.StatusCode.UNAVAILABLE, f"{exc.kind}: {exc.message}"
     return grpc.StatusCode.INTERNAL, "internal: the issuer failed (see the server log)"
@@ -203,6 +221,20 @@ def status_for(exc: BaseException, *, validating: bool = False) -> tuple[grpc.St
 def _bundle_key(name_or_id: str) -> str:
     """Bundles are keyed by the trust domain's SPIFFE ID (Workload API §5.2.2)."""
     return spiffe.trust_domain_id(spiffe.trust_domain_of(name_or_id))
+
+
+def check_audiences(audience: Sequence[str]) -> None:
+    """At most :data:`MAX_AUDIENCES` audiences of at most :data:`MAX_AUDIENCE_BYTES` each, else ``malformed``."""
+    if len(audience) > MAX_AUDIENCES:
+        raise Malformed(f"{len(audience)} audiences requested; at most {MAX_AUDIENCES} are accepted")
+    for a in audience:
+        if len(a.encode("utf-8", "surrogatepass")) > MAX_AUDIENCE_BYTES:
+            raise Malformed(f"an audience is longer than {MAX_AUDIENCE_BYTES} bytes")
+
+
+def _wire(message: Any) -> bytes:
+    """A response message as the bytes it is sent as (deterministic, so equal messages compare equal)."""
+    return message if isinstance(message, bytes) else bytes(message.SerializeToString(deterministic=True))
 
 
 def _unique_hints(hints: list[str]) -> list[str]:
@@ -307,10 +339,18 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._h2 = H2Connection(config=_H2_CONFIG)
         self._transport: asyncio.Transport | None = None
+        self._sock: Any = None
         self._calls: dict[int, _Call] = {}
         self._window = asyncio.Event()
         self._flush_due = False
+        self.uid: int | None = None  # the kernel's uid of the caller, counted against its cap once admitted
+        self.admitted = False
         self.attestation: asyncio.Future[peercred.Attestation] | None = None
+        self._pinned: peercred.Attestation | None = None  # what accept pinned (the executable), for recheck
+        self._served_one = False  # the first call arrived (and the caller was re-checked then)
+        self._greeted = False  # the client's HTTP/2 preface arrived
+        self._timers: list[asyncio.TimerHandle] = []
+        self._last_call = 0.0  # loop time the last call started or ended
 
     # asyncio.Protocol
 
@@ -318,31 +358,65 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         server = self._server
-        if len(server.open_connections) >= server.max_connections:
-            log.warning("workload socket: %d connections open, refusing one", len(server.open_connections))
+        sock = self._sock = transport.get_extra_info("socket")
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(QhxError, OSError):
+            self.uid = peercred.peer_cred(sock).uid
+        refusal = server.admit(self)
+        if refusal is not None:
+            server.refused(refusal)
             transport.abort()
             return
-        server.open_connections.add(self)
-        self._h2.local_settings = Settings(client=False, initial_values=_H2_SETTINGS)
-        self._h2.initiate_connection()
-        self._write()  # first: the client waits for our SETTINGS before its first call
-        sock = transport.get_extra_info("socket")
-        loop = asyncio.get_running_loop()
-        # Attest from the accepted socket itself, at once: here, when the executable's digest is cached
-        # (a few system calls), else on a duplicate of its descriptor in the attestation pool, so the
-        # socket it reads can never be closed and its number reused meanwhile.
+        # Attest from the accepted socket itself, at once and before our SETTINGS leave (a client that has
+        # them has been attested): everything but the hashing of an executable whose digest is not cached,
+        # which goes to the attestation pool on the executable already opened here (peercred.probe), so
+        # what is attested is the program the caller ran at accept, however long the pool takes.
+        self.attestation = loop.create_future()
         try:
-            done = peercred.attest_if_cached(sock)
+            probe = peercred.probe(sock)
+        except (QhxError, OSError) as exc:
+            self.attestation.set_exception(exc)
+        else:
+            done = probe.done
             if done is not None:
-                self.attestation = loop.create_future()
                 self.attestation.set_result(done)
             else:
-                dup = socket.socket(fileno=os.dup(sock.fileno()))
-                self.attestation = loop.run_in_executor(server.attest_pool, _attest_and_close, dup)
-        except (QhxError, OSError) as exc:
-            self.attestation = loop.create_future()
-            self.attestation.set_exception(exc)
+                self.attestation = server.hashing.submit(probe)
+            self._pinned = done if done is not None else probe.partial
         self.attestation.add_done_callback(server.count_attested)
+        self._h2.local_settings = Settings(client=False, initial_values=_H2_SETTINGS)
+        self._h2.initiate_connection()
+        self._write()  # the client waits for our SETTINGS before its first call
+        self._last_call = loop.time()
+        self._timers = [
+            loop.call_later(server.handshake_timeout, self._handshake_due),
+            loop.call_later(server.idle_timeout, self._idle_due),
+        ]
+
+    def _handshake_due(self) -> None:
+        if not self._greeted:
+            log.info(
+                "workload socket: a connection sent no HTTP/2 preface in %.1f s: closed", self._server.handshake_timeout
+            )
+            self._close()
+
+    def _idle_due(self) -> None:
+        """Close the connection once no call has been open for the idle timeout (a GOAWAY first)."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self._server.idle_timeout
+        if any(c.task is not None or c.parked is not None for c in self._calls.values()):
+            self._last_call = loop.time()
+            due = timeout
+        else:
+            due = self._last_call + timeout - loop.time()
+            if due <= 0:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self._h2.close_connection()
+                self._close()
+                return
+        self._timers[1:] = [loop.call_later(due, self._idle_due)]
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -363,6 +437,7 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, h2.events.StreamReset):
                 self._cancel(event.stream_id)
             elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                self._greeted = True  # the preface ends with the client's SETTINGS (RFC 9113 §3.4)
                 self._window.set()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._close()
@@ -370,7 +445,9 @@ class _Connection(asyncio.Protocol):
         self._write()  # acknowledgements, and a first response made above, in one write
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.open_connections.discard(self)
+        self._server.release(self)
+        for timer in self._timers:
+            timer.cancel()
         for call in list(self._calls.values()):
             self._drop(call)
         self._calls.clear()
@@ -429,12 +506,30 @@ class _Connection(asyncio.Protocol):
     def _start(self, stream_id: int) -> None:
         call = self._calls.get(stream_id)
         if call is not None and call.task is None and call.parked is None:
+            if not self._served_one:
+                self._served_one = True
+                self._recheck()
+            self._last_call = asyncio.get_running_loop().time()
             sent = self._server.first_from_cache(self, call)
             if sent is not None:  # answered: the stream waits for a change with no task of its own
                 call.parked = sent
                 self._server.parked[call] = self
             else:
                 call.task = asyncio.get_running_loop().create_task(self._serve(call))
+
+    def _recheck(self) -> None:
+        """The first call: the caller must still run the executable pinned at accept (peercred.recheck),
+        else every call of this connection fails with ``attestation-failed``."""
+        if self._pinned is None or self.attestation is None:
+            return  # the attestation failed already
+        try:
+            peercred.recheck(self._sock, self._pinned)
+        except (QhxError, OSError) as exc:
+            failed: asyncio.Future[peercred.Attestation] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc if isinstance(exc, QhxError) else AttestationFailed(str(exc)))
+            self.attestation.cancel()  # a hashing still queued is not needed any more
+            self.attestation = failed
+            log.info("workload socket: uid %s: %s", self.uid, exc)
 
     def resume(self, call: _Call) -> None:
         """A change after a parked stream's first response: serve it on from there, as a task."""
@@ -445,6 +540,7 @@ class _Connection(asyncio.Protocol):
         call = self._calls.pop(stream_id, None)
         if call is not None:
             self._drop(call)
+            self._last_call = asyncio.get_running_loop().time()
 
     def _drop(self, call: _Call) -> None:
         if call.task is not None:
@@ -472,6 +568,7 @@ class _Connection(asyncio.Protocol):
         finally:
             if self._calls.get(call.stream_id) is call:
                 del self._calls[call.stream_id]
+            self._last_call = asyncio.get_running_loop().time()
 
     @staticmethod
     def parse(call: _Call) -> Any:
@@ -565,11 +662,73 @@ class _Connection(asyncio.Protocol):
         self._close()
 
 
-def _attest_and_close(sock: socket.socket) -> peercred.Attestation:
-    try:
-        return peercred.attest(sock)
-    finally:
-        sock.close()
+class _Hashing:
+    """Executables to hash (the rest of an attestation, :meth:`peercred.Probe.finish`) on a small pool,
+    at most one at a time per uid, each uid's in arrival order: a uid that queues many large programs
+    delays only its own attestations.  Event loop only."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self._pool = pool
+        self._busy: set[int] = set()
+        self._waiting: dict[int, collections.deque[tuple[peercred.Probe, asyncio.Future[peercred.Attestation]]]] = {}
+        self.stopping = threading.Event()
+
+    def submit(self, probe: peercred.Probe) -> asyncio.Future[peercred.Attestation]:
+        future: asyncio.Future[peercred.Attestation] = asyncio.get_running_loop().create_future()
+        if probe.uid in self._busy:
+            self._waiting.setdefault(probe.uid, collections.deque()).append((probe, future))
+        else:
+            self._start(probe, future)
+        return future
+
+    def _start(self, probe: peercred.Probe, future: asyncio.Future[peercred.Attestation]) -> None:
+        self._busy.add(probe.uid)
+        inner = asyncio.get_running_loop().run_in_executor(self._pool, self._finish, probe)
+        inner.add_done_callback(lambda done: self._done(probe, future, done))
+
+    def _finish(self, probe: peercred.Probe) -> peercred.Attestation:
+        if self.stopping.is_set():
+            probe.close()
+            raise AttestationFailed("the server is stopping")
+        return probe.finish()
+
+    def _done(
+        self,
+        probe: peercred.Probe,
+        future: asyncio.Future[peercred.Attestation],
+        inner: asyncio.Future[peercred.Attestation],
+    ) -> None:
+        if inner.cancelled():
+            probe.close()
+            if not future.done():
+                future.cancel()
+        elif not future.done():
+            exc = inner.exception()
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(inner.result())
+        else:
+            inner.exception()  # retrieved: the connection went away meanwhile
+        queue = self._waiting.get(probe.uid)
+        while queue:
+            nxt, nxt_future = queue.popleft()
+            if nxt_future.done():  # its connection went away (or was refused at its first call)
+                nxt.close()
+                continue
+            self._start(nxt, nxt_future)
+            return
+        self._waiting.pop(probe.uid, None)
+        self._busy.discard(probe.uid)
+
+    def close(self) -> None:
+        """Shutdown: what is still queued is not hashed (what runs ends on its own)."""
+        self.stopping.set()
+        for queue in self._waiting.values():
+            for probe, future in queue:
+                probe.close()
+                future.cancel()
+        self._waiting.clear()
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -590,17 +749,30 @@ class WorkloadApiServer:
         *,
         poll_interval: float = POLL_INTERVAL,
         max_connections: int = MAX_CONNECTIONS,
+        max_connections_per_uid: int = MAX_CONNECTIONS_PER_UID,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
         grace: float = 0.5,
     ) -> None:
         self.socket_path = Path(socket_path)
         self._make_issuer = make_issuer
         self._poll_interval = poll_interval
         self.max_connections = max_connections
+        self.max_connections_per_uid = max_connections_per_uid
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout
         self._grace = grace
         self._issuer: IssuerLike | None = None
         self._issuer_pool = ThreadPoolExecutor(max_workers=ISSUER_THREADS, thread_name_prefix="qhx-issuer")
-        self.attest_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qhx-attest")
+        self._read_pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="qhx-issuer-read")
+        self.attest_pool = ThreadPoolExecutor(max_workers=ATTEST_THREADS, thread_name_prefix="qhx-attest")
+        self.hashing = _Hashing(self.attest_pool)
         self.open_connections: set[_Connection] = set()
+        self.per_uid: dict[int | None, int] = {}  # open connections by the caller's uid (None: unknown)
+        self._refusals = 0  # refused connections not logged yet
+        self._refusal_logged = 0.0
+        # bundle responses by method, shared by every stream at one change generation (event loop only)
+        self._shared: dict[str, tuple[int, asyncio.Future[bytes]]] = {}
         self.parked: dict[_Call, _Connection] = {}  # streams answered from the cache, waiting for a change
         # selectors -> (SVIDs, bundles, serialised response): see cached_x509_svid_response (event loop only)
         self._x509_wire: dict[frozenset[str], tuple[tuple[Any, ...], dict[str, bytes], bytes]] = {}
@@ -660,6 +832,37 @@ class WorkloadApiServer:
         if not future.cancelled() and future.exception() is None:
             self.accepted += 1
 
+    def admit(self, conn: _Connection) -> str | None:
+        """Take a slot for ``conn``, or say why not: the server's cap, or its uid's (event loop only)."""
+        if len(self.open_connections) >= self.max_connections:
+            return f"{len(self.open_connections)} connections open"
+        held = self.per_uid.get(conn.uid, 0)
+        if held >= self.max_connections_per_uid:
+            return f"uid {conn.uid} holds {held} connections"
+        self.open_connections.add(conn)
+        self.per_uid[conn.uid] = held + 1
+        conn.admitted = True
+        return None
+
+    def release(self, conn: _Connection) -> None:
+        if conn.admitted:
+            conn.admitted = False
+            self.open_connections.discard(conn)
+            left = self.per_uid.get(conn.uid, 1) - 1
+            if left > 0:
+                self.per_uid[conn.uid] = left
+            else:
+                self.per_uid.pop(conn.uid, None)
+
+    def refused(self, reason: str) -> None:
+        """Log refused connections, at most once per :data:`REFUSAL_LOG_SECONDS` (a flood is counted, not logged)."""
+        self._refusals += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged >= REFUSAL_LOG_SECONDS:
+            log.warning("workload socket: refused %d connection(s), the last one because %s", self._refusals, reason)
+            self._refusals = 0
+            self._refusal_logged = now
+
     def _run(self) -> None:
         try:
             asyncio.run(self._main())
@@ -668,7 +871,9 @@ class WorkloadApiServer:
                 with contextlib.suppress(Exception):
                     self._issuer_pool.submit(self._issuer.close).result()  # type: ignore[attr-defined]
             self._issuer_pool.shutdown(wait=True, cancel_futures=True)
-            self.attest_pool.shutdown(wait=True, cancel_futures=True)
+            self._read_pool.shutdown(wait=True, cancel_futures=True)
+            self.hashing.stopping.set()
+            self.attest_pool.shutdown(wait=True)  # what is queued ends at once, closing what it holds
             self._ready.set()
 
     async def _main(self) -> None:
@@ -691,12 +896,13 @@ class WorkloadApiServer:
         self._issuer = await loop.run_in_executor(self._issuer_pool, self._make_issuer)
         token: bytes | None = None
         with contextlib.suppress(Exception):  # the watcher logs it if it persists
-            token = await self._blocking(self._issuer.change_token)
+            token = await self._reading(self._issuer.change_token)
         self._listener, self._listener_ino = _listen(self.socket_path)
         self._server = await loop.create_unix_server(lambda: _Connection(self), sock=self._listener, backlog=BACKLOG)
         self._tasks = [asyncio.create_task(self._watch(token))]
 
     async def _shutdown(self) -> None:
+        self.hashing.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -724,7 +930,7 @@ class WorkloadApiServer:
         while True:
             delay = self._poll_interval
             try:
-                current: bytes | None = await self._blocking(self._issuer.change_token)
+                current: bytes | None = await self._reading(self._issuer.change_token)
             except Exception:  # an issuer that cannot tell is in a new state too: streams re-evaluate once
                 if token is not None:
                     log.exception("workload API: the issuer's change token failed")
@@ -736,7 +942,7 @@ class WorkloadApiServer:
                 for call, conn in parked.items():
                     conn.resume(call)
             with contextlib.suppress(Exception):
-                delay = min(delay, await self._blocking(self._issuer.refresh_in))
+                delay = min(delay, await self._reading(self._issuer.refresh_in))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), max(delay, MIN_POLL_INTERVAL))
             self._kick.clear()
@@ -788,19 +994,23 @@ class WorkloadApiServer:
             )
         elif method == "FetchX509Bundles":
             await self.caller(conn, call)
-            await self.stream(conn, call, self.x509_bundles_response)
+            await self.stream(conn, call, self.x509_bundles_response, shared=method)
         elif method == "FetchJWTBundles":
             await self.caller(conn, call)
-            await self.stream(conn, call, self.jwt_bundles_response)
+            await self.stream(conn, call, self.jwt_bundles_response, shared=method)
         elif method == "FetchJWTSVID":
             selectors = await self.caller(conn, call)
             audience = list(request.audience)
             if not audience or not all(audience):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "audience must be specified")
+            self.inline(lambda: check_audiences(audience))
             wanted = request.spiffe_id or None
             if wanted is not None and not wanted.startswith("spiffe://"):
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid requested SPIFFE ID")
-            await conn.send(call, await self.call(lambda: self.jwt_svid_response(selectors, audience, wanted)))
+            message = self.inline(lambda: self.cached_jwt_svid_response(selectors, audience, wanted))
+            if message is None:  # something to mint: on a thread that may wait for the store
+                message = await self.call(lambda: self.jwt_svid_response(selectors, audience, wanted))
+            await conn.send(call, message)
         elif method == "ValidateJWTSVID":
             await self.caller(conn, call)
             if not request.audience:
@@ -808,12 +1018,20 @@ class WorkloadApiServer:
             if not request.svid:
                 raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "svid must be specified")
             token, aud = request.svid, request.audience
-            await conn.send(call, await self.call(lambda: self.validate_response(token, aud), validating=True))
+            self.inline(lambda: check_audiences([aud]))
+            await conn.send(
+                call, await self.call(lambda: self.validate_response(token, aud), validating=True, reads=True)
+            )
         else:  # pragma: no cover - parse refuses every other method
             raise _Abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown method {method!r}")
 
     async def _blocking(self, fn: Callable[[], _T]) -> _T:
+        """``fn`` on an issuer thread that may wait for the store's write lock (minting, auditing)."""
         return await asyncio.get_running_loop().run_in_executor(self._issuer_pool, fn)
+
+    async def _reading(self, fn: Callable[[], _T]) -> _T:
+        """``fn`` (which never writes) on a thread of its own pool: never queued behind calls that write."""
+        return await asyncio.get_running_loop().run_in_executor(self._read_pool, fn)
 
     @staticmethod
     def check_header(call: _Call) -> None:
@@ -834,10 +1052,11 @@ class WorkloadApiServer:
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, f"attestation-failed: {exc}") from None
         return attestation.selectors
 
-    async def call(self, fn: Callable[[], _T], *, validating: bool = False) -> _T:
-        """Run ``fn`` on an issuer thread; an error becomes the call's status."""
+    async def call(self, fn: Callable[[], _T], *, validating: bool = False, reads: bool = False) -> _T:
+        """Run ``fn`` on an issuer thread (``reads``: one that never waits for writers); an error becomes
+        the call's status."""
         try:
-            return await self._blocking(fn)
+            return await (self._reading(fn) if reads else self._blocking(fn))
         except Exception as exc:
             code, details = status_for(exc, validating=validating)
             if code == grpc.StatusCode.INTERNAL:
@@ -852,20 +1071,53 @@ class WorkloadApiServer:
         *,
         cached: Callable[[], Any] | None = None,
         sent: int | None = None,
+        shared: str | None = None,
     ) -> None:
-        """The current message, then a new one after every change, until the client goes away.
+        """The current message, then the message again after every change that changes it, until the
+        client goes away.
 
         ``cached`` (non-blocking) may give the message on the event loop; when it gives None,
         ``build`` runs on an issuer thread.  ``sent``: the first message already went out, built at
-        that change generation."""
+        that change generation.  ``shared``: ``build`` never writes and gives every caller the same
+        message (bundles): it is built once per change generation for every stream, on the read pool.
+        A message equal to the one this stream sent last is not sent again: an SVID rotation does not
+        wake bundle streams' clients."""
         assert self._changes is not None
+        last: bytes | None = None
         if sent is not None:
             await self._changes.wait_past(sent)
         while True:
             seen = self._changes.generation  # read before building: a change meanwhile re-sends
-            message = self.inline(cached) if cached is not None else None
-            await conn.send(call, message if message is not None else await self.call(build))
+            if shared is not None:
+                payload = await self.shared_response(shared, seen, build)
+            else:
+                message = self.inline(cached) if cached is not None else None
+                payload = _wire(message if message is not None else await self.call(build))
+            if payload != last:
+                await conn.send(call, payload)
+                last = payload
             await self._changes.wait_past(seen)
+
+    async def shared_response(self, key: str, generation: int, build: Callable[[], Any]) -> bytes:
+        """``build()``'s bytes at this change generation, built once for every stream that asks."""
+        held = self._shared.get(key)
+        if held is None or held[0] != generation:
+            future = asyncio.ensure_future(self._build_shared(build))
+            held = self._shared[key] = (generation, future)
+
+            def forget_failure(done: asyncio.Future[bytes], entry: tuple[int, asyncio.Future[bytes]] = held) -> None:
+                failed = done.cancelled() or done.exception() is not None
+                if failed and self._shared.get(key) is entry:  # a failure is not kept: the next stream asks again
+                    del self._shared[key]
+
+            future.add_done_callback(forget_failure)
+        try:
+            return await asyncio.shield(held[1])
+        except _Abort as abort:
+            raise _Abort(abort.code, abort.details) from None  # one exception object per stream
+
+    async def _build_shared(self, build: Callable[[], Any]) -> bytes:
+        return _wire(await self.call(build, reads=True))
 
     @staticmethod
     def inline(fn: Callable[[], _T]) -> _T:
@@ -906,7 +1158,7 @@ class WorkloadApiServer:
         ):
             return held[2]
         wire: bytes = self._x509_svid_message(svids, bundles).SerializeToString()
-        if len(self._x509_wire) >= MAX_CONNECTIONS:
+        if len(self._x509_wire) >= self.max_connections:
             del self._x509_wire[next(iter(self._x509_wire))]
         self._x509_wire[selectors] = (tuple(svids), bundles, wire)
         return wire
@@ -941,7 +1193,18 @@ class WorkloadApiServer:
     def jwt_svid_response(
         self, selectors: frozenset[str], audience: list[str], wanted: str | None
     ) -> pb.JWTSVIDResponse:
-        svids = self._issuer_now().jwt_svids(selectors, audience, wanted)
+        return self._jwt_svid_message(self._issuer_now().jwt_svids(selectors, audience, wanted), wanted)
+
+    def cached_jwt_svid_response(
+        self, selectors: frozenset[str], audience: list[str], wanted: str | None
+    ) -> pb.JWTSVIDResponse | None:
+        """The response from the issuer's cache, on the event loop, if it can give it without blocking."""
+        cached = getattr(self._issuer_now(), "cached_jwt", None)
+        svids = cached(selectors, audience, wanted) if cached is not None else None
+        return None if svids is None else self._jwt_svid_message(svids, wanted)
+
+    @staticmethod
+    def _jwt_svid_message(svids: Sequence[JwtSvidLike], wanted: str | None) -> pb.JWTSVIDResponse:
         if wanted is not None:
             svids = [s for s in svids if s.spiffe_id == wanted]
         if not svids:
@@ -962,7 +1225,10 @@ class WorkloadApiServer:
     def validate_response(self, token: str, audience: str) -> pb.ValidateJWTSVIDResponse:
         spiffe_id, claims = self._issuer_now().validate_jwt(token, audience)
         response = pb.ValidateJWTSVIDResponse(spiffe_id=spiffe_id)
-        response.claims.update(claims)
+        try:
+            response.claims.update(claims)
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a claim Struct cannot hold
+            raise Malformed(f"JWT-SVID claims cannot be returned: {exc}") from None
         return response
 
 
