@@ -35,12 +35,21 @@ Rules:
   inside its issuer's.  It is deliberately *not* clamped to the freshness
   ``issued_at``: the backdate grants no extra lifetime, and the bounded-
   staleness invariant is about notAfter.
-* SVIDs are cached per SPIFFE ID (JWT-SVIDs per ID and audience list) and
-  re-minted at half-life (never sooner than one second after minting); a new
-  bundle, policy, root or delegation of the home domain, or a mode change,
-  empties the cache.
+* SVIDs are cached per SPIFFE ID (JWT-SVIDs per ID and audience list, at
+  most :data:`MAX_JWT_CACHE` of them in at most :attr:`Issuer.jwt_cache_bytes`,
+  the oldest dropped first) and re-minted at half-life (never sooner than one
+  second after minting); a new bundle, policy, root or delegation of the home
+  domain, or a mode change, empties the cache.  ``cached_x509`` and
+  ``cached_jwt`` answer from the cache without minting, writing or waiting
+  (one read, which a writer holding the store never blocks): a locked store
+  delays only what must be minted.
+* A JWT-SVID request has 1 to :data:`MAX_AUDIENCES` non-empty audiences of at
+  most :data:`MAX_AUDIENCE_BYTES` bytes, else ``malformed``.
 * Every SVID minted is written to the node's audit log (event ``issue``:
-  SPIFFE ID, serial or JWT id, notAfter, algorithm, mode, TTL; ``digest`` =
+  SPIFFE ID; an X.509-SVID's serial, or a JWT-SVID's key id and the SHA-256
+  of its audience list as compact JSON (:func:`audience_digest`: the list
+  itself may be long, or say more than the log should); notAfter, algorithm,
+  mode, TTL; ``digest`` =
   SHA-256 of the certificate DER or of the token) before it is handed out:
   a call returns only after a fsynced commit holds its entries.  Concurrent
   callers share commits (:class:`~qhx_edge.store.trust_store.GroupCommit`:
@@ -50,6 +59,15 @@ Rules:
 * Registrations the issuer cannot honour (a SPIFFE ID outside the SPIFFE ID
   syntax, a ``ttl`` that is not a positive integer) never match: fail closed
   for that entry only.
+
+Validation (``validate_jwt``): ES256 only; header and claims are JSON objects
+with no repeated member, nested at most :data:`MAX_JSON_DEPTH` levels, with no
+``NaN``/``Infinity`` and no integer beyond the parser's digit limit (else
+``malformed``, never an internal error); a ``crit`` header is refused
+(``malformed``: RFC 7515 §4.1.11, we understand no extension); then the key by
+``kid`` from the subject's trust domain bundle, the signature, ``exp``,
+``nbf`` and the audience (``policy-denied`` when the token is not for it, which
+the Workload API answers INVALID_ARGUMENT).
 
 Bundles: the home domain's are always served (SVIDs already issued under them
 keep running out); a partner domain's only while its own mode is not expired
@@ -276,6 +294,7 @@ class _DomainState:
     budget: Staleness | None
     jwt_keys: dict[str, ec.EllipticCurvePublicKey]
     jwks: bytes
+    expires: dict[str, int]  # of the held root, bundle and policy: past any, the domain is expired
 
 
 @dataclass(frozen=True)
@@ -352,6 +371,7 @@ def _domain_state(store: Store, domain: str) -> _DomainState:
         policy.staleness if policy else None,
         keys,
         json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
+        store.held_expiries(domain),
     )
 
 
@@ -651,7 +671,7 @@ class Issuer:
         except ClockRollback:
             clock_ok = False
         modes = {
-            name: staleness.mode(now, d.fresh_issued_at, d.budget, clock_ok=clock_ok)
+            name: staleness.mode(now, d.fresh_issued_at, d.budget, clock_ok=clock_ok, expires=d.expires)
             for name, d in snap.domains.items()
         }
         home = modes.get(snap.home) or staleness.mode(now, None, None)
@@ -676,6 +696,9 @@ class Issuer:
             dom = snap.domains.get(snap.home)
             if dom is None or dom.fresh_issued_at is None or dom.budget is None:
                 raise Stale(f"{snap.home}: no freshness and policy held; import a pack from the authority")
+            if mode.expired:
+                gone = ", ".join(f"{t} (expired at {dom.expires[t]})" for t in mode.expired)
+                raise Stale(f"{snap.home}: the held {gone}; no new SVIDs until newer ones are imported")
             raise Stale(
                 f"{snap.home}: trust is stale ({mode.staleness} s since freshness issued at {dom.fresh_issued_at}, "
                 f"hard budget {dom.budget.hard} s); no new SVIDs until a fresh pack is imported"

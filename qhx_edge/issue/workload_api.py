@@ -5,12 +5,15 @@ at ``/SpiffeWorkloadAPI/<Method>``, so stock SPIFFE clients work unchanged.
 Every call must carry the metadata ``workload.spiffe.io: true``, else
 INVALID_ARGUMENT (Workload Endpoint §3, §6).  ``FetchX509SVID``,
 ``FetchX509Bundles`` and ``FetchJWTBundles`` send the current message at once
-and again whenever the issuer's ``change_token()`` changes (Workload API §4.3);
-the WIT-SVID profile answers UNIMPLEMENTED (§7).  Bundles are keyed by the
-trust domain's SPIFFE ID (``spiffe://td``).  A caller with no identity gets
-PERMISSION_DENIED ``no identity issued``; bundles and JWT validation need an
-attested caller but no identity (bundles are public; SPIRE's
-``allow_unauthenticated_verifiers``).
+and again after a change of the issuer's ``change_token()`` that changed it
+(Workload API §4.3): an SVID rotation wakes bundle streams, but they send only
+when a bundle changed.  The WIT-SVID profile answers UNIMPLEMENTED (§7).
+Bundles are keyed by the trust domain's SPIFFE ID (``spiffe://td``).  A caller
+with no identity gets PERMISSION_DENIED ``no identity issued``; bundles and JWT
+validation need an attested caller but no identity (bundles are public;
+SPIRE's ``allow_unauthenticated_verifiers``).  A JWT-SVID request has at most
+:data:`MAX_AUDIENCES` audiences of at most :data:`MAX_AUDIENCE_BYTES` bytes
+(else INVALID_ARGUMENT ``malformed``); so has the audience of a validation.
 
 Who is calling.  grpcio gives a handler no access to the connection's socket:
 ``context.peer()`` of a Unix socket client is just ``unix:``, and
@@ -23,42 +26,67 @@ the gRPC status trailers (gRPC over HTTP/2: ``:path /SpiffeWorkloadAPI/<Method>`
 ``content-type application/grpc``, length-prefixed messages, ``grpc-status`` and
 percent-encoded ``grpc-message`` trailers, Trailers-Only responses for errors)::
 
-    workload ─► public socket (mode 0666) ─► accept() ─► _Connection: attestation + HTTP/2 + calls
-                                              peercred.attest(the accepted socket), once
+    workload ─► public socket (mode 0666) ─► accept() ─► _Connection: slot, attestation, HTTP/2, calls
+                                              peercred.probe(the accepted socket), once;
+                                              peercred.recheck at the first call
 
-Each accepted connection is attested at once from the accepted socket
-(:mod:`qhx_edge.issue.peercred`: ``SO_PEERCRED``, and ``SO_PEERPIDFD`` against
-pid reuse), right after our HTTP/2 SETTINGS leave: on the event loop when the
-executable's digest is cached (``attest_if_cached``: a few system calls), else
-on a duplicate of its descriptor in a small pool, so the socket it reads can
-never be closed and its number reused meanwhile.  Every call on the connection
-waits for that attestation and uses it: one caller's credentials are never
-attributed to another, since the attestation belongs to the connection object
-that owns the socket.  A connection whose attestation failed gets PERMISSION_DENIED
+Slots.  A connection is admitted only while the server holds fewer than
+``max_connections`` and its caller's uid (``SO_PEERCRED``, read at accept) fewer
+than ``max_connections_per_uid`` (:data:`MAX_CONNECTIONS_PER_UID`); else it is
+closed at once, so one local user cannot lock every workload out.  A
+connection must send its whole HTTP/2 preface within ``handshake_timeout`` and
+is closed (GOAWAY) once it has had no call open for ``idle_timeout`` (PINGs
+are no call; a stream that stays open keeps its connection), so idle slots are
+given back.  Refusals are logged at most once per :data:`REFUSAL_LOG_SECONDS`.
+
+Attestation.  Each admitted connection is attested at once from the accepted
+socket, on the event loop, before our HTTP/2 SETTINGS leave
+(:func:`peercred.probe`: ``SO_PEERCRED``, ``SO_PEERPIDFD`` against pid reuse,
+``/proc/PID`` through the pinned directory, the caller's mount namespace and
+root against ours, the executable opened and its stat recorded).  Only the
+hashing of an executable whose digest is not cached is left, and it runs on a
+small pool on the descriptor already opened, at most one per uid at a time
+(:class:`_Hashing`): what is attested is the program the caller ran at accept,
+however long the pool takes, so keeping the pool busy no longer widens a
+connect-then-exec window, and one uid's huge programs delay only its own
+attestations.  When the connection's first call arrives the caller must still
+run that executable (:func:`peercred.recheck`), else every call gets
+PERMISSION_DENIED ``attestation-failed``.  Every call on the connection waits
+for its attestation and uses it: one caller's credentials are never attributed
+to another, since the attestation belongs to the connection object that owns
+the socket.  A connection whose attestation failed gets PERMISSION_DENIED
 ``attestation-failed`` for every call that needs a caller; nothing is asked of
 the issuer on its behalf.
 
-Attestation is made once per connection, at accept time (so a pid cannot be
-recycled under it); a long-lived stream keeps the identity its connection was
-attested with until the client reconnects, as with any SO_PEERCRED attestor.
+A long-lived stream keeps the identity its connection was attested with until
+the client reconnects, as with any SO_PEERCRED attestor; a caller that execs
+another program after its first call, or passes its socket on, lends that
+identity (docs/threat-model.md, adversary 01).
 
 Threads.  One asyncio loop in one background thread runs the connections and
-the change watcher.  Attestation (reading /proc, hashing) runs in a small pool.
-Issuer calls run on a pool of :data:`ISSUER_THREADS` threads (the issuer is
-thread-safe; concurrent first fetches share its audit commits), which also
-creates and closes the issuer.  A ``FetchX509SVID`` the issuer can answer
-from its cache (``cached_x509``, optional; it waits at most half a millisecond
-for the issuer's lock) is answered on the loop itself, within the HTTP/2 event
-that completed the request, from the serialised response kept per selector set
-while the issuer hands out the same SVID objects and bundles; the stream then
-waits, parked with no task of its own, until a change resumes it.
+the change watcher.  Issuer calls that may write (``x509_svids``,
+``jwt_svids``: minting is audited) run on a pool of :data:`ISSUER_THREADS`
+threads (the issuer is thread-safe; concurrent first fetches share its audit
+commits), which also creates and closes the issuer; calls that never write
+(bundles, ``validate_jwt``, ``change_token``, ``refresh_in``) run on a pool of
+:data:`READ_THREADS` of their own, so a store locked by another process delays
+only the calls that must write, however many of them wait.  A
+``FetchX509SVID`` or ``FetchJWTSVID`` the issuer can answer from its cache
+(``cached_x509``, ``cached_jwt``, optional; they wait at most half a
+millisecond for the issuer's lock and never write) is answered on the loop
+itself; a ``FetchX509SVID`` within the HTTP/2 event that completed the
+request, from the serialised response kept per selector set while the issuer
+hands out the same SVID objects and bundles; the stream then waits, parked
+with no task of its own, until a change resumes it.  Bundle responses are
+built once per change generation for every stream.
 
 Errors.  Typed errors map to statuses with ``kind: message`` as details:
 ``policy-denied`` → PERMISSION_DENIED; ``stale`` and ``clock-rollback`` →
 UNAVAILABLE (the client keeps its SVID and retries: Workload Endpoint §6);
 ``malformed`` → INVALID_ARGUMENT; any other rejection → PERMISSION_DENIED
-(INVALID_ARGUMENT when validating a JWT, as SPIRE); environment faults →
-UNAVAILABLE; anything else → INTERNAL, details logged, not sent.
+(INVALID_ARGUMENT when validating a JWT, a wrong audience included, as
+SPIRE); environment faults → UNAVAILABLE; anything else → INTERNAL, details
+logged, not sent.
 """
 
 from __future__ import annotations
