@@ -184,10 +184,13 @@ class RepoSim:
         for raw in [*history, *current]:
             doc = documents.parse(raw)
             held[(doc.type, doc.payload.version)] = doc.digest
+        expires: dict[str, int] = {}
         for raw in current:
             doc = documents.parse(raw)
             marks[doc.type] = Mark(doc.payload.version, doc.digest)
-        return DomainView(root=root_doc, marks=marks, freshness=fresh_doc, history=held)
+            if doc.type in ("bundle", "policy"):
+                expires[doc.type] = doc.payload.expires
+        return DomainView(root=root_doc, marks=marks, freshness=fresh_doc, history=held, expires=expires)
 
     def state(self, root: bytes, *, clock_high_water: int = 0, **kwargs: Any) -> TrustState:
         """A node trusting this domain only (see :meth:`view` for the keyword arguments)."""

@@ -103,6 +103,8 @@ def node_status_text(st: dict[str, Any]) -> str:
             f"    root v{v['root']} bundle v{v['bundle']} policy v{v['policy']} freshness v{v['freshness']}"
             f" issued {when(d['freshness_issued_at'])}"
         )
+        for t, end in d.get("expired_documents", {}).items():
+            lines.append(f"    EXPIRED: the held {t} expired {when(end)}; import newer material")
     return "\n".join(lines)
 
 

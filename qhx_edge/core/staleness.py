@@ -5,14 +5,19 @@ document.  With the policy's soft budget S1 and hard budget S2:
 
 * staleness < S1: ``connected``, SVID TTL is the policy TTL;
 * S1 <= staleness < S2: ``degraded``, TTL shrinks linearly towards the floor;
-* staleness >= S2, no freshness, or a clock rollback: ``expired``, no new SVIDs.
+* staleness >= S2, no freshness, or a clock rollback: ``expired``, no new SVIDs;
+* a held root, bundle or policy past its ``expires``: ``expired`` too, until
+  newer material arrives (TUF 5.3.10: expiry holds after import, so a freeze
+  attack that withholds new packs cannot keep the node on expired material).
 
-The TTL is further capped so that no SVID outlives ``issued_at + S2``.
+The TTL is further capped so that no SVID outlives ``issued_at + S2`` nor the
+held root, bundle or policy that vouches for it.
 Pure functions: the caller passes ``now``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qhx_edge.core.documents import Staleness
@@ -27,13 +32,28 @@ class Mode:
     mode: str
     staleness: int | None
     max_ttl: int
+    expired: tuple[str, ...] = ()  # the held document types past their expiry, if any
 
 
-def mode(now: int, fresh_issued_at: int | None, budget: Staleness | None, *, clock_ok: bool = True) -> Mode:
-    if fresh_issued_at is None or budget is None or not clock_ok:
-        return Mode(EXPIRED, None if fresh_issued_at is None else max(0, now - fresh_issued_at), 0)
+def mode(
+    now: int,
+    fresh_issued_at: int | None,
+    budget: Staleness | None,
+    *,
+    clock_ok: bool = True,
+    expires: Mapping[str, int] | None = None,
+) -> Mode:
+    """The issuance mode of one domain at ``now``.
+
+    ``expires``: the ``expires`` of the domain's held documents by type (root,
+    bundle, policy); any of them past is ``expired``, whatever the freshness.
+    """
+    ends = dict(expires or {})
+    gone = tuple(sorted(t for t, end in ends.items() if now >= end))
+    if fresh_issued_at is None or budget is None or not clock_ok or gone:
+        return Mode(EXPIRED, None if fresh_issued_at is None else max(0, now - fresh_issued_at), 0, gone)
     staleness = max(0, now - fresh_issued_at)
-    remaining = fresh_issued_at + budget.hard - now
+    remaining = min([fresh_issued_at + budget.hard, *ends.values()]) - now
     if staleness >= budget.hard or remaining <= 0:
         return Mode(EXPIRED, staleness, 0)
     if staleness < budget.soft:

@@ -144,6 +144,9 @@ class DomainView:
     # batch document's exact bytes are held, so a caller may give just the entries
     # whose digest is among the batch's (the node store does, for a pack).
     history: Mapping[tuple[str, int], bytes] = field(default_factory=dict)
+    # type -> ``expires`` of the held current bundle and policy (the root's is in ``root``): a
+    # freshness naming a held document that has expired is ``expired`` (TUF 5.3.10, freeze attacks).
+    expires: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -540,6 +543,7 @@ class DomainBatch:
         self.marks: dict[str, Mark] = dict(view.marks)
         self.history: dict[tuple[str, int], bytes] = dict(view.history)
         self.valid: dict[str, list[Verdict]] = {}
+        self.expired: dict[tuple[str, int], int] = {}  # (type, version) refused as expired -> its expires
         self.epoch: Freshness | None = None
 
     # --- signatures ---------------------------------------------------------------
@@ -674,6 +678,7 @@ class DomainBatch:
                     if state:
                         v.status = state
                         continue
+                    self._check_root_unexpired(doc)
                     self.check_role(v, root, role)
                     _check_times(doc, now, self.tolerance, expiry=False)
                 except Rejected as exc:
@@ -683,9 +688,28 @@ class DomainBatch:
             candidates = _dedupe(candidates)
             while t != "freshness" and candidates and now >= candidates[-1].doc.payload.expires:  # type: ignore[union-attr]
                 top = candidates.pop()
+                self.expired[(t, top.doc.payload.version)] = top.doc.payload.expires  # type: ignore[union-attr]
                 _reject(top, Expired(f"{top.doc.describe()} expired at {top.doc.payload.expires}"))  # type: ignore[union-attr]
             if candidates:
                 self.valid[t] = candidates
+
+    def _check_root_unexpired(self, doc: Signed[Any]) -> None:
+        """Nothing new is combined with an expired root (TUF 5.3.10): only a newer root, which the
+        expired one may still authorise (step 1), lets the domain move again."""
+        root = self.root.payload
+        if self.now >= root.expires:
+            raise Expired(
+                f"{doc.describe()}: the held root v{root.version} expired at {root.expires}; "
+                "a newer root must come first"
+            )
+
+    def _check_unexpired(self, t: str, version: int, f: Freshness) -> None:
+        """A freshness naming an expired bundle or policy (held, or refused as expired in this batch)."""
+        m = self.marks.get(t)
+        end = self.view.expires.get(t) if m is not None and m.version == version else None
+        end = self.expired.get((t, version), end)
+        if end is not None and self.now >= end:
+            raise Expired(f"freshness v{f.version} names {t} v{version}, which expired at {end}")
 
     def _usable(self, t: str, version: int) -> bool:
         """Whether ``version`` of ``t`` is held or arrives valid and unexpired in this batch."""
@@ -721,6 +745,7 @@ class DomainBatch:
                         f"freshness v{f.version} names root v{f.versions['root']}, the node holds v{root_version}"
                     )
                 for t in ("bundle", "policy"):
+                    self._check_unexpired(t, f.versions[t], f)
                     if not self._usable(t, f.versions[t]):
                         raise MixAndMatch(
                             f"freshness v{f.version} names {t} v{f.versions[t]}, which is neither held nor supplied"
@@ -791,6 +816,7 @@ class DomainBatch:
                 if state:
                     v.status = state
                     continue
+                self._check_root_unexpired(doc)
                 self.check_role(v, root, "pki")
                 _check_times(doc, self.now, self.tolerance)
             except Rejected as exc:

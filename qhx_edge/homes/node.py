@@ -412,7 +412,10 @@ class Node:
             policy = self.store.current(domain, "policy")
             f = fresh.payload if fresh is not None and isinstance(fresh.payload, Freshness) else None
             pol = policy.payload if policy is not None and isinstance(policy.payload, Policy) else None
-            m = staleness.mode(now, f.issued_at if f else None, pol.staleness if pol else None, clock_ok=clock_ok)
+            ends = self.store.held_expiries(domain)
+            m = staleness.mode(
+                now, f.issued_at if f else None, pol.staleness if pol else None, clock_ok=clock_ok, expires=ends
+            )
             versions = {t: marks[t].version if t in marks else None for t in ("root", "bundle", "policy", "freshness")}
             out["domains"][domain] = {
                 "relation": d["relation"],
@@ -422,6 +425,8 @@ class Node:
                 "freshness_expires": f.expires if f else None,
                 "staleness": m.staleness,
                 "mode": m.mode,
+                # Held documents past their expiry: the domain is expired until newer ones arrive.
+                "expired_documents": {t: ends[t] for t in m.expired},
                 # The home domain's issuable TTL: the freshness mode's, capped by the delegation (0 without one).
                 "max_ttl": staleness.issuable_ttl(m, issuer.delegation_end(delegation), now)
                 if domain == self.domain

@@ -38,6 +38,7 @@ from qhx_edge.store.sqlitefile import SqliteFile
 STORE_FILE = "node.sqlite"
 GENESIS = b"\x00" * 32
 
+
 def _content_digests(conn: sqlite3.Connection) -> None:
     """Migration 6: re-key documents and marks by :attr:`Signed.digest`, the signed content's digest.
 
@@ -265,6 +266,16 @@ class Store(SqliteFile):
         rows = self.conn.execute("SELECT type, version, digest FROM high_water WHERE domain = ?", (domain,))
         return {t: Mark(v, bytes(d)) for t, v, d in rows}
 
+    def held_expiries(self, domain: str) -> dict[str, int]:
+        """``expires`` of the current root, bundle and policy of ``domain`` (what issuance rests on)."""
+        rows = self.conn.execute(
+            "SELECT h.type, d.expires FROM high_water h JOIN documents d ON d.domain = h.domain "
+            "AND d.type = h.type AND d.version = h.version "
+            "WHERE h.domain = ? AND h.type IN ('root', 'bundle', 'policy')",
+            (domain,),
+        )
+        return {t: int(e) for t, e in rows}
+
     def document(self, domain: str, type_: str, version: int) -> bytes | None:
         row = self.conn.execute(
             "SELECT body FROM documents WHERE domain = ? AND type = ? AND version = ?", (domain, type_, version)
@@ -328,6 +339,7 @@ class Store(SqliteFile):
                 marks=self.marks(domain),
                 freshness=fresh if fresh is not None and isinstance(fresh.payload, Freshness) else None,
                 history=history,
+                expires=self.held_expiries(domain),
             )
         info = self.conn.execute("SELECT node_id FROM node").fetchone()
         card = self.conn.execute("SELECT card FROM identity").fetchone()
