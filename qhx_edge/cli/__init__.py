@@ -36,6 +36,7 @@ DEFAULT_HOME = "~/.local/share/qhx-edge"
 # Every command of the root group: name -> ("module:attribute", its help).  The help is the
 # command's own (a test checks they agree), so --help can list a command without importing it.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "audit": ("qhx_edge.cli.audit:audit_group", "The audit log: verify it against its signed checkpoints."),
     "authority": (
         "qhx_edge.cli.authority:authority_group",
         "A trust domain's authority: root keys, CAs and published documents.",

@@ -12,7 +12,12 @@ COSE_Sign by the node's signing key (content type :data:`CONTENT_TYPE`) over::
      "head": bstr(32),                      # hash of entry to_seq
      "created_at": uint,
      "entries": [{"seq", "at", "event", "kind", "domain", "type", "version",
-                  "digest", "detail", "prev", "hash"}, ...]}   # every audit column
+                  "digest", "detail", "prev", "hash"}, ...],   # every audit column
+     "checkpoints": [bstr, ...]}            # optional: the node's signed audit checkpoints
+                                            # (core/checkpoint.py) whose last row is in the segment
+
+Before exporting, the node checkpoints its whole log (it holds its key then), so
+every exported entry is covered by a checkpoint the segment or a later one carries.
 
 A segment holds at most :data:`SEGMENT_ENTRIES` entries and about
 :data:`SEGMENT_BYTES`; a pack at most :data:`PACK_BUDGET` bytes of segments
@@ -45,7 +50,18 @@ transaction per import).  Rules, in order; each failure is a typed error:
   the node's own :func:`qhx_edge.store.trust_store._entry_hash`, ending in ``head``
   (``bad-signature``: the hash chain is the node's seal over its log, so an
   altered entry or hash is a broken seal, like a pack document that does not
-  match its manifest).
+  match its manifest);
+* each checkpoint a segment carries is signed by the pinned key and names
+  the node's log (``bad-signature``), its numbers run without gap, and it
+  names the hash of the segment's entry with its number (``audit-broken``:
+  a chain recomputed on the node after the checkpoint was signed).  A
+  checkpoint with the number of a held one but other bytes makes the segment a
+  fork.  Held checkpoints are kept per node in ``node_checkpoints``.
+
+The authority's own log of rejected imports (``rejections``) is hash-chained
+and checkpointed with the authority's signing key (the key of its card), like
+a node's audit log: ``audit verify`` on an authority home checks it, every
+node's held chain and the node checkpoints that cover it.
 
 A rejected segment changes nothing; the other segments of the pack still
 apply (as a node applies the valid documents of a pack), unless ``--strict``.
@@ -79,12 +95,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qhx_edge.core import cbor, cose
+from qhx_edge.core import cbor, checkpoint, cose
 from qhx_edge.core.cards import Card, EncryptionPublicKey, parse_card
 from qhx_edge.core.errors import (
     BadSignature,
@@ -99,6 +115,7 @@ from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, PublicKey
 from qhx_edge.homes.authority import AUTHORITY_NODE
 from qhx_edge.packs import pack, seal
+from qhx_edge.store import audit as audit_log
 from qhx_edge.store.sqlitefile import SqliteFile
 from qhx_edge.store.trust_store import GENESIS, AuditEntry, Store, _entry_hash
 
@@ -114,6 +131,8 @@ MAX_SEGMENT_SIZE = 8 << 20
 PACK_BUDGET = pack.MAX_PACK_SIZE - (8 << 20)
 COLUMNS = ("seq", "at", "event", "kind", "domain", "type", "version", "digest", "detail", "prev", "hash")
 SEGMENT_FIELDS = frozenset({"type", "node_id", "domain", "from_seq", "to_seq", "prev", "head", "created_at", "entries"})
+OPTIONAL_FIELDS = frozenset({"checkpoints"})
+MAX_SEGMENT_CHECKPOINTS = SEGMENT_ENTRIES
 
 
 # --- segments ----------------------------------------------------------------------------
@@ -132,6 +151,7 @@ class Segment:
     head: bytes
     created_at: int
     entries: tuple[dict[str, Any], ...]
+    checkpoints: tuple[checkpoint.Checkpoint, ...] = ()
 
     @property
     def digest(self) -> bytes:
@@ -139,9 +159,16 @@ class Segment:
 
 
 def make_segment(
-    signer: PrivateKey, node_id: str, domain: str, entries: Sequence[dict[str, Any]], prev: bytes, now: int
+    signer: PrivateKey,
+    node_id: str,
+    domain: str,
+    entries: Sequence[dict[str, Any]],
+    prev: bytes,
+    now: int,
+    checkpoints: Sequence[bytes] = (),
 ) -> bytes:
-    """Sign ``entries`` (consecutive audit rows as maps of :data:`COLUMNS`) as one segment."""
+    """Sign ``entries`` (consecutive audit rows as maps of :data:`COLUMNS`) as one segment,
+    with the signed ``checkpoints`` that cover them."""
     if not entries:
         raise Malformed("an evidence segment holds at least one entry")
     payload = {
@@ -155,6 +182,8 @@ def make_segment(
         "created_at": now,
         "entries": list(entries),
     }
+    if checkpoints:
+        payload["checkpoints"] = list(checkpoints)
     return cose.sign(cbor.encode(payload), [signer], content_type=CONTENT_TYPE)
 
 
@@ -210,7 +239,7 @@ def parse_segment(raw: bytes, key: PublicKey) -> Segment:
         types=frozenset({"evidence"}),
         signer=key,
     ).body
-    if set(d) != SEGMENT_FIELDS:
+    if not SEGMENT_FIELDS <= set(d) <= SEGMENT_FIELDS | OPTIONAL_FIELDS:
         raise Malformed("not an evidence segment: unexpected fields")
     node_id = d["node_id"]
     if not isinstance(node_id, str) or not node_id:
@@ -242,9 +271,37 @@ def parse_segment(raw: bytes, key: PublicKey) -> Segment:
         link = h
     if link != head:
         raise BadSignature(f"segment {first}-{last}: head is not the hash of its last entry")
+    cps = _segment_checkpoints(d.get("checkpoints", []), key, node_id, domain, first, entries)
     return Segment(
-        bytes(raw), node_id, domain, first, last, prev, head, _uint(d, "created_at", "segment"), tuple(entries)
+        bytes(raw), node_id, domain, first, last, prev, head, _uint(d, "created_at", "segment"), tuple(entries), cps
     )
+
+
+def _segment_checkpoints(
+    raws: Any, key: PublicKey, node_id: str, domain: str, first: int, entries: list[dict[str, Any]]
+) -> tuple[checkpoint.Checkpoint, ...]:
+    """The node's checkpoints a segment carries: signed by its key, in a run, naming the segment's own heads."""
+    if not isinstance(raws, list) or not all(isinstance(r, bytes) for r in raws):
+        raise Malformed("segment checkpoints must be a list of signed checkpoints")
+    if len(raws) > MAX_SEGMENT_CHECKPOINTS:
+        raise Oversize(f"an evidence segment carries at most {MAX_SEGMENT_CHECKPOINTS} checkpoints")
+    try:
+        cps = checkpoint.check_chain(raws, key, log="node", node_id=node_id, domain=domain, first=None)
+    except checkpoint.AuditBroken as exc:
+        if exc.reason == checkpoint.CHECKPOINT_FORGED:
+            raise BadSignature(f"segment {first}-{first + len(entries) - 1}: {exc.message}") from exc
+        raise
+    for c in cps:
+        i = c.seq - first
+        if not 0 <= i < len(entries) or c.count != c.seq:
+            raise Malformed(f"audit checkpoint {c.n} (row {c.seq}) is not about the rows of this segment")
+        if entries[i]["hash"] != c.head:
+            raise checkpoint.AuditBroken(
+                checkpoint.CHAIN_REWRITTEN,
+                f"entry {c.seq} is not the head node checkpoint {c.n} signed: the node's chain was recomputed",
+                seq=c.seq,
+            )
+    return tuple(cps)
 
 
 # --- node side ---------------------------------------------------------------------------
@@ -305,6 +362,7 @@ def export_evidence(
     if not 1 <= segment_entries <= SEGMENT_ENTRIES:
         raise Malformed(f"segment_entries must be between 1 and {SEGMENT_ENTRIES}")
     store = n.store
+    store.checkpoint_audit(now, n.identity.signer)  # every exported entry is then covered by a checkpoint
     mark = store.evidence_mark()
     last, prev = mark, _hash_at(store, mark)
     segments: list[bytes] = []
@@ -328,7 +386,8 @@ def export_evidence(
             chunk.append(r)
             size += n_bytes
             link = r["hash"]
-        seg = make_segment(n.identity.signer, n.node_id, n.domain, chunk, prev, now)
+        cps = store.audit_checkpoints(chunk[0]["seq"], chunk[-1]["seq"])
+        seg = make_segment(n.identity.signer, n.node_id, n.domain, chunk, prev, now, cps)
         if len(seg) > MAX_SEGMENT_SIZE:
             raise Oversize(f"audit entry {chunk[0]['seq']} is too large for an evidence segment")
         if segments and total + len(seg) > pack_budget:
@@ -466,7 +525,32 @@ MIGRATIONS: tuple[str, ...] = (
         message TEXT NOT NULL
     );
     """,
+    # 2: audit checkpoints.  The nodes' checkpoints carried by their segments; the rejections log
+    # hash-chained from the first rejection after this migration (those before predate the chain:
+    # audit_base) and checkpointed with the authority's own signing key.
+    """
+    CREATE TABLE node_checkpoints (
+        node_id TEXT NOT NULL REFERENCES nodes(node_id),
+        n INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        head BLOB NOT NULL,
+        at INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        body BLOB NOT NULL,
+        imported_at INTEGER NOT NULL,
+        PRIMARY KEY (node_id, n)
+    );
+    ALTER TABLE rejections ADD COLUMN prev BLOB;
+    ALTER TABLE rejections ADD COLUMN hash BLOB;
+    CREATE TABLE audit_base (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        base INTEGER NOT NULL
+    );
+    INSERT INTO audit_base SELECT 1, COALESCE(MAX(id), 0) FROM rejections;
+    """  # noqa: S608 - fixed text
+    + audit_log.checkpoint_table("audit_checkpoints"),
 )
+REJECTION_COLUMNS = ("at", "node_id", "pack_digest", "segment", "kind", "message")
 
 
 class EvidenceStore(SqliteFile):
@@ -474,6 +558,17 @@ class EvidenceStore(SqliteFile):
 
     MIGRATIONS = MIGRATIONS
     WHAT = "evidence"
+    # The authority's signing key and its card's (node id, domain), for checkpoints of the rejections
+    # log; looked up only when a rejection is written.  None: rejections stay beyond the last checkpoint.
+    signer_source: Callable[[], tuple[PrivateKey, str, str] | None] | None = None
+
+    @property
+    def log(self) -> audit_log.Log:
+        """The rejections log as :mod:`qhx_edge.store.audit` sees it."""
+        row = self.conn.execute("SELECT base FROM audit_base").fetchone()
+        return audit_log.Log(
+            "evidence", "rejections", "id", REJECTION_COLUMNS, "audit_checkpoints", int(row[0]) if row else 0
+        )
 
     @classmethod
     def open(cls, home: Path, *, create: bool = True) -> EvidenceStore | None:
@@ -582,11 +677,19 @@ class EvidenceStore(SqliteFile):
         """Record rejections in their own transaction (after the rejected change was rolled back)."""
         if not items:
             return
+        signer = self.signer_source() if self.signer_source is not None else None
+        record = None
         with self.transaction() as conn:
-            conn.executemany(
-                "INSERT INTO rejections (at, node_id, pack_digest, segment, kind, message) VALUES (?,?,?,?,?,?)",
+            log = self.log
+            audit_log.append(
+                conn,
+                log,
                 [(at, node_id, digest, index, exc.kind, exc.message) for node_id, digest, index, exc in items],
             )
+            if signer is not None:
+                record = audit_log.write_checkpoint(conn, log, signer[0], signer[1], signer[2], at)
+        if record is not None:
+            audit_log.write_record(self.path, record)
 
 
 def _fork_json(seq: int, reason: str, held: bytes, other: bytes, at: int, a: int, b: int) -> dict[str, Any]:
@@ -751,6 +854,7 @@ def import_evidence(auth: Authority, data: bytes, now: int, *, strict: bool = Fa
     """
     store = EvidenceStore.open(auth.home)
     assert store is not None
+    store.signer_source = lambda: authority_signer(auth.home, auth.domain)
     try:
         return _import(store, auth, data, now, strict)
     finally:
@@ -824,6 +928,12 @@ def _import(store: EvidenceStore, auth: Authority, data: bytes, now: int, strict
     return report
 
 
+def authority_signer(home: Path, domain: str) -> tuple[PrivateKey, str, str] | None:
+    """The authority's signing key (its card's) for its own logs' checkpoints, if it opens without asking."""
+    key = audit_log.quiet_signer(home)
+    return None if key is None else (key, AUTHORITY_NODE, domain)
+
+
 def _check_pinned(store: EvidenceStore, card: Card) -> dict[str, Any] | None:
     """The node's pinned record, if any; evidence must carry the pinned key."""
     pinned = store.node(card.node_id)
@@ -879,8 +989,15 @@ def _apply_segment(conn: sqlite3.Connection, node_id: str, seg: Segment, now: in
         if row is not None:
             held_prev = before[1] if before is not None else b""
             fork = (seg.from_seq, f"continues the forked history of segment {row[0]}-{row[1]}", held_prev, seg.prev)
+    if fork is None:
+        fork = _checkpoint_fork(conn, node_id, seg)
     status = "fork" if fork is not None else "chain"
     new = [e for e in seg.entries if e["seq"] not in held]
+    if fork is None:
+        conn.executemany(
+            "INSERT OR IGNORE INTO node_checkpoints VALUES (?,?,?,?,?,?,?,?)",
+            [(node_id, c.n, c.seq, c.head, c.at, c.digest, c.raw, now) for c in seg.checkpoints],
+        )
     if fork is None and not new:
         return {**out, "status": "already-held"}
     last = conn.execute("SELECT MAX(seq) FROM entries WHERE node_id = ?", (node_id,)).fetchone()[0] or 0
@@ -908,6 +1025,119 @@ def _apply_segment(conn: sqlite3.Connection, node_id: str, seg: Segment, now: in
     elif any(e["seq"] < last for e in new):
         result["fills_gap"] = True
     return result
+
+
+def _checkpoint_fork(conn: sqlite3.Connection, node_id: str, seg: Segment) -> tuple[int, str, bytes, bytes] | None:
+    """A checkpoint of the segment that contradicts a held one: same number, other bytes, or out of line."""
+    for c in seg.checkpoints:
+        held = conn.execute(
+            "SELECT digest FROM node_checkpoints WHERE node_id = ? AND n = ?", (node_id, c.n)
+        ).fetchone()
+        if held is not None and bytes(held[0]) != c.digest:
+            return (c.seq, f"node checkpoint {c.n} differs from the held one", bytes(held[0]), c.digest)
+        before = conn.execute(
+            "SELECT digest FROM node_checkpoints WHERE node_id = ? AND n = ?", (node_id, c.n - 1)
+        ).fetchone()
+        if before is not None and bytes(before[0]) != c.prev:
+            return (
+                c.seq,
+                f"node checkpoint {c.n} does not follow the held checkpoint {c.n - 1}",
+                bytes(before[0]),
+                c.prev,
+            )
+    return None
+
+
+def verify_store(home: Path, key: PublicKey, node_id: str, domain: str) -> dict[str, Any]:
+    """``audit verify`` of an authority's evidence store: its own rejections log against the
+    authority's checkpoints (``key``), and every node's held chain against the node's checkpoints.
+
+    Raises :class:`~qhx_edge.core.checkpoint.AuditBroken` at the first finding.
+    """
+    store = EvidenceStore.open(home, create=False)
+    if store is None:
+        return {"log": "evidence", "present": False, "nodes": {}}
+    try:
+        own = audit_log.verify(store.conn, store.log, key, node_id, domain, store.path)
+        nodes = {}
+        for nid, card in store.conn.execute("SELECT node_id, card FROM nodes ORDER BY node_id").fetchall():
+            nodes[nid] = _verify_node_chain(store.conn, nid, parse_card(bytes(card)))
+        return {**own, "present": True, "nodes": nodes}
+    finally:
+        store.close()
+
+
+def checkpoint_store(home: Path, signer: PrivateKey, card: Card, now: int) -> dict[str, Any] | None:
+    """Checkpoint the evidence store's rejections log now with the authority's key (``audit checkpoint``)."""
+    store = EvidenceStore.open(home)
+    assert store is not None
+    try:
+        with store.transaction() as conn:
+            body = audit_log.write_checkpoint(conn, store.log, signer, card.node_id, card.domain, now)
+        if body is not None:
+            audit_log.write_record(store.path, body)
+        last = audit_log.last_checkpoint(store.conn, store.log)
+    finally:
+        store.close()
+    return None if last is None else {"n": last[0], "seq": last[1], "at": last[2]}
+
+
+def _verify_node_chain(conn: sqlite3.Connection, node_id: str, card: Card) -> dict[str, Any]:
+    """One node's held entries (each run between gaps recomputes) against its held checkpoints."""
+    try:
+        cps = _held_checkpoints(conn, node_id, card)
+        count, last = _check_entries(conn, node_id, {c.seq: c for c in cps})
+    except checkpoint.AuditBroken as exc:
+        exc.message = f"node {node_id}: {exc.message}"
+        exc.args = (exc.message,)
+        exc.report = {"log": "evidence", "node_id": node_id, "finding": exc.finding()}
+        raise
+    covered = max((c.seq for c in cps if c.seq <= last), default=0)
+    return {
+        "entries": count,
+        "last_seq": last or None,
+        "checkpoints": len(cps),
+        "last_checkpoint": cps[-1].to_json() if cps else None,
+        "unprotected": last - covered,
+    }
+
+
+def _held_checkpoints(conn: sqlite3.Connection, node_id: str, card: Card) -> list[checkpoint.Checkpoint]:
+    """A node's held checkpoints, each signed by its pinned key; linked where both neighbours are held."""
+    rows = conn.execute("SELECT body FROM node_checkpoints WHERE node_id = ? ORDER BY n", (node_id,)).fetchall()
+    cps: list[checkpoint.Checkpoint] = []
+    for (raw,) in rows:  # evidence may have gaps: each checked on its own
+        (c,) = checkpoint.check_chain(
+            [bytes(raw)], card.signing_key, log="node", node_id=node_id, domain=card.domain, first=None
+        )
+        if cps and cps[-1].n == c.n - 1 and cps[-1].digest != c.prev:
+            raise checkpoint.AuditBroken(
+                checkpoint.CHECKPOINT_MISSING, f"node checkpoint {c.n} does not follow checkpoint {c.n - 1}"
+            )
+        cps.append(c)
+    return cps
+
+
+def _check_entries(conn: sqlite3.Connection, node_id: str, heads: dict[int, checkpoint.Checkpoint]) -> tuple[int, int]:
+    """(entries, last seq) of a node's held chain, every entry matching its hash and every signed head."""
+    link: bytes | None = None
+    last = count = 0
+    cols = ", ".join(COLUMNS)
+    for r in conn.execute(f"SELECT {cols} FROM entries WHERE node_id = ? ORDER BY seq", (node_id,)):  # noqa: S608
+        e: dict[str, Any] = {k: bytes(v) if isinstance(v, memoryview) else v for k, v in zip(COLUMNS, r, strict=True)}
+        seq = int(e["seq"])
+        if seq != last + 1:
+            link = None  # a gap: the next run starts from the prev it claims
+        entry = AuditEntry(e["event"], e["detail"], e["kind"], e["domain"], e["type"], e["version"], e["digest"])
+        if (link is not None and e["prev"] != link) or _entry_hash(e["prev"], seq, e["at"], entry) != e["hash"]:
+            raise checkpoint.AuditBroken(checkpoint.ROW_ALTERED, f"entry {seq} does not match its hash chain", seq=seq)
+        signed = heads.get(seq)
+        if signed is not None and signed.head != e["hash"]:
+            raise checkpoint.AuditBroken(
+                checkpoint.CHAIN_REWRITTEN, f"entry {seq} is not the head node checkpoint {signed.n} signed", seq=seq
+            )
+        link, last, count = e["hash"], seq, count + 1
+    return count, last
 
 
 def status_text(st: dict[str, Any]) -> str:

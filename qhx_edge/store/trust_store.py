@@ -26,14 +26,18 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import cbor
 from qhx_edge.core.documents import Freshness, Root, Signed, parse
 from qhx_edge.core.errors import EnvironmentFault, NotInitialised, QhxError, StoreCorrupt
 from qhx_edge.core.trust import DomainView, Mark, Outcome, TrustState
+from qhx_edge.store import audit as audit_log
 from qhx_edge.store.files import private_dir
 from qhx_edge.store.sqlitefile import SqliteFile
+
+if TYPE_CHECKING:
+    from qhx_edge.core.suites import PrivateKey, PublicKey
 
 STORE_FILE = "node.sqlite"
 GENESIS = b"\x00" * 32
@@ -180,12 +184,19 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     """,
     # 6: a document's digest is the digest of its signed content, not of its bytes (see below).
     _content_digests,
+    # Signed checkpoints of the audit chain (docs/architecture.md, "Audit checkpoints"): each one a
+    # COSE_Sign by the node's key over (node, number, last row, head, count, time, previous
+    # checkpoint), written in the transaction of the rows it covers.  An existing store's rows are
+    # covered by its first checkpoint.  IF NOT EXISTS: idempotent whatever number it runs as.
+    audit_log.checkpoint_table("audit_checkpoints"),
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
 # export counters.  A no-op import may record a pack; it must not look like a
 # change of trust.
-NOT_TRUST_STATE = frozenset({"audit", "watched_files", "packs_seen", "exports", "observed", "generation"})
+NOT_TRUST_STATE = frozenset(
+    {"audit", "audit_checkpoints", "watched_files", "packs_seen", "exports", "observed", "generation"}
+)
 
 
 class StateChanged(Exception):
@@ -206,6 +217,21 @@ class AuditEntry:
 def _entry_hash(prev: bytes, seq: int, at: int, e: AuditEntry) -> bytes:
     body = cbor.encode([seq, at, e.event, e.kind, e.domain, e.type, e.version, e.digest, e.detail])
     return hashlib.sha256(prev + body).digest()
+
+
+# The node's audit log as store.audit sees it: the same hash as _entry_hash, over the same columns.
+AUDIT_LOG = audit_log.Log(
+    "node",
+    "audit",
+    "seq",
+    ("at", "event", "kind", "domain", "type", "version", "digest", "detail"),
+    "audit_checkpoints",
+)
+# Issuance checkpoints once per this many rows or seconds (whichever comes first, at a commit):
+# signing costs about as much as minting an SVID (ML-DSA-65 + Ed25519 for a hybrid node), so not per
+# commit.  Every other write (imports, pins, rejections) checkpoints at its commit.
+CHECKPOINT_ROWS = 256
+CHECKPOINT_SECONDS = 60
 
 
 class Store(SqliteFile):
@@ -398,8 +424,9 @@ class Store(SqliteFile):
     def _audit(self, conn: sqlite3.Connection, at: int, entries: Sequence[AuditEntry]) -> None:
         self._audit_many(conn, [(at, entries)])
 
-    @staticmethod
-    def _audit_many(conn: sqlite3.Connection, batches: Sequence[tuple[int, Sequence[AuditEntry]]]) -> None:
+    def _audit_many(
+        self, conn: sqlite3.Connection, batches: Sequence[tuple[int, Sequence[AuditEntry]]], *, hot: bool = False
+    ) -> None:
         row = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (row[0], bytes(row[1])) if row else (0, GENESIS)
         rows = []
@@ -412,6 +439,75 @@ class Store(SqliteFile):
         conn.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
         if batches:  # every audited event is a time this node observed
             conn.execute("UPDATE observed SET high_water = MAX(high_water, ?)", (max(at for at, _ in batches),))
+        if rows:
+            self._checkpoint(conn, max(at for at, _ in batches), hot=hot)
+
+    # --- audit checkpoints (store/audit.py) ------------------------------------------------
+
+    signer_source: Callable[[], PrivateKey | None] | None = None  # else store.audit.quiet_signer
+    _signer_cache: list[PrivateKey | None] | None = None
+    _record: bytes | None = None
+
+    def checkpoint_signer(self) -> PrivateKey | None:
+        """The node's signing key for checkpoints, looked up once (never prompted for)."""
+        if self._signer_cache is None:
+            source = self.signer_source or (lambda: audit_log.quiet_signer(self.path.parent))
+            self._signer_cache = [source()]
+        return self._signer_cache[0]
+
+    def _checkpoint(self, conn: sqlite3.Connection, at: int, *, hot: bool = False, force: bool = True) -> None:
+        """Sign the chain's head inside this transaction: always, or when ``hot`` (issuance) only when due."""
+        signer = self.checkpoint_signer()
+        if signer is None:
+            return  # the rows stay beyond the last checkpoint until a write with the key covers them
+        row = conn.execute("SELECT node_id, home_domain FROM node").fetchone()
+        if row is None:
+            return
+        if hot:
+            body = audit_log.write_checkpoint(
+                conn, AUDIT_LOG, signer, row[0], row[1], at, min_rows=CHECKPOINT_ROWS, min_seconds=CHECKPOINT_SECONDS
+            )
+        else:
+            body = audit_log.write_checkpoint(conn, AUDIT_LOG, signer, row[0], row[1], at)
+        if body is not None:
+            self._record = body  # kept beside the store once the transaction commits
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The file's transaction; a checkpoint written in it is recorded beside the store after the commit."""
+        self._record = None
+        try:
+            with super().transaction() as conn:
+                yield conn
+        except BaseException:
+            self._record = None
+            raise
+        record, self._record = self._record, None
+        if record is not None:
+            audit_log.write_record(self.path, record)
+
+    def checkpoint_audit(self, at: int, signer: PrivateKey | None = None) -> dict[str, Any] | None:
+        """Checkpoint the rows beyond the last checkpoint now (``audit checkpoint``, evidence export)."""
+        if signer is not None:  # the caller has unlocked the key: use it for this store's checkpoints
+            self._signer_cache = [signer]
+        if self.checkpoint_signer() is None:
+            return None
+        with self.transaction() as conn:
+            self._checkpoint(conn, at)
+        last = audit_log.last_checkpoint(self.conn, AUDIT_LOG)
+        return None if last is None else {"n": last[0], "seq": last[1], "at": last[2]}
+
+    def audit_checkpoints(self, first: int, last: int) -> list[bytes]:
+        """The signed checkpoints whose last row is in ``first..last``."""
+        return audit_log.checkpoints_between(self.conn, AUDIT_LOG, first, last)
+
+    def verify_audit(self, key: PublicKey) -> dict[str, Any]:
+        """The audit chain against its checkpoints signed by ``key`` and the record beside the store.
+
+        Raises :class:`~qhx_edge.core.checkpoint.AuditBroken` (kind ``audit-broken``) at the first finding.
+        """
+        info = self.node_info()
+        return audit_log.verify(self.conn, AUDIT_LOG, key, info["node_id"], info["home_domain"], self.path)
 
     def audit(self, at: int, entries: Sequence[AuditEntry], *, generation: int | None = None) -> None:
         """Append entries to the audit log in their own transaction (if the trust generation is still this)."""
@@ -420,8 +516,9 @@ class Store(SqliteFile):
 
     def audit_batches(self, batches: Sequence[tuple[int, Sequence[AuditEntry]]]) -> None:
         """Append the entries of several callers, each with its own time, in one transaction (one fsync)."""
+        self.checkpoint_signer()  # looked up before the transaction: a keystore is slow to open
         with self.transaction() as conn:
-            self._audit_many(conn, batches)
+            self._audit_many(conn, batches, hot=True)
 
     def initialise(
         self, node_id: str, anchor: Signed[Root], fingerprint: str, tolerance: int, now: int, card: bytes
