@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 
 from qhx_edge.core import documents as D  # noqa: N812
@@ -13,7 +12,6 @@ from qhx_edge.core.cards import parse_card, spki
 from qhx_edge.core.suites import ES256, MLDSA65
 from qhx_edge.core.x509ca import domain_name_constraints
 from qhx_edge.homes import node
-from qhx_edge.homes.node import ImportRejected
 from qhx_edge.store import clock
 from tests.conftest import PASSPHRASE, Homes, make_pack
 
@@ -77,14 +75,19 @@ class _Opened:
         self.node.close()
 
 
-def test_a_delegation_for_another_node_is_a_scope_violation(homes: Homes, tmp_path: Path) -> None:
+def test_a_delegation_for_another_node_is_passed_over(homes: Homes, tmp_path: Path) -> None:
+    """Another node's delegation is not this node's to store, nor a fault of the pack: ``not-mine``."""
     now = clock.now()
     other = tmp_path / "other"
     node.init(other, homes.authority.anchor(), now, passphrase=PASSPHRASE.encode())
     docs = delegate(homes, other, now)
-    with _Opened(homes.node_home) as n, pytest.raises(ImportRejected) as info:
-        n.import_pack(make_pack(docs[:1]), now)
-    assert info.value.kind == "scope-violation"
+    with _Opened(homes.node_home) as n:
+        before = n.store.trust_digest()
+        result = n.import_pack(make_pack(docs[:1]), now)
+        assert [d["report"] for d in result.to_json()["documents"]] == ["not-mine"]
+        assert not result.applied
+        assert n.store.trust_digest() == before
+        assert n.store.current(homes.authority.domain, "delegation") is None
 
 
 def test_delegation_rules_in_the_trust_core(homes: Homes) -> None:

@@ -28,7 +28,7 @@ from qhx_edge.core.spiffe import parse_spiffe_id
 from qhx_edge.core.suites import ES256, MLDSA65
 from qhx_edge.core.x509ca import domain_name_constraints, private_key_object
 from qhx_edge.homes import node
-from qhx_edge.issue.issuer import BACKDATE, JWT_MAX_TTL, Issuer, X509Svid, algorithm_for
+from qhx_edge.issue.issuer import BACKDATE, JWT_MAX_TTL, Issuer, X509Svid, algorithm_for, audience_digest
 from qhx_edge.store import clock
 from tests.conftest import PASSPHRASE, Homes, make_homes, need_module, need_tool
 
@@ -709,7 +709,7 @@ def test_every_issuance_is_audited_in_one_transaction_per_call(ready: tuple[Home
             f"mode connected ttl {s.not_after - clk.t}"
         )
     assert jw["type"] == "jwt-svid"
-    assert jw["detail"].startswith(f'jwt-svid {WEB} aud ["db"] kid ')
+    assert jw["detail"].startswith(f"jwt-svid {WEB} aud sha256:{audience_digest(['db'])} kid ")
     assert f"not_after {j.expires} alg ES256 mode connected" in jw["detail"]
     assert j.token not in jw["detail"]  # a bearer token is never written to the log
 

@@ -47,7 +47,7 @@ def pack_export(
         return
     if ctx.is_authority():
         auth = ctx.authority()
-        docs = node.select(auth.export_documents(), domain=domain, since=peer)
+        docs = node.select(auth.export_documents(now), domain=domain, since=peer)
         data = auth.export_pack(docs, now)
         recipients = [c.encryption_key for c in cards]
     else:

@@ -166,7 +166,7 @@ class Limits:
 @dataclass
 class Verdict:
     index: int
-    status: str  # applied | history | already-held | duplicate | rejected
+    status: str  # applied | history | already-held | duplicate | not-mine | rejected
     doc: Signed[Any] | None = None
     error: Rejected | None = None
     # Validity of this document's signatures by index, as far as checked (under
@@ -801,15 +801,25 @@ class DomainBatch:
         """Step 5: delegations -- only this node's own, by the pki threshold of the final root, unexpired.
 
         Not part of the freshness epoch (a delegation outlives many epochs);
-        the newest valid one becomes current, older ones are history.
+        the newest valid one becomes current, older ones are history.  Another
+        node's delegation is ``not-mine``: neither checked nor stored nor an
+        error (packs carry every node's, so a rotated pki role reaches all).
+        One naming this node's id but another card is ``scope-violation``.
         """
         root, mark = self.root.payload, self.marks.get("delegation")
         delegations = []
         for v in self.by_type.get("delegation", []):
             doc: Signed[Any] = v.doc  # type: ignore[assignment]
+            if self.node_id is not None and doc.payload.node_id != self.node_id:
+                # Another node's delegation, relayed beside ours (an authority's export carries every
+                # node's current one): not ours to judge or store, and no fault of the pack.
+                v.status = "not-mine"
+                continue
             try:
-                if self.node_id is None or doc.payload.node_id != self.node_id:
-                    raise ScopeViolation(f"{doc.describe()} delegates node {doc.payload.node_id}, not this node")
+                if self.node_id is None:
+                    raise ScopeViolation(
+                        f"{doc.describe()} delegates node {doc.payload.node_id}; this state has no node"
+                    )
                 if not self._delegates_me(doc):
                     raise ScopeViolation(f"{doc.describe()} delegates another card claiming this node's id")
                 state = _check_version_signed(v, mark, self.history, root, "pki")

@@ -456,7 +456,7 @@ def delegation_pack(
     docs = finish(auth, evidence_raw, now, expected_pcrs=_policy(auth).tpm_pcrs(), lifetime=lifetime)
     # The delegation with everything current (the new bundle names the node's JWT key,
     # and the freshness naming it), so the node can apply it whatever it held before.
-    docs = [docs[0], *auth.export_documents()]
+    docs = [docs[0], *(d for d in auth.export_documents(now) if d != docs[0])]
     return auth.export_pack(docs, now), len(docs)
 
 

@@ -133,6 +133,11 @@ def load_state(data: bytes, where: Path) -> dict[str, Any]:
         "jwt_keys must map key ids to keys",
     )
     need(_is_uint(state.get("export_sequence", 0)), "export_sequence must be a count")
+    delegations = state.get("delegations", {})
+    need(
+        isinstance(delegations, dict) and all(_is_uint(v) for v in delegations.values()),
+        "delegations must map node ids to the version of their current delegation",
+    )
     checked: dict[str, Any] = state
     return checked
 
@@ -426,6 +431,7 @@ class Authority:
         # A rotated role must re-sign what it owns, or nodes reset its mark and hold nothing.
         if "pki" in roles:
             out.append(self._publish_bundle(now))
+            out += self._resign_delegations(now)
         if "policy" in roles:
             current = D.parse(self.current("policy")).payload
             assert isinstance(current, D.Policy)
@@ -495,8 +501,42 @@ class Authority:
                 "jwt_key": {"kid": kid, "spki": jwt_spki},
             }
         )
+        self.state.setdefault("delegations", {})[node_id] = payload.version  # saved by _publish
         delegation = self._publish(payload, self._signers("pki"))
         return [delegation, *self.publish_bundle(now)]
+
+    def _resign_delegations(self, now: int) -> list[bytes]:
+        """Every node's current, unexpired delegation signed again by the (new) pki keys.
+
+        A node resets its delegation mark when the pki role's keys change (TUF
+        5.3.11), so without this every node would lose its delegation, and its
+        ability to issue, when its authority rotates the pki key.  The content
+        is the same (CAs, JWT key, card, expiry: re-signing never extends a
+        delegation), under a new version issued now.  Expired ones are dropped.
+        """
+        out = []
+        current: dict[str, int] = self.state.get("delegations", {})
+        for node_id, version in sorted(current.items()):
+            old = D.parse(self.published("delegation", version)).payload
+            assert isinstance(old, D.Delegation)
+            if old.expires <= now:
+                del current[node_id]
+                continue
+            fields = {**old.to_dict(), "version": int(self.state["versions"]["delegation"]) + 1, "issued_at": now}
+            payload = D.Delegation.from_dict(fields)
+            current[node_id] = payload.version
+            out.append(self._publish(payload, self._signers("pki")))
+        self._save()
+        return out
+
+    def current_delegations(self, now: int | None = None) -> list[bytes]:
+        """Each node's current delegation (unexpired at ``now``, when given), in node id order."""
+        out = []
+        for _, version in sorted(self.state.get("delegations", {}).items()):
+            raw = self.published("delegation", version)
+            if now is None or D.parse(raw).payload.expires > now:
+                out.append(raw)
+        return out
 
     def card(self) -> bytes:
         return (self.home / CARD).read_bytes()
@@ -539,10 +579,12 @@ class Authority:
             kind=kind,
         )
 
-    def export_documents(self) -> list[bytes]:
-        """Every root version (so any node can walk the chain) and the current epoch."""
+    def export_documents(self, now: int | None = None) -> list[bytes]:
+        """Every root version (so any node can walk the chain), the current epoch, and each node's
+        current delegation (unexpired at ``now``, when given): a node takes its own and passes over
+        the others' (``not-mine``), so a delegation re-signed by a rotated pki role reaches its node."""
         roots = [self.published("root", v) for v in range(1, int(self.state["versions"]["root"]) + 1)]
-        return roots + [self.current(t) for t in ("bundle", "policy", "freshness")]
+        return roots + [self.current(t) for t in ("bundle", "policy", "freshness")] + self.current_delegations(now)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"domain": self.domain, "suite": self.state["suite"], "documents": {}}
