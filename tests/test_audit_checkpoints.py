@@ -416,3 +416,23 @@ def test_evidence_store_upgrades_from_v1(tmp_path: Path) -> None:
         assert report["first_seq"] == 2
     finally:
         store.close()
+
+
+def test_the_issuer_checkpoints_with_the_key_it_unlocked(tmp_path: Path) -> None:
+    """A serving node whose passphrase was given interactively (nothing in the environment) still
+    checkpoints its issuance rows: the issuer hands its unlocked identity to its audit store."""
+    from qhx_edge.issue.issuer import Issuer
+    from tests.test_issuance import UID, attested
+
+    homes = make_homes(tmp_path)
+    clk = attested(homes, clock.now())
+    with db(node_db(homes)) as conn:
+        before = conn.execute("SELECT COUNT(*) FROM audit_checkpoints").fetchone()[0]
+    with Issuer(homes.node_home, PASSPHRASE.encode, now=clk) as iss:
+        assert iss.x509_svids(UID)
+    with db(node_db(homes)) as conn:
+        last_cp = conn.execute("SELECT MAX(seq) FROM audit_checkpoints").fetchone()[0]
+        last_row = conn.execute("SELECT MAX(seq) FROM audit").fetchone()[0]
+        after = conn.execute("SELECT COUNT(*) FROM audit_checkpoints").fetchone()[0]
+    assert after > before
+    assert last_cp == last_row  # the issuance row is covered (the first hot commit is always due)

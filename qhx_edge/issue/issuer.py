@@ -599,6 +599,9 @@ class Issuer:
         self._store = _open_store(self.home)  # reads, under self._lock
         # The audit log's own connection: commits grouped across callers, outside self._lock.
         self._audit = GroupCommit(_open_store(self.home))
+        # Issuance checkpoints are signed with the identity this issuer unlocks anyway (the passphrase
+        # may have been typed at a prompt, so the store could not open the key by itself).
+        self._audit.store.signer_source = lambda: self._ident().signer
         self._data_version: int | None = None
         self._fingerprint: tuple[Any, ...] | None = None
         self._snap: _Snapshot | None = None
