@@ -168,3 +168,18 @@ def test_migration_re_keys_documents_by_signed_content(homes: Homes) -> None:
 def _write(path: Path, docs: list[bytes]) -> Path:
     path.write_bytes(make_pack(docs))
     return path
+
+
+def test_canonical_form_is_recognised_and_rebuilt(homes: Homes) -> None:
+    """What cose.sign writes is canonical already (kept as is); a spoiled copy is rebuilt to exactly it."""
+    for raw in homes.authority.export_documents():
+        doc = D.parse(raw)
+        assert doc.envelope.in_canonical_form
+        everything = list(range(len(doc.envelope.signatures)))
+        assert doc.canonical(everything) is doc
+        bad = D.parse(spoiled(raw))
+        assert not bad.envelope.in_canonical_form
+        good = [i for i, s in enumerate(bad.envelope.signatures) if s.kid != b"\x07" * 32]
+        assert bad.canonical(good).raw == raw
+        for variant in (spoiled(raw, junk=False, reorder=False), spoiled(raw, header=False, junk=False)):
+            assert not D.parse(variant).envelope.in_canonical_form or len(doc.envelope.signatures) == 1

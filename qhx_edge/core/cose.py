@@ -97,6 +97,9 @@ class Envelope:
     headers: dict[Any, Any]
     payload: bytes
     signatures: tuple[Signature, ...]
+    # Already in the form :meth:`canonical` gives for all its signatures (as cose.sign writes it):
+    # no unprotected body header, each kid alone in its unprotected header, (kid, alg) strictly ordered.
+    in_canonical_form: bool = False
 
     @functools.cached_property
     def content_digest(self) -> bytes:
@@ -152,7 +155,8 @@ class Envelope:
             raise Malformed("COSE_Sign needs at least one signature")
         if len(signatures) > MAX_SIGNATURES:
             raise Malformed(f"more than {MAX_SIGNATURES} signatures")
-        sigs = []
+        sigs: list[Signature] = []
+        canonical = not unprotected
         for item in signatures:
             if not isinstance(item, list) or len(item) != 3:
                 raise Malformed("COSE_Signature must be an array of three items")
@@ -166,8 +170,11 @@ class Envelope:
             kid = sunprot.get(H_KID, sheaders.get(H_KID, b""))
             if not isinstance(kid, bytes):
                 raise Malformed("kid must be a byte string")
+            canonical = canonical and sunprot == ({} if H_KID in sheaders else {H_KID: kid})
+            if sigs and (sigs[-1].kid, sigs[-1].alg) >= (kid, alg):
+                canonical = False
             sigs.append(Signature(bytes(sprot), alg, kid, sig))
-        return cls(bytes(protected), headers, payload, tuple(sigs))
+        return cls(bytes(protected), headers, payload, tuple(sigs), canonical)
 
 
 def sig_structure(body_protected: bytes, sign_protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:

@@ -481,6 +481,8 @@ class Signed(Generic[T]):
 
     def canonical(self, verified: Sequence[int]) -> Signed[T]:
         """This document with only the signatures at ``verified``, in the canonical envelope."""
+        if self.envelope.in_canonical_form and len(verified) == len(self.envelope.signatures):
+            return self  # every signature verified and the envelope is canonical already: nothing to rebuild
         raw = self.envelope.canonical(verified)
         if raw == self.raw:
             return self
