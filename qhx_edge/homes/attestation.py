@@ -35,7 +35,9 @@ policy's ``attestation.challenge_ttl`` (three days by default: a courier's
 round trip).
 
 Every failure is ``attestation-failed`` and leaves nothing issued; attempts are
-recorded in the authority's ``attestation.sqlite``.
+recorded in the authority's ``attestation.sqlite``, an audit log (``attestation``)
+hash-chained and checkpointed with the authority's own key in each attempt's
+transaction (docs/architecture.md, "Audit checkpoints").
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import hashlib
 import hmac
 import secrets
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,10 +55,20 @@ from typing import TYPE_CHECKING, Any
 from qhx_edge.core import cbor, cose
 from qhx_edge.core.cards import Card, EncryptionPublicKey, parse_card, spki
 from qhx_edge.core.documents import Policy, Root, parse
-from qhx_edge.core.errors import AnchorMismatch, AttestationFailed, BadSignature, Malformed, Rejected
+from qhx_edge.core.errors import (
+    AnchorMismatch,
+    AttestationFailed,
+    BadSignature,
+    Malformed,
+    MissingFile,
+    PassphraseError,
+    Rejected,
+    StoreCorrupt,
+)
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, PublicKey, ca_algs
 from qhx_edge.packs import pack, seal
+from qhx_edge.store import audit as audit_log
 from qhx_edge.store.files import atomic_write
 from qhx_edge.store.sqlitefile import SqliteFile
 
@@ -114,7 +126,21 @@ MIGRATIONS = (
         bound_at INTEGER NOT NULL
     );
     """,
+    # 3: audit checkpoints.  The attempts log hash-chained from the first attempt after this migration
+    # (those before predate the chain: audit_base) and checkpointed with the authority's own signing key.
+    """
+    ALTER TABLE attempts ADD COLUMN prev BLOB;
+    ALTER TABLE attempts ADD COLUMN hash BLOB;
+    CREATE TABLE audit_base (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        base INTEGER NOT NULL
+    );
+    INSERT INTO audit_base SELECT 1, COALESCE(MAX(seq), 0) FROM attempts;
+    """  # noqa: S608 - fixed text
+    + audit_log.checkpoint_table("audit_checkpoints"),
 )
+ATTEMPT_COLUMNS = ("at", "node_id", "step", "outcome", "detail")
+LOG = "attestation"  # the checkpoints' "log"
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -365,30 +391,100 @@ def _signed_by(env: cose.Envelope, key: PublicKey) -> bool:
 
 
 class AttestationStore(SqliteFile):
-    """The authority's attestation state: join tokens (hashed), pending challenges, attempts."""
+    """The authority's attestation state: join tokens (hashed), pending challenges, attempts.
+
+    The attempts are an audit log (``attestation``): hash-chained, and each
+    attempt checkpointed in its own transaction with the authority's signing key
+    (the key of its card) when ``signer_source`` yields it (see
+    :mod:`qhx_edge.store.audit`; ``audit verify`` on an authority home checks it).
+    """
 
     MIGRATIONS = MIGRATIONS
     WHAT = "attestation"
 
-    def __init__(self, home: Path) -> None:
+    def __init__(
+        self, home: Path, *, signer_source: Callable[[], tuple[PrivateKey, str, str] | None] | None = None
+    ) -> None:
         path = Path(home) / DB
         super().__init__(self.connect(path), path)
+        # The authority's signing key and its card's (node id, domain), looked up when an attempt is
+        # written.  None: attempts stay beyond the last checkpoint until a later one covers them.
+        self.signer_source = signer_source
         try:
             self.migrate()
         except BaseException:
             self.close()
             raise
 
+    @classmethod
+    def open_existing(cls, home: Path) -> AttestationStore | None:
+        """The store if the home has one (migrated), ``None`` otherwise (nothing is created)."""
+        return cls(home) if (Path(home) / DB).exists() else None
+
+    @property
+    def log(self) -> audit_log.Log:
+        """The attempts log as :mod:`qhx_edge.store.audit` sees it."""
+        row = self.conn.execute("SELECT base FROM audit_base").fetchone()
+        return audit_log.Log(LOG, "attempts", "seq", ATTEMPT_COLUMNS, "audit_checkpoints", int(row[0]) if row else 0)
+
     def attempt(self, now: int, node_id: str | None, step: str, outcome: str, detail: str) -> None:
+        """Record an attempt, chained, and checkpoint it in the same transaction (with the key)."""
+        signer = self.signer_source() if self.signer_source is not None else None
+        record = None
         with self.transaction() as c:
-            c.execute(
-                "INSERT INTO attempts (at, node_id, step, outcome, detail) VALUES (?,?,?,?,?)",
-                (now, node_id, step, outcome, detail),
-            )
+            log = self.log
+            audit_log.append(c, log, [(now, node_id, step, outcome, detail)])
+            if signer is not None:
+                record = audit_log.write_checkpoint(c, log, signer[0], signer[1], signer[2], now)
+        if record is not None:
+            audit_log.write_record(self.path, record)
 
     def attempts(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT at, node_id, step, outcome, detail FROM attempts ORDER BY seq")
-        return [dict(zip(("at", "node_id", "step", "outcome", "detail"), r, strict=True)) for r in rows]
+        return [dict(zip(ATTEMPT_COLUMNS, r, strict=True)) for r in rows]
+
+
+def authority_signer(auth: Authority) -> tuple[PrivateKey, str, str] | None:
+    """The authority's signing key (its card's) for the attempts log's checkpoints.
+
+    The exchange has the keystore open already (it unseals the request and signs
+    the challenge); a key that cannot be had leaves the attempt unprotected
+    rather than hiding the attempt's own outcome behind a passphrase error.
+    """
+    try:
+        return auth.identity.signer, AUTHORITY_NODE_ID, auth.domain
+    except (PassphraseError, MissingFile, StoreCorrupt):
+        return None
+
+
+def verify_store(home: Path, key: PublicKey, node_id: str, domain: str) -> dict[str, Any]:
+    """``audit verify`` of the authority's attempts log against its checkpoints (signed by ``key``).
+
+    Raises :class:`~qhx_edge.core.checkpoint.AuditBroken` at the first finding.
+    """
+    store = AttestationStore.open_existing(home)
+    if store is None:
+        return {"log": LOG, "present": False}
+    try:
+        return {**audit_log.verify(store.conn, store.log, key, node_id, domain, store.path), "present": True}
+    finally:
+        store.close()
+
+
+def checkpoint_store(home: Path, signer: PrivateKey, card: Card, now: int) -> dict[str, Any] | None:
+    """Checkpoint the attempts log now with the authority's key (``audit checkpoint``)."""
+    store = AttestationStore.open_existing(home)
+    if store is None:
+        return None
+    try:
+        with store.transaction() as conn:
+            body = audit_log.write_checkpoint(conn, store.log, signer, card.node_id, card.domain, now)
+        if body is not None:
+            audit_log.write_record(store.path, body)
+        last = audit_log.last_checkpoint(store.conn, store.log)
+    finally:
+        store.close()
+    return None if last is None else {"n": last[0], "seq": last[1], "at": last[2]}
 
 
 def load_manufacturer_ca(data: bytes, what: str) -> x509.Certificate:
@@ -523,7 +619,7 @@ def challenge(
     ttl: int = CHALLENGE_TTL,
 ) -> bytes:
     """Check a request and answer with a challenge (recorded as pending)."""
-    store = AttestationStore(auth.home)
+    store = AttestationStore(auth.home, signer_source=lambda: authority_signer(auth))
     node_id: str | None = None
     try:
         req = _parse_request(auth, request_raw)
@@ -602,7 +698,7 @@ def finish(
     lifetime: int | None = None,
 ) -> list[bytes]:
     """Check the evidence for a pending challenge and, if it holds, issue the delegation."""
-    store = AttestationStore(auth.home)
+    store = AttestationStore(auth.home, signer_source=lambda: authority_signer(auth))
     node_id: str | None = None
     try:
         msg = parse_message(evidence_raw, "attest-evidence")

@@ -2,10 +2,11 @@
 
 A node home has one log (``node.sqlite``'s audit chain, checkpoints signed by
 the node's key); an authority home has the rejections log of its evidence
-store (checkpoints signed by the authority's own key, the key of its card)
-and the node chains it holds as evidence (checkpoints signed by each node's
-pinned key).  See :mod:`qhx_edge.core.checkpoint` for the rules and the stable
-reasons of an ``audit-broken`` finding.
+store and the attempts log of its attestation store (checkpoints signed by the
+authority's own key, the key of its card) and the node chains it holds as
+evidence (checkpoints signed by each node's pinned key).  See
+:mod:`qhx_edge.core.checkpoint` for the rules and the stable reasons of an
+``audit-broken`` finding.
 
 The key checkpoints are checked against is the one in the home's card; the
 card sits in the same files an attacker would edit, so it is itself checked
@@ -109,16 +110,20 @@ def _verify_node(
 def _verify_authority(
     home: Path, get_passphrase: PassphraseSource | None, expect: str | None, max_unprotected: int | None
 ) -> dict[str, Any]:
-    from qhx_edge.homes import evidence
+    from qhx_edge.homes import attestation, evidence
     from qhx_edge.homes.authority import CARD
     from qhx_edge.store.files import read_capped
 
     card = parse_card(read_capped(home / CARD, 1 << 20, "authority card"))
     basis = _key_basis(home, card, get_passphrase, expect)
-    report = evidence.verify_store(home, card.signing_key, card.node_id, card.domain)
-    if report.get("present"):
-        _fail_unprotected(report, max_unprotected)
-    return {"home": "authority", "key": _key_json(card, basis), "logs": {"evidence": report}}
+    logs = {
+        "evidence": evidence.verify_store(home, card.signing_key, card.node_id, card.domain),
+        "attestation": attestation.verify_store(home, card.signing_key, card.node_id, card.domain),
+    }
+    for report in logs.values():
+        if report.get("present"):
+            _fail_unprotected(report, max_unprotected)
+    return {"home": "authority", "key": _key_json(card, basis), "logs": logs}
 
 
 def _key_json(card: Card, basis: list[str]) -> dict[str, Any]:
@@ -130,12 +135,18 @@ def checkpoint_now(home: Path, get_passphrase: PassphraseSource, now: int) -> di
     home = Path(home)
     ident_key = Keystore.open(home, get_passphrase).load(SIGNING_KEY)
     if is_authority(home):
-        from qhx_edge.homes import evidence
+        from qhx_edge.homes import attestation, evidence
         from qhx_edge.homes.authority import CARD
         from qhx_edge.store.files import read_capped
 
         card = parse_card(read_capped(home / CARD, 1 << 20, "authority card"))
-        return {"home": "authority", "logs": {"evidence": evidence.checkpoint_store(home, ident_key, card, now)}}
+        return {
+            "home": "authority",
+            "logs": {
+                "evidence": evidence.checkpoint_store(home, ident_key, card, now),
+                "attestation": attestation.checkpoint_store(home, ident_key, card, now),
+            },
+        }
     from qhx_edge.store.trust_store import Store
 
     store = Store.open(home)
@@ -155,8 +166,8 @@ def text(result: dict[str, Any]) -> str:
         f"checked against: {', '.join(key['checked_against'])}"
     )
     for name, r in result["logs"].items():
-        if name == "evidence" and not r.get("present", True):
-            lines.append("evidence: no evidence store yet")
+        if not r.get("present", True):
+            lines.append(f"{name}: no {name} store yet")
             continue
         lines.append(_log_line(name, r))
         for node_id, nr in r.get("nodes", {}).items():
