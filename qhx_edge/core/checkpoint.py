@@ -61,7 +61,11 @@ class AuditBroken(Rejected):
 
     kind = "audit-broken"
 
-    def __init__(self, reason: str, message: str, *, seq: int | None = None, report: dict[str, Any] | None = None):
+    def __init__(
+        self, reason: str, message: str | None = None, *, seq: int | None = None, report: dict[str, Any] | None = None
+    ):
+        if message is None:  # one argument, as every typed error takes: a message with no stated reason
+            reason, message = "unspecified", reason
         super().__init__(message)
         self.reason = reason
         self.seq = seq
