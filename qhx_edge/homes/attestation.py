@@ -128,16 +128,7 @@ MIGRATIONS = (
     """,
     # 3: audit checkpoints.  The attempts log hash-chained from the first attempt after this migration
     # (those before predate the chain: audit_base) and checkpointed with the authority's own signing key.
-    """
-    ALTER TABLE attempts ADD COLUMN prev BLOB;
-    ALTER TABLE attempts ADD COLUMN hash BLOB;
-    CREATE TABLE audit_base (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        base INTEGER NOT NULL
-    );
-    INSERT INTO audit_base SELECT 1, COALESCE(MAX(seq), 0) FROM attempts;
-    """  # noqa: S608 - fixed text
-    + audit_log.checkpoint_table("audit_checkpoints"),
+    audit_log.chain_existing_log("attempts", "seq"),
 )
 ATTEMPT_COLUMNS = ("at", "node_id", "step", "outcome", "detail")
 LOG = "attestation"  # the checkpoints' "log"

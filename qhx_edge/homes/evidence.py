@@ -540,15 +540,8 @@ MIGRATIONS: tuple[str, ...] = (
         imported_at INTEGER NOT NULL,
         PRIMARY KEY (node_id, n)
     );
-    ALTER TABLE rejections ADD COLUMN prev BLOB;
-    ALTER TABLE rejections ADD COLUMN hash BLOB;
-    CREATE TABLE audit_base (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        base INTEGER NOT NULL
-    );
-    INSERT INTO audit_base SELECT 1, COALESCE(MAX(id), 0) FROM rejections;
-    """  # noqa: S608 - fixed text
-    + audit_log.checkpoint_table("audit_checkpoints"),
+    """
+    + audit_log.chain_existing_log("rejections", "id"),
 )
 REJECTION_COLUMNS = ("at", "node_id", "pack_digest", "segment", "kind", "message")
 

@@ -63,6 +63,20 @@ def checkpoint_table(name: str) -> str:
     """
 
 
+def chain_existing_log(table: str, seq: str) -> str:
+    """The SQL that makes an existing table an audit log: chain columns, the base row before which
+    rows predate the chain (``audit_base``), and the checkpoint table (for a migration)."""
+    return f"""
+    ALTER TABLE {table} ADD COLUMN prev BLOB;
+    ALTER TABLE {table} ADD COLUMN hash BLOB;
+    CREATE TABLE audit_base (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        base INTEGER NOT NULL
+    );
+    INSERT INTO audit_base SELECT 1, COALESCE(MAX({seq}), 0) FROM {table};
+    """ + checkpoint_table("audit_checkpoints")  # noqa: S608 - fixed names
+
+
 def _b(v: Any) -> Any:
     return bytes(v) if isinstance(v, memoryview) else v
 
