@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import staleness, trust
 from qhx_edge.core.cards import make_card, parse_card
-from qhx_edge.core.documents import Delegation, Freshness, Policy, Root, parse
+from qhx_edge.core.documents import Delegation, Freshness, Policy, Root, Signed, parse
 from qhx_edge.core.errors import (
     AlreadyInitialised,
     AnchorMismatch,
@@ -253,6 +253,7 @@ class Node:
             p = pack.parse(data)
             if p.manifest.kind != "documents":
                 raise Malformed(f"a {p.manifest.kind} pack is for an authority home, not a node")
+            parsed = trust.parse_batch(p.documents, trust.Limits(self.tolerance))  # once, whatever the retries
         except Rejected as exc:
             self._reject(now, exc, source)
             raise
@@ -261,15 +262,22 @@ class Node:
         # state).  Concurrent imports then give what the same imports in sequence give.
         for _attempt in range(MAX_IMPORT_ATTEMPTS):
             try:
-                return self._import_once(p, sealed, now, source, strict)
+                return self._import_once(p, parsed, sealed, now, source, strict)
             except StateChanged:
                 continue
         raise StoreLocked(f"the trust state kept changing under this import ({MAX_IMPORT_ATTEMPTS} attempts)")
 
-    def _import_once(self, p: pack.Pack, sealed: bool, now: int, source: str, strict: bool) -> ImportResult:
+    def _import_once(
+        self,
+        p: pack.Pack,
+        parsed: Sequence[Signed[Any] | Rejected],
+        sealed: bool,
+        now: int,
+        source: str,
+        strict: bool,
+    ) -> ImportResult:
         try:
             limits = trust.Limits(self.tolerance)
-            parsed = trust.parse_batch(p.documents, limits)
             digests = [d.digest for d in parsed if not isinstance(d, Rejected)]
             state, generation = self.store.read_trust_state(digests)
             trust.check_clock(now, state.clock_high_water, self.tolerance)
