@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import staleness, trust
 from qhx_edge.core.cards import make_card, parse_card
+from qhx_edge.core.delegations import delegation_end, delegation_status
 from qhx_edge.core.documents import Delegation, Freshness, Policy, Root, Signed, parse
 from qhx_edge.core.errors import (
     AlreadyInitialised,
@@ -388,8 +389,6 @@ class Node:
     # --- status ------------------------------------------------------------------------
 
     def status(self, now: int) -> dict[str, Any]:
-        from qhx_edge.issue import issuer  # local: keeps the CLI's start-up light
-
         hw, observed = self.store.clock_high_water(), self.store.observed_time()
         clock_reason = None
         try:
@@ -412,7 +411,7 @@ class Node:
             out["clock_reason"] = clock_reason
         held = self.store.current(self.domain, "delegation")
         delegation = held.payload if held is not None and isinstance(held.payload, Delegation) else None
-        out["delegation"] = issuer.delegation_status(delegation, now)
+        out["delegation"] = delegation_status(delegation, now)
         for d in self.store.domains():
             domain = d["domain"]
             marks = self.store.marks(domain)
@@ -436,7 +435,7 @@ class Node:
                 # Held documents past their expiry: the domain is expired until newer ones arrive.
                 "expired_documents": {t: ends[t] for t in m.expired},
                 # The home domain's issuable TTL: the freshness mode's, capped by the delegation (0 without one).
-                "max_ttl": staleness.issuable_ttl(m, issuer.delegation_end(delegation), now)
+                "max_ttl": staleness.issuable_ttl(m, delegation_end(delegation), now)
                 if domain == self.domain
                 else m.max_ttl,
                 "freshness_max_ttl": m.max_ttl,

@@ -117,6 +117,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from qhx_edge.core import staleness, suites, trust
+from qhx_edge.core.delegations import NodeCa, delegation_end, delegation_status, node_cas
 from qhx_edge.core.documents import Bundle, Delegation, Freshness, Policy, Staleness
 from qhx_edge.core.errors import (
     BadSignature,
@@ -130,7 +131,7 @@ from qhx_edge.core.errors import (
     UnknownDomain,
 )
 from qhx_edge.core.spiffe import parse_spiffe_id
-from qhx_edge.core.suites import ES256, MLDSA65
+from qhx_edge.core.suites import ES256
 from qhx_edge.core.x509ca import private_key_object
 from qhx_edge.store import clock
 from qhx_edge.store.identity import NodeIdentity
@@ -202,80 +203,6 @@ def algorithm_for(spiffe_id: str, algorithms: dict[str, str]) -> str:
         if path.startswith(prefix) and (best is None or len(prefix) > len(best)):
             best = prefix
     return DEFAULT_ALGORITHM if best is None else algorithms[best]
-
-
-# --- delegation helpers (shared with Node.status) -------------------------------------------
-
-
-@dataclass(frozen=True)
-class NodeCa:
-    """One delegated intermediate of this node."""
-
-    alg: int
-    der: bytes
-    cert: x509.Certificate
-    spki: bytes
-    not_before: int
-    not_after: int
-    aki: x509.AuthorityKeyIdentifier
-
-
-def node_cas(delegation: Delegation) -> dict[int, NodeCa]:
-    """The delegation's intermediates by algorithm (one it cannot read certifies nothing)."""
-    out: dict[int, NodeCa] = {}
-    for der in delegation.x509_cas:
-        try:
-            cert = x509.load_der_x509_certificate(der)
-            pub = cert.public_key()
-        except ValueError:
-            continue
-        if isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(pub.curve, ec.SECP256R1):
-            alg = ES256
-        elif isinstance(pub, mldsa.MLDSA65PublicKey):
-            alg = MLDSA65
-        else:
-            continue
-        try:
-            ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        except x509.ExtensionNotFound:
-            ski = x509.SubjectKeyIdentifier.from_public_key(pub)
-        out[alg] = NodeCa(
-            alg,
-            der,
-            cert,
-            pub.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
-            int(cert.not_valid_before_utc.timestamp()),
-            int(cert.not_valid_after_utc.timestamp()),
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-        )
-    return out
-
-
-def delegation_end(delegation: Delegation | None) -> int | None:
-    """When the node stops being able to issue: the delegation's expiry or its earliest CA notAfter."""
-    if delegation is None:
-        return None
-    ends = [delegation.expires, *(ca.not_after for ca in node_cas(delegation).values())]
-    return min(ends)
-
-
-def delegation_status(delegation: Delegation | None, now: int) -> dict[str, Any]:
-    """What ``status`` shows about the node's delegation."""
-    if delegation is None:
-        return {"present": False}
-    end = delegation_end(delegation)
-    assert end is not None
-    return {
-        "present": True,
-        "version": delegation.version,
-        "issued_at": delegation.issued_at,
-        "expires": end,
-        "expired": now >= end,
-        "remaining": max(0, end - now),
-        "method": delegation.attestation.get("method"),
-        "algorithms": [suites.name_of(a) for a in sorted(node_cas(delegation), reverse=True)],
-        "jwt_kid": delegation.jwt_key.get("kid"),
-    }
 
 
 # --- the trust snapshot ---------------------------------------------------------------------
