@@ -176,6 +176,21 @@ class _Undecided(Exception):
     """The fast path cannot prove the input deterministic: the byte comparison decides."""
 
 
+def loads_strict(data: bytes) -> Any:
+    """One CBOR item from the start of ``data`` as cbor2 reads it strictly (no indefinite lengths, no
+    duplicate keys, tags left raw), or None on any error: for readers that prove determinism by
+    their own means (:func:`qhx_edge.core.cose.Envelope.parse`) and fall back to :func:`decode`."""
+    try:
+        return cbor2.loads(data, **_STRICT)
+    except Exception:  # the caller's fallback, decode, gives the typed error
+        return None
+
+
+def head_size(n: int) -> int:
+    """Bytes of a CBOR head whose argument is ``n`` in its shortest form (RFC 8949 §3, §4.2.1)."""
+    return _head_size(n)
+
+
 def _head_size(n: int) -> int:
     """Bytes of a CBOR head whose argument is ``n`` in its shortest form (RFC 8949 §3, §4.2.1)."""
     if n < 24:

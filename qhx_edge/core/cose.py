@@ -135,6 +135,10 @@ class Envelope:
 
     @classmethod
     def parse(cls, data: bytes, *, max_size: int) -> Envelope:
+        if isinstance(data, bytes) and len(data) <= max_size:
+            value = _written_shape(data)
+            if value is not None:
+                return cls.from_value(value)
         value = cbor.decode(data, max_size=max_size, tags=frozenset({COSE_SIGN_TAG}))
         return cls.from_value(value)
 
@@ -175,6 +179,68 @@ class Envelope:
                 canonical = False
             sigs.append(Signature(bytes(sprot), alg, kid, sig))
         return cls(bytes(protected), headers, payload, tuple(sigs), canonical)
+
+
+def _bstr_size(b: bytes) -> int:
+    return cbor.head_size(len(b)) + len(b)
+
+
+class _OtherShape(Exception):
+    """Not the written shape: the generic reader decides."""
+
+
+def _written_shape(data: bytes) -> cbor2.CBORTag | None:
+    """``data`` decoded, when it provably is a deterministic envelope of the shape signers write.
+
+    That shape is ``#6.98([bstr, {}, bstr, [+ [bstr, {} or {4: bstr}, bstr]]])``:
+    what :func:`sign` writes and :meth:`Envelope.canonical` gives, so what
+    nodes store and relay.  Byte strings, one-key maps and arrays hold no
+    choice but their heads' lengths, and every head cbor2 reads is at least as
+    long as its shortest form; so when the item's shortest-form length equals
+    ``len(data)``, it is deterministic and fills ``data`` exactly (RFC 8949
+    §4.2.1), with no walk over its items.  Anything else (another shape, a
+    longer head, trailing bytes, an error) returns None and the generic strict
+    reader (:func:`qhx_edge.core.cbor.decode`) decides, with its own errors.
+    """
+    try:
+        return _checked_shape(data, cbor.loads_strict(data))
+    except _OtherShape:
+        return None
+
+
+def _checked_shape(data: bytes, value: Any) -> cbor2.CBORTag:
+    if type(value) is not cbor2.CBORTag or value.tag != COSE_SIGN_TAG:
+        raise _OtherShape
+    body = value.value
+    if type(body) is not tuple or len(body) != 4:
+        raise _OtherShape
+    protected, unprotected, payload, signatures = body
+    if type(protected) is not bytes or type(payload) is not bytes or type(signatures) is not tuple:
+        raise _OtherShape
+    if type(unprotected) is not cbor2.frozendict or unprotected:
+        raise _OtherShape
+    size = 3 + _bstr_size(protected) + 1 + _bstr_size(payload) + cbor.head_size(len(signatures))  # tag 98, array(4)
+    sigs: list[list[Any]] = []
+    for item in signatures:
+        if type(item) is not tuple or len(item) != 3:
+            raise _OtherShape
+        sprot, sunprot, sig = item
+        if type(sprot) is not bytes or type(sig) is not bytes or type(sunprot) is not cbor2.frozendict:
+            raise _OtherShape
+        headers: dict[Any, Any] = {}
+        size += 1 + _bstr_size(sprot) + _bstr_size(sig) + 1  # array(3), the map's head
+        if sunprot:
+            if len(sunprot) != 1:
+                raise _OtherShape
+            ((label, kid),) = sunprot.items()
+            if type(label) is not int or label != H_KID or type(kid) is not bytes:
+                raise _OtherShape
+            headers[H_KID] = kid
+            size += 1 + _bstr_size(kid)  # the key 4, then the kid
+        sigs.append([sprot, headers, sig])
+    if size != len(data):
+        raise _OtherShape
+    return cbor2.CBORTag(COSE_SIGN_TAG, [protected, {}, payload, sigs])
 
 
 def sig_structure(body_protected: bytes, sign_protected: bytes, payload: bytes, external_aad: bytes = b"") -> bytes:
