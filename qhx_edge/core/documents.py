@@ -25,7 +25,7 @@ from qhx_edge.core import cbor, cose
 from qhx_edge.core.cose import Envelope
 from qhx_edge.core.errors import Malformed
 from qhx_edge.core.limits import MAX_INT
-from qhx_edge.core.spiffe import check_trust_domain
+from qhx_edge.core.spiffe import check_trust_domain, parse_spiffe_id, trust_domain_id
 from qhx_edge.core.suites import SUITES, PublicKey
 
 CONTENT_TYPE = "application/qhx-edge+cbor"
@@ -454,7 +454,133 @@ class Delegation(Payload):
         return out
 
 
-PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation)}
+# What one side of an agreement may release to the other (docs/architecture.md "Agreements").
+# The root chain is always released: nothing else of a domain verifies without it.
+RELEASES = ("bundle", "freshness", "policy", "policy:authorization", "revocation")
+AGREEMENT_STATUSES = ("active", "terminated")
+MAX_PREFIXES = 256
+
+
+def _accept_prefix(value: Any, other: str) -> str:
+    """A SPIFFE ID prefix of the domain ``other``: ``spiffe://other`` (all of it) or a workload ID."""
+    if value == trust_domain_id(other):
+        return str(value)
+    domain, _ = parse_spiffe_id(value)
+    if domain != other:
+        raise Malformed(f"accepted prefix {value!r} is not an identity of {other}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What one side grants the other: the other's SPIFFE IDs it accepts, what it releases to the
+    other, its staleness budget for the other's trust material, and whether it serves the other's
+    bundle to SPIFFE clients (``allow_spiffe_bundles``)."""
+
+    accept: tuple[str, ...]
+    release: tuple[str, ...]
+    max_staleness: int
+    allow_spiffe_bundles: bool
+
+    @classmethod
+    def from_dict(cls, side: str, other: str, d: Any) -> Terms:
+        if not isinstance(d, dict) or set(d) != {"accept", "release", "max_staleness", "allow_spiffe_bundles"}:
+            raise Malformed(f"terms of {side} must be a map of accept, release, max_staleness and allow_spiffe_bundles")
+        accept = _get(d, "accept", list)
+        if len(accept) > MAX_PREFIXES:
+            raise Malformed(f"terms of {side}: too many accepted prefixes")
+        prefixes = tuple(_accept_prefix(p, other) for p in accept)
+        if len(set(prefixes)) != len(prefixes):
+            raise Malformed(f"terms of {side} list an accepted prefix twice")
+        release = _get(d, "release", list)
+        if not all(isinstance(r, str) and r in RELEASES for r in release) or len(set(release)) != len(release):
+            raise Malformed(f"terms of {side}: release lists each of {', '.join(RELEASES)} at most once")
+        allow = d["allow_spiffe_bundles"]
+        if not isinstance(allow, bool):
+            raise Malformed(f"terms of {side}: allow_spiffe_bundles must be a boolean")
+        return cls(prefixes, tuple(release), _uint(d, "max_staleness", 1), allow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accept": list(self.accept),
+            "release": list(self.release),
+            "max_staleness": self.max_staleness,
+            "allow_spiffe_bundles": self.allow_spiffe_bundles,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Agreement(Payload):
+    """A coalition federation between ``domain`` (the proposer) and ``partner`` (the acceptor).
+
+    One document, signed in one COSE_Sign envelope by a threshold of the
+    federation role of *both* domains (the proposer signs, the acceptor adds
+    its signatures: :func:`countersign`).  ``roots`` pins each side's root by
+    fingerprint (SHA-256 of its signed bytes); ``terms[X]`` is what side X
+    grants the other.  ``version`` counts per pair of domains, whichever side
+    proposed.  A ``terminated`` version ends the agreement and needs the
+    threshold of one side only: either side may stop trusting at once.
+    """
+
+    type: ClassVar[str] = "agreement"
+    _fields: ClassVar[tuple[str, ...]] = ("partner", "status", "roots", "terms")
+
+    partner: str
+    status: str
+    roots: dict[str, str]
+    terms: dict[str, Terms]
+
+    @property
+    def parties(self) -> tuple[str, str]:
+        return (self.domain, self.partner)
+
+    def other(self, domain: str) -> str:
+        """The party that is not ``domain`` (which must be one of the two)."""
+        if domain == self.domain:
+            return self.partner
+        if domain == self.partner:
+            return self.domain
+        raise ValueError(f"{domain} is not a party of this agreement")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Agreement:
+        common = cls._common(d)
+        domain = common["domain"]
+        partner = check_trust_domain(d.get("partner"))
+        if partner == domain:
+            raise Malformed("an agreement needs two different domains")
+        status = _get(d, "status", str)
+        if status not in AGREEMENT_STATUSES:
+            raise Malformed(f"agreement status must be one of {', '.join(AGREEMENT_STATUSES)}")
+        parties = {domain, partner}
+        roots = _get(d, "roots", dict)
+        if set(roots) != parties or not all(
+            isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v) for v in roots.values()
+        ):
+            raise Malformed("agreement roots must map both domains to a root fingerprint (SHA-256, lowercase hex)")
+        raw_terms = _get(d, "terms", dict)
+        if set(raw_terms) != parties:
+            raise Malformed("agreement terms must give the terms of both domains")
+        terms = {
+            domain: Terms.from_dict(domain, partner, raw_terms[domain]),
+            partner: Terms.from_dict(partner, domain, raw_terms[partner]),
+        }
+        return cls(partner=partner, status=status, roots=dict(roots), terms=terms, **common)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(
+            partner=self.partner,
+            status=self.status,
+            roots=dict(self.roots),
+            terms={k: v.to_dict() for k, v in self.terms.items()},
+        )
+        return out
+
+
+PAYLOAD_TYPES: dict[str, type[Payload]] = {
+    cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation, Agreement)
+}
 
 T = TypeVar("T", bound=Payload)
 
@@ -516,3 +642,24 @@ def parse(data: bytes) -> Signed[Payload]:
 def sign(payload: Payload, signers: list[Any]) -> bytes:
     """Sign ``payload`` with every algorithm of every signer (a :class:`PrivateKey` list)."""
     return cose.sign(payload.to_bytes(), signers, content_type=CONTENT_TYPE)
+
+
+def countersign(data: bytes, signers: list[Any]) -> bytes:
+    """``data`` (a signed document) with signatures by ``signers`` added: the second side of an agreement.
+
+    The signed content (protected header, payload) is unchanged, so the
+    document keeps its :attr:`Signed.digest`; every signature is over the
+    same ``Sig_structure`` (RFC 9052 §4.4), and the result is in the
+    canonical signature order :func:`cose.sign` writes.  Signatures already
+    present are kept as they are (the trust core decides which verify); a
+    signer whose key id already signed replaces nothing and adds nothing.
+    """
+    doc = parse(data)
+    env = doc.envelope
+    have = {(s.kid, s.alg) for s in env.signatures}
+    extra = cose.Envelope.parse(cose.sign(env.payload, signers, content_type=CONTENT_TYPE), max_size=MAX_DOCUMENT_SIZE)
+    if extra.protected != env.protected:
+        raise Malformed("the document's protected header is not the one this version writes")
+    sigs = list(env.signatures) + [s for s in extra.signatures if (s.kid, s.alg) not in have]
+    merged = cose.Envelope(env.protected, env.headers, env.payload, tuple(sigs))
+    return merged.canonical(range(len(sigs)))

@@ -147,6 +147,9 @@ class DomainView:
     # type -> ``expires`` of the held current bundle and policy (the root's is in ``root``): a
     # freshness naming a held document that has expired is ``expired`` (TUF 5.3.10, freeze attacks).
     expires: Mapping[str, int] = field(default_factory=dict)
+    # What a freshness of this domain must find held or supplied besides the root (mix-and-match): a
+    # partner domain releases its bundle, rarely its policy (core/agreements.py).
+    epoch_types: tuple[str, ...] = ("bundle", "policy")
 
 
 @dataclass(frozen=True)
@@ -744,7 +747,7 @@ class DomainBatch:
                     raise MixAndMatch(
                         f"freshness v{f.version} names root v{f.versions['root']}, the node holds v{root_version}"
                     )
-                for t in ("bundle", "policy"):
+                for t in self.view.epoch_types:
                     self._check_unexpired(t, f.versions[t], f)
                     if not self._usable(t, f.versions[t]):
                         raise MixAndMatch(

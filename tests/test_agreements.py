@@ -1,0 +1,202 @@
+"""The agreement document and its pure rules (core/documents.py ``Agreement``, core/agreements.py).
+
+Strict parsing with typed errors, one COSE_Sign envelope signed by both
+domains' federation roles (countersigning keeps the signed content, so the
+document keeps its digest), thresholds of both sides, the gate and the scope
+and staleness of partner identities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from qhx_edge.core import agreements as A  # noqa: N812
+from qhx_edge.core import documents as D  # noqa: N812
+from qhx_edge.core.errors import (
+    AnchorMismatch,
+    Malformed,
+    NoAgreement,
+    Rejected,
+    ScopeViolation,
+    Stale,
+    ThresholdNotMet,
+)
+from qhx_edge.homes.authority import Authority
+from tests.conftest import PASSPHRASE
+
+NOW = 1_800_000_000
+ALPHA, BETA = "alpha.example", "beta.example"
+
+
+def terms(accept: list[str], release: list[str], budget: int = 3600) -> dict[str, Any]:
+    return {"accept": accept, "release": release, "max_staleness": budget, "allow_spiffe_bundles": False}
+
+
+def body(**over: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "type": "agreement",
+        "domain": ALPHA,
+        "version": 1,
+        "issued_at": NOW,
+        "expires": NOW + 86400,
+        "partner": BETA,
+        "status": "active",
+        "roots": {ALPHA: "a" * 64, BETA: "b" * 64},
+        "terms": {
+            ALPHA: terms(["spiffe://beta.example/ns/logistics"], ["bundle", "freshness"]),
+            BETA: terms(["spiffe://alpha.example"], ["bundle", "freshness"]),
+        },
+    }
+    d.update(over)
+    return d
+
+
+def test_agreement_round_trips_and_keeps_unknown_fields() -> None:
+    a = D.Agreement.from_dict({**body(), "later": 7})
+    assert a.to_dict() == {**body(), "later": 7}
+    assert a.other(ALPHA) == BETA
+    assert a.other(BETA) == ALPHA
+    assert D.Agreement.from_dict(D.cbor.decode(a.to_bytes(), max_size=D.MAX_DOCUMENT_SIZE)) == a
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"partner": ALPHA}, "two different domains"),
+        ({"partner": "NOT VALID"}, "trust domain"),
+        ({"status": "paused"}, "status"),
+        ({"roots": {ALPHA: "a" * 64}}, "roots"),
+        ({"roots": {ALPHA: "a" * 64, BETA: "B" * 64}}, "roots"),
+        ({"terms": {ALPHA: terms([], [])}}, "terms"),
+        ({"terms": {ALPHA: terms(["spiffe://gamma.example/x"], []), BETA: terms([], [])}}, "not an identity of"),
+        ({"terms": {ALPHA: terms(["spiffe://beta.example/"], []), BETA: terms([], [])}}, "SPIFFE ID"),
+        ({"terms": {ALPHA: terms([], ["keys"]), BETA: terms([], [])}}, "release"),
+        ({"terms": {ALPHA: terms([], ["bundle", "bundle"]), BETA: terms([], [])}}, "release"),
+        ({"terms": {ALPHA: terms([], [], 0), BETA: terms([], [])}}, "max_staleness"),
+        ({"terms": {ALPHA: {**terms([], []), "allow_spiffe_bundles": 1}, BETA: terms([], [])}}, "boolean"),
+        ({"terms": {ALPHA: {**terms([], []), "extra": 1}, BETA: terms([], [])}}, "terms of"),
+    ],
+)
+def test_agreement_parsing_is_strict(change: dict[str, Any], needle: str) -> None:
+    with pytest.raises(Malformed, match=needle):
+        D.Agreement.from_dict(body(**change))
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Authority, Authority]:
+    tmp = tmp_path_factory.mktemp("agreements")
+    make = {
+        d: Authority.init(
+            tmp / d,
+            d,
+            suite="classical",
+            root_keys=1,
+            root_threshold=1,
+            passphrase=PASSPHRASE.encode(),
+            now=NOW,
+        )
+        for d in (ALPHA, BETA)
+    }
+    return make[ALPHA], make[BETA]
+
+
+def roots(alpha: Authority, beta: Authority) -> tuple[D.Signed[Any], D.Signed[Any]]:
+    return D.parse(alpha.current("root")), D.parse(beta.current("root"))
+
+
+def signed(alpha: Authority, beta: Authority, *, both: bool = True, **over: Any) -> D.Signed[Any]:
+    ra, rb = roots(alpha, beta)
+    payload = D.Agreement.from_dict(body(roots={ALPHA: A.fingerprint(ra.raw), BETA: A.fingerprint(rb.raw)}, **over))
+    data = D.sign(payload, alpha._signers("federation"))
+    if both:
+        data = D.countersign(data, beta._signers("federation"))
+    return D.parse(data)
+
+
+def test_countersigning_keeps_the_document_and_needs_both_thresholds(two: tuple[Authority, Authority]) -> None:
+    alpha, beta = two
+    ra, rb = roots(alpha, beta)
+    one = signed(alpha, beta, both=False)
+    both = signed(alpha, beta)
+    assert one.digest == both.digest  # the same signed content
+    assert len(both.envelope.signatures) == 2
+    assert D.countersign(both.raw, beta._signers("federation")) == both.raw  # idempotent
+    # Both sides are needed for an active agreement, seen from either side.
+    A.check_signatures(both, ra.payload, rb.payload)
+    A.check_signatures(both, rb.payload, ra.payload)
+    with pytest.raises(ThresholdNotMet):
+        A.check_signatures(one, rb.payload, ra.payload)  # beta never signed
+    with pytest.raises(ThresholdNotMet):
+        A.check_signatures(one, ra.payload, rb.payload)
+    with pytest.raises(AnchorMismatch):
+        A.check_signatures(both, ra.payload, None)  # the partner root is needed
+    # The root it pins is the partner's, by fingerprint.
+    A.check_pinned_root(both.payload, BETA, rb)
+    with pytest.raises(Malformed):
+        A.check_pinned_root(both.payload, ALPHA, rb)  # a root of beta is no root of alpha
+    with pytest.raises(AnchorMismatch):
+        A.check_pinned_root(D.Agreement.from_dict(body()), BETA, rb)  # pins another beta root
+
+
+def test_a_termination_needs_one_side_only(two: tuple[Authority, Authority]) -> None:
+    alpha, beta = two
+    ra, rb = roots(alpha, beta)
+    ended = signed(alpha, beta, both=False, status="terminated", version=2)
+    A.check_signatures(ended, ra.payload, rb.payload)
+    A.check_signatures(ended, rb.payload, ra.payload)  # beta's node learns alpha ended it
+    with pytest.raises(Rejected):
+        A.check_signatures(ended, rb.payload, None)  # without alpha's root, beta's node cannot tell
+
+
+def epoch(agreements: dict[str, int]) -> D.Freshness:
+    return D.Freshness.from_dict(
+        {
+            "type": "freshness",
+            "domain": ALPHA,
+            "version": 3,
+            "issued_at": NOW,
+            "expires": NOW + 3600,
+            "versions": {"root": 1, "bundle": 1, "policy": 1},
+            "agreements": agreements,
+        }
+    )
+
+
+def test_the_gate_and_partner_identities() -> None:
+    a = D.Agreement.from_dict(body())
+    assert A.gate(ALPHA, BETA, a, epoch({BETA: 1}), NOW) is None
+    for agreement, ep, now in (
+        (None, epoch({BETA: 1}), NOW),  # none held
+        (a, epoch({}), NOW),  # the freshness no longer names it
+        (a, epoch({BETA: 2}), NOW),  # names another version
+        (a, None, NOW),  # no freshness at all
+        (a, epoch({BETA: 1}), NOW + 86400),  # expired
+        (D.Agreement.from_dict(body(status="terminated")), epoch({BETA: 1}), NOW),
+    ):
+        assert isinstance(A.gate(ALPHA, BETA, agreement, ep, now), NoAgreement)
+    ok = "spiffe://beta.example/ns/logistics/api"
+    assert A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW - 10, NOW) == BETA
+    assert A.check_identity("spiffe://beta.example/ns/logistics", ALPHA, a, epoch({BETA: 1}), NOW, NOW) == BETA
+    for sid in ("spiffe://beta.example/ns/logisticsx", "spiffe://beta.example/ns/other", "spiffe://alpha.example/x"):
+        with pytest.raises(ScopeViolation):
+            A.check_identity(sid, ALPHA, a, epoch({BETA: 1}), NOW, NOW)
+    with pytest.raises(Stale):
+        A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW - 3600, NOW)
+    with pytest.raises(Stale):
+        A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), None, NOW)
+    with pytest.raises(NoAgreement):
+        A.check_identity(ok, ALPHA, a, epoch({}), NOW, NOW)
+    # Beta's side accepts every alpha identity.
+    assert A.check_identity("spiffe://alpha.example/any/thing", BETA, a, epoch({ALPHA: 1}), NOW, NOW) == ALPHA
+    assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW).mode == "connected"
+    assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 3600, NOW).mode == "expired"
+    assert A.partner_mode(ALPHA, BETA, a, epoch({}), NOW, NOW).mode == "no-agreement"
+
+
+def test_describe_shows_both_ways() -> None:
+    info = A.describe(D.Agreement.from_dict(body()))
+    assert info["grants"][ALPHA]["to"] == BETA
+    assert info["grants"][ALPHA]["releases_to_partner"] == ["root", "bundle", "freshness"]
+    assert info["grants"][BETA]["accepts_from_partner"] == ["spiffe://alpha.example"]
