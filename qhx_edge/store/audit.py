@@ -119,14 +119,17 @@ def write_checkpoint(
     *,
     min_rows: int = 1,
     min_seconds: int | None = None,
+    known_head: tuple[int, bytes] | None = None,
 ) -> bytes | None:
     """Sign and insert a checkpoint over the log's head, inside the caller's transaction.
 
     Written when at least ``min_rows`` rows are beyond the last checkpoint, or
     (with ``min_seconds``) when at least one is and the last checkpoint is that
     old.  Returns the checkpoint's bytes, or ``None`` when none was due.
+    ``known_head``: the head the caller has just appended in this transaction
+    (spares a read on the issuance path).
     """
-    seq, h = head(conn, log)
+    seq, h = known_head if known_head is not None else head(conn, log)
     last = last_checkpoint(conn, log)
     covered, last_at = (last[1], last[2]) if last else (log.base, None)
     fresh = seq - covered

@@ -440,12 +440,13 @@ class Store(SqliteFile):
         if batches:  # every audited event is a time this node observed
             conn.execute("UPDATE observed SET high_water = MAX(high_water, ?)", (max(at for at, _ in batches),))
         if rows:
-            self._checkpoint(conn, max(at for at, _ in batches), hot=hot)
+            self._checkpoint(conn, max(at for at, _ in batches), hot=hot, head=(seq, prev))
 
     # --- audit checkpoints (store/audit.py) ------------------------------------------------
 
     signer_source: Callable[[], PrivateKey | None] | None = None  # else store.audit.quiet_signer
     _signer_cache: list[PrivateKey | None] | None = None
+    _node_row: tuple[str, str] | None = None  # (node_id, home_domain): the node row never changes once written
     _record: bytes | None = None
 
     def checkpoint_signer(self) -> PrivateKey | None:
@@ -455,20 +456,40 @@ class Store(SqliteFile):
             self._signer_cache = [source()]
         return self._signer_cache[0]
 
-    def _checkpoint(self, conn: sqlite3.Connection, at: int, *, hot: bool = False, force: bool = True) -> None:
-        """Sign the chain's head inside this transaction: always, or when ``hot`` (issuance) only when due."""
+    def _checkpoint(
+        self,
+        conn: sqlite3.Connection,
+        at: int,
+        *,
+        hot: bool = False,
+        force: bool = True,
+        head: tuple[int, bytes] | None = None,
+    ) -> None:
+        """Sign the chain's head inside this transaction: always, or when ``hot`` (issuance) only when due.
+        ``head``: the chain's head as this transaction has just appended it."""
         signer = self.checkpoint_signer()
         if signer is None:
             return  # the rows stay beyond the last checkpoint until a write with the key covers them
-        row = conn.execute("SELECT node_id, home_domain FROM node").fetchone()
+        row = self._node_row
         if row is None:
-            return
+            row = conn.execute("SELECT node_id, home_domain FROM node").fetchone()
+            if row is None:
+                return
+            self._node_row = (str(row[0]), str(row[1]))  # written once, at init, never changed
         if hot:
             body = audit_log.write_checkpoint(
-                conn, AUDIT_LOG, signer, row[0], row[1], at, min_rows=CHECKPOINT_ROWS, min_seconds=CHECKPOINT_SECONDS
+                conn,
+                AUDIT_LOG,
+                signer,
+                row[0],
+                row[1],
+                at,
+                min_rows=CHECKPOINT_ROWS,
+                min_seconds=CHECKPOINT_SECONDS,
+                known_head=head,
             )
         else:
-            body = audit_log.write_checkpoint(conn, AUDIT_LOG, signer, row[0], row[1], at)
+            body = audit_log.write_checkpoint(conn, AUDIT_LOG, signer, row[0], row[1], at, known_head=head)
         if body is not None:
             self._record = body  # kept beside the store once the transaction commits
 
