@@ -46,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qhx_edge.cli.evidence:evidence_group",
         "Audit-log evidence: exported by nodes, kept per node by the authority.",
     ),
+    "federation": (
+        "qhx_edge.cli.federation:federation_group",
+        "Agreements with partner trust domains: propose, accept, publish, revoke.",
+    ),
     "node": ("qhx_edge.cli.node:node_group", "A field node's store of trust material."),
     "pack": ("qhx_edge.cli.pack:pack_group", "Move documents between homes in pack files."),
     "serve": (

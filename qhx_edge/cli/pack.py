@@ -34,9 +34,19 @@ def pack_group() -> None:
 @click.option("--history", is_flag=True, help="Node homes: include every held version.")
 @click.option("--seal-to", "seal_to", multiple=True, help="Encrypt to the node of this card (repeatable).")
 @click.option("--evidence", is_flag=True, help="Node homes: export the audit log since the last evidence export.")
+@click.option(
+    "--partner", default=None, help="Authority homes: only what our agreement with this domain releases to it."
+)
 @pass_ctx
 def pack_export(
-    ctx: Ctx, to: str, domain: str | None, since: str | None, history: bool, seal_to: tuple[str, ...], evidence: bool
+    ctx: Ctx,
+    to: str,
+    domain: str | None,
+    since: str | None,
+    history: bool,
+    seal_to: tuple[str, ...],
+    evidence: bool,
+    partner: str | None,
 ) -> None:
     """Write this home's documents (or, with --evidence, its audit log) into one signed pack file, optionally sealed."""
     peer = node.load_summary(since) if since is not None else None
@@ -45,9 +55,17 @@ def pack_export(
     if evidence:
         _export_evidence(ctx, to, cards, now, conflicting=bool(domain or since or history))
         return
+    if partner is not None and not ctx.is_authority():
+        raise click.UsageError("--partner exports what an authority's agreement releases; run it on the authority")
     if ctx.is_authority():
         auth = ctx.authority()
-        docs = node.select(auth.export_documents(now), domain=domain, since=peer)
+        if partner is not None:
+            from qhx_edge.homes import federation
+
+            everything = federation.released_to(auth, partner, now)
+        else:
+            everything = auth.export_documents(now)
+        docs = node.select(everything, domain=domain, since=peer)
         data = auth.export_pack(docs, now)
         recipients = [c.encryption_key for c in cards]
     else:

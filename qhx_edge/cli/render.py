@@ -105,6 +105,13 @@ def node_status_text(st: dict[str, Any]) -> str:
         )
         for t, end in d.get("expired_documents", {}).items():
             lines.append(f"    EXPIRED: the held {t} expired {when(end)}; import newer material")
+        ag = d.get("agreement")
+        if ag:
+            lines.append(
+                f"    agreement v{ag['version']} ({ag['status']}, until {when(ag['expires'])}), "
+                f"budget {ag['max_staleness']} s, accepts {', '.join(ag['accepts']) or 'nothing'}"
+                + (f": {ag['reason']}" if ag.get("reason") else "")
+            )
     return "\n".join(lines)
 
 

@@ -138,6 +138,18 @@ def load_state(data: bytes, where: Path) -> dict[str, Any]:
         isinstance(delegations, dict) and all(_is_uint(v) for v in delegations.values()),
         "delegations must map node ids to the version of their current delegation",
     )
+    federation = state.get("federation", {})
+    need(
+        isinstance(federation, dict)
+        and all(
+            isinstance(e, dict)
+            and _is_uint(e.get("version", 0))
+            and _is_uint(e.get("proposed", 0))
+            and e.get("status") in ("proposed", "active", "terminated")
+            for e in federation.values()
+        ),
+        "federation must map partner domains to their agreement versions and status",
+    )
     checked: dict[str, Any] = state
     return checked
 
@@ -380,10 +392,50 @@ class Authority:
         assert isinstance(policy, D.Policy)
         life = lifetime if lifetime is not None else policy.staleness.hard
         versions = {t: int(self.state["versions"][t]) for t in D.EPOCH_TYPES}
-        d = {"type": "freshness", **self._common("freshness", now, life), "versions": versions, "agreements": {}}
+        d = {
+            "type": "freshness",
+            **self._common("freshness", now, life),
+            "versions": versions,
+            "agreements": self.active_agreements(),
+        }
         return self._publish(D.Freshness.from_dict(d), self._signers("freshness"))
 
     # --- commands -------------------------------------------------------------------------
+
+    # --- agreements (the exchange is homes/federation.py) -----------------------------------
+
+    def active_agreements(self) -> dict[str, int]:
+        """Partner -> version of every active published agreement: what the next freshness names."""
+        fed = self.state.get("federation", {})
+        return {
+            p: int(e["version"]) for p, e in sorted(fed.items()) if e.get("status") == "active" and e.get("version")
+        }
+
+    def current_agreement(self, partner: str) -> D.Signed[D.Agreement] | None:
+        """The newest published agreement with ``partner`` (active or terminated), if any."""
+        entry = self.state.get("federation", {}).get(partner)
+        if entry is None or not entry.get("version"):
+            return None
+        doc = D.parse((self.home / "published" / "agreement" / partner / f"{entry['version']}.cbor").read_bytes())
+        return doc if isinstance(doc.payload, D.Agreement) else None  # type: ignore[return-value]
+
+    def agreement_documents(self, now: int) -> list[bytes]:
+        """For this domain's own nodes: each partner's current agreement (active and unexpired, or
+        terminated) and, while it is active, the partner root it pins (nodes check both thresholds)."""
+        out = []
+        for partner in sorted(self.state.get("federation", {})):
+            doc = self.current_agreement(partner)
+            if doc is None:
+                continue
+            a = doc.payload
+            if a.status == "active" and now < a.expires:
+                pinned = self.home / "federation" / partner / f"{a.roots[partner]}.cbor"
+                if pinned.exists():
+                    out.append(pinned.read_bytes())
+                out.append(doc.raw)
+            elif a.status == "terminated":
+                out.append(doc.raw)
+        return out
 
     def current(self, type_: str) -> bytes:
         return self.published(type_, int(self.state["versions"][type_]))
@@ -584,7 +636,8 @@ class Authority:
         current delegation (unexpired at ``now``, when given): a node takes its own and passes over
         the others' (``not-mine``), so a delegation re-signed by a rotated pki role reaches its node."""
         roots = [self.published("root", v) for v in range(1, int(self.state["versions"]["root"]) + 1)]
-        return roots + [self.current(t) for t in ("bundle", "policy", "freshness")] + self.current_delegations(now)
+        docs = roots + [self.current(t) for t in ("bundle", "policy", "freshness")] + self.current_delegations(now)
+        return docs + self.agreement_documents(now if now is not None else 0)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"domain": self.domain, "suite": self.state["suite"], "documents": {}}

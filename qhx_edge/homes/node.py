@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qhx_edge.core import staleness, trust
+from qhx_edge.core import agreements, staleness, trust
 from qhx_edge.core.cards import make_card, parse_card
 from qhx_edge.core.delegations import delegation_end, delegation_status
 from qhx_edge.core.documents import Delegation, Freshness, Policy, Root, Signed, parse
@@ -280,10 +280,13 @@ class Node:
         try:
             limits = trust.Limits(self.tolerance)
             digests = [d.digest for d in parsed if not isinstance(d, Rejected)]
-            state, generation = self.store.read_trust_state(digests)
+            state, fed, generation = self.store.read_federated_state(digests)
             trust.check_clock(now, state.clock_high_water, self.tolerance)
             exporter = self._check_exporter(p.manifest)
-            outcome = trust.verify_batch(p.documents, state, now, limits, parsed=parsed, checker=spread_checks)
+            # Our own domain by the trust core, then agreements and the partner domains they open.
+            outcome = agreements.verify_batch(
+                p.documents, state, fed, now, limits, parsed=parsed, checker=spread_checks
+            )
         except Rejected as exc:
             self._reject(now, exc, source)
             raise
@@ -368,7 +371,9 @@ class Node:
         self, *, history: bool = False, domain: str | None = None, since: dict[str, Any] | None = None
     ) -> list[bytes]:
         docs = self.store.held_documents(history=history)
-        return select(docs, domain=domain, since=since)
+        # Agreements travel too (relayed by anyone: they authenticate themselves), after the roots they pin.
+        held = [a.raw for a in self.store.federation().agreements.values()]
+        return select(docs, domain=domain, since=since) + (select(held, since=since) if domain is None else [])
 
     def export_pack(self, docs: list[bytes], now: int, *, kind: str = "documents") -> bytes:
         from qhx_edge.packs import pack
@@ -412,6 +417,10 @@ class Node:
         held = self.store.current(self.domain, "delegation")
         delegation = held.payload if held is not None and isinstance(held.payload, Delegation) else None
         out["delegation"] = delegation_status(delegation, now)
+        home_fresh = self.store.current(self.domain, "freshness")
+        home_epoch = (
+            home_fresh.payload if home_fresh is not None and isinstance(home_fresh.payload, Freshness) else None
+        )
         for d in self.store.domains():
             domain = d["domain"]
             marks = self.store.marks(domain)
@@ -424,7 +433,33 @@ class Node:
                 now, f.issued_at if f else None, pol.staleness if pol else None, clock_ok=clock_ok, expires=ends
             )
             versions = {t: marks[t].version if t in marks else None for t in ("root", "bundle", "policy", "freshness")}
+            partner: dict[str, Any] = {}
+            if d["relation"] == "partner":
+                # A partner's mode is under our agreement's budget, not its own policy.
+                held_agreement = self.store.agreement(domain)
+                pm = agreements.partner_mode(
+                    self.domain,
+                    domain,
+                    held_agreement.payload if held_agreement is not None else None,
+                    home_epoch,
+                    f.issued_at if f else None,
+                    now,
+                    clock_ok=clock_ok,
+                    expires=ends,
+                )
+                m = staleness.Mode(pm.mode, pm.staleness, 0, m.expired)
+                partner = {
+                    "agreement": {
+                        "version": held_agreement.payload.version if held_agreement else None,
+                        "status": held_agreement.payload.status if held_agreement else None,
+                        "expires": held_agreement.payload.expires if held_agreement else None,
+                        "max_staleness": pm.budget,
+                        "accepts": list(held_agreement.payload.terms[self.domain].accept) if held_agreement else [],
+                        "reason": pm.reason,
+                    }
+                }
             out["domains"][domain] = {
+                **partner,
                 "relation": d["relation"],
                 "anchor_fingerprint": d["anchor_fingerprint"],
                 "versions": versions,
@@ -442,6 +477,29 @@ class Node:
                 "budget": {"soft": pol.staleness.soft, "hard": pol.staleness.hard} if pol else None,
             }
         return out
+
+    def check_partner_identity(self, spiffe_id: str, now: int) -> dict[str, Any]:
+        """Whether this node may trust a partner workload's SPIFFE ID now (``no-agreement``,
+        ``scope-violation`` or ``stale`` otherwise): the agreement gate, our side's accepted
+        prefixes, and the partner's freshness within our side's budget."""
+        from qhx_edge.core.spiffe import trust_domain_of
+
+        trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
+        partner = trust_domain_of(spiffe_id)
+        held = self.store.agreement(partner)
+        home_fresh = self.store.current(self.domain, "freshness")
+        epoch = home_fresh.payload if home_fresh is not None and isinstance(home_fresh.payload, Freshness) else None
+        fresh = self.store.current(partner, "freshness") if self._trusts(partner) else None
+        agreements.check_identity(
+            spiffe_id,
+            self.domain,
+            held.payload if held is not None else None,
+            epoch,
+            fresh.payload.issued_at if fresh is not None else None,
+            now,
+        )
+        assert held is not None
+        return {"spiffe_id": spiffe_id, "domain": partner, "agreement_version": held.payload.version}
 
 
 def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:

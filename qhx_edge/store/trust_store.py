@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import cbor
-from qhx_edge.core.documents import Freshness, Root, Signed, parse
+from qhx_edge.core.agreements import FederatedOutcome, Federation, fingerprint
+from qhx_edge.core.documents import Agreement, Freshness, Root, Signed, parse
 from qhx_edge.core.errors import EnvironmentFault, NotInitialised, QhxError, StoreCorrupt
 from qhx_edge.core.trust import DomainView, Mark, Outcome, TrustState
 from qhx_edge.store import audit as audit_log
@@ -189,6 +190,24 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # checkpoint), written in the transaction of the rows it covers.  An existing store's rows are
     # covered by its first checkpoint.  IF NOT EXISTS: idempotent whatever number it runs as.
     audit_log.checkpoint_table("audit_checkpoints"),
+    # 8: agreements (docs/architecture.md "Agreements"): every accepted version per partner domain, the
+    # newest being current (its version the rollback mark of the pair).  Kept apart from `documents`,
+    # whose domain column is a document's own domain: an agreement belongs to a pair of domains.
+    # IF NOT EXISTS: idempotent whatever number it runs as, like migration 7.
+    """
+    CREATE TABLE IF NOT EXISTS agreements (
+        partner TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        proposer TEXT NOT NULL,
+        status TEXT NOT NULL,
+        issued_at INTEGER NOT NULL,
+        expires INTEGER NOT NULL,
+        accepted_at INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (partner, version)
+    );
+    """,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
@@ -323,12 +342,55 @@ class Store(SqliteFile):
 
     def read_trust_state(self, digests: Sequence[bytes] | None = None) -> tuple[TrustState, int]:
         """:meth:`trust_state` and the trust generation it belongs to, read as one snapshot."""
+        state, _, generation = self.read_federated_state(digests)
+        return state, generation
+
+    def read_federated_state(self, digests: Sequence[bytes] | None = None) -> tuple[TrustState, Federation, int]:
+        """:meth:`trust_state`, :meth:`federation` and the trust generation, read as one snapshot."""
         self.conn.execute("BEGIN")  # a read transaction: every read below sees one state
         try:
             state = self.trust_state(digests)
-            return state, self._generation(self.conn)
+            return state, self.federation(), self._generation(self.conn)
         finally:
             self.conn.execute("COMMIT")
+
+    def agreement(self, partner: str) -> Signed[Agreement] | None:
+        """The current (newest) agreement held with ``partner``."""
+        row = self.conn.execute(
+            "SELECT body, digest FROM agreements WHERE partner = ? ORDER BY version DESC LIMIT 1", (partner,)
+        ).fetchone()
+        if row is None:
+            return None
+        try:
+            doc: Signed[Any] = parse(bytes(row[0]))
+        except QhxError as exc:
+            raise StoreCorrupt(f"held agreement with {partner} does not parse: {exc}") from exc
+        if not isinstance(doc.payload, Agreement) or doc.digest != bytes(row[1]):
+            raise StoreCorrupt(f"held agreement with {partner} does not match its digest")
+        return doc
+
+    def federation(self) -> Federation:
+        """What the agreement rules need: current agreements, partner roots by fingerprint, root floors."""
+        home = self.node_info()["home_domain"]
+        partners = [r[0] for r in self.conn.execute("SELECT DISTINCT partner FROM agreements ORDER BY partner")]
+        agreements = {}
+        for p in partners:
+            doc = self.agreement(p)
+            if doc is not None:
+                agreements[p] = doc
+        roots: dict[str, Signed[Any]] = {}
+        floors: dict[str, int] = {}
+        rows = self.conn.execute(
+            "SELECT d.domain, d.version, d.body FROM documents d JOIN domains m ON m.domain = d.domain "
+            "WHERE d.type = 'root' AND m.relation = 'partner' ORDER BY d.domain, d.version"
+        )
+        for domain, version, body in rows:
+            raw = bytes(body)
+            root = parse(raw)
+            if isinstance(root.payload, Root):
+                roots[fingerprint(raw)] = root
+            floors.setdefault(domain, int(version))
+        return Federation(home, agreements, roots, floors)
 
     @staticmethod
     def _generation(conn: sqlite3.Connection) -> int:
@@ -693,6 +755,28 @@ class Store(SqliteFile):
                 entries.append(
                     AuditEntry("reset", f"{type_} keys rotated: high-water mark reset ({detail})", None, domain, type_)
                 )
+            if isinstance(outcome, FederatedOutcome):
+                for partner, fp in sorted(outcome.new_domains.items()):
+                    conn.execute("INSERT INTO domains VALUES (?, 'partner', ?, ?)", (partner, fp, now))
+                    entries.append(AuditEntry("partner", f"partner {partner} anchored to root {fp} by agreement"))
+                home = self.node_info()["home_domain"]
+                conn.executemany(
+                    "INSERT INTO agreements VALUES (?,?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            a.payload.other(home),
+                            a.payload.version,
+                            a.digest,
+                            a.payload.domain,
+                            a.payload.status,
+                            a.payload.issued_at,
+                            a.payload.expires,
+                            now,
+                            a.raw,
+                        )
+                        for a in outcome.agreements
+                    ],
+                )
             docs = outcome.accepted
             self._insert_docs(conn, docs, now)
             for (domain, type_), mark in sorted(outcome.marks.items()):
@@ -703,7 +787,7 @@ class Store(SqliteFile):
                 )
             conn.execute("UPDATE clock SET high_water = MAX(high_water, ?)", (outcome.clock_high_water,))
             for v in outcome.verdicts:
-                if v.doc is not None and v.status in ("applied", "history"):
+                if v.doc is not None and v.status in ("applied", "history"):  # agreements too
                     p = v.doc.payload
                     entries.append(
                         AuditEntry("accept", f"{v.status}: {detail}", None, p.domain, p.type, p.version, v.doc.digest)
