@@ -467,15 +467,7 @@ def checkpoint_store(home: Path, signer: PrivateKey, card: Card, now: int) -> di
     store = AttestationStore.open_existing(home)
     if store is None:
         return None
-    try:
-        with store.transaction() as conn:
-            body = audit_log.write_checkpoint(conn, store.log, signer, card.node_id, card.domain, now)
-        if body is not None:
-            audit_log.write_record(store.path, body)
-        last = audit_log.last_checkpoint(store.conn, store.log)
-    finally:
-        store.close()
-    return None if last is None else {"n": last[0], "seq": last[1], "at": last[2]}
+    return audit_log.checkpoint_now(store, store.log, signer, card.node_id, card.domain, now)
 
 
 def load_manufacturer_ca(data: bytes, what: str) -> x509.Certificate:

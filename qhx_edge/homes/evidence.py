@@ -1064,15 +1064,7 @@ def checkpoint_store(home: Path, signer: PrivateKey, card: Card, now: int) -> di
     """Checkpoint the evidence store's rejections log now with the authority's key (``audit checkpoint``)."""
     store = EvidenceStore.open(home)
     assert store is not None
-    try:
-        with store.transaction() as conn:
-            body = audit_log.write_checkpoint(conn, store.log, signer, card.node_id, card.domain, now)
-        if body is not None:
-            audit_log.write_record(store.path, body)
-        last = audit_log.last_checkpoint(store.conn, store.log)
-    finally:
-        store.close()
-    return None if last is None else {"n": last[0], "seq": last[1], "at": last[2]}
+    return audit_log.checkpoint_now(store, store.log, signer, card.node_id, card.domain, now)
 
 
 def _verify_node_chain(conn: sqlite3.Connection, node_id: str, card: Card) -> dict[str, Any]:

@@ -503,6 +503,20 @@ class _InFlight:
         return self._value
 
 
+@dataclass(frozen=True)
+class _Claimed:
+    """What :meth:`Issuer._claim_planned` decided for one call."""
+
+    snap: _Snapshot
+    mode: staleness.Mode
+    now: int
+    keys: list[Any]  # the caller's cache keys, in answer order
+    hits: dict[Any, Any]
+    plans: list[_Plan]
+    theirs: dict[Any, _InFlight]
+    generation: Any
+
+
 @dataclass
 class _Mode:
     """The home domain's mode and every domain's, at one instant."""
@@ -803,17 +817,37 @@ class Issuer:
                 mine.append(key)
         return hits, mine, theirs
 
-    def _issue(
+    def _claim_planned(
         self,
-        snap: _Snapshot,
-        mode: staleness.Mode,
-        now: int,
-        plans: list[_Plan],
-        generation: Any,
+        selectors: frozenset[str],
+        keys_of: Callable[[list[str]], list[Any]],
         cache: dict[Any, _Cached],
         flights: dict[Any, _InFlight],
-        *,
-        streamed: bool,
+        plan: Callable[[_Snapshot, staleness.Mode, Any, int], _Plan],
+    ) -> _Claimed:
+        """Take a minting slot, then under the lock: the state, the caller's keys (``keys_of`` the matched
+        SPIFFE IDs), their cache hits, and a plan and an :class:`_InFlight` for each this caller must mint.
+
+        The slot is released on any refusal (planning may refuse before anything is claimed); otherwise
+        :meth:`_issue` releases it once the SVIDs are minted."""
+        self._slots.acquire()
+        try:
+            with self._lock:
+                now = self._now()
+                snap = self._snapshot()
+                mode = self._issuing(snap, now)
+                keys = keys_of(self._match(snap, selectors))
+                hits, mine, theirs = self._claim(keys, cache, flights, now)
+                plans = [plan(snap, mode, key, now) for key in mine]  # may refuse: nothing claimed yet
+                for p in plans:
+                    flights[p.key] = _InFlight()
+                return _Claimed(snap, mode, now, keys, hits, plans, theirs, self._cache_key)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _issue(
+        self, c: _Claimed, cache: dict[Any, _Cached], flights: dict[Any, _InFlight], *, streamed: bool
     ) -> dict[Any, Any]:
         """Mint the planned SVIDs (outside the lock), audit them durably, then cache and return them.
 
@@ -824,6 +858,7 @@ class Issuer:
         its audit entries succeeded; callers waiting on these SVIDs get the
         same error.
         """
+        snap, mode, now, plans, generation = c.snap, c.mode, c.now, c.plans, c.generation
         mine = [flights[p.key] for p in plans]
         try:
             try:
@@ -857,25 +892,12 @@ class Issuer:
 
     def x509_svids(self, selectors: frozenset[str]) -> list[X509Svid]:
         """Every X.509-SVID registered for ``selectors`` (cached until half-life)."""
-        self._slots.acquire()
-        try:
-            with self._lock:
-                now = self._now()
-                snap = self._snapshot()
-                mode = self._issuing(snap, now)
-                ids = self._match(snap, selectors)
-                out, mine, theirs = self._claim(ids, self._x509, self._x509_flight, now)
-                plans = [self._plan_x509(snap, mode, sid, now) for sid in mine]  # may refuse: nothing claimed yet
-                for p in plans:
-                    self._x509_flight[p.key] = _InFlight()
-                generation = self._cache_key
-        except BaseException:
-            self._slots.release()
-            raise
-        out.update(self._issue(snap, mode, now, plans, generation, self._x509, self._x509_flight, streamed=True))
-        for sid, flight in theirs.items():
+        c = self._claim_planned(selectors, list, self._x509, self._x509_flight, self._plan_x509)
+        out = c.hits
+        out.update(self._issue(c, self._x509, self._x509_flight, streamed=True))
+        for sid, flight in c.theirs.items():
             out[sid] = flight.wait()
-        return [out[sid] for sid in ids]
+        return [out[sid] for sid in c.keys]
 
     def cached_x509(self, selectors: frozenset[str]) -> tuple[list[X509Svid], dict[str, bytes]] | None:
         """``(x509_svids(selectors), x509_bundles())`` when that needs no minting and no store read beyond
@@ -918,28 +940,20 @@ class Issuer:
     def jwt_svids(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid]:
         """A JWT-SVID for ``audience`` per registered SPIFFE ID (or only ``spiffe_id``)."""
         aud = _audience(audience)
-        self._slots.acquire()
-        try:
-            with self._lock:
-                now = self._now()
-                snap = self._snapshot()
-                mode = self._issuing(snap, now)
-                ids = _only(self._match(snap, selectors), spiffe_id)
-                keys = [(sid, aud) for sid in ids]
-                out, mine, theirs = self._claim(keys, self._jwt, self._jwt_flight, now)
-                plans = [self._plan_jwt(snap, mode, sid, a, now) for sid, a in mine]
-                for p in plans:
-                    self._jwt_flight[p.key] = _InFlight()
-                generation = self._cache_key
-        except BaseException:
-            self._slots.release()
-            raise
-        out.update(self._issue(snap, mode, now, plans, generation, self._jwt, self._jwt_flight, streamed=False))
+        c = self._claim_planned(
+            selectors,
+            lambda ids: [(sid, aud) for sid in _only(ids, spiffe_id)],
+            self._jwt,
+            self._jwt_flight,
+            lambda snap, mode, key, now: self._plan_jwt(snap, mode, key[0], key[1], now),
+        )
+        out = c.hits
+        out.update(self._issue(c, self._jwt, self._jwt_flight, streamed=False))
         with self._lock:
             self._jwt.trim(MAX_JWT_CACHE, self.jwt_cache_bytes)
-        for key, flight in theirs.items():
+        for key, flight in c.theirs.items():
             out[key] = flight.wait()
-        return [out[key] for key in keys]
+        return [out[key] for key in c.keys]
 
     def cached_jwt(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid] | None:
         """``jwt_svids(...)`` when every SVID it would give is cached, else None; like :meth:`cached_x509` it

@@ -33,6 +33,7 @@ from qhx_edge.core import checkpoint as cp
 from qhx_edge.core.errors import MissingFile, PassphraseError, QhxError, Rejected, StoreCorrupt
 from qhx_edge.core.suites import PrivateKey, PublicKey
 from qhx_edge.store.files import atomic_write, read_capped
+from qhx_edge.store.sqlitefile import SqliteFile
 
 RECORD_SUFFIX = ".checkpoint"
 
@@ -156,6 +157,22 @@ def write_checkpoint(
         (n, seq, h, at, hashlib.sha256(body).digest(), body),
     )
     return body
+
+
+def checkpoint_now(
+    store: SqliteFile, log: Log, signer: PrivateKey, node_id: str, domain: str, now: int
+) -> dict[str, Any] | None:
+    """Checkpoint ``store``'s ``log`` now (``audit checkpoint``), record it beside the store, close the
+    store; the newest checkpoint's ``{"n", "seq", "at"}``, or None when the log has none."""
+    try:
+        with store.transaction() as conn:
+            body = write_checkpoint(conn, log, signer, node_id, domain, now)
+        if body is not None:
+            write_record(store.path, body)
+        last = last_checkpoint(store.conn, log)
+    finally:
+        store.close()
+    return None if last is None else {"n": last[0], "seq": last[1], "at": last[2]}
 
 
 def checkpoints_between(conn: sqlite3.Connection, log: Log, first: int, last: int) -> list[bytes]:
