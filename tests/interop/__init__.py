@@ -217,6 +217,10 @@ class Spire:
   ca_ttl = "24h"
   default_x509_svid_ttl = "1h"
   default_jwt_svid_ttl = "5m"
+  experimental {{
+    # A new entry reaches agents after the next reload of the server's entry cache (5 s by default).
+    cache_reload_interval = "500ms"
+  }}
 }}
 plugins {{
   DataStore "sql" {{
@@ -253,6 +257,9 @@ plugins {{
   trust_domain = "{self.trust_domain}"
   insecure_bootstrap = true
   join_token = "{token}"
+  experimental {{
+    sync_interval = "1s"  # how often the agent asks the server for its entries (5 s by default)
+  }}
 }}
 plugins {{
   NodeAttestor "join_token" {{
