@@ -272,3 +272,69 @@ def test_three_domains_relayed_documents(tmp_path: Path) -> None:
     st = ok("--home", n, "--json", "status")["domains"]
     assert set(st) == {ALPHA, BETA}
     assert st[BETA]["mode"] == "connected"
+
+
+def _pem(chain: list[bytes]) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return b"".join(x509.load_der_x509_certificate(c).public_bytes(Encoding.PEM) for c in chain)
+
+
+def test_partner_svids_by_pack_files(tmp_path: Path) -> None:
+    """A beta workload's X.509-SVID verifies on alpha's node inside the agreement's scope; outside it is
+    ``scope-violation``, past alpha's budget ``stale``, after revocation ``no-agreement``."""
+    from qhx_edge.core.suites import ES256
+    from qhx_edge.issue.issuer import Issuer
+    from qhx_edge.store import clock
+    from tests.conftest import PASSPHRASE, make_homes
+    from tests.test_issuance import STALENESS, Clock, attested
+
+    now = clock.now()
+    beta = make_homes(tmp_path / "beta", domain=BETA, suite="classical")
+    inside, outside = "spiffe://beta.example/ns/logistics/api", "spiffe://beta.example/ns/other/api"
+    policy = {
+        "staleness": STALENESS,
+        "algorithms": {"/": "ES256"},
+        "registrations": [
+            {"spiffe_id": inside, "selectors": ["unix:uid:1000"]},
+            {"spiffe_id": outside, "selectors": ["unix:uid:2000"]},
+        ],
+    }
+    attested(beta, now, policy, algs=(ES256,))
+    pems = {}
+    with Issuer(beta.node_home, PASSPHRASE.encode, now=Clock(now)) as iss:
+        for uid, sid in (("1000", inside), ("2000", outside)):
+            (svid,) = iss.x509_svids(frozenset({f"unix:uid:{uid}"}))
+            assert svid.spiffe_id == sid
+            pems[sid] = tmp_path / f"{uid}.pem"
+            pems[sid].write_bytes(_pem(svid.cert_chain))
+
+    a = authority(tmp_path, "A", ALPHA)
+    b_anchor = tmp_path / "beta-root.cbor"
+    b = (beta.a, b_anchor, ok("--home", beta.a, "--json", "authority", "anchor", "--to", b_anchor)["fingerprint"])
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS)
+    ours, theirs = tmp_path / "a.pack", tmp_path / "b.pack"
+    ok("--home", a[0], "--json", "pack", "export", "--to", ours)
+    ok("--home", n, "--json", "pack", "import", ours)
+    fails("stale", "--home", n, "--json", "svid", "verify", pems[inside])  # no beta freshness yet
+    ok("--home", beta.a, "--json", "pack", "export", "--partner", ALPHA, "--to", theirs)
+    ok("--home", n, "--json", "pack", "import", theirs)
+
+    got = ok("--home", n, "--json", "svid", "verify", pems[inside])
+    assert (got["spiffe_id"], got["relation"], got["agreement_version"]) == (inside, "partner", 1)
+    fails("scope-violation", "--home", n, "--json", "svid", "verify", pems[outside])
+    # A chain cut from its intermediate does not reach the bundle.
+    leaf_only = tmp_path / "leaf.pem"
+    leaf_only.write_bytes(
+        pems[inside].read_bytes().split(b"-----END CERTIFICATE-----\n")[0] + b"-----END CERTIFICATE-----\n"
+    )
+    fails("bad-signature", "--home", n, "--json", "svid", "verify", leaf_only)
+    if find_libfaketime() is not None:
+        fails("stale", "--home", n, "--json", "svid", "verify", pems[inside], prefix=faketime_prefix("+2h"))
+    ok("--home", a[0], "--json", "federation", "revoke", "--partner", BETA)
+    ok("--home", a[0], "--json", "pack", "export", "--to", ours)
+    ok("--home", n, "--json", "pack", "import", ours)
+    fails("no-agreement", "--home", n, "--json", "svid", "verify", pems[inside])

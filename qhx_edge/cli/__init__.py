@@ -57,6 +57,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.",
     ),
     "status": ("qhx_edge.cli.status:status", "Held versions, freshness, staleness and mode per domain."),
+    "svid": ("qhx_edge.cli.svid:svid_group", "Verify X.509-SVIDs of our own domain and of partners."),
 }
 
 

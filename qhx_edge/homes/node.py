@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 from qhx_edge.core import agreements, staleness, trust
 from qhx_edge.core.cards import make_card, parse_card
 from qhx_edge.core.delegations import delegation_end, delegation_status
-from qhx_edge.core.documents import Delegation, Freshness, Policy, Root, Signed, parse
+from qhx_edge.core.documents import Bundle, Delegation, Freshness, Policy, Root, Signed, parse
 from qhx_edge.core.errors import (
     AlreadyInitialised,
     AnchorMismatch,
     BadSignature,
     ClockRollback,
+    Expired,
     Malformed,
     QhxError,
     Rejected,
@@ -500,6 +501,34 @@ class Node:
         )
         assert held is not None
         return {"spiffe_id": spiffe_id, "domain": partner, "agreement_version": held.payload.version}
+
+    def verify_svid(self, chain: list[bytes], now: int) -> dict[str, Any]:
+        """Verify an X.509-SVID chain (DER, leaf first) of our own domain or of a partner.
+
+        A partner's identity must pass :meth:`check_partner_identity` first (the
+        agreement gate, our accepted prefixes, the partner's freshness within our
+        budget); then the chain is verified against the held bundle of its domain.
+        """
+        from qhx_edge.core import svid
+        from qhx_edge.core.errors import UnknownDomain
+        from qhx_edge.core.spiffe import trust_domain_of
+
+        trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
+        spiffe_id = svid.leaf_spiffe_id(chain[0])
+        domain = trust_domain_of(spiffe_id)
+        out: dict[str, Any] = {"spiffe_id": spiffe_id, "domain": domain}
+        if domain == self.domain:
+            out["relation"] = "home"
+        else:
+            out.update(self.check_partner_identity(spiffe_id, now), relation="partner")
+        held = self.store.current(domain, "bundle") if self._trusts(domain) else None
+        if held is None or not isinstance(held.payload, Bundle):
+            raise UnknownDomain(f"this node holds no bundle of {domain}")
+        if now >= held.payload.expires:
+            raise Expired(f"the held bundle of {domain} expired at {held.payload.expires}")
+        svid.verify_x509_svid(chain, held.payload.x509_authorities, now)
+        out["bundle_version"] = held.payload.version
+        return out
 
 
 def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:
