@@ -145,3 +145,31 @@ def test_gospiffe_refuses_a_response_that_holds_an_ml_dsa_svid(tmp_path: Path) -
         assert ML_DSA_65 in r.out["error"]
         assert len(probe_ok("x509-bundles", "-socket", sock)["bundles"][DOMAIN]["der"]) == 2
         assert probe_ok("jwt", "-socket", sock, "-audience", AUDIENCE, "-spiffe-id", WEB)["parsed_id"] == WEB
+
+
+def test_gospiffe_cannot_read_a_spiffe_bundle_that_lists_an_ml_dsa_authority(classical: Path, tmp_path: Path) -> None:
+    """A constraint on ``bundle export --format spiffe`` for Go peers (SPIRE, go-spiffe).
+
+    go-spiffe parses a SPIFFE bundle with go-jose, which knows no JWK key type for ML-DSA (``AKP``,
+    nor a key without ``kty``), and refuses the whole bundle, so the ES256 authority in it is lost
+    too. A bundle for Go peers must list only the authorities they can parse.
+    """
+    out = probe_ok("x509", "-socket", classical)
+    ders = out["bundles"][DOMAIN]["der"]
+    ml_dsa = [
+        d
+        for d in ders
+        if x509.load_der_x509_certificate(base64.b64decode(d)).signature_algorithm_oid.dotted_string == ML_DSA_65
+    ]
+    assert len(ml_dsa) == 1
+    (tmp_path / "web.pem").write_text(out["svids"][0]["chain_pem"])
+    jwks = _x509_jwks(ders)
+    for extra, why in (
+        ({"kty": "AKP", "alg": "ML-DSA-65"}, "unsupported key type"),
+        ({}, "missing json web key type"),
+    ):
+        bundle = {**jwks, "keys": [*jwks["keys"], {**extra, "use": "x509-svid", "x5c": ml_dsa}]}
+        (tmp_path / "alpha.json").write_text(json.dumps(bundle))
+        r = probe("verify", "-chain", tmp_path / "web.pem", "-bundle", tmp_path / "alpha.json", "-trust-domain", DOMAIN)
+        assert r.code == 1
+        assert why in r.out["error"]

@@ -18,8 +18,9 @@ fail() { echo "interop build: $*" >&2; exit 1; }
 log() { echo "interop build: $*" >&2; }
 
 command -v go >/dev/null 2>&1 || fail "go is not installed (the interop peers are Go programs)"
+case "$cache" in /*) ;; *) cache="$PWD/$cache" ;; esac
+case "$cache/" in "$(cd "$here/../.." && pwd)"/*) fail "the cache folder $cache is inside the repository" ;; esac
 mkdir -p "$cache"
-case "$cache" in "$(cd "$here/../.." && pwd)"/*) fail "the cache folder $cache is inside the repository" ;; esac
 
 check=0
 [ "${1:-}" = "--check" ] && check=1
