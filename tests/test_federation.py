@@ -230,6 +230,11 @@ def test_agreement_by_pack_files(tmp_path: Path) -> None:
     out = fails("no-agreement", "--home", n, "--json", "pack", "import", after)
     assert (BETA, "freshness", "rejected:no-agreement") in reports(out)
     fails("no-agreement", "--home", a[0], "--json", "federation", "revoke", "--partner", BETA)
+    # The revoked agreement cannot be brought back: alpha's older pack replays version 1.
+    before = trust_digest(n)
+    out = fails("rollback", "--home", n, "--json", "pack", "import", second)
+    assert (ALPHA, "agreement", "rejected:rollback") in reports(out)
+    assert trust_digest(n) == before
 
 
 def test_three_domains_relayed_documents(tmp_path: Path) -> None:
@@ -244,6 +249,26 @@ def test_three_domains_relayed_documents(tmp_path: Path) -> None:
     bg_terms = ("--accept", "spiffe://gamma.example", "--release", "bundle", "--release", "freshness",
                 "--max-staleness", "1h", "--expires", "30d")  # fmt: skip
     agree(tmp_path, b, g, GAMMA, *bg_terms, name="bg")
+    from qhx_edge.packs import pack
+
+    # Before alpha's own pack: alpha's proposal (signed by alpha alone) beside beta's root is not an
+    # agreement; the doubly signed one beside an impostor's beta root opens nothing.
+    proposal = list(pack.parse((tmp_path / "ab-proposal.pack").read_bytes()).documents)
+    signed = pack.parse((tmp_path / "ab-agreement.pack").read_bytes()).documents
+    one_side = tmp_path / "one-side.pack"
+    one_side.write_bytes(make_pack([*proposal, b[1].read_bytes()]))
+    before = trust_digest(n)
+    out = fails("threshold", "--home", n, "--json", "pack", "import", one_side)
+    assert (ALPHA, "agreement", "rejected:threshold") in reports(out)
+    assert trust_digest(n) == before
+    fake = tmp_path / "F"
+    ok("--home", fake, "--json", "authority", "init", "--domain", BETA, "--suite", "classical")
+    impostor = tmp_path / "impostor.pack"
+    impostor.write_bytes(make_pack([signed[-1], (fake / "published" / "root" / "1.cbor").read_bytes()]))
+    out = fails("anchor-mismatch", "--home", n, "--json", "pack", "import", impostor)
+    assert (ALPHA, "agreement", "rejected:anchor-mismatch") in reports(out)
+    assert trust_digest(n) == before
+
     p = tmp_path / "a.pack"
     ok("--home", a[0], "--json", "pack", "export", "--to", p)
     ok("--home", n, "--json", "pack", "import", p)
@@ -254,8 +279,6 @@ def test_three_domains_relayed_documents(tmp_path: Path) -> None:
     ok("--home", b[0], "--json", "pack", "export", "--to", bfull)
     ok("--home", g[0], "--json", "pack", "export", "--partner", BETA, "--to", g_for_b)
     ok("--home", b[0], "--json", "pack", "export", "--partner", ALPHA, "--to", b_for_a)
-    from qhx_edge.packs import pack
-
     docs = []
     for f in (bfull, g_for_b, b_for_a):
         docs += pack.parse(f.read_bytes()).documents
