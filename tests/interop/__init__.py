@@ -171,7 +171,13 @@ def _hcl(value: str | Path) -> str:
 
 @dataclass
 class Spire:
-    """A SPIRE server and agent for trust domain ``beta.example``, in ``root`` (a short temp folder)."""
+    """A SPIRE server and agent for trust domain ``beta.example``, in ``root`` (a short temp folder).
+
+    With ``bundle_profile`` the server also runs its SPIFFE bundle endpoint on 127.0.0.1
+    (SPIFFE Federation §5): ``https_spiffe`` (served with the server's own X.509-SVID, ID
+    :attr:`server_id`) or ``https_web`` (served with ``web_cert``, a certificate and key PEM file).
+    ``federation_hcl`` is added to the server's ``federation`` block (``federates_with ...``).
+    """
 
     root: Path
     server_bin: Path
@@ -180,6 +186,18 @@ class Spire:
     port: int = 0
     running: list[Process] = field(default_factory=list)
     agent_id: str = ""
+    bundle_profile: str | None = None
+    web_cert: tuple[Path, Path] | None = None
+    bundle_port: int = 0
+    federation_hcl: str = ""
+
+    @property
+    def server_id(self) -> str:
+        return f"spiffe://{self.trust_domain}/spire/server"
+
+    @property
+    def bundle_url(self) -> str:
+        return f"https://127.0.0.1:{self.bundle_port}"
 
     @property
     def server_socket(self) -> Path:
@@ -221,7 +239,7 @@ class Spire:
     # A new entry reaches agents after the next reload of the server's entry cache (5 s by default).
     cache_reload_interval = "500ms"
   }}
-}}
+{self._federation_hcl()}}}
 plugins {{
   DataStore "sql" {{
     plugin_data {{
@@ -241,6 +259,38 @@ plugins {{
 """
         )
         return conf
+
+    def _federation_hcl(self) -> str:
+        if self.bundle_profile is None and not self.federation_hcl:
+            return ""
+        endpoint = ""
+        if self.bundle_profile == "https_spiffe":
+            profile = 'profile "https_spiffe" {}'
+        elif self.bundle_profile == "https_web":
+            assert self.web_cert is not None, "https_web needs web_cert"
+            cert, key = self.web_cert
+            profile = f"""profile "https_web" {{
+        serving_cert_file {{
+          cert_file_path = {_hcl(cert)}
+          key_file_path = {_hcl(key)}
+          file_sync_interval = "1h"  # required: SPIRE 1.13 has no default for it
+        }}
+      }}"""
+        else:
+            assert self.bundle_profile is None, f"unknown bundle endpoint profile {self.bundle_profile}"
+        if self.bundle_profile is not None:
+            self.bundle_port = free_port()
+            endpoint = f"""  bundle_endpoint {{
+      address = "127.0.0.1"
+      port = {self.bundle_port}
+      refresh_hint = "1m"
+      {profile}
+    }}
+"""
+        return f"""  federation {{
+  {endpoint}{self.federation_hcl}
+  }}
+"""
 
     def _write_agent_conf(self, token: str) -> Path:
         data = self.root / "agent" / "data"
@@ -288,6 +338,13 @@ plugins {{
             return self.server_socket.exists() and self.server("healthcheck", check=False).returncode == 0
 
         wait_until("spire-server healthcheck", healthy, timeout=60, proc=proc)
+        if self.bundle_port:
+
+            def listening() -> bool:
+                with socket.socket() as sock:
+                    return sock.connect_ex(("127.0.0.1", self.bundle_port)) == 0
+
+            wait_until("the SPIRE bundle endpoint", listening, timeout=30, proc=proc)
 
     def join_token(self) -> str:
         out = self.server("token", "generate", "-ttl", "600", "-output", "json").stdout
@@ -325,18 +382,22 @@ plugins {{
 
 
 @contextlib.contextmanager
-def spire(entries: Sequence[tuple[str, Sequence[str]]] = ()) -> Iterator[Spire]:
-    """A SPIRE server and agent (see :class:`Spire`), stopped and their folder removed afterwards.
+def spire(entries: Sequence[tuple[str, Sequence[str]]] = (), *, agent: bool = True, **server: Any) -> Iterator[Spire]:
+    """A SPIRE server and agent (see :class:`Spire`; ``server`` are its options), stopped and
+    their folder removed afterwards.
 
     The agent is attested with a join token issued before it starts, so its SPIFFE ID is known
     beforehand and ``entries`` (SPIFFE ID, selectors), registered under it first, are in its first
-    sync with the server.
+    sync with the server. ``agent=False``: the server alone.
     """
     server_bin, agent_bin = spire_binaries()
     root = Path(tempfile.mkdtemp(prefix="qhx-spire-"))  # short: Unix socket paths have 107 bytes
-    s = Spire(root, server_bin, agent_bin)
+    s = Spire(root, server_bin, agent_bin, **server)
     try:
         s.start_server()
+        if not agent:
+            yield s
+            return
         # The agent id is known before the agent runs, so an entry made now is in its first sync.
         token = s.join_token()
         s.agent_id = f"spiffe://{s.trust_domain}/spire/agent/join_token/{token}"
