@@ -188,6 +188,8 @@ def test_the_gate_and_partner_identities() -> None:
         A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), None, NOW)
     with pytest.raises(NoAgreement):
         A.check_identity(ok, ALPHA, a, epoch({}), NOW, NOW)
+    with pytest.raises(Stale, match=r"epoch of alpha\.example"):
+        A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW + 3599, NOW + 3600)  # our own epoch ran out
     # Beta's side accepts every alpha identity.
     assert A.check_identity("spiffe://alpha.example/any/thing", BETA, a, epoch({ALPHA: 1}), NOW, NOW) == ALPHA
     assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW).mode == "connected"

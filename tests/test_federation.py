@@ -214,6 +214,20 @@ def test_agreement_by_pack_files(tmp_path: Path) -> None:
     else:
         need(False, "libfaketime is not installed (Debian package faketime)")
 
+    # Beta rotates its root and pki key: alpha's node follows the chain from the pinned root.
+    ok("--home", b[0], "--json", "authority", "rotate-root", "--rotate-role", "pki")
+    rotated = tmp_path / "b-rotated.pack"
+    ok("--home", b[0], "--json", "pack", "export", "--partner", ALPHA, "--to", rotated)
+    out = ok("--home", n, "--json", "pack", "import", rotated)
+    assert (BETA, "root", "applied") in reports(out)
+    st = ok("--home", n, "--json", "status")["domains"][BETA]
+    assert (st["versions"]["root"], st["mode"], st["anchor_fingerprint"]) == (2, "connected", b[2])
+    ok("--home", n, "--json", "federation", "check", inside)
+
+    # An expired agreement stops trust in the partner with no pack at all.
+    if find_libfaketime() is not None:
+        fails("no-agreement", "--home", n, "--json", "federation", "check", inside, prefix=faketime_prefix("+31d"))
+
     # Revocation: a terminated version and a freshness without beta close trust at once.
     revoked = ok("--home", a[0], "--json", "federation", "revoke", "--partner", BETA)["published"]
     assert [(p["type"], p["version"]) for p in revoked] == [("agreement", 2), ("freshness", 3)]

@@ -160,7 +160,8 @@ def check_identity(
 
     ``no-agreement`` unless the gate is open; ``scope-violation`` unless our
     side accepts the ID; ``stale`` when the partner's freshness is older than our
-    side's budget (or absent).  An identity of our own domain is not a partner's.
+    side's budget (or absent), or our own epoch naming the agreement has expired.
+    An identity of our own domain is not a partner's.
     """
     domain, _ = parse_spiffe_id(spiffe_id)
     if domain == home:
@@ -172,6 +173,8 @@ def check_identity(
     ours = agreement.terms[home]
     if not in_scope(spiffe_id, ours.accept):
         raise ScopeViolation(f"{spiffe_id} is outside what {home} accepts from {domain} ({', '.join(ours.accept)})")
+    if epoch is not None and now >= epoch.expires:
+        raise Stale(f"the freshness epoch of {home} that names the agreement expired at {epoch.expires}")
     if partner_fresh_issued_at is None:
         raise Stale(f"no freshness of {domain} is held")
     age = now - partner_fresh_issued_at
@@ -208,16 +211,24 @@ def partner_mode(
         return PartnerMode("no-agreement", None, None, closed.message)
     assert agreement is not None
     budget = agreement.terms[home].max_staleness
-    if fresh_issued_at is None:
-        return PartnerMode("expired", None, budget, f"no freshness of {partner} is held")
-    age = max(0, now - fresh_issued_at)
+    age = None if fresh_issued_at is None else max(0, now - fresh_issued_at)
     gone = sorted(t for t, end in (expires or {}).items() if now >= end)
-    if not clock_ok:
-        return PartnerMode("expired", age, budget, "clock rollback")
-    if gone:
-        return PartnerMode("expired", age, budget, f"held {', '.join(gone)} of {partner} expired")
-    if age >= budget:
-        return PartnerMode("expired", age, budget, f"freshness older than the agreement's budget ({budget} s)")
+    why = next(
+        (
+            reason
+            for failed, reason in (
+                (age is None, f"no freshness of {partner} is held"),
+                (not clock_ok, "clock rollback"),
+                (epoch is not None and now >= epoch.expires, f"the freshness epoch of {home} expired"),
+                (bool(gone), f"held {', '.join(gone)} of {partner} expired"),
+                (age is not None and age >= budget, f"freshness older than the agreement's budget ({budget} s)"),
+            )
+            if failed
+        ),
+        None,
+    )
+    if why is not None:
+        return PartnerMode("expired", age, budget, why)
     return PartnerMode("connected", age, budget)
 
 
