@@ -252,8 +252,9 @@ def test_agreement_by_pack_files(tmp_path: Path) -> None:
 
 
 def test_three_domains_relayed_documents(tmp_path: Path) -> None:
-    """alpha-beta and beta-gamma agreements: gamma's documents and the beta-gamma agreement reach
-    alpha's node through beta's pack, and are accepted only where alpha's agreements allow."""
+    """alpha-beta and beta-gamma agreements: one relayed pack (beta's documents, gamma's release for
+    beta, beta's release for alpha) is accepted only where each node's agreements allow: alpha's
+    node takes beta's and refuses gamma's; a beta node takes gamma's."""
     a = authority(tmp_path, "A", ALPHA)
     b = authority(tmp_path, "B", BETA)
     g = authority(tmp_path, "G", GAMMA)
@@ -309,6 +310,22 @@ def test_three_domains_relayed_documents(tmp_path: Path) -> None:
     st = ok("--home", n, "--json", "status")["domains"]
     assert set(st) == {ALPHA, BETA}
     assert st[BETA]["mode"] == "connected"
+
+    # The same relayed pack on a beta node: there the beta-gamma agreement allows gamma's documents.
+    nb = tmp_path / "NB"
+    ok("--home", nb, "--json", "node", "init", "--anchor", b[1], "--expect-fingerprint", b[2])
+    out = ok("--home", nb, "--json", "pack", "import", relay)
+    rep = reports(out)
+    assert (GAMMA, "bundle", "applied") in rep
+    assert (GAMMA, "freshness", "applied") in rep
+    assert (BETA, "agreement", "applied") in rep
+    st = ok("--home", nb, "--json", "status")["domains"]
+    assert st[GAMMA]["relation"] == "partner"
+    assert st[GAMMA]["mode"] == "connected"
+    assert st[ALPHA]["relation"] == "partner"  # the alpha root beta's agreement pins; alpha sent no bundle
+    ok("--home", nb, "--json", "federation", "check", "spiffe://gamma.example/any/workload")
+    fails("stale", "--home", nb, "--json", "federation", "check", "spiffe://alpha.example/ns/ops/x")
+    fails("scope-violation", "--home", nb, "--json", "federation", "check", "spiffe://alpha.example/ns/dev/x")
 
 
 def _pem(chain: list[bytes]) -> bytes:
