@@ -127,15 +127,24 @@ class Process:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
     def stop(self, grace: float = 5) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(grace)
+        """SIGTERM to the group, SIGKILL to what is left of it after ``grace`` seconds.
+
+        The leader is reaped only at the end: until then its pid, the group's id, cannot be
+        reused, so the signals reach only our own processes.
+        """
+        if self.proc.returncode is not None:
+            return  # already reaped (it exited by itself): its group id may belong to someone else now
+        pid = self.proc.pid
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group is left
-        if self.proc.poll() is None:
-            self.proc.wait()
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                break  # exited, not reaped
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # whatever of the group is left
+        self.proc.wait()
 
 
 def start(name: str, cmd: list[str | Path], log: Path) -> Process:
