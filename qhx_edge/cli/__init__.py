@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qhx_edge.cli.authority:authority_group",
         "A trust domain's authority: root keys, CAs and published documents.",
     ),
+    "bundle": (
+        "qhx_edge.cli.bundle:bundle_group",
+        "SPIFFE bundles: our trust bundle in the SPIFFE format, for SPIRE and other SPIFFE peers.",
+    ),
     "doc": ("qhx_edge.cli.doc:doc_group", "Held documents."),
     "evidence": (
         "qhx_edge.cli.evidence:evidence_group",

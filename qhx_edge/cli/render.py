@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -129,3 +130,13 @@ def summary_lines(summ: dict[str, Any]) -> list[str]:
         for dom, types in summ["domains"].items()
         for t, d in sorted(types.items())
     ]
+
+
+def spiffe_export_text(info: dict[str, Any], to: Path) -> str:
+    """What ``bundle export --to`` wrote."""
+    lines = [
+        f"wrote the SPIFFE bundle of {info['domain']} (sequence {info['sequence']}, "
+        f"{info['x509_authorities']} X.509 and {info['jwt_authorities']} JWT authorities) to {to}"
+    ]
+    lines += [f"left out: {line}" for line in info["left_out"]]
+    return "\n".join(lines)

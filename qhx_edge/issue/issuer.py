@@ -130,7 +130,9 @@ from qhx_edge.core.errors import (
     Stale,
     UnknownDomain,
 )
+from qhx_edge.core.jsonstrict import strict_object
 from qhx_edge.core.spiffe import parse_spiffe_id
+from qhx_edge.core.spiffe_bundle import JWT_USE, jwk_of
 from qhx_edge.core.suites import ES256
 from qhx_edge.core.x509ca import private_key_object
 from qhx_edge.store import clock
@@ -259,15 +261,9 @@ def _unb64(text: str, what: str) -> bytes:
 
 
 def _jwk(kid: str, key: ec.EllipticCurvePublicKey) -> dict[str, str]:
-    nums = key.public_numbers()
-    return {
-        "kty": "EC",
-        "crv": "P-256",
-        "x": _b64(nums.x.to_bytes(32, "big")),
-        "y": _b64(nums.y.to_bytes(32, "big")),
-        "kid": kid,
-        "use": "jwt-svid",
-    }
+    members = jwk_of(key)
+    assert members is not None  # a P-256 key always has one
+    return {**members, "kid": kid, "use": JWT_USE}
 
 
 def _domain_state(store: Store, domain: str) -> _DomainState:
@@ -1138,55 +1134,5 @@ def _audience(audience: list[str]) -> tuple[str, ...]:
     return aud
 
 
-def _nests_deeper(text: str, limit: int) -> bool:
-    """Whether arrays and objects in a JSON text nest deeper than ``limit`` (strings skipped), without
-    parsing it (the parser would recurse once per level)."""
-    if text.count("[") + text.count("{") <= limit:
-        return False  # too few brackets to nest deeper: no need to walk the text
-    depth = 0
-    in_string = escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
-
-
-def _no_constant(name: str) -> Any:
-    raise Malformed(f"JWT JSON holds {name}, which is not JSON (RFC 8259 §6)")
-
-
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise Malformed(f"JWT {what} repeats the member {k!r}")
-            out[k] = v
-        return out
-
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Malformed(f"JWT {what} is not UTF-8") from exc
-    if _nests_deeper(text, MAX_JSON_DEPTH):
-        raise Malformed(f"JWT {what} nests deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and integers of too many digits
-        raise Malformed(f"JWT {what} is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise Malformed(f"JWT {what} must be a JSON object")
-    return value
+    return strict_object(data, f"JWT {what}", max_depth=MAX_JSON_DEPTH)
