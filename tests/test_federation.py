@@ -158,6 +158,10 @@ def test_agreement_by_pack_files(tmp_path: Path) -> None:
     assert st["anchor_fingerprint"] == b[2]
     assert st["mode"] == "expired"  # no beta freshness yet
     assert st["agreement"]["version"] == 1
+    held = [d for d in ok("--home", n, "--json", "doc", "list")["documents"] if d["type"] == "agreement"]
+    assert [(d["domain"], d["partner"], d["version"], d["status"], d["current"]) for d in held] == [
+        (ALPHA, BETA, 1, "active", True)
+    ]
 
     # Beta's release for alpha: its root, the agreement, bundle and freshness; verified against beta's root.
     out = ok("--home", n, "--json", "pack", "import", released)

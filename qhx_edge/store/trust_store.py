@@ -468,6 +468,24 @@ class Store(SqliteFile):
             item["digest"] = bytes(item["digest"]).hex()
             item["current"] = bool(item["current"])
             out.append(item)
+        # Agreements (migration 8), under their proposer's domain like the document says, with the partner.
+        for partner, version, digest, proposer, status, issued_at, expires, newest in self.conn.execute(
+            "SELECT partner, version, digest, proposer, status, issued_at, expires, "
+            "version = MAX(version) OVER (PARTITION BY partner) FROM agreements ORDER BY partner, version"
+        ):
+            out.append(
+                {
+                    "domain": proposer,
+                    "type": "agreement",
+                    "version": version,
+                    "digest": bytes(digest).hex(),
+                    "issued_at": issued_at,
+                    "expires": expires,
+                    "current": bool(newest),
+                    "partner": partner,
+                    "status": status,
+                }
+            )
         return out
 
     def held_documents(self, *, history: bool = False) -> list[bytes]:
