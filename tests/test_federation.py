@@ -396,3 +396,36 @@ def test_partner_svids_by_pack_files(tmp_path: Path) -> None:
     ok("--home", a[0], "--json", "pack", "export", "--to", ours)
     ok("--home", n, "--json", "pack", "import", ours)
     fails("no-agreement", "--home", n, "--json", "svid", "verify", pems[inside])
+
+
+def test_either_side_ends_it_and_terms_are_renegotiated(tmp_path: Path) -> None:
+    """Beta's revocation reaches alpha's node in beta's pack; a renegotiated agreement (version 2) replaces
+    version 1 on both authorities and in the next freshness epoch."""
+    a = authority(tmp_path, "A", ALPHA)
+    b = authority(tmp_path, "B", BETA)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS, name="v1")
+    # Renegotiate: beta proposes wider terms; version 2 for the pair, whichever side proposes.
+    wider = ("--accept", "spiffe://alpha.example", "--release", "bundle", "--release", "freshness",
+             "--max-staleness", "2h", "--expires", "30d", "--partner-accept", "spiffe://beta.example/ns")  # fmt: skip
+    agree(tmp_path, b, a, ALPHA, *wider, name="v2")
+    listed = {x["partner"]: x for x in ok("--home", a[0], "--json", "federation", "list")["agreements"]}
+    assert (listed[BETA]["version"], listed[BETA]["status"]) == (2, "active")
+    assert listed[BETA]["grants"][ALPHA]["accepts_from_partner"] == ["spiffe://beta.example/ns"]
+    p = tmp_path / "a.pack"
+    ok("--home", a[0], "--json", "pack", "export", "--to", p)
+    ok("--home", n, "--json", "pack", "import", p)
+    rel = tmp_path / "b.pack"
+    ok("--home", b[0], "--json", "pack", "export", "--partner", ALPHA, "--to", rel)
+    ok("--home", n, "--json", "pack", "import", rel)
+    ok("--home", n, "--json", "federation", "check", "spiffe://beta.example/ns/anything")
+    # Version 1 replayed is a rollback; beta ends the agreement and its pack says so.
+    fails("rollback", "--home", n, "--json", "pack", "import", tmp_path / "v1-agreement.pack")
+    ok("--home", b[0], "--json", "federation", "revoke", "--partner", ALPHA)
+    ended = tmp_path / "b-ended.pack"
+    ok("--home", b[0], "--json", "pack", "export", "--partner", ALPHA, "--to", ended)
+    out = ok("--home", n, "--json", "pack", "import", ended)
+    assert (BETA, "agreement", "applied") in reports(out)
+    fails("no-agreement", "--home", n, "--json", "federation", "check", "spiffe://beta.example/ns/anything")
+    assert ok("--home", n, "--json", "status")["domains"][BETA]["mode"] == "no-agreement"

@@ -301,9 +301,12 @@ def show(data: bytes, now: int) -> dict[str, Any]:
 
 
 def released_to(auth: Authority, partner: str, now: int) -> list[bytes]:
-    """What we export to a partner's nodes: our root chain, the agreement, and only what it releases."""
+    """What we export to a partner's nodes: our root chain, the agreement, and only what it releases;
+    after a revocation, the terminated agreement alone."""
     doc = current(auth, partner)
-    if doc is None or doc.payload.status != "active" or now >= doc.payload.expires:
+    if doc is not None and doc.payload.status == "terminated":
+        return [doc.raw]  # the partner's nodes learn that we ended it (one side's threshold suffices)
+    if doc is None or now >= doc.payload.expires:
         raise NoAgreement(f"{auth.domain} has no live agreement with {partner}")
     release = doc.payload.terms[auth.domain].release
     roots = [auth.published("root", v) for v in range(1, int(auth.state["versions"]["root"]) + 1)]
