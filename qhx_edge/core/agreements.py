@@ -232,6 +232,24 @@ def partner_mode(
     return PartnerMode("connected", age, budget)
 
 
+def serves_bundle(
+    home: str,
+    partner: str,
+    agreement: Agreement | None,
+    epoch: Freshness | None,
+    fresh_issued_at: int | None,
+    now: int,
+    *,
+    clock_ok: bool = True,
+    expires: Mapping[str, int] | None = None,
+) -> bool:
+    """Whether a node may hand the partner's bundle to its SPIFFE clients now (the Workload API's
+    federated bundles): the partner is ``connected`` under the agreement and our side allows it
+    (``allow_spiffe_bundles``).  For the issuer, which still applies the partner's own policy."""
+    m = partner_mode(home, partner, agreement, epoch, fresh_issued_at, now, clock_ok=clock_ok, expires=expires)
+    return m.mode == "connected" and agreement is not None and agreement.terms[home].allow_spiffe_bundles
+
+
 def describe(agreement: Agreement) -> dict[str, Any]:
     """What an agreement grants, both ways (``federation show``)."""
     a = agreement
