@@ -8,6 +8,7 @@ and staleness of partner identities.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from qhx_edge.core.errors import (
     Stale,
     ThresholdNotMet,
 )
+from qhx_edge.core.suites import PrivateKey
 from qhx_edge.homes.authority import Authority
 from tests.conftest import PASSPHRASE
 
@@ -210,3 +212,55 @@ def test_describe_shows_both_ways() -> None:
     assert info["grants"][ALPHA]["to"] == BETA
     assert info["grants"][ALPHA]["releases_to_partner"] == ["root", "bundle", "freshness"]
     assert info["grants"][BETA]["accepts_from_partner"] == ["spiffe://alpha.example"]
+
+
+def test_a_new_partner_is_followed_from_an_expired_pinned_root(tmp_path: Path) -> None:
+    """The agreement pinned beta's root v1; a year later beta is at root v2 and v1 has expired.  A node
+    meeting beta for the first time then walks the chain from the pinned v1 (expiry holds on the final
+    root, TUF 5.3.10) instead of refusing every beta document."""
+    from qhx_edge.core.policyfile import policy_fields
+    from qhx_edge.homes import federation, node
+    from qhx_edge.packs import pack
+
+    t0, year = NOW, 400 * 86400
+    alpha, beta = (
+        Authority.init(
+            tmp_path / d, d, suite="classical", root_keys=1, root_threshold=1, passphrase=PASSPHRASE.encode(), now=t0
+        )
+        for d in (ALPHA, BETA)
+    )
+    ours = federation.terms(
+        accept=("spiffe://beta.example",), release=("bundle", "freshness"), max_staleness=3600,
+        allow_spiffe_bundles=False, other=BETA,
+    )  # fmt: skip
+    theirs = federation.terms(
+        accept=(), release=("bundle", "freshness"), max_staleness=3600, allow_spiffe_bundles=False, other=ALPHA
+    )
+    fp_beta, fp_alpha = A.fingerprint(beta.anchor()), A.fingerprint(alpha.anchor())
+    proposal, _ = federation.propose(
+        alpha, partner=BETA, partner_anchor=beta.anchor(), expect_fingerprint=fp_beta,
+        ours=ours, theirs=theirs, lifetime=2 * year, now=t0,
+    )  # fmt: skip
+    accepted, _ = federation.accept(beta, proposal, expect_fingerprint=fp_alpha, now=t0)
+    federation.publish(alpha, accepted, t0)
+    federation.publish(beta, accepted, t0)
+    node.init(tmp_path / "N", alpha.anchor(), t0, passphrase=PASSPHRASE.encode())
+
+    t1 = t0 + year  # both roots v1, every bundle and policy have expired
+    for auth in (alpha, beta):
+        auth.rotate_root(t1 - 60, root_keys=None, root_threshold=None)
+        auth.publish_policy(policy_fields({}), t1)
+        auth.publish_bundle(t1)
+    docs = alpha.export_documents(t1) + federation.released_to(beta, ALPHA, t1)
+    with node.Node(tmp_path / "N", PASSPHRASE.encode) as n:
+        result = n.import_pack(pack.build(docs, PrivateKey.generate("classical"), domain="relay.example",
+                                          node="relay", sequence=1, now=t1), t1)  # fmt: skip
+        got: dict[tuple[str, str, int], list[str]] = {}
+        for v in result.outcome.verdicts:
+            if v.doc is not None:
+                got.setdefault((v.doc.payload.domain, v.doc.type, v.doc.payload.version), []).append(v.status)
+        assert sorted(got[(BETA, "root", 1)]) == ["already-held", "history"]  # pinned in alpha's, again in beta's
+        assert got[(BETA, "root", 2)] == ["applied"]
+        assert got[(BETA, "bundle", 2)] == ["applied"]
+        assert n.status(t1)["domains"][BETA]["mode"] == "connected"
+        assert n.check_partner_identity("spiffe://beta.example/ns/x", t1 + 10)["agreement_version"] == 1

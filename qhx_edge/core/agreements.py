@@ -338,13 +338,14 @@ def _sub(
 
 
 def _self_signed_root(doc: Signed[Root], now: int, tolerance: int, cache: dict[int, bool]) -> None:
-    """A partner root pinned by fingerprint must still be signed by its own root threshold and be current."""
+    """A partner root pinned by fingerprint must still be signed by its own root threshold and not be
+    issued in the future.  Its expiry is not checked here: the chain is walked from it and expiry holds
+    on the final root (TUF 5.3.10), so a partner that rotated since the agreement pinned an old root
+    is still followed; a lone expired root opens nothing (the trust core refuses what would rest on it)."""
     check_role(doc, doc.payload, "root", cache)
     p = doc.payload
     if p.issued_at > now + tolerance:
         raise NotYetValid(f"{doc.describe()} is issued at {p.issued_at}, in the future")
-    if now >= p.expires:
-        raise Expired(f"{doc.describe()} expired at {p.expires}")
 
 
 def verify_batch(
@@ -463,6 +464,7 @@ def verify_batch(
 
     # 3. partners.
     partner_views = {}
+    anchors: dict[str, Verdict] = {}  # the pinned root of a partner first seen, per partner
     for partner, pitems in sorted(by_partner.items()):
         held_a = current.get(partner)
         agreement = held_a.payload if held_a is not None else None
@@ -513,6 +515,7 @@ def verify_batch(
             view = trust.DomainView(root=av.doc, history={("root", adoc.payload.version): av.doc.digest})
             floor = adoc.payload.version
             rest = [(i, d) for i, d in rest if i != ai]
+            anchors[partner] = av
         view = dataclasses.replace(view, epoch_types=("bundle",))
         todo = []
         for i, doc in rest:
@@ -527,6 +530,8 @@ def verify_batch(
         for v in res.verdicts:
             verdicts[v.index] = v
         out.marks.update(res.marks)
+        if (partner, "root") in res.marks and partner in anchors:
+            anchors[partner].status = "history"  # the chain went on from the pinned root
         out.resets |= res.resets
         out.clock_high_water = max(out.clock_high_water, res.clock_high_water)
     out.verdicts = [verdicts[i] for i in range(len(items))]
