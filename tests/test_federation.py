@@ -315,6 +315,15 @@ def test_three_domains_relayed_documents(tmp_path: Path) -> None:
     assert set(st) == {ALPHA, BETA}
     assert st[BETA]["mode"] == "connected"
 
+    # Node to node: what alpha's node holds (its agreement, beta's documents) relayed to a new alpha node.
+    hop, n3 = tmp_path / "hop.pack", tmp_path / "N3"
+    ok("--home", n, "--json", "pack", "export", "--to", hop)
+    ok("--home", n3, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    out = ok("--home", n3, "--json", "pack", "import", hop)
+    assert (BETA, "freshness", "applied") in reports(out)
+    assert ok("--home", n3, "--json", "status")["domains"][BETA]["mode"] == "connected"
+    ok("--home", n3, "--json", "federation", "check", "spiffe://beta.example/ns/logistics/x")
+
     # The same relayed pack on a beta node: there the beta-gamma agreement allows gamma's documents.
     nb = tmp_path / "NB"
     ok("--home", nb, "--json", "node", "init", "--anchor", b[1], "--expect-fingerprint", b[2])
