@@ -422,6 +422,9 @@ def test_either_side_ends_it_and_terms_are_renegotiated(tmp_path: Path) -> None:
     listed = {x["partner"]: x for x in ok("--home", a[0], "--json", "federation", "list")["agreements"]}
     assert (listed[BETA]["version"], listed[BETA]["status"]) == (2, "active")
     assert listed[BETA]["grants"][ALPHA]["accepts_from_partner"] == ["spiffe://beta.example/ns"]
+    assert ok("--home", a[0], "--json", "status")["authority"]["agreements"] == {
+        BETA: {"version": 2, "status": "active"}
+    }
     p = tmp_path / "a.pack"
     ok("--home", a[0], "--json", "pack", "export", "--to", p)
     ok("--home", n, "--json", "pack", "import", p)

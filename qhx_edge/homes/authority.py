@@ -654,6 +654,10 @@ class Authority:
             r: {"keys": len(s["keys"]), "threshold": s["threshold"]} for r, s in self.state["roles"].items()
         }
         out["ca_generation"] = len(self.state["cas"])
+        out["agreements"] = {
+            p: {"version": e.get("version") or None, "status": e.get("status")}
+            for p, e in sorted(self.state.get("federation", {}).items())
+        }
         return out
 
 
