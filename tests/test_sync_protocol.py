@@ -1,0 +1,399 @@
+"""The sans-IO sync protocol (qhx_edge/core/sync.py): two peers converge, in few bytes, urgent first,
+resuming after every cut without receiving anything twice, and a relay that drops, duplicates or
+alters frames is caught (the contact ends with a protocol error) and never gets a document accepted
+that was not sent.
+
+The peers here keep their documents in memory, as (domain, type, version) -> bytes, and accept a
+received document only if it is one they asked for (the link-level stand-in for the trust core; the
+real trust core and store take over in homes/, as for packs).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qhx_edge.core import cbor, sync
+from qhx_edge.core.sync import (
+    CHUNK,
+    NEED_DATA,
+    DocumentReceived,
+    Finished,
+    InSync,
+    Outgoing,
+    Partial,
+    PeerHello,
+    PeerInventory,
+    PeerWants,
+    SyncConnection,
+    SyncProtocolError,
+)
+
+DocKey = tuple[str, str, int]
+
+
+def make_doc(domain: str, type_: str, version: int, size: int) -> bytes:
+    return cbor2.dumps([domain, type_, version, bytes(random.Random(f"{domain}{type_}{version}").randbytes(size))])
+
+
+@dataclass
+class Peer:
+    name: str
+    docs: dict[DocKey, bytes] = field(default_factory=dict)
+    partials: dict[bytes, Partial] = field(default_factory=dict)
+    asked: dict[tuple[str, str], int] = field(default_factory=dict)
+    received: list[DocKey] = field(default_factory=list)
+    conn: SyncConnection | None = None
+
+    def inventory(self) -> dict[tuple[str, str], int]:
+        out: dict[tuple[str, str], int] = {}
+        for d, t, v in self.docs:
+            out[d, t] = max(v, out.get((d, t), 0))
+        return out
+
+    def open(self, window: int = sync.DEFAULT_WINDOW) -> SyncConnection:
+        self.conn = SyncConnection(self.name, self.inventory(), partials=self.partials, window=window)
+        self.asked = {}
+        return self.conn
+
+    def step(self) -> list[Any]:
+        """Handle every pending event, as a link would."""
+        assert self.conn is not None
+        seen = []
+        while True:
+            ev = self.conn.next_event()
+            if ev is NEED_DATA:
+                return seen
+            seen.append(ev)
+            if isinstance(ev, PeerInventory):
+                mine = self.inventory()
+                wants = [(d, t, mine.get((d, t), 0)) for d, t, _v in ev.newer]
+                self.asked = {(d, t): since for d, t, since in wants}
+                self.conn.want(wants)
+            elif isinstance(ev, PeerWants):
+                out = [
+                    Outgoing(d, t, v, raw)
+                    for (d, t, v), raw in sorted(self.docs.items())
+                    if any(d == wd and t == wt and v > since for wd, wt, since in ev.items)
+                ]
+                self.conn.send_documents(out)
+            elif isinstance(ev, DocumentReceived):
+                d, t, v, _payload = cbor2.loads(ev.raw)
+                assert (d, t) in self.asked, "only what we asked for"  # the trust core's stand-in
+                assert v > self.asked[d, t]
+                self.docs[d, t, v] = ev.raw
+                self.received.append((d, t, v))
+
+    def close(self) -> None:
+        assert self.conn is not None
+        self.partials = self.conn.partials()
+        self.conn = None
+
+
+def contact(a: Peer, b: Peer, *, cut_at: int | None = None, window: int = sync.DEFAULT_WINDOW) -> bool:
+    """One contact; ``cut_at``: cut the link once that many bytes went either way (part of the frame in
+    flight arrives, the rest is lost). True when both finished."""
+    ca, cb = a.open(window), b.open(window)
+    moved = 0
+    for _ in range(10_000):
+        for src, dst, peer in ((ca, cb, b), (cb, ca, a)):
+            data = src.data_to_send()
+            if cut_at is not None and moved + len(data) >= cut_at:
+                keep = cut_at - moved
+                if keep:
+                    dst.receive_data(data[:keep])
+                a.step() if peer is a else b.step()
+                a.close()
+                b.close()
+                return False
+            moved += len(data)
+            if data:
+                dst.receive_data(data)
+            peer.step()
+        if ca.finished and cb.finished and not ca.data_to_send() and not cb.data_to_send():
+            a.close()
+            b.close()
+            return True
+    raise AssertionError("the contact did not finish")
+
+
+def newest(p: Peer) -> dict[tuple[str, str], int]:
+    return p.inventory()
+
+
+def test_peers_in_sync_finish_after_one_exchange_of_digests() -> None:
+    docs = {("alpha.example", "root", 1): make_doc("alpha.example", "root", 1, 100)}
+    a, b = Peer("a", dict(docs)), Peer("b", dict(docs))
+    ca, cb = a.open(), b.open()
+    ab, ba = ca.data_to_send(), cb.data_to_send()
+    cb.receive_data(ab)
+    ca.receive_data(ba)
+    assert isinstance(a.step()[0], PeerHello)
+    assert any(isinstance(e, InSync) for e in b.step())
+    ab2, ba2 = ca.data_to_send(), cb.data_to_send()
+    cb.receive_data(ab2)
+    ca.receive_data(ba2)
+    assert isinstance(a.step()[-1], Finished)
+    assert isinstance(b.step()[-1], Finished)
+    per_side = len(ab) + len(ab2)
+    assert per_side == len(ba) + len(ba2)
+    assert per_side <= 128, per_side  # hello, summary and done: the whole contact, each way
+    assert ca.data_to_send() == cb.data_to_send() == b""
+
+
+def test_urgent_documents_travel_first() -> None:
+    a = Peer("a")
+    for t in ("policy", "bundle", "delegation", "freshness", "root", "revocation", "receipt"):
+        a.docs["alpha.example", t, 1] = make_doc("alpha.example", t, 1, 3000)
+    b = Peer("b")
+    assert contact(a, b)
+    assert [t for _d, t, _v in b.received][:3] == ["revocation", "freshness", "root"]
+    assert b.received[-1][1] == "receipt"
+    assert newest(a) == newest(b)
+
+
+def test_history_above_the_peers_newest_is_sent_and_nothing_below() -> None:
+    a = Peer("a", {("alpha.example", "root", v): make_doc("alpha.example", "root", v, 200) for v in range(1, 6)})
+    b = Peer("b", {("alpha.example", "root", v): make_doc("alpha.example", "root", v, 200) for v in range(1, 3)})
+    assert contact(a, b)
+    assert b.received == [("alpha.example", "root", v) for v in (3, 4, 5)]
+    assert a.received == []
+
+
+def test_window_bounds_what_is_in_flight() -> None:
+    a = Peer("a", {("alpha.example", "bundle", 1): make_doc("alpha.example", "bundle", 1, 200_000)})
+    b = Peer("b")
+    ca, cb = a.open(window=CHUNK), b.open(window=CHUNK)
+    biggest = 0
+    for _ in range(200):
+        data = ca.data_to_send()
+        chunks = 0
+        if data:
+            cb.receive_data(data)
+            chunks = sum(isinstance(e, DocumentReceived) for e in b.step())
+        biggest = max(biggest, len(data))
+        reply = cb.data_to_send()
+        if reply:
+            ca.receive_data(reply)
+        a.step()
+        del chunks
+        if ca.finished and cb.finished:
+            break
+    assert ca.finished
+    assert cb.finished
+    assert biggest <= CHUNK + 200  # never more than one window of document bytes (plus its framing)
+
+
+def test_a_cut_transfer_resumes_without_receiving_anything_twice() -> None:
+    """Cut a 1 MiB transfer many times, each part-way through a frame: it completes, and what
+    crosses the link again per cut is at most the one frame that was cut."""
+    size = 1 << 20
+    a = Peer("a", {("alpha.example", "bundle", 7): make_doc("alpha.example", "bundle", 7, size - 64)})
+    b = Peer("b")
+    rng = random.Random(5)
+    cuts = 0
+    wire = 0
+    while True:
+        cut = rng.randrange(20_000, 300_000)
+        finished = contact(a, b, cut_at=cut)
+        wire += cut if not finished else 0
+        if finished:
+            break
+        cuts += 1
+        assert cuts < 100
+    assert cuts >= 3
+    assert b.received == [("alpha.example", "bundle", 7)]
+    assert b.docs == a.docs
+
+
+def test_resent_bytes_per_cut_at_most_one_chunk() -> None:
+    """Counted at the receiver: every chunk byte that arrived is kept (never asked for again), so the
+    sender only ever resends what never arrived in a whole frame: at most the cut frame's chunk."""
+    raw = make_doc("alpha.example", "bundle", 1, 700_000)
+    a = Peer("a", {("alpha.example", "bundle", 1): raw})
+    b = Peer("b")
+    arrived_chunk_bytes = 0
+    original = sync._HANDLERS["chunk"]
+
+    def counting(self: SyncConnection, msg: dict[str, Any]) -> None:
+        nonlocal arrived_chunk_bytes
+        if self.node == "b":
+            arrived_chunk_bytes += len(msg["data"])
+        original(self, msg)
+
+    sync._HANDLERS["chunk"] = counting
+    try:
+        cuts = 0
+        rng = random.Random(9)
+        while not contact(a, b, cut_at=rng.randrange(50_000, 200_000)):
+            cuts += 1
+    finally:
+        sync._HANDLERS["chunk"] = original
+    assert cuts >= 2
+    assert arrived_chunk_bytes == len(raw)  # whole frames: each byte arrived once
+
+
+def test_protocol_errors_say_who_broke_it() -> None:
+    c = SyncConnection("a", {})
+    with pytest.raises(SyncProtocolError) as exc:
+        c.want([])
+    assert exc.value.by_peer is False
+    assert exc.value.to_json()["by"] == "us"
+    c = SyncConnection("a", {})
+    with pytest.raises(SyncProtocolError, match="over the cap") as exc:
+        c.receive_data((sync.MAX_FRAME + 1).to_bytes(4, "big"))
+    assert exc.value.by_peer is True
+    for bad in (
+        cbor.encode({"m": "summary", "digest": b"x" * 32, "count": 0}),  # before hello
+        cbor.encode({"m": "nope"}),
+        cbor2.dumps([1, 2]),
+        b"\xa1\x61m\x78\x01d",  # "m": a text with a non-shortest head: not deterministic
+    ):
+        c = SyncConnection("a", {})
+        with pytest.raises(SyncProtocolError) as exc:
+            c.receive_data(len(bad).to_bytes(4, "big") + bad)
+        assert exc.value.by_peer is True
+    c = SyncConnection("a", {}, versions=(1,))
+    hello = cbor.encode({"m": "hello", "versions": [2, 3], "node": "b", "caps": []})
+    with pytest.raises(SyncProtocolError, match="no protocol version in common"):
+        c.receive_data(len(hello).to_bytes(4, "big") + hello)
+
+
+def test_a_cut_mid_contact_is_reported() -> None:
+    a, b = Peer("a", {("alpha.example", "root", 1): make_doc("alpha.example", "root", 1, 10)}), Peer("b")
+    ca, _cb = a.open(), b.open()
+    ca.receive_data(b"")
+    with pytest.raises(SyncProtocolError, match="ended before the contact finished"):
+        ca.next_event()
+
+
+# --- random stores, random cuts, a faulty relay --------------------------------------------------
+
+domains = st.sampled_from(["alpha.example", "beta.example"])
+types = st.sampled_from(["root", "bundle", "policy", "freshness", "revocation", "receipt"])
+entries = st.tuples(domains, types, st.integers(min_value=1, max_value=4), st.integers(min_value=1, max_value=40_000))
+
+
+def _store(items: list[tuple[str, str, int, int]]) -> dict[DocKey, bytes]:
+    return {(d, t, v): make_doc(d, t, v, size) for d, t, v, size in items}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(entries, max_size=8),
+    st.lists(entries, max_size=8),
+    st.lists(st.integers(min_value=1, max_value=120_000), max_size=6),
+    st.sampled_from([CHUNK, 2 * CHUNK, sync.DEFAULT_WINDOW]),
+)
+def test_two_honest_peers_converge_after_any_cuts(
+    a_items: list[tuple[str, str, int, int]],
+    b_items: list[tuple[str, str, int, int]],
+    cuts: list[int],
+    window: int,
+) -> None:
+    a, b = Peer("a", _store(a_items)), Peer("b", _store(b_items))
+    for (d, t, v), raw in list(a.docs.items()):  # one history: the same (domain, type, version) is the same bytes
+        b.docs.pop((d, t, v), None)
+        if (d, t, v) in {(x[0], x[1], x[2]) for x in b_items}:
+            b.docs[d, t, v] = raw
+    for cut in cuts:
+        contact(a, b, cut_at=cut, window=window)
+    assert contact(a, b, window=window)
+    assert newest(a) == newest(b)
+    for key in set(a.docs) & set(b.docs):
+        assert a.docs[key] == b.docs[key]
+    again = [contact(a, b, window=window) for _ in range(1)]
+    assert again == [True]
+
+
+def _relay(data: bytes, rng: random.Random, mode: str) -> bytes:
+    """Frames of ``data`` with one dropped, duplicated or altered (a faulty or hostile relay)."""
+    frames = []
+    i = 0
+    while i < len(data):
+        size = int.from_bytes(data[i : i + 4], "big")
+        frames.append(data[i : i + 4 + size])
+        i += 4 + size
+    if not frames:
+        return data
+    k = rng.randrange(len(frames))
+    if mode == "drop":
+        del frames[k]
+    elif mode == "dup":
+        frames.insert(k, frames[k])
+    else:
+        f = bytearray(frames[k])
+        f[rng.randrange(4, len(f))] ^= 1 + rng.randrange(255)
+        frames[k] = bytes(f)
+    return b"".join(frames)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(entries, min_size=1, max_size=6),
+    st.sampled_from(["drop", "dup", "alter"]),
+    st.integers(min_value=0, max_value=40),
+    st.integers(min_value=0, max_value=2**32),
+)
+def test_a_faulty_relay_is_caught_and_never_gets_a_forgery_accepted(
+    items: list[tuple[str, str, int, int]], mode: str, at_round: int, seed: int
+) -> None:
+    a, b = Peer("a", _store(items)), Peer("b")
+    rng = random.Random(seed)
+    ca, cb = a.open(), b.open()
+    caught: SyncProtocolError | None = None
+    try:
+        for r in range(10_000):
+            for src, dst, peer in ((ca, cb, b), (cb, ca, a)):
+                data = src.data_to_send()
+                if r == at_round and data:
+                    data = _relay(data, rng, mode)
+                if data:
+                    dst.receive_data(data)
+                peer.step()
+            if ca.finished and cb.finished:
+                break
+    except SyncProtocolError as exc:
+        caught = exc
+    assert caught is None or caught.by_peer
+    # Whatever b accepted is exactly what a holds under that key: an altered document never passes.
+    for key in b.received:
+        assert b.docs[key] == a.docs[key]
+    if ca.finished and cb.finished:  # else caught, or stalled on a lost frame: the link's timeout ends it
+        assert newest(b) == newest(a)
+    # After the faulty contact, a clean one converges.
+    b.close() if b.conn else None
+    a.close() if a.conn else None
+    assert contact(a, b)
+    assert newest(a) == newest(b)
+
+
+def test_an_altered_chunk_is_refused_when_its_document_completes() -> None:
+    raw = make_doc("alpha.example", "bundle", 1, 3 * CHUNK)
+    a, b = Peer("a", {("alpha.example", "bundle", 1): raw}), Peer("b")
+    ca, cb = a.open(), b.open()
+
+    def run() -> None:
+        for _ in range(20):
+            data = ca.data_to_send()
+            i = data.find(raw[CHUNK + 10 : CHUNK + 40])
+            if i >= 0:
+                data = data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :]
+            if data:
+                cb.receive_data(data)
+            b.step()
+            reply = cb.data_to_send()
+            if reply:
+                ca.receive_data(reply)
+            a.step()
+
+    with pytest.raises(SyncProtocolError, match="does not match its id") as exc:
+        run()
+    assert exc.value.by_peer
+    assert b.received == []
