@@ -197,14 +197,19 @@ def test_the_gate_and_partner_identities() -> None:
     assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW).mode == "connected"
     assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 3600, NOW).mode == "expired"
     assert A.partner_mode(ALPHA, BETA, a, epoch({}), NOW, NOW).mode == "no-agreement"
-    # SPIFFE clients get a partner's bundle only where our side allows it, and only while connected.
-    assert not A.serves_bundle(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW)
+    # Workloads get a partner's bundle only while it is connected under the agreement.
+    assert A.serves_bundle(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW)
+    assert not A.serves_bundle(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 3600, NOW)
+    assert not A.serves_bundle(ALPHA, BETA, a, epoch({}), NOW - 10, NOW)
+    # A SPIFFE-format (unsigned) bundle of the partner only where our side's terms allow it.
+    with pytest.raises(ScopeViolation):
+        A.check_spiffe_bundle_allowed(ALPHA, BETA, a, epoch({BETA: 1}), NOW)
     allowed = D.Agreement.from_dict(
         body(terms={ALPHA: {**terms([], []), "allow_spiffe_bundles": True}, BETA: terms([], [])})
     )
-    assert A.serves_bundle(ALPHA, BETA, allowed, epoch({BETA: 1}), NOW - 10, NOW)
-    assert not A.serves_bundle(ALPHA, BETA, allowed, epoch({BETA: 1}), NOW - 3600, NOW)
-    assert not A.serves_bundle(ALPHA, BETA, allowed, epoch({}), NOW - 10, NOW)
+    A.check_spiffe_bundle_allowed(ALPHA, BETA, allowed, epoch({BETA: 1}), NOW)
+    with pytest.raises(NoAgreement):
+        A.check_spiffe_bundle_allowed(ALPHA, BETA, allowed, epoch({}), NOW)
 
 
 def test_describe_shows_both_ways() -> None:

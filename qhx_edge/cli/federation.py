@@ -39,7 +39,7 @@ def _show_text(info: dict[str, Any]) -> str:
         lines.append(f"    releases to {g['to']}: {', '.join(g['releases_to_partner'])}")
         lines.append(
             f"    staleness budget for {g['to']}: {g['max_staleness']} s; "
-            f"SPIFFE bundles served: {'yes' if g['allow_spiffe_bundles'] else 'no'}"
+            f"SPIFFE-format bundles accepted: {'yes' if g['allow_spiffe_bundles'] else 'no'}"
         )
         lines.append(f"    root of {side} pinned: {info['roots'][side]}")
     return "\n".join(lines)
@@ -72,7 +72,9 @@ def federation_group() -> None:
 )
 @click.option("--max-staleness", required=True, help="Our budget for the partner's freshness, e.g. 24h.")
 @click.option("--expires", "expires", required=True, help="How long the agreement is valid, e.g. 30d.")
-@click.option("--allow-spiffe-bundles", is_flag=True, help="Serve the partner's bundle to SPIFFE clients.")
+@click.option(
+    "--allow-spiffe-bundles", is_flag=True, help="Also take the partner's bundle in SPIFFE format (e.g. SPIRE)."
+)
 @click.option("--partner-accept", multiple=True, help="Our SPIFFE ID prefix the partner accepts (repeatable).")
 @click.option(
     "--partner-release",

@@ -243,11 +243,28 @@ def serves_bundle(
     clock_ok: bool = True,
     expires: Mapping[str, int] | None = None,
 ) -> bool:
-    """Whether a node may hand the partner's bundle to its SPIFFE clients now (the Workload API's
-    federated bundles): the partner is ``connected`` under the agreement and our side allows it
-    (``allow_spiffe_bundles``).  For the issuer, which still applies the partner's own policy."""
+    """Whether a node may hand the partner's bundle to its workloads now (the Workload API's federated
+    bundles): the partner is ``connected`` under the agreement.  For the issuer, which still applies
+    the partner's own policy budget."""
     m = partner_mode(home, partner, agreement, epoch, fresh_issued_at, now, clock_ok=clock_ok, expires=expires)
-    return m.mode == "connected" and agreement is not None and agreement.terms[home].allow_spiffe_bundles
+    return m.mode == "connected"
+
+
+def check_spiffe_bundle_allowed(
+    home: str, partner: str, agreement: Agreement | None, epoch: Freshness | None, now: int
+) -> None:
+    """Whether the partner's trust bundle may come in the plain SPIFFE format (unsigned, e.g. from a
+    partner that runs SPIRE: ``bundle import-spiffe``) rather than only as its signed documents:
+    ``no-agreement`` unless the gate is open, ``scope-violation`` unless our side's terms say
+    ``allow_spiffe_bundles``."""
+    closed = gate(home, partner, agreement, epoch, now)
+    if closed is not None:
+        raise closed
+    assert agreement is not None
+    if not agreement.terms[home].allow_spiffe_bundles:
+        raise ScopeViolation(
+            f"the agreement with {partner} takes its trust only as signed documents, not SPIFFE bundles"
+        )
 
 
 def describe(agreement: Agreement) -> dict[str, Any]:

@@ -474,8 +474,9 @@ def _accept_prefix(value: Any, other: str) -> str:
 @dataclass(frozen=True)
 class Terms:
     """What one side grants the other: the other's SPIFFE IDs it accepts, what it releases to the
-    other, its staleness budget for the other's trust material, and whether it serves the other's
-    bundle to SPIFFE clients (``allow_spiffe_bundles``)."""
+    other, its staleness budget for the other's trust material, and whether it takes the other's
+    bundle in the plain SPIFFE format too (``allow_spiffe_bundles``: unsigned, e.g. from a partner
+    that runs SPIRE), not only as signed documents."""
 
     accept: tuple[str, ...]
     release: tuple[str, ...]
