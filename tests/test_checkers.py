@@ -126,3 +126,14 @@ def _checks(raws: list[bytes], ring: KeyRing) -> list[SignatureCheck]:
         ((_, public),) = ring[name].public.parts
         out.append((sig.alg, public, sig.signature, doc.envelope.to_be_signed(sig.protected)))
     return out
+
+
+def test_spread_checks_splits_uneven_batches_in_order() -> None:
+    """Every worker count, on a batch that does not divide evenly: each result lands in its place."""
+    ring = KeyRing("classical")
+    sim = RepoSim(ring)
+    raw = [sim.sign(sim.bundle(v)) for v in range(1, 140)]
+    bad = _checks([flip_signature_byte(r) if i % 5 in (0, 3) else r for i, r in enumerate(raw)], ring)
+    expected = [i % 5 not in (0, 3) for i in range(len(raw))]
+    for workers in (2, 3, 4, 7):
+        assert spread_checks(bad, workers=workers) == expected

@@ -58,10 +58,12 @@ def spread_checks(checks: Sequence[trust.SignatureCheck], workers: int | None = 
     """A :data:`~qhx_edge.core.trust.Checker` that spreads signature checks over the machine's cores.
 
     ``cryptography`` releases the GIL while it verifies, so threads verify in
-    parallel; each worker takes every n-th check (Ed25519 and ML-DSA alternate
-    in a hybrid batch, so the shares cost alike) and the results come back in
-    input order.  The trust core decides every verdict afterwards, on one
-    thread, from these results: the schedule never changes a verdict.
+    parallel; each worker takes one contiguous share of the checks (a hybrid
+    batch alternates Ed25519 and ML-DSA-65, so every n-th check would give one
+    worker all the cheap Ed25519 checks and another all the dearer ML-DSA
+    ones) and the results come back in input order.  The trust core decides
+    every verdict afterwards, on one thread, from these results: the schedule
+    never changes a verdict.
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -73,12 +75,10 @@ def spread_checks(checks: Sequence[trust.SignatureCheck], workers: int | None = 
     n = max(1, min(n, len(checks) // max(1, PARALLEL_MIN_CHECKS // 2)))
     if n < 2:
         return trust.check_signatures(checks)
+    bounds = [len(checks) * i // n for i in range(n + 1)]
     with ThreadPoolExecutor(n, thread_name_prefix="qhx-verify") as pool:
-        shares = list(pool.map(trust.check_signatures, [checks[i::n] for i in range(n)]))
-    out: list[bool] = [False] * len(checks)
-    for i, share in enumerate(shares):
-        out[i::n] = share
-    return out
+        shares = pool.map(trust.check_signatures, [checks[bounds[i] : bounds[i + 1]] for i in range(n)])
+        return [ok for share in shares for ok in share]
 
 
 def _no_passphrase() -> bytes:
