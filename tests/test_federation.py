@@ -369,13 +369,15 @@ def test_partner_svids_by_pack_files(tmp_path: Path) -> None:
         ],
     }
     attested(beta, now, policy, algs=(ES256,))
-    pems = {}
+    pems, jwts = {}, {}
     with Issuer(beta.node_home, PASSPHRASE.encode, now=Clock(now)) as iss:
         for uid, sid in (("1000", inside), ("2000", outside)):
             (svid,) = iss.x509_svids(frozenset({f"unix:uid:{uid}"}))
             assert svid.spiffe_id == sid
             pems[sid] = tmp_path / f"{uid}.pem"
             pems[sid].write_bytes(_pem(svid.cert_chain))
+            (jwt,) = iss.jwt_svids(frozenset({f"unix:uid:{uid}"}), ["spiffe://alpha.example/ns/ops/db"], None)
+            jwts[sid] = jwt.token
 
     a = authority(tmp_path, "A", ALPHA)
     b_anchor = tmp_path / "beta-root.cbor"
@@ -389,6 +391,23 @@ def test_partner_svids_by_pack_files(tmp_path: Path) -> None:
     fails("stale", "--home", n, "--json", "svid", "verify", pems[inside])  # no beta freshness yet
     ok("--home", beta.a, "--json", "pack", "export", "--partner", ALPHA, "--to", theirs)
     ok("--home", n, "--json", "pack", "import", theirs)
+
+    # alpha's issuer (Workload API) serves beta's bundle and validates beta's JWT-SVIDs under the agreement.
+    from qhx_edge.core.errors import QhxError
+
+    def workload_view(at: int) -> tuple[set[str], dict[str, str]]:
+        with Issuer(n, PASSPHRASE.encode, now=Clock(at)) as alpha_iss:
+            kinds = {}
+            for sid, token in jwts.items():
+                try:
+                    alpha_iss.validate_jwt(token, "spiffe://alpha.example/ns/ops/db")
+                    kinds[sid] = "ok"
+                except QhxError as exc:
+                    kinds[sid] = exc.kind
+            return set(alpha_iss.x509_bundles()), kinds
+
+    assert workload_view(now + 5) == ({ALPHA, BETA}, {inside: "ok", outside: "scope-violation"})
+    assert workload_view(now + 7200) == ({ALPHA}, {inside: "stale", outside: "scope-violation"})
 
     got = ok("--home", n, "--json", "svid", "verify", pems[inside])
     assert (got["spiffe_id"], got["relation"], got["agreement_version"]) == (inside, "partner", 1)
@@ -405,6 +424,7 @@ def test_partner_svids_by_pack_files(tmp_path: Path) -> None:
     ok("--home", a[0], "--json", "pack", "export", "--to", ours)
     ok("--home", n, "--json", "pack", "import", ours)
     fails("no-agreement", "--home", n, "--json", "svid", "verify", pems[inside])
+    assert workload_view(clock.now()) == ({ALPHA}, {inside: "no-agreement", outside: "no-agreement"})
 
 
 def test_either_side_ends_it_and_terms_are_renegotiated(tmp_path: Path) -> None:

@@ -72,8 +72,9 @@ the Workload API answers INVALID_ARGUMENT).
 Bundles: the home domain's are always served (SVIDs already issued under them
 keep running out); a partner domain's only while its own mode is not expired
 (DESIGN.md: "a partner bundle older than its budget stops validating partner
-SVIDs"; the budget comes from the partner's held policy until agreements
-carry one).
+SVIDs"; under an agreement the budget is our side's ``max_staleness``, none
+while the agreement gate is closed, and a partner JWT-SVID's subject must be
+inside the prefixes our side accepts: docs/architecture.md "Agreements").
 
 Thread safety: one lock guards the reading connection, the trust snapshot
 and the caches, so the Workload API's worker threads may share one Issuer.
@@ -117,6 +118,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from qhx_edge.core import staleness, suites, trust
+from qhx_edge.core.agreements import in_scope
 from qhx_edge.core.delegations import NodeCa, delegation_end, delegation_status, node_cas
 from qhx_edge.core.documents import Bundle, Delegation, Freshness, Policy, Staleness
 from qhx_edge.core.errors import (
@@ -125,8 +127,10 @@ from qhx_edge.core.errors import (
     Expired,
     Malformed,
     MissingFile,
+    NoAgreement,
     NotYetValid,
     PolicyDenied,
+    ScopeViolation,
     Stale,
     UnknownDomain,
 )
@@ -224,6 +228,9 @@ class _DomainState:
     jwt_keys: dict[str, ec.EllipticCurvePublicKey]
     jwks: bytes
     expires: dict[str, int]  # of the held root, bundle and policy: past any, the domain is expired
+    # A partner under an agreement (core/agreements.py): the SPIFFE ID prefixes our side accepts from it.
+    # Its budget is then the agreement's, and a closed agreement (no-agreement) leaves it without one.
+    accept: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -266,7 +273,22 @@ def _jwk(kid: str, key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     return {**members, "kid": kid, "use": JWT_USE}
 
 
-def _domain_state(store: Store, domain: str) -> _DomainState:
+def _partner_terms(store: Store, home: str, domain: str) -> tuple[Staleness | None, dict[str, int], tuple[str, ...]]:
+    """A partner's budget under our agreement (None while the agreement gate is closed), the expiries that
+    end it (the agreement's, our epoch's), and the prefixes our side accepts (docs/architecture.md "Agreements")."""
+    held = store.agreement(domain)
+    if held is None:
+        return None, {}, ()
+    a = held.payload
+    f = store.current(home, "freshness")
+    epoch = f.payload if f is not None and isinstance(f.payload, Freshness) else None
+    named = epoch is not None and epoch.agreements.get(domain) == a.version and a.status == "active"
+    ends = {"agreement": a.expires, **({"epoch": epoch.expires} if epoch is not None else {})}
+    b = a.terms[home].max_staleness
+    return (Staleness(b, b, b, 1) if named else None), ends, a.terms[home].accept
+
+
+def _domain_state(store: Store, domain: str, home: str | None = None) -> _DomainState:
     b = store.current(domain, "bundle")
     p = store.current(domain, "policy")
     f = store.current(domain, "freshness")
@@ -288,13 +310,18 @@ def _domain_state(store: Store, domain: str) -> _DomainState:
     if bundle is not None:
         doc["spiffe_refresh_hint"] = bundle.refresh_hint
         doc["spiffe_sequence"] = bundle.version
+    budget, expires, accept = policy.staleness if policy else None, store.held_expiries(domain), None
+    if home is not None and domain != home and store.agreement(domain) is not None:
+        budget, ends, accept = _partner_terms(store, home, domain)
+        expires = {**expires, **ends}
     return _DomainState(
         bundle,
         fresh.issued_at if fresh else None,
-        policy.staleness if policy else None,
+        budget,
         keys,
         json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
-        store.held_expiries(domain),
+        expires,
+        accept,
     )
 
 
@@ -348,7 +375,7 @@ def _load_snapshot(store: Store) -> _Snapshot:
             gen.update(f"{name}/{t}/{m.version}/".encode() + m.digest)
             if name == home:
                 home_gen.update(f"{t}/{m.version}/".encode() + m.digest)
-        domains[name] = _domain_state(store, name)
+        domains[name] = _domain_state(store, name, home)
     p = store.current(home, "policy")
     policy = p.payload if p is not None and isinstance(p.payload, Policy) else None
     dl = store.current(home, "delegation")
@@ -379,6 +406,7 @@ _FINGERPRINT = (
     "SELECT (SELECT home_domain || ' ' || clock_tolerance FROM node), (SELECT high_water FROM clock), "
     "(SELECT group_concat(domain || ' ' || relation, ' ') FROM domains), "
     "(SELECT group_concat(domain || ' ' || type || ' ' || version || ' ' || hex(digest), ' ') FROM high_water), "
+    "(SELECT group_concat(partner || ' ' || version, ' ') FROM agreements), "
     # Last, and not part of the comparison: the observed time moves with every audited event.
     "(SELECT high_water FROM observed)"
 )
@@ -1011,6 +1039,10 @@ class Issuer:
             state = snap.domains.get(domain)
             if state is None or state.bundle is None:
                 raise UnknownDomain(f"this node holds no bundle for {domain}")
+            if state.accept is not None and state.budget is None:
+                raise NoAgreement(f"no live agreement with {domain} (expired, revoked or not named by our epoch)")
+            if state.accept is not None and not in_scope(sub, state.accept):
+                raise ScopeViolation(f"{sub} is outside what {snap.home} accepts from {domain}")
             if domain not in self._usable_domains(snap, now):
                 raise Stale(f"the bundle of {domain} is older than its staleness budget")
             key = state.jwt_keys.get(kid)
