@@ -269,3 +269,49 @@ def test_a_new_partner_is_followed_from_an_expired_pinned_root(tmp_path: Path) -
         assert got[(BETA, "bundle", 2)] == ["applied"]
         assert n.status(t1)["domains"][BETA]["mode"] == "connected"
         assert n.check_partner_identity("spiffe://beta.example/ns/x", t1 + 10)["agreement_version"] == 1
+
+
+def test_node_batch_rules_for_agreements(two: tuple[Authority, Authority]) -> None:
+    """agreements.verify_batch on its own: versions per pair, copies, times, other pairs' agreements."""
+    from qhx_edge.core import trust
+
+    alpha, beta = two
+    ra, rb = roots(alpha, beta)
+    state = trust.TrustState({ALPHA: trust.DomainView(root=ra)}, clock_high_water=NOW)
+    fed = A.Federation(ALPHA)
+    v1, v1b = signed(alpha, beta), signed(alpha, beta, expires=NOW + 7200)
+    supplied = [rb.raw]
+
+    def verdicts(docs: list[bytes], f: A.Federation = fed, now: int = NOW + 10) -> list[str]:
+        out = A.verify_batch(docs, state, f, now)
+        return [v.status if v.error is None else f"rejected:{v.error.kind}" for v in out.verdicts]
+
+    # Valid, with the partner root it pins beside it (a partner first seen: the gate is closed, no epoch).
+    assert verdicts([v1.raw, *supplied]) == ["applied", "rejected:no-agreement"]
+    # Two different documents claiming version 1: nothing says which is genuine.
+    assert verdicts([v1.raw, v1b.raw, *supplied])[:2] == ["rejected:equal-version-conflict"] * 2
+    # Copies of one are one document.
+    assert verdicts([v1.raw, v1.raw, *supplied])[:2] == ["applied", "duplicate"]
+    # Against a held version 1: the same is already held, another is a conflict, an older one a rollback.
+    held = A.Federation(ALPHA, agreements={BETA: v1}, roots={A.fingerprint(rb.raw): rb})
+    assert verdicts([v1.raw], held) == ["already-held"]
+    assert verdicts([v1b.raw], held) == ["rejected:equal-version-conflict"]
+    v2 = signed(alpha, beta, version=2)
+    newer = A.Federation(ALPHA, agreements={BETA: v2}, roots={A.fingerprint(rb.raw): rb})
+    assert verdicts([v1.raw], newer) == ["rejected:rollback"]
+    # Issued in the future, or expired.
+    assert verdicts([signed(alpha, beta, version=3, issued_at=NOW + 3600, expires=NOW + 7200).raw], held) == [
+        "rejected:not-yet-valid"
+    ]
+    assert verdicts([v1.raw, *supplied], now=NOW + 86400) == ["rejected:expired", "rejected:no-agreement"]
+    # An agreement between two other domains is relayed, not judged.
+    gamma = "gamma.example"
+    other = D.Agreement.from_dict(
+        body(
+            domain=BETA,
+            partner=gamma,
+            roots={BETA: "b" * 64, gamma: "c" * 64},
+            terms={BETA: terms([], []), gamma: terms([], [])},
+        )
+    )
+    assert verdicts([D.sign(other, beta._signers("federation"))]) == ["not-mine"]
