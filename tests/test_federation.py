@@ -461,3 +461,40 @@ def test_either_side_ends_it_and_terms_are_renegotiated(tmp_path: Path) -> None:
     assert (BETA, "agreement", "applied") in reports(out)
     fails("no-agreement", "--home", n, "--json", "federation", "check", "spiffe://beta.example/ns/anything")
     assert ok("--home", n, "--json", "status")["domains"][BETA]["mode"] == "no-agreement"
+
+
+def test_rotating_our_federation_role_renews_agreements(tmp_path: Path) -> None:
+    """Agreements signed with a retired federation key stop counting: the next epoch no longer names
+    them, exports no longer carry them (a new node would find them below the new root's threshold),
+    until each is negotiated again with the new key."""
+    a = authority(tmp_path, "A", ALPHA)
+    b = authority(tmp_path, "B", BETA)
+    n, n2 = tmp_path / "N", tmp_path / "N2"
+    for home in (n, n2):
+        ok("--home", home, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS, name="v1")
+    mine, theirs = tmp_path / "a.pack", tmp_path / "b.pack"
+    ok("--home", b[0], "--json", "pack", "export", "--partner", ALPHA, "--to", theirs)
+    ok("--home", a[0], "--json", "pack", "export", "--to", mine)
+    ok("--home", n, "--json", "pack", "import", mine)
+    ok("--home", n, "--json", "pack", "import", theirs)
+    inside = "spiffe://beta.example/ns/logistics/api"
+    ok("--home", n, "--json", "federation", "check", inside)
+
+    ok("--home", a[0], "--json", "authority", "rotate-root", "--rotate-role", "federation")
+    listed = ok("--home", a[0], "--json", "federation", "list")["agreements"]
+    assert [(x["partner"], x["status"]) for x in listed] == [(BETA, "renew")]
+    fails("no-agreement", "--home", a[0], "--json", "pack", "export", "--partner", BETA, "--to", tmp_path / "x")
+    ok("--home", a[0], "--json", "pack", "export", "--to", mine)
+    ok("--home", n, "--json", "pack", "import", mine)
+    fails("no-agreement", "--home", n, "--json", "federation", "check", inside)
+    ok("--home", n2, "--json", "pack", "import", mine)  # nothing below the new root's threshold in it
+    assert BETA not in ok("--home", n2, "--json", "status")["domains"]
+
+    # Negotiated again with the new key: version 2, and trust is back.
+    anchor = tmp_path / "A-root-2.cbor"
+    fp = ok("--home", a[0], "--json", "authority", "anchor", "--to", anchor)["fingerprint"]
+    agree(tmp_path, (a[0], anchor, fp), b, BETA, *TERMS, name="v2")
+    ok("--home", a[0], "--json", "pack", "export", "--to", mine)
+    ok("--home", n, "--json", "pack", "import", mine)
+    assert ok("--home", n, "--json", "federation", "check", inside)["agreement_version"] == 2

@@ -145,7 +145,7 @@ def load_state(data: bytes, where: Path) -> dict[str, Any]:
             isinstance(e, dict)
             and _is_uint(e.get("version", 0))
             and _is_uint(e.get("proposed", 0))
-            and e.get("status") in ("proposed", "active", "terminated")
+            and e.get("status") in ("proposed", "active", "terminated", "renew")
             for e in federation.values()
         ),
         "federation must map partner domains to their agreement versions and status",
@@ -423,12 +423,12 @@ class Authority:
         """For this domain's own nodes: each partner's current agreement (active and unexpired, or
         terminated) and, while it is active, the partner root it pins (nodes check both thresholds)."""
         out = []
-        for partner in sorted(self.state.get("federation", {})):
+        for partner, entry in sorted(self.state.get("federation", {}).items()):
             doc = self.current_agreement(partner)
             if doc is None:
                 continue
             a = doc.payload
-            if a.status == "active" and now < a.expires:
+            if a.status == "active" and entry.get("status") == "active" and now < a.expires:
                 pinned = self.home / "federation" / partner / f"{a.roots[partner]}.cbor"
                 if pinned.exists():
                     out.append(pinned.read_bytes())
@@ -489,6 +489,13 @@ class Authority:
             assert isinstance(current, D.Policy)
             fields = {k: v for k, v in current.to_dict().items() if k in D.Policy._fields}
             out.append(self._publish(self._policy_payload(fields, now), self._signers("policy")))
+        if "federation" in roles:
+            # Agreements carry the retired federation key's signatures, which our nodes' new root no longer
+            # counts: the next epoch stops naming them (trust in those partners stops) until each is
+            # negotiated again with the new key (federation propose / accept / publish).
+            for entry in self.state.get("federation", {}).values():
+                if entry.get("status") == "active":
+                    entry["status"] = "renew"
         out.append(self._publish_freshness(now))
         if "freshness" in roles:
             self._write_card(self.identity, now)

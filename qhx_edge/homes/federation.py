@@ -20,6 +20,10 @@ The exchange, over files only (a USB stick is enough):
    role alone, and a freshness that no longer names the partner: our nodes stop
    trusting the partner with the pack that carries them.
 
+Rotating our federation role (``rotate-root --rotate-role federation``) marks
+every active agreement ``renew``: signed with the retired key, it is no longer
+named by our epoch nor exported, until negotiated again.
+
 Home layout added: ``federation/PARTNER/FINGERPRINT.cbor`` (the partner roots
 agreements pin) and ``authority.json`` ``federation``: per partner the
 published version, its status and the pinned root's fingerprint.
@@ -41,6 +45,7 @@ from qhx_edge.store.files import atomic_write
 PROPOSED = "proposed"
 ACTIVE = "active"
 TERMINATED = "terminated"
+RENEW = "renew"  # active, but signed by a federation key we have since rotated: negotiate it again
 
 
 def _federation(auth: Authority) -> dict[str, dict[str, Any]]:
@@ -238,7 +243,7 @@ def revoke(auth: Authority, partner: str, now: int) -> list[bytes]:
     with auth.locked():
         fed = _federation(auth)
         entry = fed.get(partner)
-        if entry is None or not entry.get("version") or entry.get("status") != ACTIVE:
+        if entry is None or not entry.get("version") or entry.get("status") not in (ACTIVE, RENEW):
             raise NoAgreement(f"{auth.domain} has no active agreement with {partner}")
         held = current(auth, partner)
         assert held is not None
@@ -306,7 +311,8 @@ def released_to(auth: Authority, partner: str, now: int) -> list[bytes]:
     doc = current(auth, partner)
     if doc is not None and doc.payload.status == "terminated":
         return [doc.raw]  # the partner's nodes learn that we ended it (one side's threshold suffices)
-    if doc is None or now >= doc.payload.expires:
+    entry = auth.state.get("federation", {}).get(partner, {})
+    if doc is None or now >= doc.payload.expires or entry.get("status") != ACTIVE:
         raise NoAgreement(f"{auth.domain} has no live agreement with {partner}")
     release = doc.payload.terms[auth.domain].release
     roots = [auth.published("root", v) for v in range(1, int(auth.state["versions"]["root"]) + 1)]
