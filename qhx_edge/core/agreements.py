@@ -402,11 +402,9 @@ def verify_batch(
         if isinstance(doc, Signed) and isinstance(doc.payload, Agreement) and home in doc.payload.parties:
             partner_candidates.add(doc.payload.other(home))
     own: list[tuple[int, Signed[Any]]] = []
-    rejected_parse: list[int] = []
     by_partner: dict[str, list[tuple[int, Signed[Any]]]] = {}
     for i, doc in enumerate(items):
         if isinstance(doc, Rejected):
-            rejected_parse.append(i)
             verdicts[i] = Verdict(i, "rejected", None, doc)
         elif isinstance(doc.payload, Agreement):
             agreement_items.append((i, doc))
