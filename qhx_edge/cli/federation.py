@@ -34,7 +34,7 @@ def _show_text(info: dict[str, Any]) -> str:
     ]
     for side, g in info["grants"].items():
         signed = info.get("signed_by", {}).get(side)
-        lines.append(f"  {side} grants {g['to']}:" + (f"  (signed: {signed})" if signed else ""))
+        lines.append(f"  {side} grants {g['to']}:" + (f" (signed: {signed})" if signed else ""))
         lines.append(f"    accepts from {g['to']}: {', '.join(g['accepts_from_partner']) or 'nothing'}")
         lines.append(f"    releases to {g['to']}: {', '.join(g['releases_to_partner'])}")
         lines.append(
