@@ -315,3 +315,25 @@ def test_node_batch_rules_for_agreements(two: tuple[Authority, Authority]) -> No
         )
     )
     assert verdicts([D.sign(other, beta._signers("federation"))]) == ["not-mine"]
+
+
+def test_hybrid_domains_need_both_algorithms_of_each_side(tmp_path: Path) -> None:
+    """The default suite: every federation key is Ed25519 + ML-DSA-65, and a side counts only when both
+    of its algorithms signed; countersigning a hybrid proposal keeps one document."""
+    alpha, beta = (
+        Authority.init(
+            tmp_path / d, d, suite="hybrid", root_keys=1, root_threshold=1, passphrase=PASSPHRASE.encode(), now=NOW
+        )
+        for d in (ALPHA, BETA)
+    )
+    ra, rb = roots(alpha, beta)
+    both = signed(alpha, beta)
+    assert len(both.envelope.signatures) == 4  # two keys, two algorithms each
+    A.check_signatures(both, ra.payload, rb.payload)
+    # Drop beta's ML-DSA-65 signature: beta's key is no longer satisfied.
+    beta_kid = bytes.fromhex(next(iter(rb.payload.role_keys("federation"))))
+    keep = [i for i, s in enumerate(both.envelope.signatures) if not (s.kid == beta_kid and s.alg == -49)]
+    half = D.parse(both.envelope.canonical(keep))
+    assert half.digest == both.digest
+    with pytest.raises(ThresholdNotMet):
+        A.check_signatures(half, ra.payload, rb.payload)
