@@ -1,16 +1,27 @@
-"""``qhx-edge serve``: the SPIFFE Workload API on a Unix socket (docs/issuance.md).
+"""``qhx-edge serve``: the SPIFFE Workload API on a Unix socket (docs/issuance.md), and the SPIFFE
+bundle endpoint on a TCP address when asked (docs/architecture.md, "Bundle endpoint").
 
 Calls :mod:`qhx_edge.issue.workload_api` with an :class:`~qhx_edge.issue.issuer.Issuer`
-for the node home.
+for the node home; the bundle endpoint (:mod:`qhx_edge.links.bundle_endpoint`) runs on a trio
+loop in a thread of its own, fed by :mod:`qhx_edge.homes.bundles`, and stops with the server.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from qhx_edge.cli import Ctx, pass_ctx
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8443, [::1]:8443)")
+    return host, int(port)
 
 
 @click.command("serve")
@@ -21,16 +32,101 @@ from qhx_edge.cli import Ctx, pass_ctx
     default=None,
     help="Workload API socket (default: HOME/workload.sock).",
 )
+@click.option("--bundle-endpoint", "endpoint", metavar="HOST:PORT", help="Also serve our SPIFFE bundle endpoint here.")
+@click.option(
+    "--bundle-endpoint-profile",
+    "profile",
+    type=click.Choice(["https_spiffe", "https_web"]),
+    default="https_spiffe",
+    show_default=True,
+    help="https_spiffe: the node's own X509-SVID; https_web: --bundle-endpoint-cert and -key.",
+)
+@click.option(
+    "--bundle-endpoint-id",
+    "endpoint_id",
+    help="https_spiffe: the endpoint's SPIFFE ID (default: the one registered for qhx-edge:bundle-endpoint).",
+)
+@click.option(
+    "--bundle-endpoint-cert",
+    "cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="https_web: certificate chain (PEM).",
+)
+@click.option(
+    "--bundle-endpoint-key", "key", type=click.Path(dir_okay=False, path_type=Path), help="https_web: key (PEM)."
+)
+@click.option("--bundle-endpoint-path", "path", default="/", show_default=True, help="The path the bundle is at.")
+@click.option(
+    "--bundle-endpoint-classical",
+    "classical",
+    is_flag=True,
+    help="Serve only authorities classical SPIFFE software reads (no ML-DSA): for SPIRE and go-spiffe.",
+)
 @pass_ctx
-def serve(ctx: Ctx, socket_path: Path | None) -> None:
-    """Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT."""
+def serve(
+    ctx: Ctx,
+    socket_path: Path | None,
+    endpoint: str | None,
+    profile: str,
+    endpoint_id: str | None,
+    cert: Path | None,
+    key: Path | None,
+    path: str,
+    classical: bool,
+) -> None:
+    """Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.
+
+    With --bundle-endpoint, also serve the domain's SPIFFE bundle endpoint over HTTPS (SPIFFE
+    Federation): https_spiffe presents the node's own X509-SVID, registered in the policy for the
+    selector qhx-edge:bundle-endpoint; https_web a certificate from files.
+
+    \b
+    Examples:
+      qhx-edge --home N serve --socket /run/qhx-edge/workload.sock
+      qhx-edge --home N serve --bundle-endpoint 0.0.0.0:8443 --bundle-endpoint-classical
+      qhx-edge --home N serve --bundle-endpoint 0.0.0.0:443 --bundle-endpoint-profile https_web \\
+          --bundle-endpoint-cert web.pem --bundle-endpoint-key web.key
+    """
     from qhx_edge.issue import workload_api
     from qhx_edge.issue.issuer import Issuer
 
     home = ctx.home
-    path = (socket_path or home / "workload.sock").absolute()
-    workload_api.serve_forever(
-        lambda: Issuer(home, ctx.passphrase),
-        path,
-        on_ready=lambda: ctx.emit({"socket": str(path)}, f"serving the SPIFFE Workload API on {path}"),
-    )
+    sock = (socket_path or home / "workload.sock").absolute()
+    info: dict[str, Any] = {"socket": str(sock)}
+    text = f"serving the SPIFFE Workload API on {sock}"
+    runner = None
+    if endpoint is not None:
+        if profile == "https_web" and (cert is None or key is None):
+            raise click.UsageError("https_web needs --bundle-endpoint-cert and --bundle-endpoint-key")
+        if profile == "https_spiffe" and (cert is not None or key is not None):
+            raise click.UsageError("--bundle-endpoint-cert and -key are for https_web; https_spiffe uses an SVID")
+        host, port = _address(endpoint)
+        from qhx_edge.homes.bundles import EndpointSvid, LiveBundle
+        from qhx_edge.links import bundle_endpoint as be
+
+        svid = EndpointSvid(home, ctx.passphrase, endpoint_id) if profile == "https_spiffe" else None
+        credential: be.CredentialSource
+        if svid is not None:
+            credential = svid
+        else:
+            assert cert is not None
+            assert key is not None
+            credential = be.FileCredential(cert, key)
+        server = be.BundleEndpoint(LiveBundle(home, classical=classical), credential, host=host, port=port, path=path)
+        runner = be.EndpointThread(server)
+        bound_host, bound_port = runner.start()
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        url = f"https://{shown}:{bound_port}{path}"
+        info["bundle_endpoint"] = {"url": url, "profile": profile, "classical": classical}
+        if server.credential is not None and svid is not None:
+            from qhx_edge.core.svid import leaf_spiffe_id
+
+            info["bundle_endpoint"]["spiffe_id"] = leaf_spiffe_id(server.credential.chain[0])
+        text += f"\nserving the SPIFFE bundle endpoint at {url} ({profile})"
+    try:
+        workload_api.serve_forever(lambda: Issuer(home, ctx.passphrase), sock, on_ready=lambda: ctx.emit(info, text))
+    finally:
+        if runner is not None:
+            runner.stop()
+            if svid is not None:
+                svid.close()

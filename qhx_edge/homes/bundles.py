@@ -11,13 +11,19 @@ takes an older one for a newer one.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import spiffe_bundle
 from qhx_edge.core.documents import Bundle, Signed, parse
-from qhx_edge.core.errors import UnknownDomain
+from qhx_edge.core.errors import PolicyDenied, UnknownDomain
 from qhx_edge.homes.layout import is_authority
+
+if TYPE_CHECKING:
+    from qhx_edge.issue.issuer import Issuer
+    from qhx_edge.links.tls import Credential
 
 
 def _held_bundle(home: Path, domain: str | None) -> tuple[str, Bundle]:
@@ -59,3 +65,87 @@ def export_spiffe(home: Path, domain: str | None, *, classical: bool) -> tuple[b
         "jwt_authorities": len(bundle.jwt_authorities),
         "left_out": left_out,
     }
+
+
+# --- the bundle endpoint's sources (qhx_edge/links/bundle_endpoint.py) -------------------------------
+
+ENDPOINT_SELECTOR = "qhx-edge:bundle-endpoint"
+"""The selector of the registration that gives the bundle endpoint its X509-SVID (``https_spiffe``).
+
+No workload presents it (workloads are attested by ``unix:`` selectors), so only the node's own
+endpoint gets that identity, and the authority decides which SPIFFE ID it is, its algorithm and
+its TTL in the policy, as for any workload (docs/architecture.md, "Bundle endpoint")."""
+
+
+class LiveBundle:
+    """The home domain's SPIFFE bundle as the bundle endpoint serves it: written again only when the
+    held bundle document changed (its high-water mark), read from the store at every call."""
+
+    def __init__(self, home: Path, *, classical: bool) -> None:
+        self.home = home
+        self.classical = classical
+        self._lock = threading.Lock()
+        self._held: tuple[Any, bytes] | None = None
+
+    def __call__(self) -> bytes:
+        from qhx_edge.store.trust_store import Store
+
+        with self._lock:
+            store = Store.open(self.home)
+            try:
+                domain = store.node_info()["home_domain"]
+                mark = store.marks(domain).get("bundle")
+                if mark is None:
+                    raise UnknownDomain(f"this node holds no bundle for {domain}")
+                if self._held is not None and self._held[0] == mark:
+                    return self._held[1]
+                doc = store.current(domain, "bundle")
+            finally:
+                store.close()
+            assert doc is not None
+            assert isinstance(doc.payload, Bundle)
+            data, _ = spiffe_bundle.to_json(spiffe_bundle.from_document(doc.payload), classical=self.classical)
+            self._held = (mark, data)
+            return data
+
+
+class EndpointSvid:
+    """The bundle endpoint's X509-SVID from the node's issuer (registration :data:`ENDPOINT_SELECTOR`):
+    cached by the issuer and minted again at half its lifetime, audited like every SVID."""
+
+    def __init__(self, home: Path, get_passphrase: Callable[[], bytes], spiffe_id: str | None = None) -> None:
+        self.home = home
+        self.spiffe_id = spiffe_id
+        self._get_passphrase = get_passphrase
+        self._lock = threading.Lock()
+        self._issuer: Issuer | None = None
+
+    def __call__(self) -> Credential:
+        from qhx_edge.issue.issuer import Issuer
+        from qhx_edge.links.tls import Credential
+
+        with self._lock:
+            if self._issuer is None:
+                self._issuer = Issuer(self.home, self._get_passphrase)
+            issuer = self._issuer
+        which = self.spiffe_id or "one SPIFFE ID"
+        try:
+            issued = issuer.x509_svids(frozenset({ENDPOINT_SELECTOR}))
+        except PolicyDenied as exc:
+            raise PolicyDenied(
+                f"the bundle endpoint has no identity: the policy must register {which} for the selector "
+                f"{ENDPOINT_SELECTOR} ({exc.message})"
+            ) from exc
+        svids = [s for s in issued if self.spiffe_id is None or s.spiffe_id == self.spiffe_id]
+        if len(svids) != 1:
+            raise PolicyDenied(
+                f"the policy must register {which} for the selector {ENDPOINT_SELECTOR} (the bundle endpoint's "
+                f"identity); it registers {len(svids)} matching ones"
+            )
+        return Credential.from_der(svids[0].cert_chain, svids[0].private_key)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._issuer is not None:
+                self._issuer.close()
+                self._issuer = None
