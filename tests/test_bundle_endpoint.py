@@ -8,6 +8,7 @@ federates with the endpoint and follows a newly published bundle."""
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import select
 import signal
@@ -294,3 +295,31 @@ def test_spire_federates_with_our_endpoint_and_follows_a_new_bundle(
         held = wait_until("SPIRE to fetch the new bundle from our endpoint", refreshed, timeout=60, step=1)
         print(f"SPIRE followed the new bundle (v{served['spiffe_sequence']}) in {time.monotonic() - t0:.1f} s")
         assert held["spiffe_refresh_hint"] == REFRESH_HINT
+
+
+def test_the_endpoint_rotates_a_short_lived_credential_before_it_expires(tmp_path: Path) -> None:
+    """In process: a credential source handing out 4-second SVIDs is asked again at half-life, and the
+    next connection gets the new one (what the issuer's re-mint at half-life gives serve)."""
+    ca = make_ca(DOMAIN)
+    handed: list[tls.Credential] = []
+
+    def credential() -> tls.Credential:
+        now = dt.datetime.now(dt.UTC)
+        leaf = make_leaf(ca, uri=ENDPOINT_ID, not_before=now, not_after=now + dt.timedelta(seconds=4))
+        handed.append(tls.Credential.from_der(leaf.der_chain, leaf.key_der))
+        return handed[-1]
+
+    body = json.dumps({"keys": [], "spiffe_sequence": 7}).encode()
+    server = be.BundleEndpoint(lambda: body, credential, host="127.0.0.1", port=0)
+    anchor = spiffe_bundle.SpiffeBundle((ca.der,), (), 1, None)
+    with be.EndpointThread(server):
+        assert server.address is not None
+        url = f"https://127.0.0.1:{server.address[1]}/"
+        first = be.fetch(url, be.HTTPS_SPIFFE, endpoint_bundle=anchor, endpoint_id=ENDPOINT_ID)
+        assert first.bundle.sequence == 7
+        assert first.peer_chain == handed[0].chain
+        time.sleep(3)  # past half of the first one's life, before its end
+        second = be.fetch(url, be.HTTPS_SPIFFE, endpoint_bundle=anchor, endpoint_id=ENDPOINT_ID)
+        assert len(handed) >= 2
+        assert second.peer_chain != first.peer_chain
+        assert second.peer_chain in [c.chain for c in handed[1:]]
