@@ -247,6 +247,22 @@ def test_serve_refuses_an_endpoint_without_a_registered_identity(tmp_path: Path)
     assert bundles.ENDPOINT_SELECTOR in proc.stdout
 
 
+def _rotate_ca(homes: Homes) -> dict[str, Any]:
+    """A new CA generation, imported by the node: the bundle its endpoint serves now lists one more
+    X.509 authority (returned, as the endpoint serves it)."""
+    now = clock.now()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(authority_module, "REFRESH_HINT", REFRESH_HINT)
+        homes.authority.rotate_ca(now)
+    n = node.Node(homes.node_home, PASSPHRASE.encode)
+    try:
+        n.import_pack(homes.authority.export_pack(homes.authority.export_documents(), now), now)
+    finally:
+        n.close()
+    served: dict[str, Any] = json.loads(bundles.export_spiffe(homes.node_home, None, classical=True)[0])
+    return served
+
+
 def _x5c(bundle: dict[str, Any]) -> set[str]:
     return {der for k in bundle["keys"] if k["use"] == "x509-svid" for der in k["x5c"]}
 
@@ -274,17 +290,7 @@ def test_spire_federates_with_our_endpoint_and_follows_a_new_bundle(
         first = wait_until("SPIRE to hold alpha.example's bundle", lambda: _spire_holds(s), timeout=30)
         assert _x5c(first) == _x5c(json.loads(ours.read_text()))
         assert first["spiffe_refresh_hint"] == REFRESH_HINT
-        # A new CA generation: the bundle our endpoint serves now lists one more X.509 authority.
-        now = clock.now()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(authority_module, "REFRESH_HINT", REFRESH_HINT)
-            homes.authority.rotate_ca(now)
-        n = node.Node(homes.node_home, PASSPHRASE.encode)
-        try:
-            n.import_pack(homes.authority.export_pack(homes.authority.export_documents(), now), now)
-        finally:
-            n.close()
-        served = json.loads(bundles.export_spiffe(homes.node_home, None, classical=True)[0])
+        served = _rotate_ca(homes)
         assert len(_x5c(served)) > len(_x5c(first))
 
         def refreshed() -> dict[str, Any] | None:
@@ -323,3 +329,30 @@ def test_the_endpoint_rotates_a_short_lived_credential_before_it_expires(tmp_pat
         assert len(handed) >= 2
         assert second.peer_chain != first.peer_chain
         assert second.peer_chain in [c.chain for c in handed[1:]]
+
+
+@pytest.mark.slow
+def test_spire_with_a_federates_with_block_and_bundle_set_fetches_from_our_endpoint(
+    spiffe_served: Served, homes: Homes, ours: Path
+) -> None:
+    """SPIRE configured as an operator would: a ``federates_with`` block in server.conf, then
+    ``bundle set`` with our ``--classical`` bundle. SPIRE's first try at start finds no local bundle
+    and waits its one-minute MinimumRefreshHint, so this takes about a minute."""
+    hcl = f"""federates_with "{DOMAIN}" {{
+      bundle_endpoint_url = "{spiffe_served.url}"
+      bundle_endpoint_profile "https_spiffe" {{
+        endpoint_spiffe_id = "{ENDPOINT_ID}"
+      }}
+    }}"""
+    served = _rotate_ca(homes)  # the endpoint serves more than the bootstrap bundle says
+    assert _x5c(served) != _x5c(json.loads(ours.read_text()))
+    with spire(agent=False, federation_hcl=hcl) as s:
+        t0 = time.monotonic()
+        s.server("bundle", "set", "-format", "spiffe", "-id", f"spiffe://{DOMAIN}", "-path", str(ours))
+
+        def refreshed() -> bool:
+            held = _spire_holds(s)
+            return held is not None and _x5c(held) == _x5c(served)
+
+        wait_until("SPIRE to fetch from our endpoint", refreshed, timeout=150, step=1)
+        print(f"SPIRE (federates_with) fetched from our endpoint {time.monotonic() - t0:.1f} s after bundle set")
