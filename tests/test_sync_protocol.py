@@ -365,8 +365,8 @@ def test_a_faulty_relay_is_caught_and_never_gets_a_forgery_accepted(
     # Whatever b accepted is exactly what a holds under that key: an altered document never passes.
     for key in b.received:
         assert b.docs[key] == a.docs[key]
-    if ca.finished and cb.finished:  # else caught, or stalled on a lost frame: the link's timeout ends it
-        assert newest(b) == newest(a)
+    if ca.finished and cb.finished and mode != "alter":  # else caught, or stalled on a lost frame
+        assert newest(b) == newest(a)  # (an altered want or done may end a contact early: TLS guards those)
     # After the faulty contact, a clean one converges.
     b.close() if b.conn else None
     a.close() if a.conn else None

@@ -43,8 +43,11 @@ Rules:
   (back-pressure on slow links).  A cut loses at most the unacknowledged
   chunks: the receiver keeps what it got (:meth:`~SyncConnection.partials`)
   and names it in its next ``want`` so the sender resumes at that offset.
-* A reassembled document must hash to its id (SHA-256 of its bytes): a
-  relay can cut a transfer, not splice it.
+* A reassembled document must hash to its id (SHA-256 of its bytes), and an
+  inventory must hash to the summary sent before it: a relay can cut a
+  transfer, not splice it.  The protocol does not authenticate the rest of
+  its metadata (a want's ``since``, a ``done``): the link does (TLS), and
+  every document authenticates itself to the trust core.
 """
 
 from __future__ import annotations
@@ -422,14 +425,16 @@ class SyncConnection:
         if self._peer_summary is None or self._got_inventory or self._peer_summary == self._digest:
             raise SyncProtocolError("an inventory out of turn")
         newer = []
-        seen: set[Key] = set()
+        listed: dict[Key, int] = {}
         for d, t, v in _items(msg, "items"):
-            if (d, t) in seen:
+            if (d, t) in listed:
                 raise SyncProtocolError(f"the inventory names {d}/{t} twice")
-            seen.add((d, t))
+            listed[d, t] = v
             if v > self.inventory.get((d, t), -1):
                 self._offered.add((d, t))
                 newer.append((d, t, v))
+        if summary_digest(listed) != self._peer_summary:
+            raise SyncProtocolError("the inventory does not match the peer's summary")
         self._got_inventory = True
         self._events.append(PeerInventory(tuple(newer)))
 
