@@ -193,3 +193,34 @@ def test_cli_export_from_authority_and_node(homes: Homes, cli: Callable[..., Res
     r = cli("--home", homes.a, "--json", "bundle", "export", "--domain", "beta.example")
     assert r.code == 1
     assert r.json["error"]["kind"] == "unknown-domain"
+
+
+def test_unreadable_authorities_are_left_out_not_fatal(tmp_path: Path) -> None:
+    """A partner's signed bundle may carry bytes that are no certificate or no readable key: writing it
+    as a SPIFFE bundle leaves them out and says so; the issuer serves only readable CA certificates."""
+    from qhx_edge.issue.issuer import _readable_authorities
+
+    auth = Authority.init(
+        tmp_path / "a",
+        "alpha.example",
+        suite="classical",
+        root_keys=1,
+        root_threshold=1,
+        passphrase=None,
+        now=1_800_000_000,
+    )
+    doc = D.parse(auth.current("bundle")).payload
+    assert isinstance(doc, D.Bundle)
+    bad = sb.SpiffeBundle(
+        (b"not a certificate", *doc.x509_authorities),
+        (sb.JwtAuthority("junk", b"\x30\x03\x02\x01\x00"),),
+        3,
+        60,
+    )
+    written, left_out = sb.to_json(bad)
+    assert len(left_out) == 2
+    assert len(sb.parse(written).x509_authorities) == 1
+    import dataclasses
+
+    mixed = dataclasses.replace(doc, x509_authorities=(b"not a certificate", *doc.x509_authorities))
+    assert _readable_authorities(mixed) == b"".join(doc.x509_authorities)

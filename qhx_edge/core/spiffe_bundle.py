@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_der_public_key
 
@@ -286,7 +287,11 @@ def to_json(bundle: SpiffeBundle, *, classical: bool = False) -> tuple[bytes, li
     keys: list[dict[str, Any]] = []
     left_out: list[str] = []
     for i, der in enumerate(bundle.x509_authorities):
-        jwk = jwk_of(x509.load_der_x509_certificate(der).public_key())
+        try:
+            jwk = jwk_of(x509.load_der_x509_certificate(der).public_key())
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            left_out.append(f"x509 authority {i}: not a certificate with a key we can read")
+            continue
         if jwk is None or (classical and jwk["kty"] not in _CLASSICAL):
             left_out.append(
                 f"x509 authority {i}: {jwk['alg'] if jwk else 'its key type'} is not readable by classical peers"
@@ -294,7 +299,11 @@ def to_json(bundle: SpiffeBundle, *, classical: bool = False) -> tuple[bytes, li
             continue
         keys.append({"use": X509_USE, **jwk, "x5c": [base64.b64encode(der).decode("ascii")]})
     for auth in bundle.jwt_authorities:
-        jwk = jwk_of(load_der_public_key(auth.spki))
+        try:
+            jwk = jwk_of(load_der_public_key(auth.spki))
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            left_out.append(f"jwt authority {auth.kid}: not a public key we can read")
+            continue
         if jwk is None or (classical and jwk["kty"] not in _CLASSICAL):
             left_out.append(f"jwt authority {auth.kid}: its key type is not readable by classical peers")
             continue

@@ -104,7 +104,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, mldsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
@@ -231,6 +231,23 @@ class _DomainState:
     # A partner under an agreement (core/agreements.py): the SPIFFE ID prefixes our side accepts from it.
     # Its budget is then the agreement's, and a closed agreement (no-agreement) leaves it without one.
     accept: tuple[str, ...] | None = None
+    # The concatenated DER of the bundle's X.509 authorities that are CA certificates we can read: what
+    # workloads get (a partner's unreadable authority is left out, never passed on or fatal).
+    x509_der: bytes = b""
+
+
+def _readable_authorities(bundle: Bundle | None) -> bytes:
+    out = []
+    for der in bundle.x509_authorities if bundle else ():
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            cert.public_key()
+            bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except (ValueError, TypeError, UnsupportedAlgorithm, x509.ExtensionNotFound, x509.DuplicateExtension):
+            continue
+        if bc.ca:
+            out.append(der)
+    return b"".join(out)
 
 
 @dataclass(frozen=True)
@@ -300,7 +317,7 @@ def _domain_state(store: Store, domain: str, home: str | None = None) -> _Domain
     for item in bundle.jwt_authorities if bundle else ():
         try:
             pub = load_der_public_key(item["spki"])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):  # a partner's unreadable key is left out
             continue
         # JWT-SVIDs are ES256 here; other key types have no SPIFFE JWK form yet.
         if isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(pub.curve, ec.SECP256R1):
@@ -322,6 +339,7 @@ def _domain_state(store: Store, domain: str, home: str | None = None) -> _Domain
         json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
         expires,
         accept,
+        _readable_authorities(bundle),
     )
 
 
@@ -956,9 +974,9 @@ class Issuer:
     def _x509_bundles(self, snap: _Snapshot, now: int) -> dict[str, bytes]:
         usable = self._usable_domains(snap, now)
         return {
-            name: b"".join(d.bundle.x509_authorities)
+            name: d.x509_der
             for name, d in snap.domains.items()
-            if d.bundle is not None and name in usable
+            if d.bundle is not None and name in usable and d.x509_der
         }
 
     def jwt_svids(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid]:
