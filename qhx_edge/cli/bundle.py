@@ -56,3 +56,30 @@ def bundle_export(ctx: Ctx, fmt: str, domain: str | None, classical: bool, to: P
         click.echo(data.decode(), nl=False)
         for line in info["left_out"]:
             click.echo(f"left out: {line}", err=True)
+
+
+@bundle_group.command("import-spiffe")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--domain", required=True, help="the partner trust domain the bundle is of")
+@pass_ctx
+def bundle_import_spiffe(ctx: Ctx, file: Path, domain: str) -> None:
+    """Take a partner's unsigned SPIFFE bundle, where the agreement allows SPIFFE bundles.
+
+    Ordered by spiffe_sequence (an older one is rollback, the same one already-imported); believed
+    at lower assurance ("assurance": "spiffe-bundle" in status and svid verify).  Exit 1 with a
+    stable kind: no-agreement, scope-violation, rollback, malformed, oversize, clock-rollback.
+
+    \b
+    Example:
+      spire-server bundle show -format spiffe > beta.json
+      qhx-edge --home NODE bundle import-spiffe beta.json --domain beta.example
+    """
+    from qhx_edge.core.spiffe_bundle import MAX_BUNDLE_BYTES
+    from qhx_edge.homes.node import Node
+    from qhx_edge.store import clock
+    from qhx_edge.store.files import read_capped
+
+    data = read_capped(file, MAX_BUNDLE_BYTES, "SPIFFE bundle")
+    with Node(ctx.home) as n:
+        out = n.import_spiffe_bundle(data, domain, clock.now(), source=str(file))
+    ctx.emit(out, f"SPIFFE bundle of {domain}: sequence {out['sequence']} {out['status']} (lower assurance)")

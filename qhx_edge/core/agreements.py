@@ -267,6 +267,50 @@ def check_spiffe_bundle_allowed(
         )
 
 
+ALREADY_IMPORTED = "already-imported"
+NEW = "new"
+
+
+def decide_spiffe_import(
+    home: str,
+    partner: str,
+    agreement: Agreement | None,
+    epoch: Freshness | None,
+    now: int,
+    sequence: int | None,
+    digest: bytes,
+    held: tuple[int, bytes] | None,
+) -> str:
+    """Whether a partner's SPIFFE bundle (``bundle import-spiffe``; later ``federation fetch``) enters
+    the node: :data:`NEW`, or :data:`ALREADY_IMPORTED` for the held one again; else a typed rejection.
+
+    Unlike SPIRE, which replaces a federated bundle with whatever it fetched, bundles are ordered by
+    ``spiffe_sequence`` (SPIFFE Trust Domain and Bundle §4.1.1): a bundle without one is
+    ``malformed``, one below the held sequence, or equal to it with other content (``digest``:
+    :func:`~qhx_edge.core.spiffe_bundle.content_digest`), is ``rollback``.  Only under a live
+    agreement whose terms on our side allow SPIFFE bundles (:func:`check_spiffe_bundle_allowed`:
+    ``no-agreement``, ``scope-violation``); never for our own domain (``scope-violation``).
+    ``held``: the sequence and digest of the newest bundle of ``partner`` held, if any.
+    """
+    if partner == home:
+        raise ScopeViolation(f"{home} is this node's own domain: its trust comes only as signed documents")
+    check_spiffe_bundle_allowed(home, partner, agreement, epoch, now)
+    if sequence is None:
+        raise Malformed(
+            f"the SPIFFE bundle of {partner} has no spiffe_sequence: without one an older bundle "
+            "could not be told from a newer one"
+        )
+    if held is not None:
+        held_seq, held_digest = held
+        if sequence == held_seq and digest == held_digest:
+            return ALREADY_IMPORTED
+        if sequence == held_seq:
+            raise Rollback(f"the SPIFFE bundle of {partner} has the held sequence {held_seq} but other content")
+        if sequence < held_seq:
+            raise Rollback(f"the SPIFFE bundle of {partner} has sequence {sequence}; {held_seq} is held")
+    return NEW
+
+
 def describe(agreement: Agreement) -> dict[str, Any]:
     """What an agreement grants, both ways (``federation show``)."""
     a = agreement

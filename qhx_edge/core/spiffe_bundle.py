@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -268,6 +269,21 @@ def parse(data: bytes) -> SpiffeBundle:
         else:
             ignored.append(f"{what}: use {use!r} is not x509-svid or jwt-svid (§4.2.2)")
     return SpiffeBundle(tuple(x509s), tuple(jwts), sequence, hint, tuple(ignored))
+
+
+def content_digest(bundle: SpiffeBundle) -> bytes:
+    """SHA-256 of what a SPIFFE bundle says (sequence, refresh hint, X.509 and JWT authorities, in a
+    fixed order), not of its JSON text: the same bundle pretty-printed again is the same bundle, and
+    two bundles with one sequence but other keys differ (an import calls that ``rollback``)."""
+    from qhx_edge.core import cbor
+
+    body = [
+        bundle.sequence,
+        bundle.refresh_hint,
+        sorted(bundle.x509_authorities),
+        sorted([a.kid, a.spki] for a in bundle.jwt_authorities),
+    ]
+    return hashlib.sha256(cbor.encode(body)).digest()
 
 
 # --- writing -----------------------------------------------------------------------------------

@@ -436,20 +436,26 @@ class Node:
             versions = {t: marks[t].version if t in marks else None for t in ("root", "bundle", "policy", "freshness")}
             partner: dict[str, Any] = {}
             if d["relation"] == "partner":
-                # A partner's mode is under our agreement's budget, not its own policy.
+                # A partner's mode is under our agreement's budget, not its own policy; with only an
+                # imported SPIFFE bundle, its time of import is the freshness time (lower assurance).
                 held_agreement = self.store.agreement(domain)
+                assurance, fresh_at, source = self._partner_source(domain)
+                partner["assurance"] = assurance
+                if assurance == "spiffe-bundle":
+                    partner["spiffe_bundle"] = source.to_json()
                 pm = agreements.partner_mode(
                     self.domain,
                     domain,
                     held_agreement.payload if held_agreement is not None else None,
                     home_epoch,
-                    f.issued_at if f else None,
+                    fresh_at,
                     now,
                     clock_ok=clock_ok,
                     expires=ends,
                 )
                 m = staleness.Mode(pm.mode, pm.staleness, 0, m.expired)
                 partner = {
+                    **partner,
                     "agreement": {
                         "version": held_agreement.payload.version if held_agreement else None,
                         "status": held_agreement.payload.status if held_agreement else None,
@@ -457,7 +463,7 @@ class Node:
                         "max_staleness": pm.budget,
                         "accepts": list(held_agreement.payload.terms[self.domain].accept) if held_agreement else [],
                         "reason": pm.reason,
-                    }
+                    },
                 }
             out["domains"][domain] = {
                 **partner,
@@ -479,6 +485,105 @@ class Node:
             }
         return out
 
+    # --- SPIFFE bundles of partners ----------------------------------------------------
+
+    def _epoch(self) -> Freshness | None:
+        f = self.store.current(self.domain, "freshness")
+        return f.payload if f is not None and isinstance(f.payload, Freshness) else None
+
+    def import_spiffe_bundle(self, data: bytes, domain: str, now: int, *, source: str = "file") -> dict[str, Any]:
+        """Take a partner's unsigned SPIFFE bundle (the one way one enters a node: docs/architecture.md
+        "SPIFFE bundles"): parsed strictly, under a live agreement allowing SPIFFE bundles, ordered by
+        ``spiffe_sequence`` (``rollback``; the same one again is ``already-imported``), stored in the
+        partner's namespace with the time of import as its freshness time, audited.  Every rejection
+        is typed, audited, and changes no trust state."""
+        from qhx_edge.core import spiffe_bundle
+        from qhx_edge.core.errors import UnknownDomain
+        from qhx_edge.core.spiffe import check_trust_domain
+
+        what = f"SPIFFE bundle of {domain} ({source})"
+        try:
+            check_trust_domain(domain)
+            trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
+            trust.check_observed(now, self.store.observed_time(), self.tolerance)
+            parsed = spiffe_bundle.parse(data)
+            digest = spiffe_bundle.content_digest(parsed)
+        except Rejected as exc:
+            self.store.audit(now, [AuditEntry("reject", f"{what}: {exc.message}", exc.kind, domain, "spiffe-bundle")])
+            raise
+        for _attempt in range(MAX_IMPORT_ATTEMPTS):
+            held, generation = self.store.spiffe_bundle_mark(domain)
+            agreement = self.store.agreement(domain)
+            try:
+                if domain != self.domain and not self._trusts(domain):
+                    raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
+                status = agreements.decide_spiffe_import(
+                    self.domain,
+                    domain,
+                    agreement.payload if agreement is not None else None,
+                    self._epoch(),
+                    now,
+                    parsed.sequence,
+                    digest,
+                    held,
+                )
+            except Rejected as exc:
+                entry = AuditEntry(
+                    "reject", f"{what}: {exc.message}", exc.kind, domain, "spiffe-bundle", parsed.sequence
+                )
+                self.store.audit(now, [entry])
+                raise
+            assert agreement is not None
+            assert parsed.sequence is not None
+            out = {
+                "domain": domain,
+                "status": status,
+                "sequence": parsed.sequence,
+                "digest": digest.hex(),
+                "assurance": "spiffe-bundle",
+                "agreement_version": agreement.payload.version,
+                "x509_authorities": len(parsed.x509_authorities),
+                "jwt_authorities": len(parsed.jwt_authorities),
+                "ignored": list(parsed.ignored),
+            }
+            entry = AuditEntry(
+                "noop" if status == agreements.ALREADY_IMPORTED else "accept",
+                f"{what}: sequence {parsed.sequence} {status} (unsigned, lower assurance)",
+                None,
+                domain,
+                "spiffe-bundle",
+                parsed.sequence,
+                digest,
+            )
+            try:
+                if status == agreements.ALREADY_IMPORTED:
+                    self.store.audit(now, [entry], generation=generation)
+                else:
+                    self.store.add_spiffe_bundle(
+                        domain, parsed.sequence, digest, data, agreement.payload.version, now, [entry],
+                        generation=generation,
+                    )  # fmt: skip
+            except StateChanged:
+                continue
+            return out
+        raise StoreLocked(f"the trust state kept changing under this import ({MAX_IMPORT_ATTEMPTS} attempts)")
+
+    def _partner_source(self, partner: str) -> tuple[str | None, int | None, Any]:
+        """Where trust in a partner's SVIDs comes from: ``("signed", freshness issued_at, Bundle)`` while a
+        signed bundle is held, else ``("spiffe-bundle", imported_at, HeldSpiffeBundle)`` for an imported
+        SPIFFE bundle the agreement still allows (``scope-violation`` when it no longer does), else Nones."""
+        if not self._trusts(partner):
+            return None, None, None
+        held = self.store.current(partner, "bundle")
+        if held is not None and isinstance(held.payload, Bundle):
+            fresh = self.store.current(partner, "freshness")
+            return "signed", fresh.payload.issued_at if fresh is not None else None, held.payload
+        sb = self.store.spiffe_bundle(partner)
+        if sb is None:
+            fresh = self.store.current(partner, "freshness")
+            return None, fresh.payload.issued_at if fresh is not None else None, None
+        return "spiffe-bundle", sb.imported_at, sb
+
     def check_partner_identity(self, spiffe_id: str, now: int) -> dict[str, Any]:
         """Whether this node may trust a partner workload's SPIFFE ID now (``no-agreement``,
         ``scope-violation`` or ``stale`` otherwise): the agreement gate, our side's accepted
@@ -488,19 +593,20 @@ class Node:
         trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
         partner = trust_domain_of(spiffe_id)
         held = self.store.agreement(partner)
-        home_fresh = self.store.current(self.domain, "freshness")
-        epoch = home_fresh.payload if home_fresh is not None and isinstance(home_fresh.payload, Freshness) else None
-        fresh = self.store.current(partner, "freshness") if self._trusts(partner) else None
+        epoch = self._epoch()
+        assurance, fresh_at, _ = self._partner_source(partner) if partner != self.domain else (None, None, None)
         agreements.check_identity(
-            spiffe_id,
-            self.domain,
-            held.payload if held is not None else None,
-            epoch,
-            fresh.payload.issued_at if fresh is not None else None,
-            now,
+            spiffe_id, self.domain, held.payload if held is not None else None, epoch, fresh_at, now
         )
         assert held is not None
-        return {"spiffe_id": spiffe_id, "domain": partner, "agreement_version": held.payload.version}
+        if assurance == "spiffe-bundle":
+            agreements.check_spiffe_bundle_allowed(self.domain, partner, held.payload, epoch, now)
+        return {
+            "spiffe_id": spiffe_id,
+            "domain": partner,
+            "agreement_version": held.payload.version,
+            "assurance": assurance,
+        }
 
     def verify_svid(self, chain: list[bytes], now: int) -> dict[str, Any]:
         """Verify an X.509-SVID chain (DER, leaf first) of our own domain or of a partner.
@@ -521,6 +627,12 @@ class Node:
             out["relation"] = "home"
         else:
             out.update(self.check_partner_identity(spiffe_id, now), relation="partner")
+            if out["assurance"] == "spiffe-bundle":
+                # Lower assurance: an unsigned bundle, believed because the agreement allows it.
+                _, _, sb = self._partner_source(domain)
+                svid.verify_x509_svid(chain, sb.bundle.x509_authorities, now)
+                out["spiffe_sequence"] = sb.sequence
+                return out
         held = self.store.current(domain, "bundle") if self._trusts(domain) else None
         if held is None or not isinstance(held.payload, Bundle):
             raise UnknownDomain(f"this node holds no bundle of {domain}")
@@ -528,6 +640,7 @@ class Node:
             raise Expired(f"the held bundle of {domain} expired at {held.payload.expires}")
         svid.verify_x509_svid(chain, held.payload.x509_authorities, now)
         out["bundle_version"] = held.payload.version
+        out["assurance"] = "signed"
         return out
 
 

@@ -38,6 +38,7 @@ from qhx_edge.store.files import private_dir
 from qhx_edge.store.sqlitefile import SqliteFile
 
 if TYPE_CHECKING:
+    from qhx_edge.core.spiffe_bundle import SpiffeBundle
     from qhx_edge.core.suites import PrivateKey, PublicKey
 
 STORE_FILE = "node.sqlite"
@@ -208,6 +209,23 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         PRIMARY KEY (partner, version)
     );
     """,
+    # 9: partners' SPIFFE bundles (docs/architecture.md "SPIFFE bundles"): unsigned JWK Sets taken under
+    # an agreement that allows them (`bundle import-spiffe`), every imported sequence per partner domain,
+    # the newest being current (its sequence the rollback mark).  `digest` is the content digest
+    # (core/spiffe_bundle.content_digest), `body` the exact bytes read, `imported_at` the node's time of
+    # import: the partner bundle's freshness time under the agreement's budget.  Apart from `documents`,
+    # which holds only signed documents.  IF NOT EXISTS: idempotent whatever number it runs as.
+    """
+    CREATE TABLE IF NOT EXISTS spiffe_bundles (
+        domain TEXT NOT NULL,
+        sequence INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        imported_at INTEGER NOT NULL,
+        agreement_version INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        PRIMARY KEY (domain, sequence)
+    );
+    """,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
@@ -216,6 +234,29 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
 NOT_TRUST_STATE = frozenset(
     {"audit", "audit_checkpoints", "watched_files", "packs_seen", "exports", "observed", "generation"}
 )
+
+
+@dataclass(frozen=True)
+class HeldSpiffeBundle:
+    """A partner's SPIFFE bundle as held (migration 9)."""
+
+    domain: str
+    sequence: int
+    digest: bytes
+    imported_at: int
+    agreement_version: int
+    bundle: SpiffeBundle
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sequence": self.sequence,
+            "digest": self.digest.hex(),
+            "imported_at": self.imported_at,
+            "agreement_version": self.agreement_version,
+            "x509_authorities": len(self.bundle.x509_authorities),
+            "jwt_authorities": len(self.bundle.jwt_authorities),
+            "refresh_hint": self.bundle.refresh_hint,
+        }
 
 
 class StateChanged(Exception):
@@ -368,6 +409,60 @@ class Store(SqliteFile):
         if not isinstance(doc.payload, Agreement) or doc.digest != bytes(row[1]):
             raise StoreCorrupt(f"held agreement with {partner} does not match its digest")
         return doc
+
+    def spiffe_bundle(self, domain: str) -> HeldSpiffeBundle | None:
+        """The newest SPIFFE bundle imported for ``domain`` (migration 9), re-read and checked."""
+        from qhx_edge.core import spiffe_bundle
+
+        row = self.conn.execute(
+            "SELECT sequence, digest, imported_at, agreement_version, body FROM spiffe_bundles "
+            "WHERE domain = ? ORDER BY sequence DESC LIMIT 1",
+            (domain,),
+        ).fetchone()
+        if row is None:
+            return None
+        seq, digest, imported_at, agreement_version, body = row
+        try:
+            parsed = spiffe_bundle.parse(bytes(body))
+        except QhxError as exc:
+            raise StoreCorrupt(f"held SPIFFE bundle {seq} of {domain} does not parse: {exc}") from exc
+        if parsed.sequence != seq or spiffe_bundle.content_digest(parsed) != bytes(digest):
+            raise StoreCorrupt(f"held SPIFFE bundle {seq} of {domain} does not match its digest")
+        return HeldSpiffeBundle(domain, int(seq), bytes(digest), int(imported_at), int(agreement_version), parsed)
+
+    def spiffe_bundle_mark(self, domain: str) -> tuple[tuple[int, bytes] | None, int]:
+        """The newest held SPIFFE bundle's (sequence, digest) of ``domain`` and the trust generation, as one read."""
+        self.conn.execute("BEGIN")
+        try:
+            row = self.conn.execute(
+                "SELECT sequence, digest FROM spiffe_bundles WHERE domain = ? ORDER BY sequence DESC LIMIT 1",
+                (domain,),
+            ).fetchone()
+            return (None if row is None else (int(row[0]), bytes(row[1]))), self._generation(self.conn)
+        finally:
+            self.conn.execute("COMMIT")
+
+    def add_spiffe_bundle(
+        self,
+        domain: str,
+        sequence: int,
+        digest: bytes,
+        body: bytes,
+        agreement_version: int,
+        now: int,
+        entries: Sequence[AuditEntry],
+        *,
+        generation: int,
+    ) -> None:
+        """Store a partner's SPIFFE bundle and its audit entries in one transaction (:class:`StateChanged`
+        if the trust state moved on since ``generation`` was read)."""
+        with self._write(generation) as conn:
+            conn.execute("UPDATE generation SET n = n + 1")
+            conn.execute(
+                "INSERT INTO spiffe_bundles VALUES (?,?,?,?,?,?)",
+                (domain, sequence, digest, now, agreement_version, body),
+            )
+            self._audit(conn, now, entries)
 
     def federation(self) -> Federation:
         """What the agreement rules need: current agreements, partner roots by fingerprint, root floors."""
