@@ -498,3 +498,45 @@ def test_rotating_our_federation_role_renews_agreements(tmp_path: Path) -> None:
     ok("--home", a[0], "--json", "pack", "export", "--to", mine)
     ok("--home", n, "--json", "pack", "import", mine)
     assert ok("--home", n, "--json", "federation", "check", inside)["agreement_version"] == 2
+
+
+def test_a_courier_cannot_terminate_an_agreement_with_a_root_of_its_own(tmp_path: Path) -> None:
+    """A courier with no keys makes its own 'beta.example' authority and signs a terminated alpha-beta
+    agreement at a huge version pinning that root, shipped beside it. A termination needs the partner
+    root the node holds, so it is refused, the store is unchanged, and the real v2 still applies."""
+    from qhx_edge.core import documents as D  # noqa: N812
+    from qhx_edge.homes.authority import Authority
+    from qhx_edge.store import clock
+    from tests.conftest import PASSPHRASE
+
+    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS)
+    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
+        pack_file = tmp_path / name
+        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
+        ok("--home", n, "--json", "pack", "import", pack_file)
+    inside = "spiffe://beta.example/ns/logistics/api"
+    assert ok("--home", n, "--json", "federation", "check", inside)["trusted"]
+
+    fake_home, fake_anchor, fake_fp = authority(tmp_path, "EVIL", BETA)
+    evil = Authority.open(fake_home, PASSPHRASE.encode)
+    now = clock.now()
+    real = D.parse((a[0] / "published" / "agreement" / BETA / "1.cbor").read_bytes()).payload
+    fields = {**real.to_dict(), "version": 2**62, "issued_at": now, "expires": now + 600, "status": "terminated"}
+    fields["roots"] = {ALPHA: "00" * 32, BETA: fake_fp}
+    forged = D.sign(D.Agreement.from_dict(fields), evil._signers("federation"))
+    evil_pack = tmp_path / "evil.pack"
+    evil_pack.write_bytes(make_pack([fake_anchor.read_bytes(), forged]))
+    before = trust_digest(n)
+    out = fails("threshold", "--home", n, "--json", "pack", "import", evil_pack)
+    assert ("alpha.example", "agreement", "rejected:threshold") in reports(out)
+    assert trust_digest(n) == before
+    assert ok("--home", n, "--json", "federation", "check", inside)["trusted"]
+
+    agree(tmp_path, a, b, BETA, *TERMS, name="ab2")
+    again = tmp_path / "a2.pack"
+    ok("--home", a[0], "--json", "pack", "export", "--to", again)
+    ok("--home", n, "--json", "pack", "import", again)
+    assert ok("--home", n, "--json", "federation", "check", inside)["agreement_version"] == 2

@@ -501,7 +501,11 @@ def verify_batch(
                 if a.version == held.payload.version:
                     raise EqualVersionConflict(f"{doc.describe()} differs from the held agreement of that version")
                 raise Rollback(f"{doc.describe()} is older than the held agreement v{held.payload.version}")
-            pinned = fed.roots.get(a.roots[partner]) or supplied_roots.get(a.roots[partner])
+            held_pin = fed.roots.get(a.roots[partner])
+            # A termination may carry the partner's signatures alone, so it needs the partner root this
+            # node already holds (chain-verified): a root supplied beside it is anyone's, and a courier
+            # with a self-made root must not end, or forestall, a federation.
+            pinned = held_pin if a.status == "terminated" else held_pin or supplied_roots.get(a.roots[partner])
             if pinned is not None:
                 check_pinned_root(a, partner, pinned)
             check_signatures(doc, home_root, pinned.payload if pinned is not None else None, v.checked)
