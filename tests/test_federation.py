@@ -540,3 +540,31 @@ def test_a_courier_cannot_terminate_an_agreement_with_a_root_of_its_own(tmp_path
     ok("--home", a[0], "--json", "pack", "export", "--to", again)
     ok("--home", n, "--json", "pack", "import", again)
     assert ok("--home", n, "--json", "federation", "check", inside)["agreement_version"] == 2
+
+
+def test_partner_checks_refuse_a_clock_wound_back(tmp_path: Path) -> None:
+    """``federation check`` and ``svid verify`` refuse a clock behind the latest time the node itself
+    observed (``clock-rollback``), as issuance does: winding the clock back must not revive stale trust."""
+    import pytest
+
+    from qhx_edge.core.errors import ClockRollback
+    from qhx_edge.store import clock
+    from qhx_edge.store.trust_store import AuditEntry
+
+    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS)
+    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
+        pack_file = tmp_path / name
+        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
+        ok("--home", n, "--json", "pack", "import", pack_file)
+    inside = "spiffe://beta.example/ns/logistics/api"
+    now = clock.now()
+    with Node(n) as node:
+        assert node.check_partner_identity(inside, now)["spiffe_id"] == inside
+        node.store.audit(now + 3 * 3600, [AuditEntry("test", "an event the node observed three hours on")])
+        with pytest.raises(ClockRollback):
+            node.check_partner_identity(inside, now)
+        with pytest.raises(ClockRollback):
+            node.verify_svid([b"not even parsed"], now)

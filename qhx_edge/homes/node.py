@@ -591,6 +591,7 @@ class Node:
         from qhx_edge.core.spiffe import trust_domain_of
 
         trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
+        trust.check_observed(now, self.store.observed_time(), self.tolerance)  # a clock wound back
         partner = trust_domain_of(spiffe_id)
         held = self.store.agreement(partner)
         epoch = self._epoch()
@@ -620,6 +621,7 @@ class Node:
         from qhx_edge.core.spiffe import trust_domain_of
 
         trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
+        trust.check_observed(now, self.store.observed_time(), self.tolerance)  # a clock wound back
         spiffe_id = svid.leaf_spiffe_id(chain[0])
         domain = trust_domain_of(spiffe_id)
         out: dict[str, Any] = {"spiffe_id": spiffe_id, "domain": domain}
