@@ -568,3 +568,22 @@ def test_partner_checks_refuse_a_clock_wound_back(tmp_path: Path) -> None:
             node.check_partner_identity(inside, now)
         with pytest.raises(ClockRollback):
             node.verify_svid([b"not even parsed"], now)
+
+
+def test_a_partner_bundle_is_exported_only_while_the_partner_is_trusted(tmp_path: Path) -> None:
+    """``bundle export --domain PARTNER`` follows the agreement gate: after our side revokes, the node
+    no longer hands the partner's bundle to SPIFFE software (``no-agreement``)."""
+    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS)
+    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
+        pack_file = tmp_path / name
+        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
+        ok("--home", n, "--json", "pack", "import", pack_file)
+    assert ok("--home", n, "--json", "bundle", "export", "--domain", BETA)["domain"] == BETA
+    ok("--home", a[0], "--json", "federation", "revoke", "--partner", BETA)
+    revoked = tmp_path / "revoked.pack"
+    ok("--home", a[0], "--json", "pack", "export", "--to", revoked)
+    ok("--home", n, "--json", "pack", "import", revoked)
+    fails("no-agreement", "--home", n, "--json", "bundle", "export", "--domain", BETA)

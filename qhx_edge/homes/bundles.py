@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from qhx_edge.core import spiffe_bundle
 from qhx_edge.core.documents import Bundle, Signed, parse
-from qhx_edge.core.errors import PolicyDenied, UnknownDomain
+from qhx_edge.core.errors import NoAgreement, PolicyDenied, Stale, UnknownDomain
 from qhx_edge.homes.layout import is_authority
 
 if TYPE_CHECKING:
@@ -45,11 +45,25 @@ def _held_bundle(home: Path, domain: str | None) -> tuple[str, Bundle]:
         try:
             name = domain or n.domain
             doc = n.store.current(name, "bundle")
+            if doc is not None and name != n.domain:
+                _check_partner_connected(n, name)
         finally:
             n.close()
     if doc is None or not isinstance(doc.payload, Bundle):
         raise UnknownDomain(f"this home holds no bundle for {name}")
     return name, doc.payload
+
+
+def _check_partner_connected(n: Any, partner: str) -> None:
+    """A partner's bundle leaves a node only while the node trusts it: ``connected`` under the agreement."""
+    from qhx_edge.store import clock
+
+    mode = n.status(clock.now()).get("domains", {}).get(partner, {}).get("mode")
+    if mode == "connected":
+        return
+    if mode in (None, "no-agreement"):
+        raise NoAgreement(f"no live agreement with {partner}: its bundle is not exported")
+    raise Stale(f"{partner} is {mode} on this node: its bundle is not exported")
 
 
 def export_spiffe(home: Path, domain: str | None, *, classical: bool) -> tuple[bytes, dict[str, Any]]:
