@@ -64,6 +64,9 @@ def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extensi
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # A repeated extension, an unknown name type, bytes that are no name: not an SVID we can read.
+        raise Malformed(f"the certificate's extensions cannot be read: {exc}") from None
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
