@@ -500,6 +500,19 @@ def test_rotating_our_federation_role_renews_agreements(tmp_path: Path) -> None:
     assert ok("--home", n, "--json", "federation", "check", inside)["agreement_version"] == 2
 
 
+def _connected(tmp_path: Path) -> tuple[tuple[Path, Path, str], tuple[Path, Path, str], Path]:
+    """alpha and beta authorities under TERMS, and an alpha node holding beta's released documents."""
+    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS)
+    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
+        pack_file = tmp_path / name
+        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
+        ok("--home", n, "--json", "pack", "import", pack_file)
+    return a, b, n
+
+
 def test_a_courier_cannot_terminate_an_agreement_with_a_root_of_its_own(tmp_path: Path) -> None:
     """A courier with no keys makes its own 'beta.example' authority and signs a terminated alpha-beta
     agreement at a huge version pinning that root, shipped beside it. A termination needs the partner
@@ -509,14 +522,7 @@ def test_a_courier_cannot_terminate_an_agreement_with_a_root_of_its_own(tmp_path
     from qhx_edge.store import clock
     from tests.conftest import PASSPHRASE
 
-    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
-    n = tmp_path / "N"
-    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
-    agree(tmp_path, a, b, BETA, *TERMS)
-    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
-        pack_file = tmp_path / name
-        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
-        ok("--home", n, "--json", "pack", "import", pack_file)
+    a, b, n = _connected(tmp_path)
     inside = "spiffe://beta.example/ns/logistics/api"
     assert ok("--home", n, "--json", "federation", "check", inside)["trusted"]
 
@@ -551,14 +557,7 @@ def test_partner_checks_refuse_a_clock_wound_back(tmp_path: Path) -> None:
     from qhx_edge.store import clock
     from qhx_edge.store.trust_store import AuditEntry
 
-    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
-    n = tmp_path / "N"
-    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
-    agree(tmp_path, a, b, BETA, *TERMS)
-    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
-        pack_file = tmp_path / name
-        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
-        ok("--home", n, "--json", "pack", "import", pack_file)
+    _a, _b, n = _connected(tmp_path)
     inside = "spiffe://beta.example/ns/logistics/api"
     now = clock.now()
     with Node(n) as node:
@@ -573,14 +572,7 @@ def test_partner_checks_refuse_a_clock_wound_back(tmp_path: Path) -> None:
 def test_a_partner_bundle_is_exported_only_while_the_partner_is_trusted(tmp_path: Path) -> None:
     """``bundle export --domain PARTNER`` follows the agreement gate: after our side revokes, the node
     no longer hands the partner's bundle to SPIFFE software (``no-agreement``)."""
-    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
-    n = tmp_path / "N"
-    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
-    agree(tmp_path, a, b, BETA, *TERMS)
-    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
-        pack_file = tmp_path / name
-        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
-        ok("--home", n, "--json", "pack", "import", pack_file)
+    a, _b, n = _connected(tmp_path)
     assert ok("--home", n, "--json", "bundle", "export", "--domain", BETA)["domain"] == BETA
     ok("--home", a[0], "--json", "federation", "revoke", "--partner", BETA)
     revoked = tmp_path / "revoked.pack"
