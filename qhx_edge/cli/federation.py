@@ -277,3 +277,91 @@ def federation_check(ctx: Ctx, spiffe_id: str) -> None:
     with Node(ctx.home) as n:
         info = n.check_partner_identity(spiffe_id, clock.now())
     ctx.emit({"trusted": True, **info}, f"{spiffe_id}: trusted under agreement v{info['agreement_version']}")
+
+
+def _fetch_text(out: dict[str, Any]) -> str:
+    if "error" in out:
+        return f"{out['domain']}: {out['error']['kind']}: {out['error']['message']} (again in {out['retry_in']} s)"
+    text = f"SPIFFE bundle of {out['domain']} from {out['url']}: sequence {out['sequence']} {out['status']}"
+    return text + (f" (next fetch in {out['next_in']} s)" if "next_in" in out else "")
+
+
+@federation_group.command("fetch")
+@click.option("--partner", required=True, help="The partner domain whose bundle endpoint is fetched.")
+@click.option("--url", help="Its bundle endpoint, https://HOST[:PORT][/PATH] (recorded for later fetches).")
+@click.option(
+    "--profile",
+    type=click.Choice(["https_spiffe", "https_web"]),
+    help="How the endpoint is authenticated (with --url): its SVID, or a Web PKI certificate.",
+)
+@click.option("--endpoint-id", help="https_spiffe: the endpoint's SPIFFE ID, in the partner's domain.")
+@click.option(
+    "--ca",
+    "ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="https_web: the CA certificates (PEM) that vouch for the endpoint's host.",
+)
+@click.option("--poll", is_flag=True, help="Keep fetching at the bundle's refresh hint until SIGTERM or SIGINT.")
+@click.option("--interval", help="With --poll: fetch this often instead of at the refresh hint, e.g. 5m.")
+@pass_ctx
+def federation_fetch(
+    ctx: Ctx,
+    partner: str,
+    url: str | None,
+    profile: str | None,
+    endpoint_id: str | None,
+    ca: Path | None,
+    poll: bool,
+    interval: str | None,
+) -> None:
+    """On a node home: fetch a partner's SPIFFE bundle from its bundle endpoint (a partner running SPIRE).
+
+    Only under a live agreement whose terms allow SPIFFE bundles.  Unlike SPIRE, a bundle enters only
+    with a higher spiffe_sequence (an older one is rollback), stays in the store across restarts, and
+    counts against the agreement's staleness budget from its import or last confirmation (the same
+    bundle fetched again over the authenticated channel).  https_spiffe authenticates the endpoint with
+    the partner bundle the node holds: bootstrap it once with 'bundle import-spiffe'.  Exit 1 with a
+    stable kind (rollback, no-agreement, scope-violation, malformed, bad-signature, ...), 3 when the
+    endpoint cannot be reached (unreachable).  With --poll, one line per attempt (JSON lines with --json).
+
+    \b
+    Example:
+      spire-server bundle show -format spiffe > beta.json        # on the partner, once, out of band
+      qhx-edge --home N bundle import-spiffe beta.json --domain beta.example
+      qhx-edge --home N federation fetch --partner beta.example --url https://beta.example:8443 \\
+          --profile https_spiffe --endpoint-id spiffe://beta.example/spire/server
+      qhx-edge --home N federation fetch --partner beta.example --poll
+    """
+    import signal
+    import threading
+
+    from qhx_edge.homes import partner_fetch
+    from qhx_edge.store.files import read_capped
+
+    if url is not None:
+        if profile is None:
+            raise click.UsageError("--url needs --profile (https_spiffe or https_web)")
+        ca_pem = read_capped(ca, partner_fetch.MAX_CA_PEM, "CA certificates") if ca is not None else None
+        partner_fetch.configure(ctx.home, partner, url, profile, endpoint_id=endpoint_id, ca_pem=ca_pem)
+    elif profile is not None or endpoint_id is not None or ca is not None:
+        raise click.UsageError("--profile, --endpoint-id and --ca describe an endpoint: give them with --url")
+    if interval is not None and not poll:
+        raise click.UsageError("--interval is for --poll")
+    if not poll:
+        out = partner_fetch.fetch_once(ctx.home, partner)
+        ctx.emit(out, _fetch_text(out))
+        return
+    every = policyfile.duration(interval, "--interval") if interval is not None else None
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def report(out: dict[str, Any]) -> None:
+        if ctx.json:
+            import json
+
+            click.echo(json.dumps(out, sort_keys=True))
+        else:
+            click.echo(_fetch_text(out))
+
+    partner_fetch.poll(ctx.home, partner, report, stop, interval=every)

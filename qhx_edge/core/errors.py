@@ -143,6 +143,12 @@ class EnvironmentFault(QhxError):
     exit_code = 3
 
 
+class Unreachable(EnvironmentFault):
+    """A peer could not be reached or stopped answering (a link down, refused, timed out)."""
+
+    kind = "unreachable"
+
+
 class MissingFile(EnvironmentFault):
     kind = "missing-file"
 

@@ -436,8 +436,8 @@ class Node:
             versions = {t: marks[t].version if t in marks else None for t in ("root", "bundle", "policy", "freshness")}
             partner: dict[str, Any] = {}
             if d["relation"] == "partner":
-                # A partner's mode is under our agreement's budget, not its own policy; with only an
-                # imported SPIFFE bundle, its time of import is the freshness time (lower assurance).
+                # A partner's mode is under our agreement's budget, not its own policy; with only a
+                # SPIFFE bundle, its import or last authenticated fetch is the freshness time (lower assurance).
                 held_agreement = self.store.agreement(domain)
                 assurance, fresh_at, source = self._partner_source(domain)
                 partner["assurance"] = assurance
@@ -491,12 +491,19 @@ class Node:
         f = self.store.current(self.domain, "freshness")
         return f.payload if f is not None and isinstance(f.payload, Freshness) else None
 
-    def import_spiffe_bundle(self, data: bytes, domain: str, now: int, *, source: str = "file") -> dict[str, Any]:
+    def import_spiffe_bundle(
+        self, data: bytes, domain: str, now: int, *, source: str = "file", fetched: bool = False
+    ) -> dict[str, Any]:
         """Take a partner's unsigned SPIFFE bundle (the one way one enters a node: docs/architecture.md
         "SPIFFE bundles"): parsed strictly, under a live agreement allowing SPIFFE bundles, ordered by
         ``spiffe_sequence`` (``rollback``; the same one again is ``already-imported``), stored in the
         partner's namespace with the time of import as its freshness time, audited.  Every rejection
-        is typed, audited, and changes no trust state."""
+        is typed, audited, and changes no trust state.
+
+        ``fetched``: the bytes came from the partner's bundle endpoint over an authenticated channel
+        (``federation fetch``), so the held bundle fetched again unchanged is ``confirmed``: its
+        freshness time moves to ``now``.  A file read again never refreshes anything (a replayed file
+        keeps no stale trust alive)."""
         from qhx_edge.core import spiffe_bundle
         from qhx_edge.core.errors import UnknownDomain
         from qhx_edge.core.spiffe import check_trust_domain
@@ -546,9 +553,12 @@ class Node:
                 "jwt_authorities": len(parsed.jwt_authorities),
                 "ignored": list(parsed.ignored),
             }
+            confirm = fetched and status == agreements.ALREADY_IMPORTED
+            if confirm:
+                out["status"] = "confirmed"
             entry = AuditEntry(
-                "noop" if status == agreements.ALREADY_IMPORTED else "accept",
-                f"{what}: sequence {parsed.sequence} {status} (unsigned, lower assurance)",
+                "noop" if status == agreements.ALREADY_IMPORTED and not confirm else "accept",
+                f"{what}: sequence {parsed.sequence} {out['status']} (unsigned, lower assurance)",
                 None,
                 domain,
                 "spiffe-bundle",
@@ -556,12 +566,16 @@ class Node:
                 digest,
             )
             try:
-                if status == agreements.ALREADY_IMPORTED:
+                if confirm:
+                    self.store.confirm_spiffe_bundle(
+                        domain, parsed.sequence, digest, now, [entry], generation=generation
+                    )
+                elif status == agreements.ALREADY_IMPORTED:
                     self.store.audit(now, [entry], generation=generation)
                 else:
                     self.store.add_spiffe_bundle(
                         domain, parsed.sequence, digest, data, agreement.payload.version, now, [entry],
-                        generation=generation,
+                        generation=generation, confirmed=fetched,
                     )  # fmt: skip
             except StateChanged:
                 continue
@@ -582,7 +596,7 @@ class Node:
         if sb is None:
             fresh = self.store.current(partner, "freshness")
             return None, fresh.payload.issued_at if fresh is not None else None, None
-        return "spiffe-bundle", sb.imported_at, sb
+        return "spiffe-bundle", sb.fresh_at, sb
 
     def check_partner_identity(self, spiffe_id: str, now: int) -> dict[str, Any]:
         """Whether this node may trust a partner workload's SPIFFE ID now (``no-agreement``,

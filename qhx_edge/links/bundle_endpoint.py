@@ -50,7 +50,7 @@ import trio
 from OpenSSL import SSL
 
 from qhx_edge.core import spiffe_bundle
-from qhx_edge.core.errors import EnvironmentFault, Malformed, Oversize, QhxError
+from qhx_edge.core.errors import EnvironmentFault, Malformed, Oversize, QhxError, Unreachable
 from qhx_edge.links import tls
 from qhx_edge.store import clock
 from qhx_edge.store.files import read_capped
@@ -493,12 +493,18 @@ async def fetch_async(
         body = _parse_response(bytes(data), url)
         return Fetched(body, spiffe_bundle.parse(body), stream.group, stream.peer_chain)
     assert scope.cancelled_caught
-    raise EnvironmentFault(f"{url}: no bundle within {timeout:g} s")
+    raise Unreachable(f"{url}: no bundle within {timeout:g} s")
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is a bundle endpoint URL (``https``, a host, no userinfo), else :class:`Malformed`."""
+    _split_url(url)
+    return url
 
 
 def fetch(url: str, profile: str, **options: Any) -> Fetched:
-    """:func:`fetch_async` on a trio loop of its own; connection failures are ``EnvironmentFault``."""
+    """:func:`fetch_async` on a trio loop of its own; connection failures are ``unreachable``."""
     try:
         return trio.run(functools.partial(fetch_async, url, profile, **options))
-    except trio.BrokenResourceError as exc:
-        raise EnvironmentFault(f"{url}: {exc}") from exc
+    except (trio.BrokenResourceError, OSError) as exc:
+        raise Unreachable(f"{url}: {exc}") from exc

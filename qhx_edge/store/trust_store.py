@@ -226,6 +226,22 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         PRIMARY KEY (domain, sequence)
     );
     """,
+    # 10: partners' bundle endpoints (`federation fetch`, docs/architecture.md "Fetching a partner's
+    # bundle endpoint"): where each partner's SPIFFE bundle is fetched from and how the endpoint is
+    # authenticated (`endpoint_id` for https_spiffe, `ca_pem` for https_web); and `confirmed_at`, the
+    # last time an authenticated fetch returned the held bundle unchanged, which then counts as its
+    # freshness time (a replayed *file* never does: only a fetch over an authenticated channel).
+    """
+    ALTER TABLE spiffe_bundles ADD COLUMN confirmed_at INTEGER;
+    CREATE TABLE bundle_endpoints (
+        domain TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        profile TEXT NOT NULL CHECK (profile IN ('https_spiffe', 'https_web')),
+        endpoint_id TEXT,
+        ca_pem BLOB,
+        set_at INTEGER NOT NULL
+    );
+    """,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
@@ -246,12 +262,20 @@ class HeldSpiffeBundle:
     imported_at: int
     agreement_version: int
     bundle: SpiffeBundle
+    confirmed_at: int | None = None  # the last authenticated fetch that returned it unchanged (migration 10)
+
+    @property
+    def fresh_at(self) -> int:
+        """Its freshness time under the agreement's budget: when it was imported or last confirmed."""
+        return max(self.imported_at, self.confirmed_at or 0)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "sequence": self.sequence,
             "digest": self.digest.hex(),
             "imported_at": self.imported_at,
+            "confirmed_at": self.confirmed_at,
+            "fresh_at": self.fresh_at,
             "agreement_version": self.agreement_version,
             "x509_authorities": len(self.bundle.x509_authorities),
             "jwt_authorities": len(self.bundle.jwt_authorities),
@@ -415,20 +439,28 @@ class Store(SqliteFile):
         from qhx_edge.core import spiffe_bundle
 
         row = self.conn.execute(
-            "SELECT sequence, digest, imported_at, agreement_version, body FROM spiffe_bundles "
+            "SELECT sequence, digest, imported_at, agreement_version, body, confirmed_at FROM spiffe_bundles "
             "WHERE domain = ? ORDER BY sequence DESC LIMIT 1",
             (domain,),
         ).fetchone()
         if row is None:
             return None
-        seq, digest, imported_at, agreement_version, body = row
+        seq, digest, imported_at, agreement_version, body, confirmed_at = row
         try:
             parsed = spiffe_bundle.parse(bytes(body))
         except QhxError as exc:
             raise StoreCorrupt(f"held SPIFFE bundle {seq} of {domain} does not parse: {exc}") from exc
         if parsed.sequence != seq or spiffe_bundle.content_digest(parsed) != bytes(digest):
             raise StoreCorrupt(f"held SPIFFE bundle {seq} of {domain} does not match its digest")
-        return HeldSpiffeBundle(domain, int(seq), bytes(digest), int(imported_at), int(agreement_version), parsed)
+        return HeldSpiffeBundle(
+            domain,
+            int(seq),
+            bytes(digest),
+            int(imported_at),
+            int(agreement_version),
+            parsed,
+            None if confirmed_at is None else int(confirmed_at),
+        )
 
     def spiffe_bundle_mark(self, domain: str) -> tuple[tuple[int, bytes] | None, int]:
         """The newest held SPIFFE bundle's (sequence, digest) of ``domain`` and the trust generation, as one read."""
@@ -453,14 +485,67 @@ class Store(SqliteFile):
         entries: Sequence[AuditEntry],
         *,
         generation: int,
+        confirmed: bool = False,
     ) -> None:
         """Store a partner's SPIFFE bundle and its audit entries in one transaction (:class:`StateChanged`
-        if the trust state moved on since ``generation`` was read)."""
+        if the trust state moved on since ``generation`` was read); ``confirmed``: it came from an
+        authenticated fetch."""
         with self._write(generation) as conn:
             conn.execute("UPDATE generation SET n = n + 1")
             conn.execute(
-                "INSERT INTO spiffe_bundles VALUES (?,?,?,?,?,?)",
-                (domain, sequence, digest, now, agreement_version, body),
+                "INSERT INTO spiffe_bundles (domain, sequence, digest, imported_at, agreement_version, body, "
+                "confirmed_at) VALUES (?,?,?,?,?,?,?)",
+                (domain, sequence, digest, now, agreement_version, body, now if confirmed else None),
+            )
+            self._audit(conn, now, entries)
+
+    def confirm_spiffe_bundle(
+        self, domain: str, sequence: int, digest: bytes, now: int, entries: Sequence[AuditEntry], *, generation: int
+    ) -> None:
+        """An authenticated fetch returned the held bundle unchanged: ``now`` becomes its confirmation time
+        (never moved back), with the audit entries, in one transaction."""
+        with self._write(generation) as conn:
+            conn.execute("UPDATE generation SET n = n + 1")
+            conn.execute(
+                "UPDATE spiffe_bundles SET confirmed_at = max(coalesce(confirmed_at, 0), ?) "
+                "WHERE domain = ? AND sequence = ? AND digest = ?",
+                (now, domain, sequence, digest),
+            )
+            self._audit(conn, now, entries)
+
+    def bundle_endpoint(self, domain: str) -> dict[str, Any] | None:
+        """Where ``domain``'s bundle endpoint is and how it is authenticated (migration 10), if set."""
+        row = self.conn.execute(
+            "SELECT url, profile, endpoint_id, ca_pem, set_at FROM bundle_endpoints WHERE domain = ?", (domain,)
+        ).fetchone()
+        if row is None:
+            return None
+        url, profile, endpoint_id, ca_pem, set_at = row
+        return {
+            "domain": domain,
+            "url": url,
+            "profile": profile,
+            "endpoint_id": endpoint_id,
+            "ca_pem": None if ca_pem is None else bytes(ca_pem),
+            "set_at": int(set_at),
+        }
+
+    def set_bundle_endpoint(
+        self,
+        domain: str,
+        url: str,
+        profile: str,
+        endpoint_id: str | None,
+        ca_pem: bytes | None,
+        now: int,
+        entries: Sequence[AuditEntry],
+    ) -> None:
+        """Record (or replace) ``domain``'s bundle endpoint, with its audit entries, in one transaction."""
+        with self._write(None) as conn:
+            conn.execute("UPDATE generation SET n = n + 1")
+            conn.execute(
+                "INSERT OR REPLACE INTO bundle_endpoints VALUES (?,?,?,?,?,?)",
+                (domain, url, profile, endpoint_id, ca_pem, now),
             )
             self._audit(conn, now, entries)
 

@@ -1,0 +1,282 @@
+"""``federation fetch``: a node fetches a partner's SPIFFE bundle from its bundle endpoint
+(qhx_edge/homes/partner_fetch.py; docs/architecture.md "Fetching a partner's bundle endpoint").
+
+The partner here is SPIRE-like: it has no signed bundle documents, only a CA and a SPIFFE bundle
+served over a real TLS 1.3 bundle endpoint on 127.0.0.1 (our own server code, in a thread, with the
+bundle it serves under the test's control, so it can replay an old one).  alpha's node is a real home
+driven through the real command line.  What SPIRE gets wrong, we must not: an older
+``spiffe_sequence`` is ``rollback``; the fetched bundle persists across processes; its age counts
+against the agreement's budget, and only an authenticated fetch refreshes it, never a replayed file.
+tests/test_interop_spire.py does the same against a real SPIRE server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qhx_edge.core import spiffe_bundle
+from qhx_edge.homes.node import Node
+from qhx_edge.links import bundle_endpoint as be
+from qhx_edge.links import tls
+from tests.conftest import _cli_env, faketime_prefix, find_libfaketime, need, run_cli
+from tests.pki import Ca, make_ca, make_leaf
+from tests.test_federation import ALPHA, BETA, TERMS, _pem, agree, authority, fails, ok, trust_digest
+
+ENDPOINT_ID = "spiffe://beta.example/spire/server"
+INSIDE = "spiffe://beta.example/ns/logistics/api"
+
+
+def bundle_json(cas: list[Ca], sequence: int, hint: int = 300) -> bytes:
+    data, _ = spiffe_bundle.to_json(spiffe_bundle.SpiffeBundle(tuple(c.der for c in cas), (), sequence, hint))
+    return data
+
+
+@dataclass
+class Partner:
+    """beta's side: its CA, what its endpoint serves now, and the endpoint's TLS credential."""
+
+    ca: Ca
+    serving: bytes = b""
+    credential: tls.Credential | None = None
+    fetches: int = 0
+    extra: list[Ca] = field(default_factory=list)
+
+    def bundle(self) -> bytes:
+        self.fetches += 1
+        return self.serving
+
+    def present(self, credential: tls.Credential) -> None:
+        """Serve with ``credential`` from the next connection on (the endpoint looks every 0.1 s)."""
+        self.credential = credential
+        time.sleep(0.5)
+
+    def cred(self) -> tls.Credential:
+        assert self.credential is not None
+        return self.credential
+
+
+@contextlib.contextmanager
+def endpoint(partner: Partner) -> Iterator[str]:
+    ep = be.BundleEndpoint(partner.bundle, partner.cred, host="127.0.0.1", port=0, credential_poll=0.1)
+    with be.EndpointThread(ep):
+        assert ep.address is not None
+        host, port = ep.address
+        yield f"https://{host}:{port}/"
+
+
+def svid_credential(ca: Ca, spiffe_id: str) -> tls.Credential:
+    leaf = make_leaf(ca, uri=spiffe_id)
+    return tls.Credential.from_pem(leaf.chain_pem, leaf.key_pem)
+
+
+def setup(tmp: Path, *extra: str) -> tuple[Path, Path]:
+    """alpha and beta authorities under TERMS (+ ``extra``), an alpha node holding the agreement; (A, N)."""
+    a, b = authority(tmp, "A", ALPHA), authority(tmp, "B", BETA)
+    n = tmp / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp, a, b, BETA, *TERMS, *extra)
+    pack = tmp / "a.pack"
+    ok("--home", a[0], "--json", "pack", "export", "--to", pack)
+    ok("--home", n, "--json", "pack", "import", pack)
+    return a[0], n
+
+
+def fetch(n: Path, *args: str | Path) -> list[str | Path]:
+    return ["--home", str(n), "--json", "federation", "fetch", "--partner", BETA, *args]
+
+
+def test_fetch_takes_newer_refuses_older_and_persists(tmp_path: Path) -> None:
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    partner = Partner(make_ca("beta CA"))
+    partner.credential = svid_credential(partner.ca, ENDPOINT_ID)
+    partner.serving = bundle_json([partner.ca], 1)
+    first = tmp_path / "beta-1.json"
+    first.write_bytes(partner.serving)
+
+    with endpoint(partner) as url:
+        spiffe = ("--url", url, "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID)
+        # Nothing held to authenticate the endpoint with yet: bootstrap first (as SPIRE's bundle set).
+        out = run_cli(*fetch(n, *spiffe))
+        assert (out.code, out.json["error"]["kind"]) == (3, "not-initialised"), out.stdout
+        assert partner.fetches == 0
+        assert ok("--home", n, "--json", "bundle", "import-spiffe", first, "--domain", BETA)["status"] == "new"
+
+        got = ok(*fetch(n))  # the endpoint was recorded with the first attempt
+        assert (got["status"], got["sequence"], got["profile"]) == ("confirmed", 1, "https_spiffe")
+        assert got["tls_group"] == "X25519MLKEM768"
+        held = ok("--home", n, "--json", "status")["domains"][BETA]["spiffe_bundle"]
+        assert held["confirmed_at"] is not None
+        assert held["fresh_at"] >= held["imported_at"]
+
+        # The partner rotates its CA: a higher sequence enters.
+        partner.extra.append(make_ca("beta CA 2"))
+        partner.serving = bundle_json([partner.ca, *partner.extra], 2)
+        got = ok(*fetch(n))
+        assert (got["status"], got["sequence"], got["x509_authorities"]) == ("new", 2, 2)
+
+        # A replayed older bundle, or the same sequence with other content, is rollback; nothing moves.
+        before = trust_digest(n)
+        partner.serving = first.read_bytes()
+        fails("rollback", *fetch(n))
+        partner.serving = bundle_json([partner.ca], 2)
+        fails("rollback", *fetch(n))
+        assert trust_digest(n) == before
+        # ... and so is the old file carried by hand.
+        fails("rollback", "--home", n, "--json", "bundle", "import-spiffe", first, "--domain", BETA)
+
+        # An endpoint with another SPIFFE ID, or an SVID of another CA, is refused before any bundle is read.
+        partner.serving = bundle_json([partner.ca, *partner.extra], 3)
+        partner.present(svid_credential(partner.ca, "spiffe://beta.example/not/the/endpoint"))
+        fails("scope-violation", *fetch(n))
+        partner.present(svid_credential(make_ca("impostor"), ENDPOINT_ID))
+        fails("bad-signature", *fetch(n))
+        assert trust_digest(n) == before
+        assert partner.fetches == 4  # four bundles served; the bootstrap-less try and the refused SVIDs got none
+
+    # The endpoint is gone (a link down): unreachable, exit 3, trust unchanged and still usable.
+    out = run_cli(*fetch(n))
+    assert (out.code, out.json["error"]["kind"]) == (3, "unreachable"), out.stdout
+    assert trust_digest(n) == before
+    leaf = tmp_path / "leaf.pem"
+    leaf.write_bytes(_pem(make_leaf(partner.extra[0], uri=INSIDE).der_chain))
+    got = ok("--home", n, "--json", "svid", "verify", leaf)  # a new process: the bundle persisted
+    assert (got["assurance"], got["spiffe_sequence"], got["relation"]) == ("spiffe-bundle", 2, "partner")
+    fails("scope-violation", "--home", n, "--json", "federation", "check", "spiffe://beta.example/ns/other")
+
+
+def test_only_an_authenticated_fetch_keeps_a_spiffe_bundle_fresh(tmp_path: Path) -> None:
+    """TERMS give beta a 1 h budget.  A fetch 50 minutes on confirms the held bundle, so 90 minutes on
+    beta is still trusted; the same file imported again at 50 minutes refreshes nothing."""
+    need(find_libfaketime() is not None, "faketime moves the node's clock (Debian faketime)")
+    partner = Partner(make_ca("beta CA"))
+    partner.credential = svid_credential(partner.ca, ENDPOINT_ID)
+    partner.serving = bundle_json([partner.ca], 7)
+    for name, confirm_by_fetch in (("fetched", True), ("file", False)):
+        _a, n = setup(tmp_path / name, "--allow-spiffe-bundles")
+        file = tmp_path / name / "beta.json"
+        file.write_bytes(partner.serving)
+        ok("--home", n, "--json", "bundle", "import-spiffe", file, "--domain", BETA)
+        later = faketime_prefix("+50m")
+        with endpoint(partner) as url:
+            spiffe = ("--url", url, "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID)
+            if confirm_by_fetch:
+                assert ok(*fetch(n, *spiffe), prefix=later)["status"] == "confirmed"
+            else:
+                again = ok("--home", n, "--json", "bundle", "import-spiffe", file, "--domain", BETA, prefix=later)
+                assert again["status"] == "already-imported"
+        check = ("--home", n, "--json", "federation", "check", INSIDE)
+        if confirm_by_fetch:
+            assert ok(*check, prefix=faketime_prefix("+90m"))["assurance"] == "spiffe-bundle"
+        else:
+            fails("stale", *check, prefix=faketime_prefix("+90m"))
+
+
+def test_no_fetch_without_an_agreement_that_allows_spiffe_bundles(tmp_path: Path) -> None:
+    _a, n = setup(tmp_path)  # TERMS without --allow-spiffe-bundles
+    partner = Partner(make_ca("beta CA"), serving=b"{}")
+    partner.credential = svid_credential(partner.ca, ENDPOINT_ID)
+    with endpoint(partner) as url:
+        fails("scope-violation", *fetch(n, "--url", url, "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID))
+    assert partner.fetches == 0  # refused before connecting
+    # Malformed endpoint descriptions are refused before anything is recorded.
+    fails(
+        "scope-violation", *fetch(n, "--url", url, "--profile", "https_spiffe", "--endpoint-id", "spiffe://x.example/e")
+    )
+    fails(
+        "malformed",
+        *fetch(n, "--url", "http://127.0.0.1:1/", "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID),
+    )
+    fails(
+        "malformed",
+        *fetch(n, "--url", "https://u@127.0.0.1:1/", "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID),
+    )
+    assert run_cli(*fetch(n, "--profile", "https_web")).code == 2
+    assert run_cli(*fetch(n, "--interval", "5m")).code == 2
+
+
+def test_https_web_and_polling(tmp_path: Path) -> None:
+    """https_web with the operator's CA; ``--poll`` reports each attempt as a JSON line, takes a new
+    sequence at the next poll, retries an endpoint that went away, and stops cleanly on SIGTERM."""
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    web_ca = make_ca("web CA")
+    ca_file = tmp_path / "web-ca.pem"
+    ca_file.write_bytes(web_ca.pem)
+    server = make_leaf(web_ca, host="127.0.0.1")
+    partner = Partner(make_ca("beta CA"))
+    partner.credential = tls.Credential.from_pem(server.chain_pem, server.key_pem)
+    partner.serving = bundle_json([partner.ca], 1)
+
+    with contextlib.ExitStack() as stack:
+        served = stack.enter_context(contextlib.ExitStack())  # closed early, to cut the link
+        url = served.enter_context(endpoint(partner))
+        other = make_ca("not the web CA")
+        wrong = tmp_path / "other.pem"
+        wrong.write_bytes(other.pem)
+        fails("bad-signature", *fetch(n, "--url", url, "--profile", "https_web", "--ca", wrong))
+        got = ok(*fetch(n, "--url", url, "--profile", "https_web", "--ca", ca_file))
+        assert (got["status"], got["sequence"], got["profile"]) == ("new", 1, "https_web")
+
+        cmd = [sys.executable, "-m", "qhx_edge", *map(str, fetch(n, "--poll", "--interval", "5s"))]
+        proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stack.callback(_stop, proc)
+
+        def line() -> dict[str, Any]:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, "no poll report within 30 s"
+            out: dict[str, Any] = json.loads(proc.stdout.readline())
+            return out
+
+        first = line()
+        assert (first["status"], first["sequence"], first["next_in"]) == ("confirmed", 1, 5)
+        partner.serving = bundle_json([partner.ca], 2)
+        assert line()["status"] == "new"
+        served.close()
+        gone = line()  # the endpoint stopped: the poller reports it and retries
+        assert (gone["error"]["kind"], gone["retry_in"]) == ("unreachable", 5)
+        assert _stop(proc) == 0  # SIGTERM ends the loop cleanly
+    assert ok("--home", n, "--json", "status")["domains"][BETA]["spiffe_bundle"]["sequence"] == 2
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@pytest.mark.parametrize("bad", [b"not json", b'{"keys": []}', b"{" * 70000])
+def test_a_bad_body_is_refused_and_changes_nothing(tmp_path: Path, bad: bytes) -> None:
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    partner = Partner(make_ca("beta CA"))
+    partner.credential = svid_credential(partner.ca, ENDPOINT_ID)
+    boot = tmp_path / "boot.json"
+    boot.write_bytes(bundle_json([partner.ca], 1))
+    ok("--home", n, "--json", "bundle", "import-spiffe", boot, "--domain", BETA)
+    partner.serving = boot.read_bytes()
+    with endpoint(partner) as url:
+        assert ok(*fetch(n, "--url", url, "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID))["status"]
+        before = trust_digest(n)
+        partner.serving = bad
+        out = run_cli(*fetch(n))
+    assert out.code == 1, out.stdout
+    assert out.json["error"]["kind"] in ("malformed", "oversize")
+    assert trust_digest(n) == before
+    with Node(n) as node:  # the refusal is audited
+        last = node.store.audit_entries()[-1]
+    assert (last["event"], last["kind"], last["domain"]) == ("reject", out.json["error"]["kind"], BETA)
