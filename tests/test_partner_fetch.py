@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from qhx_edge.core import spiffe_bundle
+from qhx_edge.core.errors import Malformed
 from qhx_edge.homes.node import Node
 from qhx_edge.links import bundle_endpoint as be
 from qhx_edge.links import tls
@@ -280,3 +281,22 @@ def test_a_bad_body_is_refused_and_changes_nothing(tmp_path: Path, bad: bytes) -
     with Node(n) as node:  # the refusal is audited
         last = node.store.audit_entries()[-1]
     assert (last["event"], last["kind"], last["domain"]) == ("reject", out.json["error"]["kind"], BETA)
+
+
+def test_the_client_reads_chunked_and_refuses_truncated_responses() -> None:
+    """Go's net/http (so SPIRE's endpoint) sends a bundle over 2 KiB chunked, without Content-Length:
+    before the client used h11 it failed on SPIRE's bundle once SPIRE held two X.509 authorities."""
+    body = bundle_json([make_ca("beta CA"), make_ca("beta CA 2")], 2)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 1000]), body[i : i + 1000]) for i in range(0, len(body), 1000)
+    )
+    assert be._parse_response(head + chunks + b"0\r\n\r\n", "u") == body
+    with pytest.raises(Malformed):
+        be._parse_response(head + chunks, "u")  # no last chunk: cut short
+    sized = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    assert be._parse_response(sized + body, "u") == body
+    with pytest.raises(Malformed):
+        be._parse_response(sized + body[:-1], "u")
+    with pytest.raises(Malformed, match="redirects"):
+        be._parse_response(b"HTTP/1.1 302 Found\r\nLocation: https://x/\r\nContent-Length: 0\r\n\r\n", "u")

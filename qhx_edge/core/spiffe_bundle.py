@@ -272,14 +272,15 @@ def parse(data: bytes) -> SpiffeBundle:
 
 
 def content_digest(bundle: SpiffeBundle) -> bytes:
-    """SHA-256 of what a SPIFFE bundle says (sequence, refresh hint, X.509 and JWT authorities, in a
-    fixed order), not of its JSON text: the same bundle pretty-printed again is the same bundle, and
-    two bundles with one sequence but other keys differ (an import calls that ``rollback``)."""
+    """SHA-256 of what a SPIFFE bundle says (sequence, X.509 and JWT authorities, in a fixed order), not
+    of its JSON text: the same bundle pretty-printed again is the same bundle, and two bundles with one
+    sequence but other keys differ (an import calls that ``rollback``).  The refresh hint is left out:
+    it says how often to look, not what to trust, and SPIRE's ``bundle show`` omits the hint its
+    bundle endpoint serves for the very same bundle."""
     from qhx_edge.core import cbor
 
     body = [
         bundle.sequence,
-        bundle.refresh_hint,
         sorted(bundle.x509_authorities),
         sorted([a.kid, a.spki] for a in bundle.jwt_authorities),
     ]

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 import trio
 from OpenSSL import SSL
 
@@ -421,34 +422,39 @@ def _split_url(url: str) -> tuple[str, int, str]:
     return parts.hostname, port, target
 
 
-def _parse_response(data: bytes, url: str) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    if end < 0 or end > MAX_HEAD:
-        raise Malformed(f"{url} sent no HTTP response head")
-    lines = data[:end].decode("latin-1").split("\r\n")
-    status_line = lines[0].split(" ", 2)
-    if len(status_line) < 2 or status_line[0] not in ("HTTP/1.1", "HTTP/1.0") or not status_line[1].isdigit():
-        raise Malformed(f"{url} sent a malformed status line")
-    status = int(status_line[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if 300 <= status < 400:
-        raise Malformed(f"{url} redirects ({status}) to {headers.get('location')!r}: redirects are not followed")
-    if status != 200:
-        reason = status_line[2] if len(status_line) > 2 else ""
-        said = data[end + 4 :][:200].decode("utf-8", "replace").strip()
-        raise Malformed(f"{url} answered {status} {reason}: {said}")
-    body = data[end + 4 :]
-    if "content-length" in headers:
+def _parse_response(data: bytes, url: str, target: str = "/") -> bytes:
+    """The body of the whole HTTP/1.1 response ``data`` (the server closed after it), read by h11:
+    ``Content-Length`` or ``chunked`` (Go's net/http, hence SPIRE, chunks a bundle over 2 KiB), a
+    truncated body refused; a redirect or any status but 200 is ``malformed``."""
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+    conn.send(h11.Request(method="GET", target=target, headers=[("Host", "endpoint")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    conn.receive_data(b"")  # the connection ended after these bytes
+    response: h11.Response | None = None
+    body = bytearray()
+    while True:
         try:
-            length = int(headers["content-length"])
-        except ValueError as exc:
-            raise Malformed(f"{url} sent a malformed Content-Length") from exc
-        if length != len(body):
-            raise Malformed(f"{url} sent {len(body)} bytes of a {length}-byte bundle")
-    return body
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise Malformed(f"{url} sent a malformed HTTP response: {exc}") from exc
+        if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+            raise Malformed(f"{url} ended its HTTP response early")
+        if isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    assert response is not None
+    status = response.status_code
+    if 300 <= status < 400:
+        location = dict(response.headers).get(b"location", b"").decode("latin-1")
+        raise Malformed(f"{url} redirects ({status}) to {location!r}: redirects are not followed")
+    if status != 200:
+        said = bytes(body[:200]).decode("utf-8", "replace").strip()
+        raise Malformed(f"{url} answered {status} {response.reason.decode('latin-1')}: {said}")
+    return bytes(body)
 
 
 async def fetch_async(
@@ -490,7 +496,7 @@ async def fetch_async(
                     data += chunk
                     if len(data) > MAX_RESPONSE:
                         raise Oversize(f"{url} sent more than {MAX_RESPONSE} bytes")
-        body = _parse_response(bytes(data), url)
+        body = _parse_response(bytes(data), url, target)
         return Fetched(body, spiffe_bundle.parse(body), stream.group, stream.peer_chain)
     assert scope.cancelled_caught
     raise Unreachable(f"{url}: no bundle within {timeout:g} s")

@@ -67,6 +67,35 @@ def _content_digests(conn: sqlite3.Connection) -> None:
         )
 
 
+def _bundle_endpoints(conn: sqlite3.Connection) -> None:
+    """Migration 10 (see its comment in :data:`MIGRATIONS`), and the SPIFFE bundles' digests again: the
+    content digest no longer covers ``spiffe_refresh_hint``, a serving parameter (SPIRE's ``bundle show``
+    leaves it out where its endpoint puts it in, for the same keys and sequence)."""
+    from qhx_edge.core import spiffe_bundle
+
+    conn.execute("ALTER TABLE spiffe_bundles ADD COLUMN confirmed_at INTEGER")
+    conn.execute(
+        """
+        CREATE TABLE bundle_endpoints (
+            domain TEXT PRIMARY KEY,
+            url TEXT NOT NULL,
+            profile TEXT NOT NULL CHECK (profile IN ('https_spiffe', 'https_web')),
+            endpoint_id TEXT,
+            ca_pem BLOB,
+            set_at INTEGER NOT NULL
+        )
+        """
+    )
+    for domain, sequence, body in conn.execute("SELECT domain, sequence, body FROM spiffe_bundles").fetchall():
+        try:
+            digest = spiffe_bundle.content_digest(spiffe_bundle.parse(bytes(body)))
+        except QhxError as exc:
+            raise StoreCorrupt(f"held SPIFFE bundle {sequence} of {domain} does not parse: {exc}") from exc
+        conn.execute(
+            "UPDATE spiffe_bundles SET digest = ? WHERE domain = ? AND sequence = ?", (digest, domain, sequence)
+        )
+
+
 MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # 1: the trust core.
     """
@@ -231,17 +260,7 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # authenticated (`endpoint_id` for https_spiffe, `ca_pem` for https_web); and `confirmed_at`, the
     # last time an authenticated fetch returned the held bundle unchanged, which then counts as its
     # freshness time (a replayed *file* never does: only a fetch over an authenticated channel).
-    """
-    ALTER TABLE spiffe_bundles ADD COLUMN confirmed_at INTEGER;
-    CREATE TABLE bundle_endpoints (
-        domain TEXT PRIMARY KEY,
-        url TEXT NOT NULL,
-        profile TEXT NOT NULL CHECK (profile IN ('https_spiffe', 'https_web')),
-        endpoint_id TEXT,
-        ca_pem BLOB,
-        set_at INTEGER NOT NULL
-    );
-    """,
+    _bundle_endpoints,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
