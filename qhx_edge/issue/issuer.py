@@ -75,6 +75,13 @@ keep running out); a partner domain's only while its own mode is not expired
 SVIDs"; under an agreement the budget is our side's ``max_staleness``, none
 while the agreement gate is closed, and a partner JWT-SVID's subject must be
 inside the prefixes our side accepts: docs/architecture.md "Agreements").
+A partner's bundle is its signed ``bundle`` document when one is held, else
+the SPIFFE bundle imported for it (SPIFFE Trust Domain and Bundle §4; store
+migration 9), under the same gate with that bundle's freshness time (its
+import, or its last confirmation by an authenticated fetch) as the partner's
+freshness, and only while our side's terms allow SPIFFE bundles (else
+``scope-violation``): docs/architecture.md "SPIFFE-format partner bundles",
+the rule ``svid verify`` follows too.
 
 Thread safety: one lock guards the reading connection, the trust snapshot
 and the caches, so the Workload API's worker threads may share one Issuer.
@@ -132,6 +139,7 @@ from qhx_edge.core.errors import (
     PolicyDenied,
     ScopeViolation,
     Stale,
+    StoreCorrupt,
     UnknownDomain,
 )
 from qhx_edge.core.jsonstrict import strict_object
@@ -142,7 +150,7 @@ from qhx_edge.core.x509ca import private_key_object
 from qhx_edge.store import clock
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
-from qhx_edge.store.trust_store import AuditEntry, GroupCommit, Store, copy_error
+from qhx_edge.store.trust_store import AuditEntry, GroupCommit, HeldSpiffeBundle, Store, copy_error
 
 BACKDATE = 30  # seconds an X.509-SVID's notBefore lies before its minting
 JWT_MAX_TTL = 300  # a JWT-SVID is a bearer token: five minutes at most
@@ -160,6 +168,8 @@ ALGORITHMS = {suites.name_of(alg): alg for alg in suites.SVID_ALGORITHMS}
 DEFAULT_ALGORITHM = "ES256"
 X509_SVID = "x509-svid"
 JWT_SVID = "jwt-svid"
+SIGNED = "signed"  # a partner's bundle from its signed bundle document
+SPIFFE_BUNDLE = "spiffe-bundle"  # ... from an imported SPIFFE bundle (lower assurance)
 
 _EMPTY_NAME = x509.Name([])
 _BASIC = x509.BasicConstraints(ca=False, path_length=None)
@@ -234,11 +244,18 @@ class _DomainState:
     # The concatenated DER of the bundle's X.509 authorities that are CA certificates we can read: what
     # workloads get (a partner's unreadable authority is left out, never passed on or fatal).
     x509_der: bytes = b""
+    # Where the authorities served come from: SIGNED (the bundle document), SPIFFE_BUNDLE (a partner's
+    # imported SPIFFE bundle, when no signed one is held), or None: nothing is served for this domain.
+    assurance: str | None = None
+    # A partner's SPIFFE bundle held but not served because our side's terms do not allow SPIFFE bundles.
+    refusal: str | None = None
+    # What the served SPIFFE bundle is (sequence, content digest, freshness time): part of the generation.
+    spiffe_mark: str = ""
 
 
-def _readable_authorities(bundle: Bundle | None) -> bytes:
+def _readable_authorities(authorities: Iterable[bytes]) -> bytes:
     out = []
-    for der in bundle.x509_authorities if bundle else ():
+    for der in authorities:
         try:
             cert = x509.load_der_x509_certificate(der)
             cert.public_key()
@@ -290,10 +307,13 @@ def _jwk(kid: str, key: ec.EllipticCurvePublicKey) -> dict[str, str]:
     return {**members, "kid": kid, "use": JWT_USE}
 
 
-def _partner_terms(store: Store, home: str, domain: str) -> tuple[Staleness | None, dict[str, int], tuple[str, ...]]:
+def _partner_terms(
+    store: Store, home: str, domain: str, held: Any = None
+) -> tuple[Staleness | None, dict[str, int], tuple[str, ...]]:
     """A partner's budget under our agreement (None while the agreement gate is closed), the expiries that
-    end it (the agreement's, our epoch's), and the prefixes our side accepts (docs/architecture.md "Agreements")."""
-    held = store.agreement(domain)
+    end it (the agreement's, our epoch's), and the prefixes our side accepts (docs/architecture.md "Agreements").
+    ``held``: the agreement held with ``domain``, if the caller has read it already."""
+    held = held if held is not None else store.agreement(domain)
     if held is None:
         return None, {}, ()
     a = held.payload
@@ -305,6 +325,15 @@ def _partner_terms(store: Store, home: str, domain: str) -> tuple[Staleness | No
     return (Staleness(b, b, b, 1) if named else None), ends, a.terms[home].accept
 
 
+def _held_spiffe_bundle(store: Store, domain: str) -> HeldSpiffeBundle | None:
+    """The SPIFFE bundle held for a partner, or None; one that no longer reads is left out like an
+    unreadable key, never fatal to issuance."""
+    try:
+        return store.spiffe_bundle(domain)
+    except StoreCorrupt:
+        return None
+
+
 def _domain_state(store: Store, domain: str, home: str | None = None) -> _DomainState:
     b = store.current(domain, "bundle")
     p = store.current(domain, "policy")
@@ -312,34 +341,68 @@ def _domain_state(store: Store, domain: str, home: str | None = None) -> _Domain
     bundle = b.payload if b is not None and isinstance(b.payload, Bundle) else None
     policy = p.payload if p is not None and isinstance(p.payload, Policy) else None
     fresh = f.payload if f is not None and isinstance(f.payload, Freshness) else None
+    fresh_at = fresh.issued_at if fresh else None
+    budget, expires, accept = policy.staleness if policy else None, store.held_expiries(domain), None
+    agreement = store.agreement(domain) if home is not None and domain != home else None
+    if agreement is not None:
+        assert home is not None
+        budget, ends, accept = _partner_terms(store, home, domain, agreement)
+        expires = {**expires, **ends}
+    # What is served: the signed bundle; else, for a partner under an agreement, its SPIFFE bundle
+    # (docs/architecture.md "SPIFFE-format partner bundles"), whose freshness time stands for the
+    # partner's freshness under our budget, served only while our side's terms allow SPIFFE bundles.
+    x509_authorities: tuple[bytes, ...] = ()
+    jwt_authorities: list[tuple[Any, Any]] = []
+    sequence: int | None = None
+    refresh_hint: int | None = None
+    assurance: str | None = None
+    refusal: str | None = None
+    spiffe_mark = ""
+    if bundle is not None:
+        assurance = SIGNED
+        x509_authorities = bundle.x509_authorities
+        jwt_authorities = [(item["kid"], item["spki"]) for item in bundle.jwt_authorities]
+        sequence, refresh_hint = bundle.version, bundle.refresh_hint
+    elif agreement is not None and (held := _held_spiffe_bundle(store, domain)) is not None:
+        assert home is not None
+        fresh_at = held.fresh_at  # its import, or its last confirmation by an authenticated fetch
+        if agreement.payload.terms[home].allow_spiffe_bundles:
+            sb = held.bundle
+            assurance = SPIFFE_BUNDLE
+            x509_authorities = sb.x509_authorities
+            jwt_authorities = [(a.kid, a.spki) for a in sb.jwt_authorities]
+            sequence, refresh_hint = held.sequence, sb.refresh_hint
+            spiffe_mark = f"{held.sequence}/{held.digest.hex()}/{fresh_at}"
+        else:
+            refusal = f"the agreement with {domain} takes its trust only as signed documents, not SPIFFE bundles"
     keys: dict[str, ec.EllipticCurvePublicKey] = {}
     jwks: list[dict[str, str]] = []
-    for item in bundle.jwt_authorities if bundle else ():
+    for kid, spki in jwt_authorities:
         try:
-            pub = load_der_public_key(item["spki"])
+            pub = load_der_public_key(spki)
         except (ValueError, TypeError, UnsupportedAlgorithm):  # a partner's unreadable key is left out
             continue
         # JWT-SVIDs are ES256 here; other key types have no SPIFFE JWK form yet.
         if isinstance(pub, ec.EllipticCurvePublicKey) and isinstance(pub.curve, ec.SECP256R1):
-            keys[item["kid"]] = pub
-            jwks.append(_jwk(item["kid"], pub))
+            keys[kid] = pub
+            jwks.append(_jwk(kid, pub))
     doc: dict[str, Any] = {"keys": jwks}
-    if bundle is not None:
-        doc["spiffe_refresh_hint"] = bundle.refresh_hint
-        doc["spiffe_sequence"] = bundle.version
-    budget, expires, accept = policy.staleness if policy else None, store.held_expiries(domain), None
-    if home is not None and domain != home and store.agreement(domain) is not None:
-        budget, ends, accept = _partner_terms(store, home, domain)
-        expires = {**expires, **ends}
+    if assurance is not None:
+        if refresh_hint is not None or assurance == SIGNED:
+            doc["spiffe_refresh_hint"] = refresh_hint
+        doc["spiffe_sequence"] = sequence
     return _DomainState(
         bundle,
-        fresh.issued_at if fresh else None,
+        fresh_at,
         budget,
         keys,
         json.dumps(doc, separators=(",", ":"), sort_keys=True).encode(),
         expires,
         accept,
-        _readable_authorities(bundle),
+        _readable_authorities(x509_authorities),
+        assurance,
+        refusal,
+        spiffe_mark,
     )
 
 
@@ -393,7 +456,9 @@ def _load_snapshot(store: Store) -> _Snapshot:
             gen.update(f"{name}/{t}/{m.version}/".encode() + m.digest)
             if name == home:
                 home_gen.update(f"{t}/{m.version}/".encode() + m.digest)
-        domains[name] = _domain_state(store, name, home)
+        state = domains[name] = _domain_state(store, name, home)
+        if name != home:  # what a partner's bundle is served from, and a SPIFFE bundle's freshness time
+            gen.update(f"{name}/served/{state.assurance}/{state.refusal is not None}/{state.spiffe_mark}/".encode())
     p = store.current(home, "policy")
     policy = p.payload if p is not None and isinstance(p.payload, Policy) else None
     dl = store.current(home, "delegation")
@@ -425,16 +490,28 @@ _FINGERPRINT = (
     "(SELECT group_concat(domain || ' ' || relation, ' ') FROM domains), "
     "(SELECT group_concat(domain || ' ' || type || ' ' || version || ' ' || hex(digest), ' ') FROM high_water), "
     "(SELECT group_concat(partner || ' ' || version, ' ') FROM agreements), "
+    # Partners' SPIFFE bundles (store migration 9): the newest per domain (the one served), its import time
+    # and, where the store has one (an authenticated fetch confirming it), its confirmation time.
+    "(SELECT group_concat(domain || ' ' || sequence || ' ' || imported_at{confirmed}, ' ') FROM "
+    "(SELECT domain, max(sequence) AS sequence, imported_at{confirmed_column} FROM spiffe_bundles GROUP BY domain)), "
     # Last, and not part of the comparison: the observed time moves with every audited event.
     "(SELECT high_water FROM observed)"
 )
 
 
-def _trust_fingerprint(conn: sqlite3.Connection) -> tuple[Any, ...]:
+def _fingerprint_query(conn: sqlite3.Connection) -> str:
+    """:data:`_FINGERPRINT` for this store: with ``spiffe_bundles.confirmed_at`` when the store has it."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(spiffe_bundles)")}
+    if "confirmed_at" in columns:
+        return _FINGERPRINT.format(confirmed=" || ' ' || ifnull(confirmed_at, '')", confirmed_column=", confirmed_at")
+    return _FINGERPRINT.format(confirmed="", confirmed_column="")
+
+
+def _trust_fingerprint(conn: sqlite3.Connection, query: str | None = None) -> tuple[Any, ...]:
     """The rows a snapshot is made of, in one statement (documents are immutable per version and digest).
 
     Equal rows give an equal fingerprint; rows read in another order only cost a needless re-read."""
-    return tuple(conn.execute(_FINGERPRINT).fetchone())
+    return tuple(conn.execute(query if query is not None else _fingerprint_query(conn)).fetchone())
 
 
 def _open_store(home: Path) -> Store:
@@ -586,6 +663,7 @@ class Issuer:
         # may have been typed at a prompt, so the store could not open the key by itself).
         self._audit.store.signer_source = lambda: self._ident().signer
         self._data_version: int | None = None
+        self._fingerprint_sql = _fingerprint_query(self._store.conn)  # the store is migrated: its columns are set
         self._fingerprint: tuple[Any, ...] | None = None
         self._snap: _Snapshot | None = None
         self._identity: NodeIdentity | None = None
@@ -637,7 +715,7 @@ class Issuer:
         version = int(self._store.conn.execute("PRAGMA data_version").fetchone()[0])
         if self._snap is not None and version == self._data_version:
             return self._snap
-        *fingerprint, observed = _trust_fingerprint(self._store.conn)
+        *fingerprint, observed = _trust_fingerprint(self._store.conn, self._fingerprint_sql)
         if self._snap is None or tuple(fingerprint) != self._fingerprint:
             if not reload:
                 return None
@@ -976,7 +1054,7 @@ class Issuer:
         return {
             name: d.x509_der
             for name, d in snap.domains.items()
-            if d.bundle is not None and name in usable and d.x509_der
+            if d.assurance is not None and name in usable and d.x509_der
         }
 
     def jwt_svids(self, selectors: frozenset[str], audience: list[str], spiffe_id: str | None) -> list[JwtSvid]:
@@ -1025,7 +1103,7 @@ class Issuer:
         with self._lock:
             snap = self._snapshot()
             usable = self._usable_domains(snap, self._now())
-            return {name: d.jwks for name, d in snap.domains.items() if d.bundle is not None and name in usable}
+            return {name: d.jwks for name, d in snap.domains.items() if d.assurance is not None and name in usable}
 
     def validate_jwt(self, token: str, audience: str) -> tuple[str, dict[str, Any]]:
         """``(SPIFFE ID, claims)`` of a valid JWT-SVID for ``audience``, or a typed rejection."""
@@ -1055,7 +1133,7 @@ class Issuer:
             trust.check_clock(now, snap.high_water, snap.tolerance)
             trust.check_observed(now, snap.observed, snap.tolerance)
             state = snap.domains.get(domain)
-            if state is None or state.bundle is None:
+            if state is None or (state.assurance is None and state.refusal is None):
                 raise UnknownDomain(f"this node holds no bundle for {domain}")
             if state.accept is not None and state.budget is None:
                 raise NoAgreement(f"no live agreement with {domain} (expired, revoked or not named by our epoch)")
@@ -1063,6 +1141,8 @@ class Issuer:
                 raise ScopeViolation(f"{sub} is outside what {snap.home} accepts from {domain}")
             if domain not in self._usable_domains(snap, now):
                 raise Stale(f"the bundle of {domain} is older than its staleness budget")
+            if state.refusal is not None:  # checked last, as svid verify does (Node.check_partner_identity)
+                raise ScopeViolation(state.refusal)
             key = state.jwt_keys.get(kid)
         if key is None:
             raise BadSignature(f"no JWT authority {kid!r} in the bundle of {domain}")
