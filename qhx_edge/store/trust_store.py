@@ -73,10 +73,13 @@ def _bundle_endpoints(conn: sqlite3.Connection) -> None:
     leaves it out where its endpoint puts it in, for the same keys and sequence)."""
     from qhx_edge.core import spiffe_bundle
 
-    conn.execute("ALTER TABLE spiffe_bundles ADD COLUMN confirmed_at INTEGER")
+    # Idempotent whatever number it runs as (as migration 9): a column or table already there is kept.
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(spiffe_bundles)")}
+    if "confirmed_at" not in columns:
+        conn.execute("ALTER TABLE spiffe_bundles ADD COLUMN confirmed_at INTEGER")
     conn.execute(
         """
-        CREATE TABLE bundle_endpoints (
+        CREATE TABLE IF NOT EXISTS bundle_endpoints (
             domain TEXT PRIMARY KEY,
             url TEXT NOT NULL,
             profile TEXT NOT NULL CHECK (profile IN ('https_spiffe', 'https_web')),
