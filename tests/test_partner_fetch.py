@@ -186,6 +186,7 @@ def test_only_an_authenticated_fetch_keeps_a_spiffe_bundle_fresh(tmp_path: Path)
 
 def test_no_fetch_without_an_agreement_that_allows_spiffe_bundles(tmp_path: Path) -> None:
     _a, n = setup(tmp_path)  # TERMS without --allow-spiffe-bundles
+    before = trust_digest(n)
     partner = Partner(make_ca("beta CA"), serving=b"{}")
     partner.credential = svid_credential(partner.ca, ENDPOINT_ID)
     with endpoint(partner) as url:
@@ -205,6 +206,12 @@ def test_no_fetch_without_an_agreement_that_allows_spiffe_bundles(tmp_path: Path
     )
     assert run_cli(*fetch(n, "--profile", "https_web")).code == 2
     assert run_cli(*fetch(n, "--interval", "5m")).code == 2
+    with_url = ("--url", url, "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID)
+    assert run_cli(*fetch(n, *with_url, "--interval", "5m")).code == 2
+    # Every refusal above changed nothing: no endpoint was recorded for a fetch that may not happen.
+    assert trust_digest(n) == before
+    with Node(n) as node:
+        assert node.store.bundle_endpoint(BETA) is None
 
 
 def test_https_web_and_polling(tmp_path: Path) -> None:
@@ -213,7 +220,8 @@ def test_https_web_and_polling(tmp_path: Path) -> None:
     _a, n = setup(tmp_path, "--allow-spiffe-bundles")
     web_ca = make_ca("web CA")
     ca_file = tmp_path / "web-ca.pem"
-    ca_file.write_bytes(web_ca.pem)
+    # The operator's file also holds a private key: only the certificate may reach the store.
+    ca_file.write_bytes(web_ca.pem + make_leaf(web_ca, host="x").key_pem)
     server = make_leaf(web_ca, host="127.0.0.1")
     partner = Partner(make_ca("beta CA"))
     partner.credential = tls.Credential.from_pem(server.chain_pem, server.key_pem)
@@ -228,6 +236,10 @@ def test_https_web_and_polling(tmp_path: Path) -> None:
         fails("bad-signature", *fetch(n, "--url", url, "--profile", "https_web", "--ca", wrong))
         got = ok(*fetch(n, "--url", url, "--profile", "https_web", "--ca", ca_file))
         assert (got["status"], got["sequence"], got["profile"]) == ("new", 1, "https_web")
+        with Node(n) as node:
+            recorded = node.store.bundle_endpoint(BETA)
+        assert recorded is not None
+        assert recorded["ca_pem"] == web_ca.pem
 
         cmd = [sys.executable, "-m", "qhx_edge", *map(str, fetch(n, "--poll", "--interval", "5s"))]
         proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

@@ -338,20 +338,22 @@ def federation_fetch(
     from qhx_edge.homes import partner_fetch
     from qhx_edge.store.files import read_capped
 
-    if url is not None:
-        if profile is None:
-            raise click.UsageError("--url needs --profile (https_spiffe or https_web)")
-        ca_pem = read_capped(ca, partner_fetch.MAX_CA_PEM, "CA certificates") if ca is not None else None
-        partner_fetch.configure(ctx.home, partner, url, profile, endpoint_id=endpoint_id, ca_pem=ca_pem)
-    elif profile is not None or endpoint_id is not None or ca is not None:
+    # Every usage check first: a refused command records nothing.
+    if url is not None and profile is None:
+        raise click.UsageError("--url needs --profile (https_spiffe or https_web)")
+    if url is None and (profile is not None or endpoint_id is not None or ca is not None):
         raise click.UsageError("--profile, --endpoint-id and --ca describe an endpoint: give them with --url")
     if interval is not None and not poll:
         raise click.UsageError("--interval is for --poll")
+    every = policyfile.duration(interval, "--interval") if interval is not None else None
+    if url is not None:
+        assert profile is not None
+        ca_pem = read_capped(ca, partner_fetch.MAX_CA_PEM, "CA certificates") if ca is not None else None
+        partner_fetch.configure(ctx.home, partner, url, profile, endpoint_id=endpoint_id, ca_pem=ca_pem)
     if not poll:
         out = partner_fetch.fetch_once(ctx.home, partner)
         ctx.emit(out, _fetch_text(out))
         return
-    every = policyfile.duration(interval, "--interval") if interval is not None else None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -45,7 +45,10 @@ FIRST_RETRY = 5
 
 
 def _check_ca_pem(ca_pem: bytes) -> bytes:
+    """The CA certificates of ``ca_pem`` written again as PEM: only certificates are kept (a private key
+    or anything else in the file never reaches the store)."""
     from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
 
     if len(ca_pem) > MAX_CA_PEM:
         raise Malformed(f"the https_web CA certificates are over {MAX_CA_PEM} bytes")
@@ -55,7 +58,7 @@ def _check_ca_pem(ca_pem: bytes) -> bytes:
         raise Malformed(f"the https_web CA certificates are not PEM certificates: {exc}") from exc
     if not certs:
         raise Malformed("no CA certificate given for https_web")
-    return ca_pem
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
 
 
 def configure(
@@ -85,13 +88,20 @@ def configure(
     elif profile == bundle_endpoint.HTTPS_WEB:
         if ca_pem is None or endpoint_id is not None:
             raise Malformed("https_web takes the CA certificates that vouch for the endpoint (--ca) and no SPIFFE ID")
-        _check_ca_pem(ca_pem)
+        ca_pem = _check_ca_pem(ca_pem)
     else:
         raise Malformed(f"unknown bundle endpoint profile {profile!r} (https_web or https_spiffe)")
     t = clock.now() if now is None else now
     with Node(home) as n:
         if domain == n.domain:
             raise ScopeViolation(f"{domain} is this node's own domain: its trust comes only as signed documents")
+        # Nothing is recorded for a partner the node may not fetch from: a refused command changes nothing.
+        if not n._trusts(domain):
+            raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
+        held = n.store.agreement(domain)
+        agreements.check_spiffe_bundle_allowed(
+            n.domain, domain, held.payload if held is not None else None, n._epoch(), t
+        )
         detail = f"bundle endpoint of {domain}: {url} ({profile}{', ' + endpoint_id if endpoint_id else ''})"
         n.store.set_bundle_endpoint(
             domain, url, profile, endpoint_id, ca_pem, t, [AuditEntry("configure", detail, None, domain)]
