@@ -312,3 +312,24 @@ def test_the_client_reads_chunked_and_refuses_truncated_responses() -> None:
         be._parse_response(sized + body[:-1], "u")
     with pytest.raises(Malformed, match="redirects"):
         be._parse_response(b"HTTP/1.1 302 Found\r\nLocation: https://x/\r\nContent-Length: 0\r\n\r\n", "u")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://bücher.example/",
+        "https://a_b.example/",
+        "https://h.example./",
+        "https://x.example/a b",
+        "https://x.example/a\x01b",
+        "https://x.example:0/",
+        "https://x.example:99999/",
+    ],
+)
+def test_urls_that_no_request_could_carry_are_malformed(url: str) -> None:
+    """Before, these passed the URL check and failed later as untyped errors (UnicodeEncodeError,
+    ValueError, h11's LocalProtocolError), killing a --poll loop; port 0 silently became 443."""
+    with pytest.raises(Malformed):
+        be.check_url(url)
+    with pytest.raises(Malformed):
+        be.fetch(url, be.HTTPS_WEB, ca_certs=[make_ca("web").der])

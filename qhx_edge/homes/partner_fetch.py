@@ -20,7 +20,9 @@ SPIRE's ``bundle set`` bootstraps it), and the endpoint's SPIFFE ID must be in t
 domain; ``https_web`` with the operator's CA certificates and the URL's host.
 
 :func:`poll` fetches at the bundle's refresh hint while the link exists, and retries a failed
-fetch sooner (5 s, doubling up to the refresh hint); every attempt is reported and audited.
+fetch sooner (5 s, doubling up to the refresh hint); every attempt is reported.  What an endpoint
+served is audited, taken or refused; a link that is down (``unreachable``) and a fetch refused
+before connecting are reported, not audited.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import logging
+import re
 import threading
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -411,15 +413,31 @@ class Fetched:
 def _split_url(url: str) -> tuple[str, int, str]:
     try:
         parts = urllib.parse.urlsplit(url)
-        port = parts.port or 443
+        port = 443 if parts.port is None else parts.port
     except ValueError as exc:
         raise Malformed(f"not a bundle endpoint URL: {url!r} ({exc})") from exc
     if parts.scheme != "https" or not parts.hostname:
         raise Malformed(f"a bundle endpoint URL is https://HOST[:PORT][/PATH], not {url!r}")
     if "@" in parts.netloc:
         raise Malformed("a bundle endpoint URL has no userinfo (SPIFFE Federation §5.2.1.1)")
+    if not 0 < port < 65536:
+        raise Malformed(f"a bundle endpoint URL's port is 1 to 65535, not {port}")
+    try:
+        ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        if not _HOST.fullmatch(parts.hostname):
+            raise Malformed(
+                f"a bundle endpoint host is an IP address or an ASCII DNS name (IDNA A-labels), not {parts.hostname!r}"
+            ) from None
+    if not _URL_CHARS.fullmatch(parts.path + parts.query):
+        raise Malformed(f"a bundle endpoint URL's path and query are RFC 3986 characters: {url!r}")
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.hostname, port, target
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*", re.ASCII)
+_URL_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*", re.ASCII)
 
 
 def _parse_response(data: bytes, url: str, target: str = "/") -> bytes:
