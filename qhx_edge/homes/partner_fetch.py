@@ -63,6 +63,15 @@ def _check_ca_pem(ca_pem: bytes) -> bytes:
     return b"".join(c.public_bytes(Encoding.PEM) for c in certs)
 
 
+def _check_gate(n: Any, domain: str, now: int) -> None:
+    """A partner the node holds, under a live agreement whose terms allow SPIFFE bundles, or a typed refusal."""
+    if not n._trusts(domain):
+        raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
+    held = n.store.agreement(domain)
+    agreement = held.payload if held is not None else None
+    agreements.check_spiffe_bundle_allowed(n.domain, domain, agreement, n._epoch(), now)
+
+
 def configure(
     home: Path,
     domain: str,
@@ -97,13 +106,7 @@ def configure(
     with Node(home) as n:
         if domain == n.domain:
             raise ScopeViolation(f"{domain} is this node's own domain: its trust comes only as signed documents")
-        # Nothing is recorded for a partner the node may not fetch from: a refused command changes nothing.
-        if not n._trusts(domain):
-            raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
-        held = n.store.agreement(domain)
-        agreements.check_spiffe_bundle_allowed(
-            n.domain, domain, held.payload if held is not None else None, n._epoch(), t
-        )
+        _check_gate(n, domain, t)  # nothing is recorded for a partner the node may not fetch from
         detail = f"bundle endpoint of {domain}: {url} ({profile}{', ' + endpoint_id if endpoint_id else ''})"
         n.store.set_bundle_endpoint(
             domain, url, profile, endpoint_id, ca_pem, t, [AuditEntry("configure", detail, None, domain)]
@@ -135,12 +138,7 @@ def _prepare(home: Path, domain: str, now: int) -> tuple[dict[str, Any], dict[st
         ep = n.store.bundle_endpoint(domain)
         if ep is None:
             raise NotInitialised(f"no bundle endpoint recorded for {domain}: give --url and --profile once")
-        if not n._trusts(domain):
-            raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
-        held = n.store.agreement(domain)
-        agreements.check_spiffe_bundle_allowed(
-            n.domain, domain, held.payload if held is not None else None, n._epoch(), now
-        )
+        _check_gate(n, domain, now)
         options: dict[str, Any] = {}
         if ep["profile"] == bundle_endpoint.HTTPS_WEB:
             from cryptography import x509
