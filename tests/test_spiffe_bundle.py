@@ -223,4 +223,4 @@ def test_unreadable_authorities_are_left_out_not_fatal(tmp_path: Path) -> None:
     import dataclasses
 
     mixed = dataclasses.replace(doc, x509_authorities=(b"not a certificate", *doc.x509_authorities))
-    assert _readable_authorities(mixed) == b"".join(doc.x509_authorities)
+    assert _readable_authorities(mixed.x509_authorities) == b"".join(doc.x509_authorities)
