@@ -197,6 +197,13 @@ def test_the_gate_and_partner_identities() -> None:
     assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW).mode == "connected"
     assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 3600, NOW).mode == "expired"
     assert A.partner_mode(ALPHA, BETA, a, epoch({}), NOW, NOW).mode == "no-agreement"
+    # A freshness time stamped by a clock that ran ahead, and was set right since, proves nothing about
+    # now (review finding: it kept the partner fresh until that future time); within the tolerance it does.
+    ahead = NOW + 86400
+    with pytest.raises(Stale, match="after now"):
+        A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), ahead, NOW)
+    assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), ahead, NOW).mode == "expired"
+    assert A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW + 60, NOW) == BETA
     # Workloads get a partner's bundle only while it is connected under the agreement.
     assert A.serves_bundle(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW)
     assert not A.serves_bundle(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 3600, NOW)

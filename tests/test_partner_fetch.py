@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from qhx_edge.core import spiffe_bundle
-from qhx_edge.core.errors import Malformed
+from qhx_edge.core.errors import Malformed, QhxError
 from qhx_edge.homes.node import Node
 from qhx_edge.links import bundle_endpoint as be
 from qhx_edge.links import tls
@@ -184,6 +184,41 @@ def test_only_an_authenticated_fetch_keeps_a_spiffe_bundle_fresh(tmp_path: Path)
             fails("stale", *check, prefix=faketime_prefix("+90m"))
 
 
+def test_a_fetch_whose_authentication_changed_meanwhile_is_not_taken(tmp_path: Path) -> None:
+    """Review finding: a fetch authenticated by a partner bundle that was replaced while it ran still
+    counted.  beta drops its CA 1 (its key is out: a file carries sequence 3 with CA 3 alone) while our
+    fetch is talking to an endpoint that proves itself with CA 1 and serves sequence 5 naming CA 1.
+    Before, sequence 5 entered; now the fetch is made again on the new basis, where CA 1 proves nothing."""
+    from qhx_edge.homes import partner_fetch
+
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    old, new = make_ca("beta CA 1"), make_ca("beta CA 3")
+    partner = Partner(old, credential=svid_credential(old, ENDPOINT_ID))
+    boot, rotated = tmp_path / "boot.json", tmp_path / "rotated.json"
+    boot.write_bytes(bundle_json([old], 1))
+    rotated.write_bytes(bundle_json([new], 3))
+    ok("--home", n, "--json", "bundle", "import-spiffe", boot, "--domain", BETA)
+    partner.serving = bundle_json([old], 5)
+    calls = []
+
+    def racing_fetch(*args: Any, **kwargs: Any) -> be.Fetched:
+        got = be.fetch(*args, **kwargs)
+        if not calls:  # the rotation lands while the first fetch is in flight
+            ok("--home", n, "--json", "bundle", "import-spiffe", rotated, "--domain", BETA)
+        calls.append(got)
+        return got
+
+    with endpoint(partner) as url:
+        partner_fetch.configure(n, BETA, url, "https_spiffe", endpoint_id=ENDPOINT_ID)
+        with pytest.raises(QhxError) as refused:
+            partner_fetch.fetch_once(n, BETA, fetch=racing_fetch)
+    assert refused.value.kind == "bad-signature"  # the second attempt: CA 1 no longer vouches
+    assert len(calls) == 1
+    with Node(n) as node:
+        held = node.store.spiffe_bundle(BETA)
+    assert held is not None and held.sequence == 3
+
+
 def test_no_fetch_without_an_agreement_that_allows_spiffe_bundles(tmp_path: Path) -> None:
     _a, n = setup(tmp_path)  # TERMS without --allow-spiffe-bundles
     before = trust_digest(n)
@@ -314,6 +349,24 @@ def test_the_client_reads_chunked_and_refuses_truncated_responses() -> None:
         be._parse_response(b"HTTP/1.1 302 Found\r\nLocation: https://x/\r\nContent-Length: 0\r\n\r\n", "u")
 
 
+def test_the_client_refuses_ambiguous_framing_and_shows_no_escapes() -> None:
+    """Review findings: bytes after the response, and Content-Length beside Transfer-Encoding (RFC 9112
+    §6.3, "ought to be handled as an error"), were taken; an endpoint's error body reached the operator's
+    terminal with its escape sequences."""
+    body = bundle_json([make_ca("beta CA")], 2)
+    sized = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with pytest.raises(Malformed, match="bytes after"):
+        be._parse_response(sized + body + b"HTTP/1.1 200 OK\r\n", "u")
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with pytest.raises(Malformed, match="both Transfer-Encoding and Content-Length"):
+        be._parse_response(both + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body), "u")
+    evil = b"\x1b]0;owned\x07\x1b[2Jgone"
+    with pytest.raises(Malformed) as caught:
+        be._parse_response(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(evil), evil), "u")
+    assert "\x1b" not in caught.value.message and "\x07" not in caught.value.message
+    assert "\\x1b]0;owned" in caught.value.message
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -333,3 +386,36 @@ def test_urls_that_no_request_could_carry_are_malformed(url: str) -> None:
         be.check_url(url)
     with pytest.raises(Malformed):
         be.fetch(url, be.HTTPS_WEB, ca_certs=[make_ca("web").der])
+
+
+def test_the_poll_interval_is_the_operators_not_the_partners() -> None:
+    """A partner's refresh hint of 1 s would have had us write a confirmation and an audit entry every
+    5 s (review finding); the hint counts from 60 s, an operator's --interval from 5 s."""
+    from qhx_edge.homes.partner_fetch import next_interval
+
+    assert next_interval(1, None) == 60
+    assert next_interval(None, None) == 300
+    assert next_interval(3600, None) == 3600
+    assert next_interval(10**9, None) == 86400
+    assert next_interval(1, 5) == 5
+    assert next_interval(1, 1) == 5
+
+
+def test_a_node_held_open_sees_what_other_processes_commit(tmp_path: Path) -> None:
+    """Verification reuses what it read from the store until anything commits to it (Store.memo):
+    a long-lived node (the Workload API's, a poller's) must see another process's import at once."""
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    old, new = make_ca("beta CA 1"), make_ca("beta CA 2")
+    first, second = tmp_path / "1.json", tmp_path / "2.json"
+    first.write_bytes(bundle_json([old], 1))
+    second.write_bytes(bundle_json([new], 2))
+    ok("--home", n, "--json", "bundle", "import-spiffe", first, "--domain", BETA)
+    chain = make_leaf(old, uri=INSIDE).der_chain
+    with Node(n) as node:
+        for _ in range(3):
+            assert node.verify_svid(chain, int(time.time()))["spiffe_sequence"] == 1
+        ok("--home", n, "--json", "bundle", "import-spiffe", second, "--domain", BETA)  # another process
+        with pytest.raises(QhxError) as refused:
+            node.verify_svid(chain, int(time.time()))
+        assert refused.value.kind == "bad-signature"
+        assert node.verify_svid(make_leaf(new, uri=INSIDE).der_chain, int(time.time()))["spiffe_sequence"] == 2

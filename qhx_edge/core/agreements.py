@@ -177,10 +177,21 @@ def check_identity(
         raise Stale(f"the freshness epoch of {home} that names the agreement expired at {epoch.expires}")
     if partner_fresh_issued_at is None:
         raise Stale(f"no freshness of {domain} is held")
+    if _from_the_future(partner_fresh_issued_at, now):
+        raise Stale(
+            f"the freshness of {domain} is dated {partner_fresh_issued_at}, after now ({now}): a clock ran ahead"
+        )
     age = now - partner_fresh_issued_at
     if age >= ours.max_staleness:
         raise Stale(f"the freshness of {domain} is {age} s old; the agreement allows {ours.max_staleness} s")
     return domain
+
+
+def _from_the_future(fresh_at: int, now: int) -> bool:
+    """A freshness time later than now beyond the clock tolerance proves nothing about now: a clock that
+    ran ahead when it was stamped (a partner's epoch, or our own fetch of a SPIFFE bundle) and was set
+    right since would otherwise keep the partner fresh until that future time."""
+    return fresh_at > now + trust.DEFAULT_CLOCK_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -218,6 +229,7 @@ def partner_mode(
             reason
             for failed, reason in (
                 (age is None, f"no freshness of {partner} is held"),
+                (fresh_issued_at is not None and _from_the_future(fresh_issued_at, now), "freshness dated after now"),
                 (not clock_ok, "clock rollback"),
                 (epoch is not None and now >= epoch.expires, f"the freshness epoch of {home} expired"),
                 (bool(gone), f"held {', '.join(gone)} of {partner} expired"),

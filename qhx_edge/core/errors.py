@@ -192,3 +192,14 @@ def all_kinds() -> dict[str, type[QhxError]]:
         out.setdefault(cls.kind, cls)  # a refinement (Incomplete) keeps its parent's kind
         stack.extend(cls.__subclasses__())
     return out
+
+
+def printable(text: str) -> str:
+    """Text from outside (a file name, a peer's words) made safe for one line of a message or a log:
+    no control characters (a terminal escape shows as ``\\x1b``), no surrogates."""
+    try:  # a name that is not UTF-8 shows its bytes (os.fsdecode escaped them as surrogates)
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)

@@ -17,6 +17,7 @@ newline through.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -39,7 +40,14 @@ def check_trust_domain(name: Any) -> str:
 
 def parse_spiffe_id(value: Any) -> tuple[str, str]:
     """``(trust domain, path)`` of a workload SPIFFE ID (a non-empty path), else :class:`Malformed`."""
-    if not isinstance(value, str) or len(value.encode()) > MAX_SPIFFE_ID or not value.startswith(SCHEME):
+    if not isinstance(value, str):
+        raise Malformed(f"{value!r} is not a SPIFFE ID")
+    return _parse_spiffe_id(value)
+
+
+@functools.lru_cache(maxsize=4096)  # verification meets the same few IDs again and again; a refusal is not kept
+def _parse_spiffe_id(value: str) -> tuple[str, str]:
+    if len(value.encode()) > MAX_SPIFFE_ID or not value.startswith(SCHEME):
         raise Malformed(f"{value!r} is not a SPIFFE ID")
     domain, slash, path = value[len(SCHEME) :].partition("/")
     if (

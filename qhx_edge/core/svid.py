@@ -21,12 +21,16 @@ live agreement, in scope and fresh) is the caller's question
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from qhx_edge.core.errors import BadSignature, Expired, Malformed, NotYetValid, ScopeViolation
 from qhx_edge.core.spiffe import parse_spiffe_id
@@ -51,97 +55,218 @@ def load_chain(data: bytes) -> list[bytes]:
     return [c.public_bytes(Encoding.DER) for c in certs]
 
 
-def _valid_now(cert: x509.Certificate, now: int, what: str) -> None:
-    when = dt.datetime.fromtimestamp(now, dt.UTC)
-    if when < cert.not_valid_before_utc:
-        raise NotYetValid(f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ}")
-    if when >= cert.not_valid_after_utc:
-        raise Expired(f"{what} expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
+class _Unreadable:
+    """An extension that could not be read: raised as ``malformed`` only when a check needs it."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
 
 
-def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | None:
+def _ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.ExtensionType | _Unreadable | None:
     try:
         return cert.extensions.get_extension_for_class(kind).value
     except x509.ExtensionNotFound:
         return None
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         # A repeated extension, an unknown name type, bytes that are no name: not an SVID we can read.
-        raise Malformed(f"the certificate's extensions cannot be read: {exc}") from None
+        return _Unreadable(f"the certificate's extensions cannot be read: {exc}")
 
 
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+def _readable(value: Any) -> Any:
+    if isinstance(value, _Unreadable):
+        raise Malformed(value.message)
+    return value
+
+
+class _Cert:
+    """One parsed certificate and what the checks read of it, computed once per distinct DER
+    (:func:`_read`): the parse is memoised, never a signature check."""
+
+    __slots__ = (
+        "_bc",
+        "_hosts",
+        "_key",
+        "_ku",
+        "_nc",
+        "_san",
+        "_uris",
+        "cert",
+        "der",
+        "issuer",
+        "not_after",
+        "not_before",
+        "signature",
+        "signature_oid",
+        "subject",
+        "tbs",
+    )  # fmt: skip
+
+    def __init__(self, der: bytes) -> None:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise Malformed(f"not an X.509 certificate: {exc}") from exc
+        self.cert, self.der = cert, der
+        self.subject = cert.subject.public_bytes()
+        self.issuer = cert.issuer.public_bytes()
+        self.not_before = int(cert.not_valid_before_utc.timestamp())
+        self.not_after = int(cert.not_valid_after_utc.timestamp())
+        self._san = _ext(cert, x509.SubjectAlternativeName)
+        self._bc = _ext(cert, x509.BasicConstraints)
+        self._ku = _ext(cert, x509.KeyUsage)
+        self._nc = _ext(cert, x509.NameConstraints)
+        self.signature = cert.signature
+        self.tbs = cert.tbs_certificate_bytes
+        self.signature_oid = cert.signature_algorithm_oid
+        self._key: Any = None
+        self._uris: tuple[str, ...] | None = None
+        self._hosts: tuple[frozenset[str] | None] | None = None
+
+    def public_key(self) -> Any:
+        """The certificate's public key, loaded once (an EC point's validation costs as much as a check)."""
+        if self._key is None:
+            try:
+                self._key = self.cert.public_key()
+            except (ValueError, UnsupportedAlgorithm):
+                self._key = False  # checked by verify_directly_issued_by, which says no
+        return self._key
+
+    def uris(self) -> tuple[str, ...]:
+        if self._uris is None:
+            san = _readable(self._san)
+            self._uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier)) if san is not None else ()
+        return self._uris
+
+    def basic_constraints(self) -> x509.BasicConstraints | None:
+        bc: x509.BasicConstraints | None = _readable(self._bc)
+        return bc
+
+    def key_usage(self) -> x509.KeyUsage | None:
+        ku: x509.KeyUsage | None = _readable(self._ku)
+        return ku
+
+    def permitted_hosts(self) -> frozenset[str] | None:
+        """The URI hosts of the permitted subtrees, or None when the CA carries no such constraint."""
+        if self._hosts is None:
+            nc = _readable(self._nc)
+            if not isinstance(nc, x509.NameConstraints) or nc.permitted_subtrees is None:
+                self._hosts = (None,)
+            else:
+                uris = (g.value for g in nc.permitted_subtrees if isinstance(g, x509.UniformResourceIdentifier))
+                self._hosts = (frozenset(uris),)
+        return self._hosts[0]
+
+    def valid_at(self, now: int, *what: str) -> None:
+        """``expired`` or ``not-yet-valid`` unless ``now`` lies in the validity (``what`` names it, lazily)."""
+        if self.not_before <= now < self.not_after:
+            return
+        if now < self.not_before:
+            when = self.cert.not_valid_before_utc
+            raise NotYetValid(f"{' '.join(what)} is not valid before {when:%Y-%m-%d %H:%M:%SZ}")
+        raise Expired(f"{' '.join(what)} expired at {self.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
+
+
+# Parsed certificates by their DER bytes.  Bounded: a peer presenting ever new certificates only churns it.
+_read = functools.lru_cache(maxsize=1024)(_Cert)
+
+
+@functools.lru_cache(maxsize=64)
+def _anchors(authorities: tuple[bytes, ...]) -> dict[bytes, list[_Cert]]:
+    """A bundle's X.509 authorities by subject (DER), parsed once per distinct bundle."""
+    out: dict[bytes, list[_Cert]] = {}
+    for der in authorities:
+        c = _read(der)
+        out.setdefault(c.subject, []).append(c)
+    return out
+
+
+_ECDSA: dict[x509.ObjectIdentifier, ec.ECDSA] = {
+    SignatureAlgorithmOID.ECDSA_WITH_SHA256: ec.ECDSA(hashes.SHA256()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA384: ec.ECDSA(hashes.SHA384()),
+    SignatureAlgorithmOID.ECDSA_WITH_SHA512: ec.ECDSA(hashes.SHA512()),
+}
+_PLAIN: dict[x509.ObjectIdentifier, type] = {  # signature algorithms without parameters, by their key type
+    SignatureAlgorithmOID.ED25519: ed25519.Ed25519PublicKey,
+    SignatureAlgorithmOID.ML_DSA_44: mldsa.MLDSA44PublicKey,
+    SignatureAlgorithmOID.ML_DSA_65: mldsa.MLDSA65PublicKey,
+    SignatureAlgorithmOID.ML_DSA_87: mldsa.MLDSA87PublicKey,
+}
+
+
+def _signed_by(cert: _Cert, issuer: _Cert) -> bool:
+    """Whether ``issuer`` names and signed ``cert`` (as ``verify_directly_issued_by``, with the issuer's
+    key loaded once for the common algorithms; anything else, RSA included, goes to that function)."""
+    if cert.issuer != issuer.subject:
+        return False
+    key, oid = issuer.public_key(), cert.signature_oid
     try:
-        cert.verify_directly_issued_by(issuer)
+        if oid in _ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(cert.signature, cert.tbs, _ECDSA[oid])
+        elif oid in _PLAIN and isinstance(key, _PLAIN[oid]):
+            plain: Any = key
+            plain.verify(cert.signature, cert.tbs)
+        else:
+            cert.cert.verify_directly_issued_by(issuer.cert)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
 
-def _check_ca(cert: x509.Certificate, below: int, what: str, domain: str) -> None:
-    bc = _ext(cert, x509.BasicConstraints)
-    if not isinstance(bc, x509.BasicConstraints) or not bc.ca:
-        raise BadSignature(f"{what} is not a CA")
+def _check_ca(cert: _Cert, below: int, what: Callable[[], str], domain: str) -> None:
+    bc = cert.basic_constraints()
+    if bc is None or not bc.ca:
+        raise BadSignature(f"{what()} is not a CA")
     if bc.path_length is not None and below > bc.path_length:
-        raise BadSignature(f"{what} allows {bc.path_length} intermediate CAs below it, the chain has {below}")
-    nc = _ext(cert, x509.NameConstraints)
-    if isinstance(nc, x509.NameConstraints) and nc.permitted_subtrees is not None:
-        hosts = [g.value for g in nc.permitted_subtrees if isinstance(g, x509.UniformResourceIdentifier)]
-        if domain not in hosts:
-            raise ScopeViolation(f"{what} may not vouch for identities of {domain} (name constraints)")
+        raise BadSignature(f"{what()} allows {bc.path_length} intermediate CAs below it, the chain has {below}")
+    hosts = cert.permitted_hosts()
+    if hosts is not None and domain not in hosts:
+        raise ScopeViolation(f"{what()} may not vouch for identities of {domain} (name constraints)")
+
+
+def _one_uri(leaf: _Cert) -> str:
+    uris = leaf.uris()
+    if len(uris) != 1:
+        raise Malformed("an X509-SVID carries exactly one URI SAN (X509-SVID §2)")
+    return str(uris[0])
 
 
 def leaf_spiffe_id(der: bytes) -> str:
     """The SPIFFE ID an X.509-SVID claims (its one URI SAN), unverified: to choose the bundle to verify it with."""
-    try:
-        leaf = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise Malformed(f"not an X.509 certificate: {exc}") from exc
-    san = _ext(leaf, x509.SubjectAlternativeName)
-    uris = (
-        san.get_values_for_type(x509.UniformResourceIdentifier) if isinstance(san, x509.SubjectAlternativeName) else []
-    )
-    if len(uris) != 1:
-        raise Malformed("an X509-SVID carries exactly one URI SAN (X509-SVID §2)")
-    parse_spiffe_id(uris[0])
-    return str(uris[0])
+    spiffe_id = _one_uri(_read(der))
+    parse_spiffe_id(spiffe_id)
+    return spiffe_id
 
 
 def verify_x509_svid(chain: Sequence[bytes], authorities: Sequence[bytes], now: int) -> str:
-    """The SPIFFE ID of a verified X.509-SVID ``chain`` (DER, leaf first) under ``authorities`` (DER)."""
-    try:
-        certs = [x509.load_der_x509_certificate(c) for c in chain]
-        roots = [x509.load_der_x509_certificate(c) for c in authorities]
-    except ValueError as exc:
-        raise Malformed(f"not an X.509 certificate: {exc}") from exc
-    if not 1 <= len(certs) <= MAX_CHAIN:
+    """The SPIFFE ID of a verified X.509-SVID ``chain`` (DER, leaf first) under ``authorities`` (DER).
+
+    Every signature of the path is checked on every call; only the parsing of
+    certificates already seen is reused (:func:`_read`, :func:`_anchors`)."""
+    if not 1 <= len(chain) <= MAX_CHAIN:
         raise Malformed(f"a chain holds 1 to {MAX_CHAIN} certificates")
+    certs = [_read(c) for c in chain]
+    roots = _anchors(tuple(authorities))
     leaf = certs[0]
-    san = _ext(leaf, x509.SubjectAlternativeName)
-    uris = (
-        san.get_values_for_type(x509.UniformResourceIdentifier) if isinstance(san, x509.SubjectAlternativeName) else []
-    )
-    if len(uris) != 1:
-        raise Malformed("an X509-SVID carries exactly one URI SAN (X509-SVID §2)")
-    spiffe_id = uris[0]
+    spiffe_id = _one_uri(leaf)
     domain, _ = parse_spiffe_id(spiffe_id)
-    bc = _ext(leaf, x509.BasicConstraints)
-    if isinstance(bc, x509.BasicConstraints) and bc.ca:
+    bc = leaf.basic_constraints()
+    if bc is not None and bc.ca:
         raise Malformed("an X509-SVID leaf must not be a CA (X509-SVID §4.1)")
-    ku = _ext(leaf, x509.KeyUsage)
-    if not isinstance(ku, x509.KeyUsage) or not ku.digital_signature or ku.key_cert_sign or ku.crl_sign:
+    ku = leaf.key_usage()
+    if ku is None or not ku.digital_signature or ku.key_cert_sign or ku.crl_sign:
         raise Malformed("an X509-SVID leaf needs key usage digitalSignature and no keyCertSign or cRLSign (§4.3)")
-    _valid_now(leaf, now, f"SVID {spiffe_id}")
+    leaf.valid_at(now, "SVID", spiffe_id)
     for i in range(1, len(certs)):
-        what = f"intermediate {i} of {spiffe_id}"
         if not _signed_by(certs[i - 1], certs[i]):
             raise BadSignature(f"certificate {i - 1} of the chain is not signed by certificate {i}")
-        _check_ca(certs[i], i - 1, what, domain)
-        _valid_now(certs[i], now, what)
+        _check_ca(certs[i], i - 1, functools.partial("intermediate {} of {}".format, i, spiffe_id), domain)
+        certs[i].valid_at(now, f"intermediate {i} of", spiffe_id)
     top = certs[-1]
-    anchors = [r for r in roots if _signed_by(top, r)]
-    if not anchors:
+    anchor = next((r for r in roots.get(top.issuer, ()) if _signed_by(top, r)), None)
+    if anchor is None:
         raise BadSignature(f"the chain of {spiffe_id} does not lead to an X.509 authority of the bundle of {domain}")
-    anchor = anchors[0]
-    _check_ca(anchor, len(certs) - 1, f"the bundle's authority {anchor.subject.rfc4514_string()}", domain)
-    _valid_now(anchor, now, "the bundle's authority")
+    _check_ca(anchor, len(certs) - 1, lambda: f"the bundle's authority {anchor.cert.subject.rfc4514_string()}", domain)
+    anchor.valid_at(now, "the bundle's authority")
     return spiffe_id

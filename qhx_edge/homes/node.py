@@ -492,7 +492,14 @@ class Node:
         return f.payload if f is not None and isinstance(f.payload, Freshness) else None
 
     def import_spiffe_bundle(
-        self, data: bytes, domain: str, now: int, *, source: str = "file", fetched: bool = False
+        self,
+        data: bytes,
+        domain: str,
+        now: int,
+        *,
+        source: str = "file",
+        fetched: bool = False,
+        still: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Take a partner's unsigned SPIFFE bundle (the one way one enters a node: docs/architecture.md
         "SPIFFE bundles"): parsed strictly, under a live agreement allowing SPIFFE bundles, ordered by
@@ -503,7 +510,11 @@ class Node:
         ``fetched``: the bytes came from the partner's bundle endpoint over an authenticated channel
         (``federation fetch``), so the held bundle fetched again unchanged is ``confirmed``: its
         freshness time moves to ``now``.  A file read again never refreshes anything (a replayed file
-        keeps no stale trust alive)."""
+        keeps no stale trust alive).
+
+        ``still``: called after each read of the trust state, before deciding; it raises if what the
+        caller relied on (for a fetch, what authenticated the endpoint) no longer holds.  The write that
+        follows is refused if the trust state moves after that read, so the check holds for the write."""
         from qhx_edge.core import spiffe_bundle
         from qhx_edge.core.errors import UnknownDomain
         from qhx_edge.core.spiffe import check_trust_domain
@@ -521,6 +532,8 @@ class Node:
         for _attempt in range(MAX_IMPORT_ATTEMPTS):
             held, generation = self.store.spiffe_bundle_mark(domain)
             agreement = self.store.agreement(domain)
+            if still is not None:
+                still()
             try:
                 if domain != self.domain and not self._trusts(domain):
                     raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
@@ -598,30 +611,58 @@ class Node:
             return None, fresh.payload.issued_at if fresh is not None else None, None
         return "spiffe-bundle", sb.fresh_at, sb
 
+    def _basis(self, domain: str) -> _Basis:
+        """What verifying an identity of ``domain`` reads from the store, read as one snapshot and
+        reused until anything commits to the store (:meth:`Store.memo`): the clock marks, the held
+        agreement and our epoch, where trust in the domain comes from, and the bundle to verify with."""
+
+        def read() -> _Basis:
+            held_agreement = epoch = None
+            if domain == self.domain:
+                assurance, fresh_at = None, None
+                held = self.store.current(domain, "bundle") if self._trusts(domain) else None
+                source: Any = held.payload if held is not None and isinstance(held.payload, Bundle) else None
+            else:
+                held_agreement, epoch = self.store.agreement(domain), self._epoch()
+                assurance, fresh_at, source = self._partner_source(domain)
+            return _Basis(
+                self.store.clock_high_water(),
+                self.store.observed_time(),
+                held_agreement.payload if held_agreement is not None else None,
+                epoch,
+                assurance,
+                fresh_at,
+                source,
+            )
+
+        return self.store.memo(("verify-basis", domain), read)
+
+    def _check_partner(self, spiffe_id: str, partner: str, basis: _Basis, now: int) -> dict[str, Any]:
+        agreements.check_identity(spiffe_id, self.domain, basis.agreement, basis.epoch, basis.fresh_at, now)
+        assert basis.agreement is not None
+        if basis.assurance == "spiffe-bundle":
+            agreements.check_spiffe_bundle_allowed(self.domain, partner, basis.agreement, basis.epoch, now)
+        return {
+            "spiffe_id": spiffe_id,
+            "domain": partner,
+            "agreement_version": basis.agreement.version,
+            "assurance": basis.assurance,
+        }
+
+    def _check_clock(self, basis: _Basis, now: int) -> None:
+        trust.check_clock(now, basis.clock_high_water, self.tolerance)
+        trust.check_observed(now, basis.observed, self.tolerance)  # a clock wound back
+
     def check_partner_identity(self, spiffe_id: str, now: int) -> dict[str, Any]:
         """Whether this node may trust a partner workload's SPIFFE ID now (``no-agreement``,
         ``scope-violation`` or ``stale`` otherwise): the agreement gate, our side's accepted
         prefixes, and the partner's freshness within our side's budget."""
         from qhx_edge.core.spiffe import trust_domain_of
 
-        trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
-        trust.check_observed(now, self.store.observed_time(), self.tolerance)  # a clock wound back
         partner = trust_domain_of(spiffe_id)
-        held = self.store.agreement(partner)
-        epoch = self._epoch()
-        assurance, fresh_at, _ = self._partner_source(partner) if partner != self.domain else (None, None, None)
-        agreements.check_identity(
-            spiffe_id, self.domain, held.payload if held is not None else None, epoch, fresh_at, now
-        )
-        assert held is not None
-        if assurance == "spiffe-bundle":
-            agreements.check_spiffe_bundle_allowed(self.domain, partner, held.payload, epoch, now)
-        return {
-            "spiffe_id": spiffe_id,
-            "domain": partner,
-            "agreement_version": held.payload.version,
-            "assurance": assurance,
-        }
+        basis = self._basis(partner)
+        self._check_clock(basis, now)
+        return self._check_partner(spiffe_id, partner, basis, now)
 
     def verify_svid(self, chain: list[bytes], now: int) -> dict[str, Any]:
         """Verify an X.509-SVID chain (DER, leaf first) of our own domain or of a partner.
@@ -634,30 +675,48 @@ class Node:
         from qhx_edge.core.errors import UnknownDomain
         from qhx_edge.core.spiffe import trust_domain_of
 
-        trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
-        trust.check_observed(now, self.store.observed_time(), self.tolerance)  # a clock wound back
-        spiffe_id = svid.leaf_spiffe_id(chain[0])
-        domain = trust_domain_of(spiffe_id)
+        try:
+            if not chain:
+                raise Malformed("an empty certificate chain")
+            spiffe_id = svid.leaf_spiffe_id(chain[0])
+            domain = trust_domain_of(spiffe_id)
+        except Malformed:
+            self._check_clock(self._basis(self.domain), now)  # a clock wound back is said first
+            raise
+        basis = self._basis(domain)
+        self._check_clock(basis, now)
         out: dict[str, Any] = {"spiffe_id": spiffe_id, "domain": domain}
         if domain == self.domain:
             out["relation"] = "home"
         else:
-            out.update(self.check_partner_identity(spiffe_id, now), relation="partner")
+            out.update(self._check_partner(spiffe_id, domain, basis, now), relation="partner")
             if out["assurance"] == "spiffe-bundle":
                 # Lower assurance: an unsigned bundle, believed because the agreement allows it.
-                _, _, sb = self._partner_source(domain)
-                svid.verify_x509_svid(chain, sb.bundle.x509_authorities, now)
-                out["spiffe_sequence"] = sb.sequence
+                svid.verify_x509_svid(chain, basis.source.bundle.x509_authorities, now)
+                out["spiffe_sequence"] = basis.source.sequence
                 return out
-        held = self.store.current(domain, "bundle") if self._trusts(domain) else None
-        if held is None or not isinstance(held.payload, Bundle):
+        held = basis.source
+        if not isinstance(held, Bundle):
             raise UnknownDomain(f"this node holds no bundle of {domain}")
-        if now >= held.payload.expires:
-            raise Expired(f"the held bundle of {domain} expired at {held.payload.expires}")
-        svid.verify_x509_svid(chain, held.payload.x509_authorities, now)
-        out["bundle_version"] = held.payload.version
+        if now >= held.expires:
+            raise Expired(f"the held bundle of {domain} expired at {held.expires}")
+        svid.verify_x509_svid(chain, held.x509_authorities, now)
+        out["bundle_version"] = held.version
         out["assurance"] = "signed"
         return out
+
+
+@dataclass(frozen=True)
+class _Basis:
+    """What verifying one domain's identities reads from the store (:meth:`Node._basis`)."""
+
+    clock_high_water: int
+    observed: int
+    agreement: Any  # the held Agreement with a partner, or None
+    epoch: Freshness | None  # our own freshness epoch (partners only)
+    assurance: str | None  # "signed" | "spiffe-bundle" | None (partners only)
+    fresh_at: int | None  # the partner's freshness time (partners only)
+    source: Any  # the Bundle to verify with, or a HeldSpiffeBundle (assurance "spiffe-bundle"), or None
 
 
 def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:

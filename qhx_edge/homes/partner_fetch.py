@@ -33,7 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from qhx_edge.core import agreements
-from qhx_edge.core.errors import Malformed, NotInitialised, QhxError, ScopeViolation, UnknownDomain, Unreachable
+from qhx_edge.core.errors import (
+    Malformed,
+    NotInitialised,
+    QhxError,
+    ScopeViolation,
+    StoreLocked,
+    UnknownDomain,
+    Unreachable,
+)
 from qhx_edge.core.spiffe import check_trust_domain, parse_spiffe_id
 from qhx_edge.links import bundle_endpoint
 from qhx_edge.store import clock
@@ -41,7 +49,8 @@ from qhx_edge.store.trust_store import AuditEntry
 
 MAX_CA_PEM = 256 * 1024
 DEFAULT_INTERVAL = 300  # seconds, for a bundle without a refresh hint
-MIN_INTERVAL = 5
+MIN_INTERVAL = 5  # an operator's --interval
+MIN_HINT_INTERVAL = 60  # a partner's refresh hint: the partner does not set how often our store is written
 MAX_INTERVAL = 86400
 FIRST_RETRY = 5
 
@@ -129,40 +138,46 @@ def endpoint(home: Path, domain: str) -> dict[str, Any] | None:
     return None if ep is None else _public(ep)
 
 
-def _prepare(home: Path, domain: str, now: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def _prepare(n: Any, domain: str, now: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The endpoint and the fetch options, after the gate: a live agreement allowing SPIFFE bundles."""
     from qhx_edge.core.documents import Bundle
-    from qhx_edge.homes.node import Node
 
-    with Node(home) as n:
-        ep = n.store.bundle_endpoint(domain)
-        if ep is None:
-            raise NotInitialised(f"no bundle endpoint recorded for {domain}: give --url and --profile once")
-        _check_gate(n, domain, now)
-        options: dict[str, Any] = {}
-        if ep["profile"] == bundle_endpoint.HTTPS_WEB:
-            from cryptography import x509
-            from cryptography.hazmat.primitives.serialization import Encoding
+    ep = n.store.bundle_endpoint(domain)
+    if ep is None:
+        raise NotInitialised(f"no bundle endpoint recorded for {domain}: give --url and --profile once")
+    _check_gate(n, domain, now)
+    options: dict[str, Any] = {}
+    if ep["profile"] == bundle_endpoint.HTTPS_WEB:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
 
-            pems = x509.load_pem_x509_certificates(ep["ca_pem"])
-            options["ca_certs"] = [c.public_bytes(Encoding.DER) for c in pems]
+        pems = x509.load_pem_x509_certificates(ep["ca_pem"])
+        options["ca_certs"] = [c.public_bytes(Encoding.DER) for c in pems]
+    else:
+        from qhx_edge.core import spiffe_bundle
+
+        signed = n.store.current(domain, "bundle")
+        if signed is not None and isinstance(signed.payload, Bundle):
+            authorities = signed.payload.x509_authorities
         else:
-            from qhx_edge.core import spiffe_bundle
-
-            signed = n.store.current(domain, "bundle")
-            if signed is not None and isinstance(signed.payload, Bundle):
-                authorities = signed.payload.x509_authorities
-            else:
-                sb = n.store.spiffe_bundle(domain)
-                if sb is None:
-                    raise NotInitialised(
-                        f"this node holds no bundle of {domain} to authenticate its endpoint: bootstrap with "
-                        f"'bundle import-spiffe FILE --domain {domain}' (the partner's bundle, obtained out of band)"
-                    )
-                authorities = sb.bundle.x509_authorities
-            options["endpoint_bundle"] = spiffe_bundle.SpiffeBundle(tuple(authorities), (), None, None)
-            options["endpoint_id"] = ep["endpoint_id"]
+            sb = n.store.spiffe_bundle(domain)
+            if sb is None:
+                raise NotInitialised(
+                    f"this node holds no bundle of {domain} to authenticate its endpoint: bootstrap with "
+                    f"'bundle import-spiffe FILE --domain {domain}' (the partner's bundle, obtained out of band)"
+                )
+            authorities = sb.bundle.x509_authorities
+        options["endpoint_bundle"] = spiffe_bundle.SpiffeBundle(tuple(authorities), (), None, None)
+        options["endpoint_id"] = ep["endpoint_id"]
     return ep, options
+
+
+class _BasisChanged(Exception):
+    """What authenticated the endpoint (its record, the partner bundle, the CA certificates) changed while
+    the fetch was under way: what it served is not taken on the old basis."""
+
+
+FETCH_ATTEMPTS = 3
 
 
 def fetch_once(
@@ -173,36 +188,58 @@ def fetch_once(
     fetch: Callable[..., bundle_endpoint.Fetched] = bundle_endpoint.fetch,
 ) -> dict[str, Any]:
     """Fetch ``domain``'s bundle from its recorded endpoint and take it (``new``, ``confirmed``), or a
-    typed error: ``unreachable`` (exit 3) for a link that is down, a rejection for what it served."""
+    typed error: ``unreachable`` (exit 3) for a link that is down, a rejection for what it served.
+
+    The bundle is taken only if what authenticated the endpoint is still what the store holds, checked
+    in the import's own snapshot (its write is refused if the trust state moves after that check); if it
+    changed during the fetch (a partner bundle replaced, the endpoint reconfigured), the fetch is made
+    again on the new basis, up to three times."""
     from qhx_edge.homes.node import Node
 
-    ep, options = _prepare(home, domain, now())
-    try:
-        fetched = fetch(ep["url"], ep["profile"], now=now, **options)
-    except QhxError as exc:
-        if not isinstance(exc, Unreachable):
-            with Node(home) as n:  # what the endpoint did is recorded; the trust state does not move
-                entry = AuditEntry(
-                    "reject", f"fetch of {domain}'s bundle from {ep['url']}: {exc.message}", exc.kind, domain,
-                    "spiffe-bundle",
-                )  # fmt: skip
-                n.store.audit(now(), [entry])
-        raise
-    with Node(home) as n:
-        out = n.import_spiffe_bundle(fetched.data, domain, now(), source=ep["url"], fetched=True)
-    return {
-        **out,
-        "url": ep["url"],
-        "profile": ep["profile"],
-        "tls_group": fetched.group,
-        "refresh_hint": fetched.bundle.refresh_hint,
-    }
+    for _attempt in range(FETCH_ATTEMPTS):
+        with Node(home) as n:
+            basis = _prepare(n, domain, now())
+        ep, options = basis
+        try:
+            fetched = fetch(ep["url"], ep["profile"], now=now, **options)
+        except QhxError as exc:
+            if not isinstance(exc, Unreachable):
+                with Node(home) as n:  # what the endpoint did is recorded; the trust state does not move
+                    entry = AuditEntry(
+                        "reject", f"fetch of {domain}'s bundle from {ep['url']}: {exc.message}", exc.kind, domain,
+                        "spiffe-bundle",
+                    )  # fmt: skip
+                    n.store.audit(now(), [entry])
+            raise
+        with Node(home) as n:
+
+            def still(n: Any = n, basis: tuple[dict[str, Any], dict[str, Any]] = basis) -> None:
+                if _prepare(n, domain, now()) != basis:
+                    raise _BasisChanged
+
+            try:
+                out = n.import_spiffe_bundle(fetched.data, domain, now(), source=ep["url"], fetched=True, still=still)
+            except _BasisChanged:
+                continue
+        return {
+            **out,
+            "url": ep["url"],
+            "profile": ep["profile"],
+            "tls_group": fetched.group,
+            "refresh_hint": fetched.bundle.refresh_hint,
+        }
+    raise StoreLocked(
+        f"what authenticates {domain}'s endpoint kept changing during the fetch ({FETCH_ATTEMPTS} attempts)"
+    )
 
 
 def next_interval(refresh_hint: int | None, interval: int | None) -> int:
-    """Seconds until the next fetch: ``interval`` if given, else the bundle's refresh hint, within bounds."""
-    wanted = interval if interval is not None else refresh_hint or DEFAULT_INTERVAL
-    return max(MIN_INTERVAL, min(MAX_INTERVAL, wanted))
+    """Seconds until the next fetch: ``interval`` if given (at least 5 s), else the bundle's refresh hint
+    (at least 60 s: every fetch writes a confirmation and an audit entry, and the hint is the partner's
+    word), at most a day."""
+    if interval is not None:
+        return max(MIN_INTERVAL, min(MAX_INTERVAL, interval))
+    return max(MIN_HINT_INTERVAL, min(MAX_INTERVAL, refresh_hint or DEFAULT_INTERVAL))
 
 
 def poll(

@@ -71,7 +71,16 @@ from types import FrameType
 from typing import Any
 
 from qhx_edge.core import cbor
-from qhx_edge.core.errors import EnvironmentFault, Incomplete, Malformed, MissingFile, Oversize, Rejected, UnsafePath
+from qhx_edge.core.errors import (
+    EnvironmentFault,
+    Incomplete,
+    Malformed,
+    MissingFile,
+    Oversize,
+    Rejected,
+    UnsafePath,
+    printable,
+)
 from qhx_edge.homes.node import ImportRejected, ImportResult, Node
 from qhx_edge.packs import pack, seal
 from qhx_edge.store import clock
@@ -111,14 +120,7 @@ def ignored(name: str) -> bool:
     return name.startswith(".") or name.endswith(TEMPORARY_SUFFIXES)
 
 
-def _printable(text: str) -> str:
-    """A file name or message made safe for one log line (no control characters, no surrogates)."""
-    try:  # a name that is not UTF-8 shows its bytes (os.fsdecode escaped them as surrogates)
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raw = text.encode("utf-8", "backslashreplace")
-    text = raw.decode("utf-8", "backslashreplace")
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+_printable = printable
 
 
 def _iso(ts: int) -> str:

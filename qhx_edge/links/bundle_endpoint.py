@@ -53,7 +53,7 @@ import trio
 from OpenSSL import SSL
 
 from qhx_edge.core import spiffe_bundle
-from qhx_edge.core.errors import EnvironmentFault, Malformed, Oversize, QhxError, Unreachable
+from qhx_edge.core.errors import EnvironmentFault, Malformed, Oversize, QhxError, Unreachable, printable
 from qhx_edge.links import tls
 from qhx_edge.store import clock
 from qhx_edge.store.files import read_capped
@@ -460,18 +460,24 @@ def _parse_response(data: bytes, url: str, target: str = "/") -> bytes:
             raise Malformed(f"{url} ended its HTTP response early")
         if isinstance(event, h11.Response):
             response = event
+            names = {name for name, _ in event.headers}
+            if b"transfer-encoding" in names and b"content-length" in names:  # RFC 9112 §6.3: an error
+                raise Malformed(f"{url} sent both Transfer-Encoding and Content-Length (response splitting?)")
         elif isinstance(event, h11.Data):
             body += event.data
         elif isinstance(event, h11.EndOfMessage):
             break
     assert response is not None
+    if conn.trailing_data[0]:
+        raise Malformed(f"{url} sent {len(conn.trailing_data[0])} bytes after its HTTP response")
     status = response.status_code
     if 300 <= status < 400:
-        location = dict(response.headers).get(b"location", b"").decode("latin-1")
+        location = printable(dict(response.headers).get(b"location", b"").decode("latin-1"))
         raise Malformed(f"{url} redirects ({status}) to {location!r}: redirects are not followed")
     if status != 200:
-        said = bytes(body[:200]).decode("utf-8", "replace").strip()
-        raise Malformed(f"{url} answered {status} {response.reason.decode('latin-1')}: {said}")
+        # The endpoint's own words, shown but never able to drive the operator's terminal.
+        said = printable(bytes(body[:200]).decode("utf-8", "replace").strip())
+        raise Malformed(f"{url} answered {status} {printable(response.reason.decode('latin-1'))}: {said}")
     return bytes(body)
 
 
@@ -501,7 +507,7 @@ async def fetch_async(
     authority = f"[{host}]" if ":" in host else host
     request = (
         f"GET {target} HTTP/1.1\r\nHost: {authority}:{port}\r\nAccept: application/json\r\n"
-        "User-Agent: qhx-edge\r\nConnection: close\r\n\r\n"
+        "Cache-Control: no-cache\r\nUser-Agent: qhx-edge\r\nConnection: close\r\n\r\n"
     ).encode("ascii")
     context = tls.make_context(server=False, groups=groups)
     with trio.move_on_after(timeout) as scope:

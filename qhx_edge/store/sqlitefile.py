@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from qhx_edge.core.errors import StoreCorrupt, StoreLocked
+
+T = TypeVar("T")
 
 
 def _private_file(path: Path, *, create: bool = True) -> None:
@@ -53,9 +55,43 @@ class SqliteFile:
     MIGRATIONS: ClassVar[tuple[str | Callable[[sqlite3.Connection], None], ...]] = ()
     WHAT: ClassVar[str] = "store"
 
+    MEMO_ENTRIES: ClassVar[int] = 256  # keys may come from what a peer presents (a domain): bounded
+
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self.conn = conn
         self.path = path
+        self._memo: dict[Hashable, object] = {}
+        self._memo_token: tuple[int, int] | None = None
+
+    def _state_token(self) -> tuple[int, int]:
+        """Changes whenever a commit reaches the file: ``PRAGMA data_version`` moves with another
+        connection's (any process), ``total_changes`` with this connection's own."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0]), self.conn.total_changes
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()`` (reads only), read as one snapshot and reused until anything commits to the file.
+
+        For hot read paths (verifying a peer's SVID re-reads the same agreement, epoch and bundle): one
+        ``PRAGMA`` instead of parsing signed documents again.  Inside a transaction nothing is reused,
+        and a value whose reads raced a commit is returned but not kept."""
+        if self.conn.in_transaction:
+            return compute()
+        before = self._state_token()
+        if before != self._memo_token:
+            self._memo.clear()
+            self._memo_token = before
+        if key in self._memo:
+            return self._memo[key]  # type: ignore[return-value]
+        self.conn.execute("BEGIN")  # a read transaction: one snapshot for every read of compute()
+        try:
+            value = compute()
+        finally:
+            self.conn.execute("COMMIT")
+        if self._state_token() == before:
+            if len(self._memo) >= self.MEMO_ENTRIES:
+                self._memo.clear()
+            self._memo[key] = value
+        return value
 
     @staticmethod
     def connect(path: Path) -> sqlite3.Connection:
