@@ -216,7 +216,8 @@ def test_a_fetch_whose_authentication_changed_meanwhile_is_not_taken(tmp_path: P
     assert len(calls) == 1
     with Node(n) as node:
         held = node.store.spiffe_bundle(BETA)
-    assert held is not None and held.sequence == 3
+    assert held is not None
+    assert held.sequence == 3
 
 
 def test_no_fetch_without_an_agreement_that_allows_spiffe_bundles(tmp_path: Path) -> None:
@@ -363,7 +364,8 @@ def test_the_client_refuses_ambiguous_framing_and_shows_no_escapes() -> None:
     evil = b"\x1b]0;owned\x07\x1b[2Jgone"
     with pytest.raises(Malformed) as caught:
         be._parse_response(b"HTTP/1.1 500 Oops\r\nContent-Length: %d\r\n\r\n%s" % (len(evil), evil), "u")
-    assert "\x1b" not in caught.value.message and "\x07" not in caught.value.message
+    assert "\x1b" not in caught.value.message
+    assert "\x07" not in caught.value.message
     assert "\\x1b]0;owned" in caught.value.message
 
 
