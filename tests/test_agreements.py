@@ -204,6 +204,23 @@ def test_the_gate_and_partner_identities() -> None:
         A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), ahead, NOW)
     assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), ahead, NOW).mode == "expired"
     assert A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW + 60, NOW) == BETA
+    # Our policy's [federation] caps every agreement's budget (profiles/coalition.toml) ...
+    budget = a.terms[ALPHA].max_staleness
+    cap = D.PartnerLimits(max_staleness=budget // 2)
+    assert A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW - budget // 2 + 1, NOW, cap) == BETA
+    with pytest.raises(Stale, match="our policy allows any partner"):
+        A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW - budget // 2, NOW, cap)
+    assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), NOW - budget // 2, NOW, limits=cap).mode == "expired"
+    assert A.budget(a, ALPHA, D.PartnerLimits(max_staleness=budget * 2)) == budget  # a cap never widens
+    # ... and can forbid SPIFFE-format partner bundles whatever an agreement allows (profiles/pq-strict.toml).
+    allowing = D.Agreement.from_dict(
+        body(terms={**body()["terms"], ALPHA: {**body()["terms"][ALPHA], "allow_spiffe_bundles": True}})
+    )
+    A.check_spiffe_bundle_allowed(ALPHA, BETA, allowing, epoch({BETA: 1}), NOW)
+    with pytest.raises(ScopeViolation, match="policy"):
+        A.check_spiffe_bundle_allowed(
+            ALPHA, BETA, allowing, epoch({BETA: 1}), NOW, D.PartnerLimits(spiffe_bundles=False)
+        )
     # Workloads get a partner's bundle only while it is connected under the agreement.
     assert A.serves_bundle(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 10, NOW)
     assert not A.serves_bundle(ALPHA, BETA, a, epoch({BETA: 1}), NOW - 3600, NOW)

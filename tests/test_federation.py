@@ -579,3 +579,52 @@ def test_a_partner_bundle_is_exported_only_while_the_partner_is_trusted(tmp_path
     ok("--home", a[0], "--json", "pack", "export", "--to", revoked)
     ok("--home", n, "--json", "pack", "import", revoked)
     fails("no-agreement", "--home", n, "--json", "bundle", "export", "--domain", BETA)
+
+
+def test_the_coalition_and_pq_strict_profiles_limit_every_partner(tmp_path: Path) -> None:
+    """profiles/coalition.toml caps every partner's budget at 24 h and profiles/pq-strict.toml takes no
+    partner trust from SPIFFE bundles ([federation] of a policy): the authority refuses terms over the
+    cap, and a node applies a policy published after the agreement to it at once."""
+    from tests.test_partner_fetch import bundle_json
+
+    profiles = Path(__file__).resolve().parent.parent / "profiles"
+    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    generous = [*TERMS[: TERMS.index("--max-staleness")], "--max-staleness", "48h", "--expires", "30d"]
+    agree(tmp_path, a, b, BETA, *generous, "--allow-spiffe-bundles")
+    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
+        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", tmp_path / name)
+        ok("--home", n, "--json", "pack", "import", tmp_path / name)
+    assert ok("--home", n, "--json", "status")["domains"][BETA]["agreement"]["max_staleness"] == 48 * 3600
+
+    ok("--home", a[0], "--json", "authority", "publish", "policy", profiles / "coalition.toml")
+    ok("--home", a[0], "--json", "pack", "export", "--to", tmp_path / "coalition.pack")
+    ok("--home", n, "--json", "pack", "import", tmp_path / "coalition.pack")
+    partner = ok("--home", n, "--json", "status")["domains"][BETA]
+    assert partner["agreement"]["max_staleness"] == 24 * 3600  # the agreement says 48 h; the policy caps it
+    # A new proposal over the cap is refused by our authority, one at the cap is signed.
+    proposal = tmp_path / "over.pack"
+    fails("scope-violation", "--home", a[0], "--json", "federation", "propose", "--partner", BETA,
+          "--partner-anchor", b[1], "--expect-fingerprint", b[2], *generous, "--to", proposal)  # fmt: skip
+    at_cap = [*TERMS[: TERMS.index("--max-staleness")], "--max-staleness", "24h", "--expires", "30d"]
+    ok("--home", a[0], "--json", "federation", "propose", "--partner", BETA, "--partner-anchor", b[1],
+       "--expect-fingerprint", b[2], *at_cap, "--to", proposal)  # fmt: skip
+
+    # pq-strict: the agreement allows SPIFFE bundles, our policy does not.
+    spiffe = tmp_path / "beta.json"
+    from tests.pki import make_ca
+
+    spiffe.write_bytes(bundle_json([make_ca("beta CA")], 1))
+    ok("--home", n, "--json", "bundle", "import-spiffe", spiffe, "--domain", BETA)  # allowed under coalition
+    ok("--home", a[0], "--json", "authority", "publish", "policy", profiles / "pq-strict.toml")
+    ok("--home", a[0], "--json", "pack", "export", "--to", tmp_path / "strict.pack")
+    ok("--home", n, "--json", "pack", "import", tmp_path / "strict.pack")
+    spiffe.write_bytes(bundle_json([make_ca("beta CA")], 2))
+    before = trust_digest(n)
+    fails("scope-violation", "--home", n, "--json", "bundle", "import-spiffe", spiffe, "--domain", BETA)
+    assert trust_digest(n) == before
+    assert ok("--home", n, "--json", "status")["domains"][BETA]["agreement"]["max_staleness"] == 12 * 3600
+    fails("scope-violation", "--home", a[0], "--json", "federation", "propose", "--partner", BETA,
+          "--partner-anchor", b[1], "--expect-fingerprint", b[2], *TERMS, "--allow-spiffe-bundles",
+          "--to", proposal)  # fmt: skip

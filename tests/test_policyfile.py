@@ -18,6 +18,10 @@ from tests.conftest import PASSPHRASE, make_homes, run_cli
 
 BAD = {
     "superscript digit": '[staleness]\nsoft = "²h"\n',
+    "federation not a table": "federation = 5\n",
+    "federation unknown setting": '[federation]\nmax_staleness = "1h"\n',
+    "federation cap not a duration": "[federation]\nmax_partner_staleness = true\n",
+    "federation spiffe_bundles not a boolean": '[federation]\nspiffe_bundles = "no"\n',
     "arabic-indic digit": '[staleness]\nsoft = "٣h"\n',
     "staleness not a table": "staleness = 5\n",
     "algorithms not a table": 'algorithms = "ES256"\n',
@@ -70,3 +74,15 @@ def test_cli_bad_policy_and_overflowing_ttl_are_exit_1_and_change_nothing(tmp_pa
     assert (r.code, r.json["error"]["kind"]) == (1, "malformed"), r.stdout + r.stderr
     assert (home / "authority.json").read_bytes() == state
     assert "Traceback" not in r.stderr
+
+
+def test_the_federation_limits_round_trip_through_a_policy_document() -> None:
+    from qhx_edge.core import documents as D  # noqa: N812
+
+    fields = parse_policy_file(b'[federation]\nmax_partner_staleness = "24h"\nspiffe_bundles = false\n', "p.toml")
+    common = {"type": "policy", "domain": "alpha.example", "version": 1, "issued_at": 1, "expires": 2}
+    p = D.Policy.from_dict({**common, **fields, "staleness": {"soft": 1, "hard": 2, "svid_ttl": 1, "ttl_floor": 1}})
+    assert p.federation == D.PartnerLimits(86400, spiffe_bundles=False)
+    assert D.Policy.from_dict(p.to_dict()) == p
+    plain = D.Policy.from_dict({**p.to_dict(), "federation": {}})
+    assert "federation" not in plain.to_dict()  # the default writes nothing: older policies keep their bytes

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qhx_edge.core import trust
-from qhx_edge.core.documents import Agreement, Freshness, Root, Signed
+from qhx_edge.core.documents import Agreement, Freshness, PartnerLimits, Root, Signed
 from qhx_edge.core.errors import (
     AnchorMismatch,
     EqualVersionConflict,
@@ -155,13 +155,14 @@ def check_identity(
     epoch: Freshness | None,
     partner_fresh_issued_at: int | None,
     now: int,
+    limits: PartnerLimits | None = None,
 ) -> str:
     """Whether a partner workload identity may be trusted now; returns its trust domain.
 
     ``no-agreement`` unless the gate is open; ``scope-violation`` unless our
     side accepts the ID; ``stale`` when the partner's freshness is older than our
-    side's budget (or absent), or our own epoch naming the agreement has expired.
-    An identity of our own domain is not a partner's.
+    side's budget (or absent; capped by our policy's ``limits``), or our own epoch naming the
+    agreement has expired.  An identity of our own domain is not a partner's.
     """
     domain, _ = parse_spiffe_id(spiffe_id)
     if domain == home:
@@ -182,9 +183,22 @@ def check_identity(
             f"the freshness of {domain} is dated {partner_fresh_issued_at}, after now ({now}): a clock ran ahead"
         )
     age = now - partner_fresh_issued_at
-    if age >= ours.max_staleness:
-        raise Stale(f"the freshness of {domain} is {age} s old; the agreement allows {ours.max_staleness} s")
+    allowed = budget(agreement, home, limits)
+    if age >= allowed:
+        raise Stale(f"the freshness of {domain} is {age} s old; {_budget_source(agreement, home, limits)} {allowed} s")
     return domain
+
+
+def budget(agreement: Agreement, home: str, limits: PartnerLimits | None = None) -> int:
+    """Our side's staleness budget for the partner: the agreement's, capped by our policy's limit."""
+    ours = agreement.terms[home].max_staleness
+    cap = limits.max_staleness if limits is not None else None
+    return ours if cap is None else min(ours, cap)
+
+
+def _budget_source(agreement: Agreement, home: str, limits: PartnerLimits | None) -> str:
+    capped = budget(agreement, home, limits) < agreement.terms[home].max_staleness
+    return "our policy allows any partner" if capped else "the agreement allows"
 
 
 def _from_the_future(fresh_at: int, now: int) -> bool:
@@ -215,13 +229,14 @@ def partner_mode(
     *,
     clock_ok: bool = True,
     expires: Mapping[str, int] | None = None,
+    limits: PartnerLimits | None = None,
 ) -> PartnerMode:
     """A partner domain's mode for ``status``: under the agreement's budget, not the partner's policy."""
     closed = gate(home, partner, agreement, epoch, now)
     if closed is not None:
         return PartnerMode("no-agreement", None, None, closed.message)
     assert agreement is not None
-    budget = agreement.terms[home].max_staleness
+    allowed = budget(agreement, home, limits)
     age = None if fresh_issued_at is None else max(0, now - fresh_issued_at)
     gone = sorted(t for t, end in (expires or {}).items() if now >= end)
     why = next(
@@ -233,15 +248,15 @@ def partner_mode(
                 (not clock_ok, "clock rollback"),
                 (epoch is not None and now >= epoch.expires, f"the freshness epoch of {home} expired"),
                 (bool(gone), f"held {', '.join(gone)} of {partner} expired"),
-                (age is not None and age >= budget, f"freshness older than the agreement's budget ({budget} s)"),
+                (age is not None and age >= allowed, f"freshness older than the budget ({allowed} s)"),
             )
             if failed
         ),
         None,
     )
     if why is not None:
-        return PartnerMode("expired", age, budget, why)
-    return PartnerMode("connected", age, budget)
+        return PartnerMode("expired", age, allowed, why)
+    return PartnerMode("connected", age, allowed)
 
 
 def serves_bundle(
@@ -254,25 +269,35 @@ def serves_bundle(
     *,
     clock_ok: bool = True,
     expires: Mapping[str, int] | None = None,
+    limits: PartnerLimits | None = None,
 ) -> bool:
     """Whether a node may hand the partner's bundle to its workloads now (the Workload API's federated
     bundles): the partner is ``connected`` under the agreement.  For the issuer, which still applies
     the partner's own policy budget."""
-    m = partner_mode(home, partner, agreement, epoch, fresh_issued_at, now, clock_ok=clock_ok, expires=expires)
+    m = partner_mode(
+        home, partner, agreement, epoch, fresh_issued_at, now, clock_ok=clock_ok, expires=expires, limits=limits
+    )
     return m.mode == "connected"
 
 
 def check_spiffe_bundle_allowed(
-    home: str, partner: str, agreement: Agreement | None, epoch: Freshness | None, now: int
+    home: str,
+    partner: str,
+    agreement: Agreement | None,
+    epoch: Freshness | None,
+    now: int,
+    limits: PartnerLimits | None = None,
 ) -> None:
     """Whether the partner's trust bundle may come in the plain SPIFFE format (unsigned, e.g. from a
     partner that runs SPIRE: ``bundle import-spiffe``) rather than only as its signed documents:
     ``no-agreement`` unless the gate is open, ``scope-violation`` unless our side's terms say
-    ``allow_spiffe_bundles``."""
+    ``allow_spiffe_bundles`` and our policy's ``limits`` do not forbid them."""
     closed = gate(home, partner, agreement, epoch, now)
     if closed is not None:
         raise closed
     assert agreement is not None
+    if limits is not None and not limits.spiffe_bundles:
+        raise ScopeViolation(f"the policy of {home} takes partner trust only as signed documents, not SPIFFE bundles")
     if not agreement.terms[home].allow_spiffe_bundles:
         raise ScopeViolation(
             f"the agreement with {partner} takes its trust only as signed documents, not SPIFFE bundles"
@@ -292,6 +317,7 @@ def decide_spiffe_import(
     sequence: int | None,
     digest: bytes,
     held: tuple[int, bytes] | None,
+    limits: PartnerLimits | None = None,
 ) -> str:
     """Whether a partner's SPIFFE bundle (``bundle import-spiffe``; later ``federation fetch``) enters
     the node: :data:`NEW`, or :data:`ALREADY_IMPORTED` for the held one again; else a typed rejection.
@@ -306,7 +332,7 @@ def decide_spiffe_import(
     """
     if partner == home:
         raise ScopeViolation(f"{home} is this node's own domain: its trust comes only as signed documents")
-    check_spiffe_bundle_allowed(home, partner, agreement, epoch, now)
+    check_spiffe_bundle_allowed(home, partner, agreement, epoch, now, limits)
     if sequence is None:
         raise Malformed(
             f"the SPIFFE bundle of {partner} has no spiffe_sequence: without one an older bundle "

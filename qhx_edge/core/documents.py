@@ -300,12 +300,41 @@ def _attestation(value: Any) -> dict[str, Any]:
     return out
 
 
+@dataclass(frozen=True)
+class PartnerLimits:
+    """What a domain's policy allows any partner, whatever an agreement says (``[federation]`` of a
+    policy file; docs/architecture.md "Agreements").  ``max_staleness``: no partner is trusted staler
+    than this (seconds; None: the agreement's budget alone); ``spiffe_bundles``: whether a partner's
+    trust may come as an unsigned SPIFFE bundle at all, where an agreement allows it."""
+
+    max_staleness: int | None = None
+    spiffe_bundles: bool = True
+
+    @classmethod
+    def from_dict(cls, value: Any) -> PartnerLimits:
+        if not isinstance(value, dict) or set(value) - {"max_partner_staleness", "spiffe_bundles"}:
+            raise Malformed("policy federation must be a map with 'max_partner_staleness' and 'spiffe_bundles'")
+        cap = _uint(value, "max_partner_staleness", 1) if "max_partner_staleness" in value else None
+        allow = value.get("spiffe_bundles", True)
+        if not isinstance(allow, bool):
+            raise Malformed("policy federation.spiffe_bundles must be a boolean")
+        return cls(cap, allow)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"spiffe_bundles": self.spiffe_bundles}
+        if self.max_staleness is not None:
+            out["max_partner_staleness"] = self.max_staleness
+        return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class Policy(Payload):
     """Registrations, authorization rules, algorithms per namespace, staleness budgets."""
 
     type: ClassVar[str] = "policy"
-    _fields: ClassVar[tuple[str, ...]] = ("registrations", "authorization", "algorithms", "staleness", "attestation")
+    _fields: ClassVar[tuple[str, ...]] = (
+        "registrations", "authorization", "algorithms", "staleness", "attestation", "federation",
+    )  # fmt: skip
 
     registrations: tuple[dict[str, Any], ...]
     authorization: tuple[dict[str, Any], ...]
@@ -313,6 +342,8 @@ class Policy(Payload):
     staleness: Staleness
     # Node attestation policy: {"tpm": {"pcrs": {"<index>": sha256 value}}} (optional).
     attestation: dict[str, Any] = field(default_factory=dict)
+    # Limits on every partner (optional; absent: what each agreement says).
+    federation: PartnerLimits = field(default_factory=PartnerLimits)
 
     def challenge_ttl(self, default: int) -> int:
         """How long an attestation challenge stays answerable: long enough for a courier's round trip."""
@@ -353,6 +384,7 @@ class Policy(Payload):
             algorithms=dict(algs),
             staleness=Staleness.from_dict(d.get("staleness")),
             attestation=_attestation(d.get("attestation", {})),
+            federation=PartnerLimits.from_dict(d["federation"]) if "federation" in d else PartnerLimits(),
             **common,
         )
 
@@ -366,6 +398,8 @@ class Policy(Payload):
         )
         if self.attestation:
             out["attestation"] = self.attestation
+        if self.federation != PartnerLimits():
+            out["federation"] = self.federation.to_dict()
         return out
 
 

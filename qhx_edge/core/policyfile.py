@@ -22,6 +22,10 @@ A policy file::
     [attestation.tpm.pcrs]  # PCR values (sha256 bank) a node's TPM quote must show
     0 = "3d458cfe55cc03ea1f443f1562beec8df51c75e14a9fcf9a7234a13f198e7969"
 
+    [federation]         # limits on every partner, whatever an agreement says
+    max_partner_staleness = "24h"  # no partner trusted staler (caps each agreement's budget)
+    spiffe_bundles = false         # no partner trust from unsigned SPIFFE bundles
+
     [[authorization]]    # rules on SPIFFE ID / namespace / labels (used by later issues)
     allow = "spiffe://alpha.example/web"
     to = "spiffe://alpha.example/db"
@@ -84,7 +88,7 @@ def _tables(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
     """Validate a parsed policy TOML table and return the payload fields (every bad value ``malformed``)."""
-    known = {"staleness", "algorithms", "registrations", "authorization", "attestation"}
+    known = {"staleness", "algorithms", "registrations", "authorization", "attestation", "federation"}
     unknown = set(data) - known
     if unknown:
         raise Malformed(f"unknown policy sections {sorted(unknown)}")
@@ -129,6 +133,20 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
         if "challenge_ttl" in att:
             attestation["challenge_ttl"] = duration(att["challenge_ttl"], "attestation.challenge_ttl")
         out["attestation"] = attestation
+    if "federation" in data:
+        fed = _table(data, "federation", "[federation]")
+        if set(fed) - {"max_partner_staleness", "spiffe_bundles"}:
+            raise Malformed(
+                f"unknown federation settings {sorted(set(fed) - {'max_partner_staleness', 'spiffe_bundles'})}"
+            )
+        limits: dict[str, Any] = {}
+        if "max_partner_staleness" in fed:
+            limits["max_partner_staleness"] = duration(fed["max_partner_staleness"], "federation.max_partner_staleness")
+        if "spiffe_bundles" in fed:
+            if not isinstance(fed["spiffe_bundles"], bool):
+                raise Malformed("federation.spiffe_bundles must be true or false")
+            limits["spiffe_bundles"] = fed["spiffe_bundles"]
+        out["federation"] = limits
     return out
 
 

@@ -48,9 +48,14 @@ def mode(
     ``expires``: the ``expires`` of the domain's held documents by type (root,
     bundle, policy); any of them past is ``expired``, whatever the freshness.
     """
+    from qhx_edge.core.trust import DEFAULT_CLOCK_TOLERANCE
+
     ends = dict(expires or {})
     gone = tuple(sorted(t for t, end in ends.items() if now >= end))
-    if fresh_issued_at is None or budget is None or not clock_ok or gone:
+    # A freshness time after now beyond the tolerance proves nothing about now (a clock that ran ahead
+    # when it was stamped): as no freshness (see agreements.check_identity).
+    ahead = fresh_issued_at is not None and fresh_issued_at > now + DEFAULT_CLOCK_TOLERANCE
+    if fresh_issued_at is None or budget is None or not clock_ok or gone or ahead:
         return Mode(EXPIRED, None if fresh_issued_at is None else max(0, now - fresh_issued_at), 0, gone)
     staleness = max(0, now - fresh_issued_at)
     remaining = min([fresh_issued_at + budget.hard, *ends.values()]) - now

@@ -115,6 +115,22 @@ def terms(
     )
 
 
+def check_limits(auth: Authority, ours: D.Terms) -> None:
+    """Our side's terms within what our own published policy allows any partner (``[federation]``):
+    ``scope-violation`` for a budget above its ``max_partner_staleness``, or SPIFFE bundles it forbids."""
+    from qhx_edge.core.errors import ScopeViolation
+
+    policy = D.parse(auth.current("policy")).payload
+    limits = policy.federation if isinstance(policy, D.Policy) else D.PartnerLimits()
+    if limits.max_staleness is not None and ours.max_staleness > limits.max_staleness:
+        raise ScopeViolation(
+            f"a staleness budget of {ours.max_staleness} s for a partner is over what the policy of {auth.domain} "
+            f"allows any partner ({limits.max_staleness} s, federation.max_partner_staleness)"
+        )
+    if ours.allow_spiffe_bundles and not limits.spiffe_bundles:
+        raise ScopeViolation(f"the policy of {auth.domain} takes no partner trust from SPIFFE bundles")
+
+
 def propose(
     auth: Authority,
     *,
@@ -136,6 +152,7 @@ def propose(
     root = trust.verify_anchor(partner_anchor, now)
     if root.payload.domain != partner:
         raise DomainMismatch(f"the partner anchor is a root of {root.payload.domain}, not of {partner}")
+    check_limits(auth, ours)
     with auth.locked():
         fed = _federation(auth)
         entry = fed.get(partner, {})
@@ -184,6 +201,7 @@ def accept(auth: Authority, data: bytes, *, expect_fingerprint: str, now: int) -
         raise AnchorMismatch(f"the proposal pins a root of {auth.domain} this authority never published")
     trust.check_role(doc, proposer_root.payload, "federation")
     A.check_times(doc, now, trust.DEFAULT_CLOCK_TOLERANCE)
+    check_limits(auth, a.terms[auth.domain])
     with auth.locked():
         fed = _federation(auth)
         entry = fed.get(proposer, {})

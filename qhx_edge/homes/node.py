@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from qhx_edge.core import agreements, staleness, trust
 from qhx_edge.core.cards import make_card, parse_card
 from qhx_edge.core.delegations import delegation_end, delegation_status
-from qhx_edge.core.documents import Bundle, Delegation, Freshness, Policy, Root, Signed, parse
+from qhx_edge.core.documents import Bundle, Delegation, Freshness, PartnerLimits, Policy, Root, Signed, parse
 from qhx_edge.core.errors import (
     AlreadyInitialised,
     AnchorMismatch,
@@ -422,6 +422,7 @@ class Node:
         home_epoch = (
             home_fresh.payload if home_fresh is not None and isinstance(home_fresh.payload, Freshness) else None
         )
+        limits = self._limits()
         for d in self.store.domains():
             domain = d["domain"]
             marks = self.store.marks(domain)
@@ -452,6 +453,7 @@ class Node:
                     now,
                     clock_ok=clock_ok,
                     expires=ends,
+                    limits=limits,
                 )
                 m = staleness.Mode(pm.mode, pm.staleness, 0, m.expired)
                 partner = {
@@ -490,6 +492,11 @@ class Node:
     def _epoch(self) -> Freshness | None:
         f = self.store.current(self.domain, "freshness")
         return f.payload if f is not None and isinstance(f.payload, Freshness) else None
+
+    def _limits(self) -> PartnerLimits | None:
+        """What our own policy allows any partner (its ``[federation]``), if a policy is held."""
+        p = self.store.current(self.domain, "policy")
+        return p.payload.federation if p is not None and isinstance(p.payload, Policy) else None
 
     def import_spiffe_bundle(
         self,
@@ -546,6 +553,7 @@ class Node:
                     parsed.sequence,
                     digest,
                     held,
+                    self._limits(),
                 )
             except Rejected as exc:
                 entry = AuditEntry(
@@ -617,13 +625,13 @@ class Node:
         agreement and our epoch, where trust in the domain comes from, and the bundle to verify with."""
 
         def read() -> _Basis:
-            held_agreement = epoch = None
+            held_agreement = epoch = limits = None
             if domain == self.domain:
                 assurance, fresh_at = None, None
                 held = self.store.current(domain, "bundle") if self._trusts(domain) else None
                 source: Any = held.payload if held is not None and isinstance(held.payload, Bundle) else None
             else:
-                held_agreement, epoch = self.store.agreement(domain), self._epoch()
+                held_agreement, epoch, limits = self.store.agreement(domain), self._epoch(), self._limits()
                 assurance, fresh_at, source = self._partner_source(domain)
             return _Basis(
                 self.store.clock_high_water(),
@@ -633,15 +641,20 @@ class Node:
                 assurance,
                 fresh_at,
                 source,
+                limits,
             )
 
         return self.store.memo(("verify-basis", domain), read)
 
     def _check_partner(self, spiffe_id: str, partner: str, basis: _Basis, now: int) -> dict[str, Any]:
-        agreements.check_identity(spiffe_id, self.domain, basis.agreement, basis.epoch, basis.fresh_at, now)
+        agreements.check_identity(
+            spiffe_id, self.domain, basis.agreement, basis.epoch, basis.fresh_at, now, basis.limits
+        )
         assert basis.agreement is not None
         if basis.assurance == "spiffe-bundle":
-            agreements.check_spiffe_bundle_allowed(self.domain, partner, basis.agreement, basis.epoch, now)
+            agreements.check_spiffe_bundle_allowed(
+                self.domain, partner, basis.agreement, basis.epoch, now, basis.limits
+            )
         return {
             "spiffe_id": spiffe_id,
             "domain": partner,
@@ -715,6 +728,7 @@ class _Basis:
     assurance: str | None  # "signed" | "spiffe-bundle" | None (partners only)
     fresh_at: int | None  # the partner's freshness time (partners only)
     source: Any  # the Bundle to verify with, or a HeldSpiffeBundle (assurance "spiffe-bundle"), or None
+    limits: PartnerLimits | None  # our policy's limits on every partner (partners only)
 
 
 def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:

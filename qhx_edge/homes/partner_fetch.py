@@ -78,7 +78,7 @@ def _check_gate(n: Any, domain: str, now: int) -> None:
         raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
     held = n.store.agreement(domain)
     agreement = held.payload if held is not None else None
-    agreements.check_spiffe_bundle_allowed(n.domain, domain, agreement, n._epoch(), now)
+    agreements.check_spiffe_bundle_allowed(n.domain, domain, agreement, n._epoch(), now, n._limits())
 
 
 def configure(

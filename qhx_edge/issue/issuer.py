@@ -124,10 +124,10 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from qhx_edge.core import staleness, suites, trust
+from qhx_edge.core import agreements, staleness, suites, trust
 from qhx_edge.core.agreements import in_scope
 from qhx_edge.core.delegations import NodeCa, delegation_end, delegation_status, node_cas
-from qhx_edge.core.documents import Bundle, Delegation, Freshness, Policy, Staleness
+from qhx_edge.core.documents import Bundle, Delegation, Freshness, PartnerLimits, Policy, Staleness
 from qhx_edge.core.errors import (
     BadSignature,
     ClockRollback,
@@ -321,8 +321,14 @@ def _partner_terms(
     epoch = f.payload if f is not None and isinstance(f.payload, Freshness) else None
     named = epoch is not None and epoch.agreements.get(domain) == a.version and a.status == "active"
     ends = {"agreement": a.expires, **({"epoch": epoch.expires} if epoch is not None else {})}
-    b = a.terms[home].max_staleness
+    b = agreements.budget(a, home, _limits(store, home))
     return (Staleness(b, b, b, 1) if named else None), ends, a.terms[home].accept
+
+
+def _limits(store: Store, home: str) -> PartnerLimits | None:
+    """Our own policy's limits on every partner (``[federation]``), if a policy is held."""
+    p = store.current(home, "policy")
+    return p.payload.federation if p is not None and isinstance(p.payload, Policy) else None
 
 
 def _held_spiffe_bundle(store: Store, domain: str) -> HeldSpiffeBundle | None:
@@ -366,7 +372,10 @@ def _domain_state(store: Store, domain: str, home: str | None = None) -> _Domain
     elif agreement is not None and (held := _held_spiffe_bundle(store, domain)) is not None:
         assert home is not None
         fresh_at = held.fresh_at  # its import, or its last confirmation by an authenticated fetch
-        if agreement.payload.terms[home].allow_spiffe_bundles:
+        limits = _limits(store, home)
+        if limits is not None and not limits.spiffe_bundles:
+            refusal = f"the policy of {home} takes partner trust only as signed documents, not SPIFFE bundles"
+        elif agreement.payload.terms[home].allow_spiffe_bundles:
             sb = held.bundle
             assurance = SPIFFE_BUNDLE
             x509_authorities = sb.x509_authorities
