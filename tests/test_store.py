@@ -80,3 +80,38 @@ def test_not_a_database(tmp_path: Path) -> None:
     (tmp_path / "node.sqlite").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreCorrupt):
         Store.open(tmp_path)
+
+
+def test_a_migration_another_process_ran_meanwhile_is_not_run_again(tmp_path: Path) -> None:
+    """Review finding: the schema version was read outside the migration's transaction, so a process
+    that lost the race to open a store ran a migration again (here: a duplicate row, before the fix)."""
+    import sqlite3
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    from qhx_edge.store.sqlitefile import SqliteFile
+
+    class Two(SqliteFile):
+        MIGRATIONS = ("CREATE TABLE t (x INTEGER PRIMARY KEY)", "INSERT INTO t VALUES (1)")
+
+    path = tmp_path / "two.sqlite"
+    first = Two(Two.connect(path), path)
+    winner = Two(Two.connect(path), path)
+
+    class Racing(Two):
+        raced = False
+
+        @contextmanager
+        def transaction(self) -> Iterator[sqlite3.Connection]:
+            if not Racing.raced:  # the other process migrates between our read and our transaction
+                Racing.raced = True
+                winner.migrate()
+            with super().transaction() as conn:
+                yield conn
+
+    loser = Racing(first.conn, path)
+    loser.migrate()
+    assert loser.conn.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    assert loser.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    winner.close()
+    loser.close()

@@ -116,11 +116,17 @@ class SqliteFile:
         self.conn.close()
 
     def migrate(self) -> None:
-        current = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if current > len(self.MIGRATIONS):
-            raise StoreCorrupt(f"{self.WHAT} schema v{current} is newer than this qhx-edge (v{len(self.MIGRATIONS)})")
-        for number in range(current, len(self.MIGRATIONS)):
+        """Run the migrations this file lacks, each in its own transaction.  The schema version is read
+        again inside each one (under the write lock): another process opening the same store at the same
+        moment may have run it already, and a migration must never run twice."""
+        while True:
+            current = self._schema_version()
+            if current >= len(self.MIGRATIONS):
+                break
             with self.transaction():
+                number = self._schema_version()
+                if number >= len(self.MIGRATIONS):
+                    break
                 migration = self.MIGRATIONS[number]
                 if callable(migration):  # a migration that must compute (parse stored bodies)
                     migration(self.conn)
@@ -129,6 +135,12 @@ class SqliteFile:
                         if statement.strip():
                             self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    def _schema_version(self) -> int:
+        current = int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        if current > len(self.MIGRATIONS):
+            raise StoreCorrupt(f"{self.WHAT} schema v{current} is newer than this qhx-edge (v{len(self.MIGRATIONS)})")
+        return current
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

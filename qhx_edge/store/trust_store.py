@@ -335,7 +335,8 @@ AUDIT_LOG = audit_log.Log(
 )
 # Issuance checkpoints once per this many rows or seconds (whichever comes first, at a commit):
 # signing costs about as much as minting an SVID (ML-DSA-65 + Ed25519 for a hybrid node), so not per
-# commit.  Every other write (imports, pins, rejections) checkpoints at its commit.
+# commit; nor is the confirmation of a partner's SPIFFE bundle by a poll.  Every other write (imports,
+# pins, rejections) checkpoints at its commit.
 CHECKPOINT_ROWS = 256
 CHECKPOINT_SECONDS = 60
 
@@ -533,7 +534,8 @@ class Store(SqliteFile):
                 "WHERE domain = ? AND sequence = ? AND digest = ?",
                 (now, domain, sequence, digest),
             )
-            self._audit(conn, now, entries)
+            # Routine (every poll of a partner's endpoint): checkpointed as issuance is, when due.
+            self._audit_many(conn, [(now, entries)], hot=True)
 
     def bundle_endpoint(self, domain: str) -> dict[str, Any] | None:
         """Where ``domain``'s bundle endpoint is and how it is authenticated (migration 10), if set."""
