@@ -85,7 +85,6 @@ def test_not_a_database(tmp_path: Path) -> None:
 def test_a_migration_another_process_ran_meanwhile_is_not_run_again(tmp_path: Path) -> None:
     """Review finding: the schema version was read outside the migration's transaction, so a process
     that lost the race to open a store ran a migration again (here: a duplicate row, before the fix)."""
-    import sqlite3
     from collections.abc import Iterator
     from contextlib import contextmanager
 
