@@ -421,3 +421,35 @@ def test_a_node_held_open_sees_what_other_processes_commit(tmp_path: Path) -> No
             node.verify_svid(chain, int(time.time()))
         assert refused.value.kind == "bad-signature"
         assert node.verify_svid(make_leaf(new, uri=INSIDE).der_chain, int(time.time()))["spiffe_sequence"] == 2
+
+
+def test_serve_fetches_the_recorded_partner_endpoints(tmp_path: Path) -> None:
+    """``serve --fetch-partners`` polls each endpoint ``federation fetch`` recorded, beside the Workload
+    API, as ``federation fetch --poll`` does: a new sequence enters while it serves; SIGTERM stops all."""
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    partner = Partner(make_ca("beta CA"))
+    partner.credential = svid_credential(partner.ca, ENDPOINT_ID)
+    boot = tmp_path / "boot.json"
+    boot.write_bytes(bundle_json([partner.ca], 1, hint=60))
+    ok("--home", n, "--json", "bundle", "import-spiffe", boot, "--domain", BETA)
+    partner.serving = bundle_json([partner.ca], 2, hint=60)
+    with endpoint(partner) as url:
+        ok(*fetch(n, "--url", url, "--profile", "https_spiffe", "--endpoint-id", ENDPOINT_ID))
+        partner.serving = bundle_json([partner.ca], 3, hint=60)
+        log = tmp_path / "serve.log"
+        cmd = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(n), "serve", "--socket",
+               str(tmp_path / "w.sock"), "--fetch-partners"]  # fmt: skip
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+            try:
+                assert proc.stdout is not None
+                ready, _, _ = select.select([proc.stdout], [], [], 60)
+                assert ready, log.read_text()
+                assert json.loads(proc.stdout.readline())["fetching"] == [BETA]
+                deadline = time.monotonic() + 30
+                while '"sequence": 3' not in log.read_text() and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert '"status": "new"' in log.read_text(), log.read_text()
+            finally:
+                assert _stop(proc) == 0, log.read_text()
+    assert ok("--home", n, "--json", "status")["domains"][BETA]["spiffe_bundle"]["sequence"] == 3

@@ -62,6 +62,11 @@ def _address(value: str) -> tuple[str, int]:
     is_flag=True,
     help="Serve only authorities classical SPIFFE software reads (no ML-DSA): for SPIRE and go-spiffe.",
 )
+@click.option(
+    "--fetch-partners",
+    is_flag=True,
+    help="Also poll every partner bundle endpoint recorded by 'federation fetch' (one line per attempt on stderr).",
+)
 @pass_ctx
 def serve(
     ctx: Ctx,
@@ -73,6 +78,7 @@ def serve(
     key: Path | None,
     path: str,
     classical: bool,
+    fetch_partners: bool,
 ) -> None:
     """Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.
 
@@ -86,6 +92,10 @@ def serve(
       qhx-edge --home N serve --bundle-endpoint 0.0.0.0:8443 --bundle-endpoint-classical
       qhx-edge --home N serve --bundle-endpoint 0.0.0.0:443 --bundle-endpoint-profile https_web \\
           --bundle-endpoint-cert web.pem --bundle-endpoint-key web.key
+      qhx-edge --home N serve --fetch-partners   # and keep partners' SPIFFE bundles fresh
+
+    With --fetch-partners, each partner whose endpoint 'federation fetch' recorded is fetched at its
+    bundle's refresh hint (at least 60 s), as 'federation fetch --poll' does, while the server runs.
     """
     from qhx_edge.issue import workload_api
     from qhx_edge.issue.issuer import Issuer
@@ -123,10 +133,48 @@ def serve(
 
             info["bundle_endpoint"]["spiffe_id"] = leaf_spiffe_id(server.credential.chain[0])
         text += f"\nserving the SPIFFE bundle endpoint at {url} ({profile})"
+    pollers = _start_pollers(home, info) if fetch_partners else None
+    if pollers is not None:
+        text += f"\nfetching the bundle endpoints of {', '.join(info['fetching']) or 'no partner (none recorded)'}"
     try:
         workload_api.serve_forever(lambda: Issuer(home, ctx.passphrase), sock, on_ready=lambda: ctx.emit(info, text))
     finally:
+        if pollers is not None:
+            stop, threads = pollers
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
         if runner is not None:
             runner.stop()
             if svid is not None:
                 svid.close()
+
+
+def _start_pollers(home: Path, info: dict[str, Any]) -> tuple[Any, list[Any]]:
+    """One thread per recorded partner endpoint running :func:`partner_fetch.poll`; each attempt is a JSON
+    line on stderr (stdout carries the server's own ready line)."""
+    import json
+    import sys
+    import threading
+
+    from qhx_edge.homes import partner_fetch
+    from qhx_edge.homes.node import Node
+
+    with Node(home) as n:
+        domains = n.store.bundle_endpoint_domains()
+    info["fetching"] = domains
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def report(line: dict[str, Any]) -> None:
+        with lock:
+            print(json.dumps({"fetch": line}, sort_keys=True), file=sys.stderr, flush=True)
+
+    threads = []
+    for domain in domains:
+        t = threading.Thread(
+            target=partner_fetch.poll, args=(home, domain, report, stop), name=f"fetch {domain}", daemon=True
+        )
+        t.start()
+        threads.append(t)
+    return stop, threads

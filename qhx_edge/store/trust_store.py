@@ -554,6 +554,10 @@ class Store(SqliteFile):
             "set_at": int(set_at),
         }
 
+    def bundle_endpoint_domains(self) -> list[str]:
+        """The partners whose bundle endpoint is recorded (``serve --fetch-partners`` polls each)."""
+        return [str(r[0]) for r in self.conn.execute("SELECT domain FROM bundle_endpoints ORDER BY domain")]
+
     def set_bundle_endpoint(
         self,
         domain: str,
