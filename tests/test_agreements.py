@@ -17,6 +17,7 @@ from qhx_edge.core import agreements as A  # noqa: N812
 from qhx_edge.core import documents as D  # noqa: N812
 from qhx_edge.core.errors import (
     AnchorMismatch,
+    Expired,
     Malformed,
     NoAgreement,
     Rejected,
@@ -204,6 +205,11 @@ def test_the_gate_and_partner_identities() -> None:
         A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), ahead, NOW)
     assert A.partner_mode(ALPHA, BETA, a, epoch({BETA: 1}), ahead, NOW).mode == "expired"
     assert A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW + 60, NOW) == BETA
+    # The partner's held root (or bundle) past its expiry ends trust in it, however fresh its epoch
+    # (review finding: `federation check` and `svid verify` still said yes while `status` said expired).
+    with pytest.raises(Expired, match=r"held root of beta\.example"):
+        A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW, NOW, None, {"root": NOW, "bundle": NOW + 9})
+    assert A.check_identity(ok, ALPHA, a, epoch({BETA: 1}), NOW, NOW, None, {"root": NOW + 1}) == BETA
     # Our policy's [federation] caps every agreement's budget (profiles/coalition.toml) ...
     budget = a.terms[ALPHA].max_staleness
     cap = D.PartnerLimits(max_staleness=budget // 2)

@@ -453,3 +453,37 @@ def test_serve_fetches_the_recorded_partner_endpoints(tmp_path: Path) -> None:
             finally:
                 assert _stop(proc) == 0, log.read_text()
     assert ok("--home", n, "--json", "status")["domains"][BETA]["spiffe_bundle"]["sequence"] == 3
+
+
+def test_a_poller_outlives_an_error_no_fetch_should_raise(tmp_path: Path) -> None:
+    """Review finding: ``poll`` caught typed errors only, so one untyped error (a certificate
+    cryptography would not decode) ended the thread ``serve --fetch-partners`` runs it in: the partner
+    silently went stale.  It is reported, and the next attempt comes."""
+    import threading
+
+    from qhx_edge.homes import partner_fetch
+
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    partner_fetch.configure(n, BETA, "https://127.0.0.1:1/", "https_spiffe", endpoint_id=ENDPOINT_ID)
+    boot = tmp_path / "boot.json"
+    boot.write_bytes(bundle_json([make_ca("beta CA")], 1))
+    ok("--home", n, "--json", "bundle", "import-spiffe", boot, "--domain", BETA)
+    stop, reports = threading.Event(), []
+
+    def broken(*args: Any, **kwargs: Any) -> be.Fetched:
+        raise ValueError("a name cryptography will not decode")
+
+    def report(line: dict[str, Any]) -> None:
+        reports.append(line)
+        if len(reports) == 2:
+            stop.set()
+
+    partner_fetch.FIRST_RETRY, saved = 0, partner_fetch.FIRST_RETRY
+    try:
+        thread = threading.Thread(target=partner_fetch.poll, args=(n, BETA, report, stop), kwargs={"fetch": broken})
+        thread.start()
+        thread.join(30)
+    finally:
+        partner_fetch.FIRST_RETRY = saved
+    assert not thread.is_alive()
+    assert [r["error"]["kind"] for r in reports] == ["internal", "internal"]

@@ -114,3 +114,34 @@ def test_a_migration_another_process_ran_meanwhile_is_not_run_again(tmp_path: Pa
     assert loser.conn.execute("PRAGMA user_version").fetchone()[0] == 2
     winner.close()
     loser.close()
+
+
+def test_the_read_memo_follows_every_commit(tmp_path: Path) -> None:
+    """``SqliteFile.memo`` reuses a read until anything commits to the file: another connection's
+    commit, this connection's, and (review finding) this connection's schema changes, which
+    ``total_changes`` does not count."""
+    from qhx_edge.store.sqlitefile import SqliteFile
+
+    class One(SqliteFile):
+        MIGRATIONS = ("CREATE TABLE t (x INTEGER)",)
+
+    path = tmp_path / "one.sqlite"
+    mine, other = One(One.connect(path), path), One(One.connect(path), path)
+    mine.migrate()
+
+    def count() -> int:
+        return int(mine.conn.execute("SELECT count(*) FROM t").fetchone()[0])
+
+    assert mine.memo("n", count) == 0
+    other.conn.execute("INSERT INTO t VALUES (1)")
+    assert mine.memo("n", count) == 1
+    with mine.transaction() as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+    assert mine.memo("n", count) == 2
+    with mine.transaction() as conn:  # DDL only: no row changes counted
+        conn.execute("CREATE TABLE u AS SELECT * FROM t")
+        conn.execute("DROP TABLE t")
+        conn.execute("CREATE TABLE t (x INTEGER)")
+    assert mine.memo("n", count) == 0
+    mine.close()
+    other.close()

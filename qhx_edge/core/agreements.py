@@ -156,13 +156,16 @@ def check_identity(
     partner_fresh_issued_at: int | None,
     now: int,
     limits: PartnerLimits | None = None,
+    expires: Mapping[str, int] | None = None,
 ) -> str:
     """Whether a partner workload identity may be trusted now; returns its trust domain.
 
     ``no-agreement`` unless the gate is open; ``scope-violation`` unless our
     side accepts the ID; ``stale`` when the partner's freshness is older than our
     side's budget (or absent; capped by our policy's ``limits``), or our own epoch naming the
-    agreement has expired.  An identity of our own domain is not a partner's.
+    agreement has expired.  An identity of our own domain is not a partner's.  ``expires``: the
+    ``expires`` of the partner's held documents by type (its pinned root, its bundle): one past is
+    ``expired``, whatever the freshness (as :func:`partner_mode` says ``expired``).
     """
     domain, _ = parse_spiffe_id(spiffe_id)
     if domain == home:
@@ -176,6 +179,11 @@ def check_identity(
         raise ScopeViolation(f"{spiffe_id} is outside what {home} accepts from {domain} ({', '.join(ours.accept)})")
     if epoch is not None and now >= epoch.expires:
         raise Stale(f"the freshness epoch of {home} that names the agreement expired at {epoch.expires}")
+    for kind, end in sorted((expires or {}).items()):
+        if now >= end:
+            raise Expired(
+                f"the held {kind} of {domain} expired at {end}: nothing of {domain} is trusted until a newer one"
+            )
     if partner_fresh_issued_at is None:
         raise Stale(f"no freshness of {domain} is held")
     if _from_the_future(partner_fresh_issued_at, now):

@@ -86,6 +86,7 @@ class _Cert:
 
     __slots__ = (
         "_bc",
+        "_framed",
         "_hosts",
         "_key",
         "_ku",
@@ -109,8 +110,10 @@ class _Cert:
         except ValueError as exc:
             raise Malformed(f"not an X.509 certificate: {exc}") from exc
         self.cert, self.der = cert, der
-        self.subject = cert.subject.public_bytes()
-        self.issuer = cert.issuer.public_bytes()
+        self.tbs = cert.tbs_certificate_bytes
+        # The names exactly as encoded, to choose candidate issuers (verify_directly_issued_by compares
+        # the same structures); None if they cannot be found, and then only that function decides.
+        self.issuer, self.subject = _raw_names(self.tbs)
         self.not_before = int(cert.not_valid_before_utc.timestamp())
         self.not_after = int(cert.not_valid_after_utc.timestamp())
         self._san = _ext(cert, x509.SubjectAlternativeName)
@@ -118,9 +121,9 @@ class _Cert:
         self._ku = _ext(cert, x509.KeyUsage)
         self._nc = _ext(cert, x509.NameConstraints)
         self.signature = cert.signature
-        self.tbs = cert.tbs_certificate_bytes
         self.signature_oid = cert.signature_algorithm_oid
         self._key: Any = None
+        self._framed = False  # set once verify_directly_issued_by accepted its structure (_signed_by)
         self._uris: tuple[str, ...] | None = None
         self._hosts: tuple[frozenset[str] | None] | None = None
 
@@ -168,18 +171,65 @@ class _Cert:
         raise Expired(f"{' '.join(what)} expired at {self.cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
 
 
-# Parsed certificates by their DER bytes.  Bounded: a peer presenting ever new certificates only churns it.
-_read = functools.lru_cache(maxsize=1024)(_Cert)
+def _tlv(data: bytes, at: int) -> tuple[int, int]:
+    """(start of the contents, end) of the DER element at ``at``."""
+    length, start = data[at + 1], at + 2
+    if length & 0x80:
+        size = length & 0x7F
+        length, start = int.from_bytes(data[start : start + size], "big"), start + size
+    return start, start + length
 
 
-@functools.lru_cache(maxsize=64)
-def _anchors(authorities: tuple[bytes, ...]) -> dict[bytes, list[_Cert]]:
-    """A bundle's X.509 authorities by subject (DER), parsed once per distinct bundle."""
-    out: dict[bytes, list[_Cert]] = {}
+def _raw_names(tbs: bytes) -> tuple[bytes | None, bytes | None]:
+    """The issuer and subject Name elements of a TBSCertificate (RFC 5280 §4.1) as encoded, read
+    without decoding them (cryptography refuses or warns about some legal names, e.g. a T61String
+    or a long CN).  The bytes already passed cryptography's strict DER parser."""
+    try:
+        at, end = _tlv(tbs, 0)
+        fields: list[bytes] = []
+        while at < end and len(fields) < 6:
+            start = at
+            at = _tlv(tbs, at)[1]
+            fields.append(tbs[start:at])
+        if fields and fields[0][0] == 0xA0:  # [0] version
+            fields = fields[1:]
+        # serialNumber, signature, issuer, validity, subject
+        return fields[2], fields[4]
+    except IndexError:
+        return None, None
+
+
+# Parsed certificates by their DER bytes, bounded in count and in size: a peer presenting ever new
+# certificates only churns it, and one over MAX_CACHED_DER (an SVID is ~1 KiB, ML-DSA-87 ~8 KiB) is
+# parsed every time instead (at most ~512 x 16 KiB of DER held, with what parsing adds).
+MAX_CACHED_DER = 16 * 1024
+_read_cached = functools.lru_cache(maxsize=512)(_Cert)
+
+
+def _read(der: bytes) -> _Cert:
+    try:
+        return _read_cached(der) if len(der) <= MAX_CACHED_DER else _Cert(der)
+    except ValueError as exc:  # a field cryptography parsed but will not hand over
+        raise Malformed(f"the certificate cannot be read: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=32)
+def _anchors(authorities: tuple[bytes, ...]) -> dict[bytes | None, list[_Cert]]:
+    """A bundle's X.509 authorities by subject (DER; None: a name cryptography does not decode),
+    parsed once per distinct bundle."""
+    out: dict[bytes | None, list[_Cert]] = {}
     for der in authorities:
         c = _read(der)
         out.setdefault(c.subject, []).append(c)
     return out
+
+
+def _candidates(roots: dict[bytes | None, list[_Cert]], cert: _Cert) -> list[_Cert]:
+    """The authorities that may have issued ``cert``: those of its issuer's name, and those whose name
+    only verify_directly_issued_by can compare (all of them when ``cert``'s own issuer name is such)."""
+    if cert.issuer is None:
+        return [r for group in roots.values() for r in group]
+    return [*roots.get(cert.issuer, ()), *roots.get(None, ())]
 
 
 _ECDSA: dict[x509.ObjectIdentifier, ec.ECDSA] = {
@@ -196,13 +246,19 @@ _PLAIN: dict[x509.ObjectIdentifier, type] = {  # signature algorithms without pa
 
 
 def _signed_by(cert: _Cert, issuer: _Cert) -> bool:
-    """Whether ``issuer`` names and signed ``cert`` (as ``verify_directly_issued_by``, with the issuer's
-    key loaded once for the common algorithms; anything else, RSA included, goes to that function)."""
-    if cert.issuer != issuer.subject:
+    """Whether ``issuer`` names and signed ``cert``, as ``verify_directly_issued_by`` says.  The first
+    time a certificate is checked that function itself decides (it also requires the signature
+    algorithm inside the signed part to be the outer one); afterwards the same bytes' signature is
+    checked again, every call, with the issuer's key loaded once for the common algorithms (anything
+    else, RSA included, always goes to that function)."""
+    if cert.issuer is not None and issuer.subject is not None and cert.issuer != issuer.subject:
         return False
     key, oid = issuer.public_key(), cert.signature_oid
     try:
-        if oid in _ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
+        if not cert._framed or cert.issuer is None or issuer.subject is None:
+            cert.cert.verify_directly_issued_by(issuer.cert)
+            cert._framed = True
+        elif oid in _ECDSA and isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(cert.signature, cert.tbs, _ECDSA[oid])
         elif oid in _PLAIN and isinstance(key, _PLAIN[oid]):
             plain: Any = key
@@ -223,6 +279,13 @@ def _check_ca(cert: _Cert, below: int, what: Callable[[], str], domain: str) -> 
     hosts = cert.permitted_hosts()
     if hosts is not None and domain not in hosts:
         raise ScopeViolation(f"{what()} may not vouch for identities of {domain} (name constraints)")
+
+
+def _shown(cert: _Cert) -> str:
+    try:
+        return cert.cert.subject.rfc4514_string()
+    except ValueError:
+        return "(a subject name that does not decode)"
 
 
 def _one_uri(leaf: _Cert) -> str:
@@ -264,9 +327,9 @@ def verify_x509_svid(chain: Sequence[bytes], authorities: Sequence[bytes], now: 
         _check_ca(certs[i], i - 1, functools.partial("intermediate {} of {}".format, i, spiffe_id), domain)
         certs[i].valid_at(now, f"intermediate {i} of", spiffe_id)
     top = certs[-1]
-    anchor = next((r for r in roots.get(top.issuer, ()) if _signed_by(top, r)), None)
+    anchor = next((r for r in _candidates(roots, top) if _signed_by(top, r)), None)
     if anchor is None:
         raise BadSignature(f"the chain of {spiffe_id} does not lead to an X.509 authority of the bundle of {domain}")
-    _check_ca(anchor, len(certs) - 1, lambda: f"the bundle's authority {anchor.cert.subject.rfc4514_string()}", domain)
+    _check_ca(anchor, len(certs) - 1, lambda: f"the bundle's authority {_shown(anchor)}", domain)
     anchor.valid_at(now, "the bundle's authority")
     return spiffe_id

@@ -626,6 +626,7 @@ class Node:
 
         def read() -> _Basis:
             held_agreement = epoch = limits = None
+            expires: dict[str, int] = {}
             if domain == self.domain:
                 assurance, fresh_at = None, None
                 held = self.store.current(domain, "bundle") if self._trusts(domain) else None
@@ -633,6 +634,7 @@ class Node:
             else:
                 held_agreement, epoch, limits = self.store.agreement(domain), self._epoch(), self._limits()
                 assurance, fresh_at, source = self._partner_source(domain)
+                expires = self.store.held_expiries(domain)
             return _Basis(
                 self.store.clock_high_water(),
                 self.store.observed_time(),
@@ -642,13 +644,14 @@ class Node:
                 fresh_at,
                 source,
                 limits,
+                expires,
             )
 
         return self.store.memo(("verify-basis", domain), read)
 
     def _check_partner(self, spiffe_id: str, partner: str, basis: _Basis, now: int) -> dict[str, Any]:
         agreements.check_identity(
-            spiffe_id, self.domain, basis.agreement, basis.epoch, basis.fresh_at, now, basis.limits
+            spiffe_id, self.domain, basis.agreement, basis.epoch, basis.fresh_at, now, basis.limits, basis.expires
         )
         assert basis.agreement is not None
         if basis.assurance == "spiffe-bundle":
@@ -729,6 +732,7 @@ class _Basis:
     fresh_at: int | None  # the partner's freshness time (partners only)
     source: Any  # the Bundle to verify with, or a HeldSpiffeBundle (assurance "spiffe-bundle"), or None
     limits: PartnerLimits | None  # our policy's limits on every partner (partners only)
+    expires: dict[str, int]  # the partner's held root, bundle and policy: their expiries (partners only)
 
 
 def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:

@@ -258,10 +258,11 @@ def poll(
     while not stop.is_set():
         try:
             out = fetch_once(home, domain, now=now, fetch=fetch)
-        except QhxError as exc:
+        except Exception as exc:
+            error = exc.to_json() if isinstance(exc, QhxError) else {"kind": "internal", "message": repr(exc)}
             wait = min(retry, next_interval(hint, interval))
             retry = min(retry * 2, MAX_INTERVAL)
-            report({"domain": domain, "error": exc.to_json(), "retry_in": wait})
+            report({"domain": domain, "error": error, "retry_in": wait})
         else:
             hint = out["refresh_hint"]
             wait = next_interval(hint, interval)

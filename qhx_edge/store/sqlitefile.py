@@ -148,6 +148,7 @@ class SqliteFile:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             raise StoreLocked(f"{self.path} is locked by another process: {exc}") from exc
+        self._memo_token = None  # whatever this transaction writes (DDL too, which total_changes misses)
         try:
             yield self.conn
         except BaseException:
@@ -155,3 +156,5 @@ class SqliteFile:
             raise
         else:
             self.conn.execute("COMMIT")
+        finally:
+            self._memo_token = None
