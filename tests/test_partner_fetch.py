@@ -487,3 +487,33 @@ def test_a_poller_outlives_an_error_no_fetch_should_raise(tmp_path: Path) -> Non
         partner_fetch.FIRST_RETRY = saved
     assert not thread.is_alive()
     assert [r["error"]["kind"] for r in reports] == ["internal", "internal"]
+
+
+def test_an_operator_resets_a_partners_restarted_sequence(tmp_path: Path) -> None:
+    """A SPIRE server rebuilt on an empty datastore counts its sequence from 1 again: every bundle it
+    serves is rollback (as it must be: the node cannot tell that from a replay).  The operator, having
+    checked the file out of band, takes it with --reset-sequence; the reset is audited, and a fetch can
+    never reset anything."""
+    _a, n = setup(tmp_path, "--allow-spiffe-bundles")
+    old, rebuilt = make_ca("beta CA"), make_ca("beta CA rebuilt")
+    held, restarted = tmp_path / "held.json", tmp_path / "restarted.json"
+    held.write_bytes(bundle_json([old], 40))
+    restarted.write_bytes(bundle_json([rebuilt], 1))
+    ok("--home", n, "--json", "bundle", "import-spiffe", held, "--domain", BETA)
+    imp = ("--home", n, "--json", "bundle", "import-spiffe", restarted, "--domain", BETA)
+    fails("rollback", *imp)
+    got = ok(*imp, "--reset-sequence")
+    assert (got["status"], got["sequence"]) == ("reset", 1)
+    status = ok("--home", n, "--json", "status")["domains"][BETA]["spiffe_bundle"]
+    assert status["sequence"] == 1
+    chain = make_leaf(rebuilt, uri=INSIDE).der_chain
+    with Node(n) as node:
+        assert node.verify_svid(chain, int(time.time()))["spiffe_sequence"] == 1
+        entries = [e for e in node.store.audit_entries() if "operator reset" in (e["detail"] or "")]
+    assert len(entries) == 1
+    assert "held sequence 40" in entries[0]["detail"]
+    # The flag is moot for a bundle that would enter anyway, and changes nothing for one refused otherwise.
+    assert ok(*imp, "--reset-sequence")["status"] == "already-imported"
+    junk = tmp_path / "junk.json"
+    junk.write_text("{}")
+    fails("malformed", "--home", n, "--json", "bundle", "import-spiffe", junk, "--domain", BETA, "--reset-sequence")

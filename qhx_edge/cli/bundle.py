@@ -61,8 +61,13 @@ def bundle_export(ctx: Ctx, fmt: str, domain: str | None, classical: bool, to: P
 @bundle_group.command("import-spiffe")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--domain", required=True, help="the partner trust domain the bundle is of")
+@click.option(
+    "--reset-sequence",
+    is_flag=True,
+    help="The partner restarted its spiffe_sequence (e.g. a SPIRE server rebuilt): replace what is held, audited.",
+)
 @pass_ctx
-def bundle_import_spiffe(ctx: Ctx, file: Path, domain: str) -> None:
+def bundle_import_spiffe(ctx: Ctx, file: Path, domain: str, reset_sequence: bool) -> None:
     """Take a partner's unsigned SPIFFE bundle, where the agreement allows SPIFFE bundles.
 
     Ordered by spiffe_sequence (an older one is rollback, the same one already-imported); believed
@@ -73,6 +78,10 @@ def bundle_import_spiffe(ctx: Ctx, file: Path, domain: str) -> None:
     Example:
       spire-server bundle show -format spiffe > beta.json
       qhx-edge --home NODE bundle import-spiffe beta.json --domain beta.example
+
+    A partner whose sequence restarted (its server rebuilt on an empty datastore) gets rollback for
+    every bundle until the operator, having checked the file out of band, takes it with
+    --reset-sequence: it replaces every held bundle of the partner (status reset, audited).
     """
     from qhx_edge.core.spiffe_bundle import MAX_BUNDLE_BYTES
     from qhx_edge.homes.node import Node
@@ -81,5 +90,5 @@ def bundle_import_spiffe(ctx: Ctx, file: Path, domain: str) -> None:
 
     data = read_capped(file, MAX_BUNDLE_BYTES, "SPIFFE bundle")
     with Node(ctx.home) as n:
-        out = n.import_spiffe_bundle(data, domain, clock.now(), source=str(file))
+        out = n.import_spiffe_bundle(data, domain, clock.now(), source=str(file), reset=reset_sequence)
     ctx.emit(out, f"SPIFFE bundle of {domain}: sequence {out['sequence']} {out['status']} (lower assurance)")

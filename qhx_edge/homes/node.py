@@ -17,6 +17,7 @@ transaction.  Import order for a pack (issue: sneakernet):
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,7 @@ from qhx_edge.core.errors import (
     Malformed,
     QhxError,
     Rejected,
+    Rollback,
     StoreLocked,
 )
 from qhx_edge.store.files import private_dir, read_capped
@@ -507,6 +509,7 @@ class Node:
         source: str = "file",
         fetched: bool = False,
         still: Callable[[], None] | None = None,
+        reset: bool = False,
     ) -> dict[str, Any]:
         """Take a partner's unsigned SPIFFE bundle (the one way one enters a node: docs/architecture.md
         "SPIFFE bundles"): parsed strictly, under a live agreement allowing SPIFFE bundles, ordered by
@@ -521,7 +524,12 @@ class Node:
 
         ``still``: called after each read of the trust state, before deciding; it raises if what the
         caller relied on (for a fetch, what authenticated the endpoint) no longer holds.  The write that
-        follows is refused if the trust state moves after that read, so the check holds for the write."""
+        follows is refused if the trust state moves after that read, so the check holds for the write.
+
+        ``reset``: the operator says the partner restarted its sequence (a SPIRE server rebuilt on an
+        empty datastore counts from 1 again): a bundle that would be ``rollback`` replaces every held
+        one of the partner instead (status ``reset``, audited with what was dropped).  Files only; the
+        agreement gate and every other check still apply."""
         from qhx_edge.core import spiffe_bundle
         from qhx_edge.core.errors import UnknownDomain
         from qhx_edge.core.spiffe import check_trust_domain
@@ -544,7 +552,8 @@ class Node:
             try:
                 if domain != self.domain and not self._trusts(domain):
                     raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
-                status = agreements.decide_spiffe_import(
+                decide = functools.partial(
+                    agreements.decide_spiffe_import,
                     self.domain,
                     domain,
                     agreement.payload if agreement is not None else None,
@@ -552,9 +561,15 @@ class Node:
                     now,
                     parsed.sequence,
                     digest,
-                    held,
-                    self._limits(),
+                    limits=self._limits(),
                 )
+                try:
+                    status = decide(held)
+                except Rollback:
+                    if not reset or fetched:
+                        raise
+                    decide(None)  # every rule but the order against what is held
+                    status = "reset"
             except Rejected as exc:
                 entry = AuditEntry(
                     "reject", f"{what}: {exc.message}", exc.kind, domain, "spiffe-bundle", parsed.sequence
@@ -577,9 +592,10 @@ class Node:
             confirm = fetched and status == agreements.ALREADY_IMPORTED
             if confirm:
                 out["status"] = "confirmed"
+            dropped = f" (operator reset: held sequence {held[0]}, {held[1].hex()}, dropped)" if held and reset else ""
             entry = AuditEntry(
                 "noop" if status == agreements.ALREADY_IMPORTED and not confirm else "accept",
-                f"{what}: sequence {parsed.sequence} {out['status']} (unsigned, lower assurance)",
+                f"{what}: sequence {parsed.sequence} {out['status']}{dropped} (unsigned, lower assurance)",
                 None,
                 domain,
                 "spiffe-bundle",
@@ -596,7 +612,7 @@ class Node:
                 else:
                     self.store.add_spiffe_bundle(
                         domain, parsed.sequence, digest, data, agreement.payload.version, now, [entry],
-                        generation=generation, confirmed=fetched,
+                        generation=generation, confirmed=fetched, replace=status == "reset",
                     )  # fmt: skip
             except StateChanged:
                 continue

@@ -509,12 +509,15 @@ class Store(SqliteFile):
         *,
         generation: int,
         confirmed: bool = False,
+        replace: bool = False,
     ) -> None:
         """Store a partner's SPIFFE bundle and its audit entries in one transaction (:class:`StateChanged`
         if the trust state moved on since ``generation`` was read); ``confirmed``: it came from an
-        authenticated fetch."""
+        authenticated fetch; ``replace``: every held bundle of ``domain`` goes first (an operator's reset)."""
         with self._write(generation) as conn:
             conn.execute("UPDATE generation SET n = n + 1")
+            if replace:
+                conn.execute("DELETE FROM spiffe_bundles WHERE domain = ?", (domain,))
             conn.execute(
                 "INSERT INTO spiffe_bundles (domain, sequence, digest, imported_at, agreement_version, body, "
                 "confirmed_at) VALUES (?,?,?,?,?,?,?)",
