@@ -53,15 +53,24 @@ class Partner:
     credential: tls.Credential | None = None
     fetches: int = 0
     extra: list[Ca] = field(default_factory=list)
+    endpoint: be.BundleEndpoint | None = None  # serving, inside endpoint()
 
     def bundle(self) -> bytes:
         self.fetches += 1
         return self.serving
 
     def present(self, credential: tls.Credential) -> None:
-        """Serve with ``credential`` from the next connection on (the endpoint looks every 0.1 s)."""
+        """Serve with ``credential`` from the next connection on: wait until the endpoint took it (it
+        looks again every second at the most often; a fixed sleep made the test flaky under load)."""
         self.credential = credential
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while (
+            self.endpoint is None
+            or self.endpoint.credential is None
+            or (self.endpoint.credential.chain != credential.chain)
+        ):
+            assert time.monotonic() < deadline, "the endpoint never took the new credential"
+            time.sleep(0.05)
 
     def cred(self) -> tls.Credential:
         assert self.credential is not None
@@ -71,6 +80,7 @@ class Partner:
 @contextlib.contextmanager
 def endpoint(partner: Partner) -> Iterator[str]:
     ep = be.BundleEndpoint(partner.bundle, partner.cred, host="127.0.0.1", port=0, credential_poll=0.1)
+    partner.endpoint = ep
     with be.EndpointThread(ep):
         assert ep.address is not None
         host, port = ep.address

@@ -546,22 +546,26 @@ class Node:
             raise
         for _attempt in range(MAX_IMPORT_ATTEMPTS):
             held, generation = self.store.spiffe_bundle_mark(domain)
-            agreement = self.store.agreement(domain)
+            # Read after the generation: the write below is refused if anything commits after that.
+            trusted, agreement, epoch, limits = self.store.memo(
+                ("spiffe-import", domain),
+                lambda: (self._trusts(domain), self.store.agreement(domain), self._epoch(), self._limits()),
+            )
             if still is not None:
                 still()
             try:
-                if domain != self.domain and not self._trusts(domain):
+                if domain != self.domain and not trusted:
                     raise UnknownDomain(f"{domain} is not a partner this node holds (no pinned root)")
                 decide = functools.partial(
                     agreements.decide_spiffe_import,
                     self.domain,
                     domain,
                     agreement.payload if agreement is not None else None,
-                    self._epoch(),
+                    epoch,
                     now,
                     parsed.sequence,
                     digest,
-                    limits=self._limits(),
+                    limits=limits,
                 )
                 try:
                     status = decide(held)

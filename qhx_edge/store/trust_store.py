@@ -341,6 +341,12 @@ CHECKPOINT_ROWS = 256
 CHECKPOINT_SECONDS = 60
 
 
+# Held documents are read again and again (the current agreement, epoch and policy on every import and
+# every status): parsed once per distinct bytes.  Parsing is pure and the parsed documents are never
+# changed by their readers; the digest is still checked against the store's mark on every read.
+_parse_held = functools.lru_cache(maxsize=256)(parse)
+
+
 class Store(SqliteFile):
     """A node's SQLite store.  Use :meth:`create` or :meth:`open`."""
 
@@ -421,7 +427,7 @@ class Store(SqliteFile):
             return None
         body = self.document(domain, type_, mark.version)
         try:
-            doc = parse(body) if body is not None else None
+            doc = _parse_held(body) if body is not None else None
         except QhxError as exc:
             raise StoreCorrupt(f"held {type_} v{mark.version} of {domain} does not parse: {exc}") from exc
         if doc is None or doc.digest != mark.digest:
@@ -450,7 +456,7 @@ class Store(SqliteFile):
         if row is None:
             return None
         try:
-            doc: Signed[Any] = parse(bytes(row[0]))
+            doc: Signed[Any] = _parse_held(bytes(row[0]))
         except QhxError as exc:
             raise StoreCorrupt(f"held agreement with {partner} does not parse: {exc}") from exc
         if not isinstance(doc.payload, Agreement) or doc.digest != bytes(row[1]):
