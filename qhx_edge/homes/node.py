@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qhx_edge.core import agreements, staleness, trust
+from qhx_edge.core import agreements, staleness, svid, trust
 from qhx_edge.core.cards import make_card, parse_card
 from qhx_edge.core.delegations import delegation_end, delegation_status
 from qhx_edge.core.documents import Bundle, Delegation, Freshness, PartnerLimits, Policy, Root, Signed, parse
@@ -40,7 +40,9 @@ from qhx_edge.core.errors import (
     Rejected,
     Rollback,
     StoreLocked,
+    UnknownDomain,
 )
+from qhx_edge.core.spiffe import trust_domain_of
 from qhx_edge.store.files import private_dir, read_capped
 from qhx_edge.store.identity import NodeIdentity
 from qhx_edge.store.keystore import Keystore
@@ -707,10 +709,6 @@ class Node:
         agreement gate, our accepted prefixes, the partner's freshness within our
         budget); then the chain is verified against the held bundle of its domain.
         """
-        from qhx_edge.core import svid
-        from qhx_edge.core.errors import UnknownDomain
-        from qhx_edge.core.spiffe import trust_domain_of
-
         try:
             spiffe_id = svid.leaf_spiffe_id(chain[0] if chain else b"")
             domain = trust_domain_of(spiffe_id)

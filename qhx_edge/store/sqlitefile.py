@@ -66,7 +66,7 @@ class SqliteFile:
     def _state_token(self) -> tuple[int, int]:
         """Changes whenever a commit reaches the file: ``PRAGMA data_version`` moves with another
         connection's (any process), ``total_changes`` with this connection's own."""
-        return int(self.conn.execute("PRAGMA data_version").fetchone()[0]), self.conn.total_changes
+        return self.conn.execute("PRAGMA data_version").fetchone()[0], self.conn.total_changes
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
         """``compute()`` (reads only), read as one snapshot and reused until anything commits to the file.
