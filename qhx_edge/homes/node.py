@@ -268,35 +268,54 @@ class Node:
         # state).  Concurrent imports then give what the same imports in sequence give.
         for _attempt in range(MAX_IMPORT_ATTEMPTS):
             try:
-                return self._import_once(p, parsed, sealed, now, source, strict)
+                return self._import_once(p.documents, parsed, now, source, strict, p, sealed)
+            except StateChanged:
+                continue
+        raise StoreLocked(f"the trust state kept changing under this import ({MAX_IMPORT_ATTEMPTS} attempts)")
+
+    def import_documents(
+        self, documents: Sequence[bytes], now: int, *, source: str, strict: bool = False
+    ) -> ImportResult:
+        """Verify signed documents that came without a pack (a sync link: docs/architecture.md "Sync
+        protocol") and apply every acceptable one in one transaction: the same trust core, the same
+        one-writer store and the same report as :meth:`import_pack`, with no manifest to record."""
+        try:
+            trust.check_clock(now, self.store.clock_high_water(), self.tolerance)
+            parsed = trust.parse_batch(list(documents), trust.Limits(self.tolerance))
+        except Rejected as exc:
+            self._reject(now, exc, source)
+            raise
+        for _attempt in range(MAX_IMPORT_ATTEMPTS):
+            try:
+                return self._import_once(list(documents), parsed, now, source, strict, None, False)
             except StateChanged:
                 continue
         raise StoreLocked(f"the trust state kept changing under this import ({MAX_IMPORT_ATTEMPTS} attempts)")
 
     def _import_once(
         self,
-        p: pack.Pack,
+        documents: list[bytes],
         parsed: Sequence[Signed[Any] | Rejected],
-        sealed: bool,
         now: int,
         source: str,
         strict: bool,
+        p: pack.Pack | None,
+        sealed: bool,
     ) -> ImportResult:
         try:
             limits = trust.Limits(self.tolerance)
             digests = [d.digest for d in parsed if not isinstance(d, Rejected)]
             state, fed, generation = self.store.read_federated_state(digests)
             trust.check_clock(now, state.clock_high_water, self.tolerance)
-            exporter = self._check_exporter(p.manifest)
+            exporter = self._check_exporter(p.manifest) if p is not None else {}
             # Our own domain by the trust core, then agreements and the partner domains they open.
-            outcome = agreements.verify_batch(
-                p.documents, state, fed, now, limits, parsed=parsed, checker=spread_checks
-            )
+            outcome = agreements.verify_batch(documents, state, fed, now, limits, parsed=parsed, checker=spread_checks)
         except Rejected as exc:
             self._reject(now, exc, source)
             raise
-        seen = self.store.pack_seen(p.manifest.pack_id)
-        result = ImportResult(outcome, False, p.manifest, exporter, sealed, "already-imported" if seen else "new")
+        seen = p is not None and self.store.pack_seen(p.manifest.pack_id)
+        manifest = p.manifest if p is not None else None
+        result = ImportResult(outcome, False, manifest, exporter, sealed, "already-imported" if seen else "new")
         first = outcome.first_error()
         rejections = [
             _reject_entry(v.error, f"{source} document {v.index}", v.doc, v.doc.payload if v.doc else None)
@@ -311,8 +330,10 @@ class Node:
             )
             result.refused = True
             raise ImportRejected(first, result)
-        m = p.manifest
-        record = (m.pack_id, p.digest, m.exporter_domain, m.exporter_node, m.exporter_key.keyid, m.sequence)
+        record = None
+        if p is not None:
+            m = p.manifest
+            record = (m.pack_id, p.digest, m.exporter_domain, m.exporter_node, m.exporter_key.keyid, m.sequence)
         if outcome.changed:
             self.store.apply(outcome, now, source, rejections=rejections, pack_record=record, generation=generation)
             result.applied = True

@@ -1,0 +1,203 @@
+"""One sync contact between two nodes over any byte stream (docs/architecture.md, "Sync protocol").
+
+:mod:`qhx_edge.core.sync` is the protocol without I/O; this module gives it a node's store and a trio
+stream (TCP, TLS over TCP, an in-memory pair in tests) and runs one contact to its end:
+
+* what we offer is what the node holds (:func:`catalog`): per (domain, type) the newest version in
+  the inventory, and on a want every root newer than the peer's (a root chain is walked one version
+  at a time) but only the newest of every other type.  Agreements are keyed per pair of domains
+  (``agreement/PARTNER``), as their versions count per pair; delegations are not synced (each
+  reaches its own node in a pack);
+* we want only what is newer than what we hold, of domains the node trusts (its own and partners it
+  holds a root of);
+* what arrives goes through :meth:`Node.import_documents`: the same trust core and one-writer store
+  as a pack, nothing trusted because it arrived;
+* sending and receiving run side by side (a TCP link whose buffers are smaller than the window
+  would otherwise stall both peers in ``send_all``);
+* a cut keeps what was half received (:class:`PeerMemory`, handed to the next contact with the same
+  peer, which resumes at that offset) and applies what arrived whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qhx_edge.core import sync
+from qhx_edge.core.documents import Agreement, parse
+from qhx_edge.core.errors import QhxError, Rejected, Unreachable
+from qhx_edge.store import clock
+
+RECEIVE_SIZE = 64 << 10
+NOT_SYNCED = frozenset({"delegation"})
+
+
+@dataclass
+class PeerMemory:
+    """What one contact with a peer leaves for the next: the transfers it did not finish."""
+
+    partials: dict[bytes, sync.Partial] = field(default_factory=dict)
+
+
+@dataclass
+class ContactResult:
+    peer: str | None = None
+    complete: bool = False
+    in_sync: bool = False
+    offered: int = 0  # (domain, type) pairs in our inventory
+    sent: int = 0  # documents queued for the peer
+    received: int = 0  # whole documents received
+    bytes_in: int = 0
+    bytes_out: int = 0
+    imported: dict[str, Any] | None = None  # the import report (ImportResult.to_json), if any arrived
+    error: dict[str, Any] | None = None  # what ended an incomplete contact
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+Catalog = dict[sync.Key, list[tuple[int, str, bytes]]]  # key -> [(version, document type, bytes)], ascending
+
+
+def catalog(docs: list[bytes]) -> Catalog:
+    """What a node can offer, by sync key (see the module docstring)."""
+    out: Catalog = {}
+    for raw in docs:
+        d = parse(raw)
+        if d.type in NOT_SYNCED:
+            continue
+        key_type = f"agreement/{d.payload.partner}" if isinstance(d.payload, Agreement) else d.type
+        out.setdefault((d.payload.domain, key_type), []).append((d.payload.version, d.type, raw))
+    for versions in out.values():
+        versions.sort(key=lambda v: v[0])
+    return out
+
+
+def inventory(cat: Catalog) -> dict[sync.Key, int]:
+    return {key: versions[-1][0] for key, versions in cat.items()}
+
+
+def answer(cat: Catalog, items: tuple[tuple[str, str, int], ...]) -> list[sync.Outgoing]:
+    """The documents for a peer's want: every root newer than ``since``, the newest of anything else."""
+    out: list[sync.Outgoing] = []
+    for domain, key_type, since in items:
+        newer = [v for v in cat.get((domain, key_type), []) if v[0] > since]
+        if key_type != "root":
+            newer = newer[-1:]
+        out.extend(sync.Outgoing(domain, doc_type, version, raw) for version, doc_type, raw in newer)
+    return out
+
+
+def wants(ours: dict[sync.Key, int], newer: tuple[tuple[str, str, int], ...], trusted: set[str]) -> list[Any]:
+    """What we ask for of what the peer holds newer: only domains we trust, from our newest on."""
+    return [(d, t, ours.get((d, t), 0)) for d, t, v in newer if d in trusted and v > ours.get((d, t), 0)]
+
+
+async def contact(
+    home: Path,
+    stream: trio.abc.Stream,
+    *,
+    memory: PeerMemory | None = None,
+    now: Callable[[], int] = clock.now,
+    source: str = "sync",
+    timeout: float = math.inf,
+) -> ContactResult:
+    """Run one contact over ``stream`` (both peers call this; the protocol has no client or server)
+    and apply what arrived.  Never raises for what the peer or the link did: the result says."""
+    from qhx_edge.homes.node import Node
+
+    with Node(home) as n:
+        cat = catalog(n.export_documents(history=True))
+        node_id = n.node_id
+        trusted = {d["domain"] for d in n.store.domains()}
+    ours = inventory(cat)
+    memory = memory if memory is not None else PeerMemory()
+    conn = sync.SyncConnection(node_id, ours, partials=memory.partials)
+    result = ContactResult(offered=len(ours))
+    arrived: list[bytes] = []
+    wake = trio.Event()
+
+    async def writer() -> None:
+        nonlocal wake
+        while True:
+            data = conn.data_to_send()
+            if data:
+                await stream.send_all(data)
+                continue
+            if conn.finished:
+                return
+            await wake.wait()
+            wake = trio.Event()
+
+    def handle() -> None:
+        while True:
+            ev = conn.next_event()
+            if ev is sync.NEED_DATA:
+                return
+            if isinstance(ev, sync.PeerHello):
+                result.peer = ev.node
+            elif isinstance(ev, sync.InSync):
+                result.in_sync = True
+            elif isinstance(ev, sync.PeerInventory):
+                conn.want(wants(ours, ev.newer, trusted))
+            elif isinstance(ev, sync.PeerWants):
+                docs = answer(cat, ev.items)
+                result.sent = len(docs)
+                conn.send_documents(docs)
+            elif isinstance(ev, sync.DocumentReceived):
+                arrived.append(ev.raw)
+
+    async def reader() -> None:
+        handle()
+        wake.set()
+        while not conn.finished:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            conn.receive_data(bytes(data))
+            handle()
+            wake.set()
+
+    failure: list[BaseException] = []
+
+    async def guarded(task: Callable[[], Any], scope: trio.CancelScope) -> None:
+        # The first failure of either side ends the contact (a cut, the peer's protocol error); the
+        # writer otherwise ends by itself once the contact finished and its last frame left.
+        try:
+            await task()
+        except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            failure.append(exc)
+            scope.cancel()
+
+    with trio.move_on_after(timeout) as timed:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(guarded, writer, nursery.cancel_scope)
+            nursery.start_soon(guarded, reader, nursery.cancel_scope)
+    if timed.cancelled_caught and not failure:
+        failure.append(Unreachable(f"the contact took longer than {timeout} s"))
+    if failure:
+        exc = failure[0]
+        error = exc if isinstance(exc, QhxError) else Unreachable(f"the link broke: {exc}")
+        result.error = error.to_json()
+    result.complete = conn.finished and not failure
+    memory.partials = conn.partials()
+    result.received, result.bytes_in, result.bytes_out = len(arrived), conn.bytes_in, conn.bytes_out
+    if arrived:
+        result.imported = await trio.to_thread.run_sync(_apply, home, arrived, now(), f"{source} {result.peer}")
+    return result
+
+
+def _apply(home: Path, docs: list[bytes], now: int, source: str) -> dict[str, Any]:
+    from qhx_edge.homes.node import ImportRejected, Node
+
+    with Node(home) as n:
+        try:
+            report: dict[str, Any] = n.import_documents(docs, now, source=source).to_json()
+        except ImportRejected as exc:  # some documents refused, the rest applied: the report says which
+            report = exc.result.to_json()
+        except Rejected as exc:
+            report = {"error": exc.to_json()}
+    return report
