@@ -127,9 +127,18 @@ class EndpointSvid:
     """The bundle endpoint's X509-SVID from the node's issuer (registration :data:`ENDPOINT_SELECTOR`):
     cached by the issuer and minted again at half its lifetime, audited like every SVID."""
 
-    def __init__(self, home: Path, get_passphrase: Callable[[], bytes], spiffe_id: str | None = None) -> None:
+    def __init__(
+        self,
+        home: Path,
+        get_passphrase: Callable[[], bytes],
+        spiffe_id: str | None = None,
+        *,
+        selector: str = ENDPOINT_SELECTOR,
+        role: str = "the bundle endpoint",
+    ) -> None:
         self.home = home
         self.spiffe_id = spiffe_id
+        self.selector, self.role = selector, role
         self._get_passphrase = get_passphrase
         self._lock = threading.Lock()
         self._issuer: Issuer | None = None
@@ -144,16 +153,16 @@ class EndpointSvid:
             issuer = self._issuer
         which = self.spiffe_id or "one SPIFFE ID"
         try:
-            issued = issuer.x509_svids(frozenset({ENDPOINT_SELECTOR}))
+            issued = issuer.x509_svids(frozenset({self.selector}))
         except PolicyDenied as exc:
             raise PolicyDenied(
-                f"the bundle endpoint has no identity: the policy must register {which} for the selector "
-                f"{ENDPOINT_SELECTOR} ({exc.message})"
+                f"{self.role} has no identity: the policy must register {which} for the selector "
+                f"{self.selector} ({exc.message})"
             ) from exc
         svids = [s for s in issued if self.spiffe_id is None or s.spiffe_id == self.spiffe_id]
         if len(svids) != 1:
             raise PolicyDenied(
-                f"the policy must register {which} for the selector {ENDPOINT_SELECTOR} (the bundle endpoint's "
+                f"the policy must register {which} for the selector {self.selector} ({self.role}'s "
                 f"identity); it registers {len(svids)} matching ones"
             )
         return Credential.from_der(svids[0].cert_chain, svids[0].private_key)

@@ -1,0 +1,184 @@
+"""Sync over TCP with mutual TLS 1.3 between nodes of one domain (docs/architecture.md, "Sync links").
+
+A sync link is a TLS 1.3 connection (:mod:`qhx_edge.links.tls`, pyOpenSSL through memory BIOs on trio)
+that carries one contact of :mod:`qhx_edge.homes.sync_session`:
+
+* each node presents its own X509-SVID for the registration of the selector :data:`SYNC_SELECTOR`
+  (minted by its own issuer from its delegation, as the bundle endpoint's), and accepts a peer only
+  if the peer's chain verifies under our domain's held bundle and names a SPIFFE ID that our current
+  policy registers for that selector: the channel opens only to a peer we sync with;
+* the key exchange is X25519MLKEM768 and nothing else (:data:`~qhx_edge.links.tls.PQ_GROUPS`: both
+  ends are qhx-edge on the same OpenSSL, so there is no classical peer to fall back for); a peer that
+  cannot do it gets ``downgrade``, audited, never a classical session;
+* a refused peer (downgrade, a bad or foreign SVID, a broken handshake) is audited on the listening
+  node, and never holds up another peer: each connection is its own task with its own deadline.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qhx_edge.core import svid
+from qhx_edge.core.documents import Bundle, Policy
+from qhx_edge.core.errors import PolicyDenied, QhxError, ScopeViolation, UnknownDomain, Unreachable
+from qhx_edge.homes.sync_session import ContactResult, PeerMemory, contact
+from qhx_edge.links import tls
+from qhx_edge.store import clock
+
+SYNC_SELECTOR = "qhx-edge:sync"
+"""The selector of the registration that gives a node its sync identity.  No workload presents it
+(workloads are attested by ``unix:`` selectors); the policy says which SPIFFE ID it is."""
+
+HANDSHAKE_TIMEOUT = 30.0
+CONTACT_TIMEOUT = 600.0
+
+
+def sync_ids(policy: Policy) -> frozenset[str]:
+    """The SPIFFE IDs the policy registers for :data:`SYNC_SELECTOR`: the identities we sync with."""
+    return frozenset(str(r["spiffe_id"]) for r in policy.registrations if SYNC_SELECTOR in (r.get("selectors") or []))
+
+
+def peer_verifier(home: Path, *, now: Callable[[], int] = clock.now) -> tls.PeerVerifier:
+    """Accept a peer whose X509-SVID verifies under our held bundle and names a sync identity of our
+    current policy (read at each handshake: a policy change applies to the next connection)."""
+    from qhx_edge.homes.node import Node
+
+    def verify(chain: list[bytes]) -> None:
+        with Node(home) as n:
+            bundle = n.store.current(n.domain, "bundle")
+            policy = n.store.current(n.domain, "policy")
+            domain = n.domain
+        if bundle is None or not isinstance(bundle.payload, Bundle):
+            raise UnknownDomain(f"this node holds no bundle of {domain} to check a sync peer with")
+        got = svid.verify_x509_svid(chain, bundle.payload.x509_authorities, now())
+        allowed = sync_ids(policy.payload) if policy is not None and isinstance(policy.payload, Policy) else frozenset()
+        if got not in allowed:
+            raise ScopeViolation(f"{got} is not a sync identity of {domain} (the policy registers {sorted(allowed)})")
+
+    return verify
+
+
+class SyncCredential:
+    """This node's sync X509-SVID from its issuer (``homes.bundles.EndpointSvid`` for the sync selector)."""
+
+    def __init__(self, home: Path, get_passphrase: Callable[[], bytes]) -> None:
+        from qhx_edge.homes.bundles import EndpointSvid
+
+        self._source = EndpointSvid(home, get_passphrase, selector=SYNC_SELECTOR, role="sync")
+
+    def __call__(self) -> tls.Credential:
+        return self._source()
+
+    def close(self) -> None:
+        self._source.close()
+
+
+def _context(credential: tls.Credential, *, server: bool, groups: tuple[str, ...]) -> Any:
+    return tls.make_context(credential, server=server, groups=groups, require_client_certificate=server)
+
+
+def _audit_refusal(home: Path, what: str, exc: QhxError) -> None:
+    from qhx_edge.homes.node import Node
+    from qhx_edge.store.trust_store import AuditEntry
+
+    with Node(home) as n:
+        n.store.audit(clock.now(), [AuditEntry("reject", f"{what}: {exc.message}", exc.kind)])
+
+
+def _typed(exc: BaseException) -> QhxError:
+    if isinstance(exc, QhxError):
+        return exc
+    return Unreachable(f"the link broke: {exc}")
+
+
+async def dial(
+    home: Path,
+    host: str,
+    port: int,
+    credential: tls.Credential,
+    *,
+    memory: PeerMemory | None = None,
+    groups: tuple[str, ...] = tls.PQ_GROUPS,
+    now: Callable[[], int] = clock.now,
+    timeout: float = CONTACT_TIMEOUT,
+) -> ContactResult:
+    """Open a sync link to ``host:port`` and run one contact; a refused or failed link is a result
+    with ``error`` set (nothing is trusted from it), never an exception."""
+    result = ContactResult()
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            stream = await tls.connect(
+                host, port, _context(credential, server=False, groups=groups), peer_verifier(home, now=now)
+            )
+    except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+        error = _typed(exc) if not isinstance(exc, trio.TooSlowError) else Unreachable("the handshake timed out")
+        result.error = error.to_json()
+        if error.kind in ("downgrade", "bad-signature", "scope-violation"):
+            await trio.to_thread.run_sync(_audit_refusal, home, f"sync link to {host}:{port}", error)
+        return result
+    async with stream:
+        return await contact(home, stream, memory=memory, now=now, source=f"sync {host}:{port}", timeout=timeout)
+
+
+async def listen(
+    home: Path,
+    host: str,
+    port: int,
+    credential: Callable[[], tls.Credential],
+    *,
+    on_contact: Callable[[str, ContactResult], None] = lambda peer, result: None,
+    groups: tuple[str, ...] = tls.PQ_GROUPS,
+    now: Callable[[], int] = clock.now,
+    contacts: int | float = math.inf,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept sync links on ``host:port`` (``task_status.started((host, port))`` once listening) until
+    cancelled or ``contacts`` contacts ended; every connection is its own task."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    sockname = listeners[0].socket.getsockname()
+    ended = 0
+    done = trio.Event()
+    memories: dict[str, PeerMemory] = {}
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        nonlocal ended
+        try:
+            where = "{}:{}".format(*tcp.socket.getpeername()[:2])
+        except OSError:
+            where = "a peer"
+        result = ContactResult()
+        try:
+            ctx = _context(credential(), server=True, groups=groups)
+            stream = tls.TlsStream(tcp, ctx, server_side=True, verify_peer=peer_verifier(home, now=now))
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    await stream.do_handshake()
+            except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+                error = _typed(exc) if not isinstance(exc, trio.TooSlowError) else Unreachable("handshake timed out")
+                result.error = error.to_json()
+                await trio.aclose_forcefully(stream)
+                await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}", error)
+                return
+            async with stream:
+                memory = memories.setdefault(where.rsplit(":", 1)[0], PeerMemory())
+                result = await contact(home, stream, memory=memory, now=now, source=f"sync {where}")
+        except PolicyDenied as exc:  # we have no sync identity ourselves
+            result.error = exc.to_json()
+            await trio.aclose_forcefully(tcp)
+        finally:
+            on_contact(where, result)
+            ended += 1
+            if ended >= contacts:
+                done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(trio.serve_listeners, handle, listeners))
+        task_status.started((str(sockname[0]), int(sockname[1])))
+        await done.wait()
+        nursery.cancel_scope.cancel()

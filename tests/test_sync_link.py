@@ -1,0 +1,127 @@
+"""Sync links (qhx_edge/homes/sync_link.py): two attested nodes of one domain over real TCP on
+127.0.0.1 with mutual TLS 1.3, each presenting the sync X509-SVID its own issuer minted.
+
+* They converge over X25519MLKEM768, and the listener records the contact.
+* A classical-only client (X25519 alone) gets ``downgrade`` on both ends, audited by the listener;
+  nothing is synced.
+* A client presenting a valid SVID of our domain that the policy does not register for sync (a
+  workload's) is refused (``scope-violation``), audited; nothing is synced.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.homes import attestation, node
+from qhx_edge.homes.bundles import EndpointSvid
+from qhx_edge.homes.sync_link import SYNC_SELECTOR, SyncCredential, dial, listen
+from qhx_edge.links import tls
+from qhx_edge.store import clock
+from tests.conftest import PASSPHRASE, Homes, make_homes
+
+SYNC_ID = "spiffe://alpha.example/qhx-edge/sync"
+WORKLOAD_ID = "spiffe://alpha.example/web"
+REGISTRATIONS = [
+    {"spiffe_id": SYNC_ID, "selectors": [SYNC_SELECTOR]},
+    {"spiffe_id": WORKLOAD_ID, "selectors": ["qhx-edge:test-workload"]},
+]
+
+
+def _attest(h: Homes, home: Path) -> None:
+    auth, now = h.authority, clock.now()
+    token = attestation.create_join_token(auth, now, 600)
+    with node.Node(home, PASSPHRASE.encode) as n:
+        chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
+        docs = attestation.finish(auth, attestation.respond(n, chal, now), now)
+        n.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)
+
+
+def _two_nodes(tmp: Path) -> tuple[Homes, Path]:
+    h = make_homes(tmp, suite="hybrid")
+    now = clock.now()
+    h.authority.publish_policy(policy_fields({"registrations": REGISTRATIONS, "algorithms": {"/": "ES256"}}), now)
+    other = tmp / "N2"
+    node.init(other, h.authority.anchor(), now, passphrase=PASSPHRASE.encode())
+    _attest(h, h.node_home)
+    _attest(h, other)
+    # The authority moves on; only the first node hears.
+    h.authority.publish_bundle(now)
+    h.authority.publish_freshness(now)
+    with node.Node(h.node_home) as n:
+        n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+    return h, other
+
+
+def _held(home: Path) -> dict[str, Any]:
+    """What a node holds, but its own delegation (each node's is its own: never synced)."""
+    with node.Node(home) as n:
+        return {d: {t: v for t, v in types.items() if t != "delegation"} for d, types in n.summary()["domains"].items()}
+
+
+def _audit(home: Path) -> list[dict[str, Any]]:
+    with node.Node(home) as n:
+        return n.store.audit_entries()
+
+
+async def _run(listener: Path, dialer: Path, credential: tls.Credential, **dial_kw: Any) -> tuple[Any, Any]:
+    seen: list[Any] = []
+    server_credential = SyncCredential(listener, PASSPHRASE.encode)
+    try:
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                lambda task_status: listen(
+                    listener, "127.0.0.1", 0, server_credential, contacts=1,
+                    on_contact=lambda peer, r: seen.append(r), task_status=task_status,
+                )
+            )  # fmt: skip
+            mine = await dial(dialer, host, port, credential, **dial_kw)
+    finally:
+        server_credential.close()
+    return seen[0], mine
+
+
+def _credential(home: Path, selector: str = SYNC_SELECTOR) -> tls.Credential:
+    source = EndpointSvid(home, PASSPHRASE.encode, selector=selector, role="test")
+    try:
+        return source()
+    finally:
+        source.close()
+
+
+def test_two_attested_nodes_sync_over_mutual_pq_tls(tmp_path: Path) -> None:
+    h, other = _two_nodes(tmp_path)
+    assert _held(h.node_home) != _held(other)
+    theirs, mine = trio.run(_run, h.node_home, other, _credential(other))
+    assert mine.error is None, mine.error
+    assert theirs.complete
+    assert mine.complete
+    assert mine.imported["applied"]
+    assert _held(h.node_home) == _held(other)
+
+
+def test_a_classical_only_peer_gets_downgrade_audited(tmp_path: Path) -> None:
+    h, other = _two_nodes(tmp_path)
+    before = _held(other)
+    theirs, mine = trio.run(functools.partial(_run, h.node_home, other, _credential(other), groups=("X25519",)))
+    assert mine.error["kind"] == "downgrade", mine.error
+    assert theirs.error["kind"] == "downgrade", theirs.error
+    assert _held(other) == before
+    refused = [e for e in _audit(h.node_home) if e["kind"] == "downgrade"]
+    assert refused
+    assert "sync link from 127.0.0.1" in refused[-1]["detail"]
+
+
+def test_a_peer_that_is_not_a_sync_identity_is_refused(tmp_path: Path) -> None:
+    h, other = _two_nodes(tmp_path)
+    before = _held(other)
+    workload = _credential(other, "qhx-edge:test-workload")  # a valid SVID of our domain, not for sync
+    theirs, mine = trio.run(_run, h.node_home, other, workload)
+    assert theirs.error["kind"] == "scope-violation", theirs.error
+    assert mine.error is not None
+    assert _held(other) == before
+    assert any(e["kind"] == "scope-violation" and WORKLOAD_ID in e["detail"] for e in _audit(h.node_home))
