@@ -17,7 +17,20 @@ import pytest
 from qhx_edge.cli import COMMANDS, LazyGroup, cli
 from tests.conftest import Homes, _cli_env, run_cli
 
-EXPECTED = {"audit", "authority", "bundle", "doc", "evidence", "federation", "node", "pack", "serve", "status", "svid"}
+EXPECTED = {
+    "audit",
+    "authority",
+    "bundle",
+    "doc",
+    "evidence",
+    "federation",
+    "node",
+    "pack",
+    "serve",
+    "status",
+    "svid",
+    "sync",
+}
 
 
 def _walk(command: click.Command, path: str = "") -> list[tuple[str, click.Command]]:

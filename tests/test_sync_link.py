@@ -125,3 +125,41 @@ def test_a_peer_that_is_not_a_sync_identity_is_refused(tmp_path: Path) -> None:
     assert mine.error is not None
     assert _held(other) == before
     assert any(e["kind"] == "scope-violation" and WORKLOAD_ID in e["detail"] for e in _audit(h.node_home))
+
+
+def test_the_command_line_listens_and_dials(tmp_path: Path) -> None:
+    """``sync listen`` (one contact) and ``sync dial`` as real processes; a dial to a closed port is
+    ``unreachable`` (exit 3)."""
+    import json
+    import select
+    import subprocess
+    import sys
+
+    from tests.conftest import _cli_env, run_cli
+
+    h, other = _two_nodes(tmp_path)
+    cmd = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home), "sync", "listen",
+           "127.0.0.1:0", "--contacts", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, proc.stderr.read() if proc.stderr else ""
+        where = json.loads(proc.stdout.readline())["listening"]
+        got = run_cli("--home", str(other), "--json", "sync", "dial", where)
+        assert got.code == 0, got.stdout
+        assert got.json["received"] >= 2
+        assert proc.wait(30) == 0
+        contact_line = json.loads(proc.stdout.readline())
+        assert contact_line["complete"]
+        assert contact_line["sent"] == got.json["received"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+    assert _held(h.node_home) == _held(other)
+    closed = run_cli("--home", str(other), "--json", "sync", "dial", where)
+    assert (closed.code, closed.json["error"]["kind"]) == (3, "unreachable"), closed.stdout

@@ -56,6 +56,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "node": ("qhx_edge.cli.node:node_group", "A field node's store of trust material."),
     "pack": ("qhx_edge.cli.pack:pack_group", "Move documents between homes in pack files."),
+    "sync": (
+        "qhx_edge.cli.sync:sync_group",
+        "Sync links: exchange what the other node lacks, over mutual post-quantum TLS.",
+    ),
     "serve": (
         "qhx_edge.cli.serve:serve",
         "Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.",

@@ -118,7 +118,7 @@ async def dial(
             )
     except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
         error = _typed(exc) if not isinstance(exc, trio.TooSlowError) else Unreachable("the handshake timed out")
-        result.error = error.to_json()
+        result.fail(error)
         if error.kind in ("downgrade", "bad-signature", "scope-violation"):
             await trio.to_thread.run_sync(_audit_refusal, home, f"sync link to {host}:{port}", error)
         return result
@@ -161,7 +161,7 @@ async def listen(
                     await stream.do_handshake()
             except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
                 error = _typed(exc) if not isinstance(exc, trio.TooSlowError) else Unreachable("handshake timed out")
-                result.error = error.to_json()
+                result.fail(error)
                 await trio.aclose_forcefully(stream)
                 await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}", error)
                 return
@@ -169,7 +169,7 @@ async def listen(
                 memory = memories.setdefault(where.rsplit(":", 1)[0], PeerMemory())
                 result = await contact(home, stream, memory=memory, now=now, source=f"sync {where}")
         except PolicyDenied as exc:  # we have no sync identity ourselves
-            result.error = exc.to_json()
+            result.fail(exc)
             await trio.aclose_forcefully(tcp)
         finally:
             on_contact(where, result)

@@ -55,10 +55,14 @@ class ContactResult:
     bytes_in: int = 0
     bytes_out: int = 0
     imported: dict[str, Any] | None = None  # the import report (ImportResult.to_json), if any arrived
-    error: dict[str, Any] | None = None  # what ended an incomplete contact
+    error: dict[str, Any] | None = None  # what ended an incomplete contact (its to_json)
+    failure: QhxError | None = field(default=None, repr=False)  # ... and the typed error itself
+
+    def fail(self, exc: QhxError) -> None:
+        self.failure, self.error = exc, exc.to_json()
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "failure"}
 
 
 Catalog = dict[sync.Key, list[tuple[int, str, bytes]]]  # key -> [(version, document type, bytes)], ascending
@@ -180,8 +184,7 @@ async def contact(
         failure.append(Unreachable(f"the contact took longer than {timeout} s"))
     if failure:
         exc = failure[0]
-        error = exc if isinstance(exc, QhxError) else Unreachable(f"the link broke: {exc}")
-        result.error = error.to_json()
+        result.fail(exc if isinstance(exc, QhxError) else Unreachable(f"the link broke: {exc}"))
     result.complete = conn.finished and not failure
     memory.partials = conn.partials()
     result.received, result.bytes_in, result.bytes_out = len(arrived), conn.bytes_in, conn.bytes_out
