@@ -614,7 +614,7 @@ def test_freshness_key_rotation_resets_its_mark(sim: RepoSim, v1: dict[str, byte
     assert out.marks[(DOMAIN, "freshness")] == Mark(1, digest(f1_new))
 
 
-PKI_TYPES = {(DOMAIN, "bundle"), (DOMAIN, "delegation")}  # the pki role signs both
+PKI_TYPES = {(DOMAIN, "bundle"), (DOMAIN, "delegation"), (DOMAIN, "revocation")}  # the pki role signs these
 
 
 def test_role_changes_reset_the_types_of_the_role(sim: RepoSim) -> None:

@@ -123,6 +123,31 @@ def rotate_ca(ctx: Ctx) -> None:
     _emit_published(ctx, ctx.authority().rotate_ca(clock.now()), "rotate-ca")
 
 
+@authority_group.command("revoke-node")
+@click.argument("node_id")
+@pass_ctx
+def revoke_node(ctx: Ctx, node_id: str) -> None:
+    """Revoke every key this authority ever delegated to NODE_ID, from now.
+
+    Publishes a revocation (applied by nodes and partners at once: chains through the node's CA
+    are refused as revoked), a bundle without the node's JWT keys and a freshness naming both;
+    carry them with 'pack export' (revocations travel first).
+
+    \b
+    Example:
+      qhx-edge --home A authority revoke-node 3f2a9c0d1e4b5a69
+    """
+    _emit_published(ctx, ctx.authority().revoke(clock.now(), node_id=node_id), "revoke-node")
+
+
+@authority_group.command("revoke-delegation")
+@click.argument("version", type=click.IntRange(min=1))
+@pass_ctx
+def revoke_delegation(ctx: Ctx, version: int) -> None:
+    """Revoke the keys of one delegation (by its version), from now; the node keeps any later one."""
+    _emit_published(ctx, ctx.authority().revoke(clock.now(), delegation=version), "revoke-delegation")
+
+
 @authority_group.group("join-token")
 def join_token_group() -> None:
     """Single-use join tokens for nodes without a TPM."""

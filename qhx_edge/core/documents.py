@@ -43,10 +43,14 @@ ROLE_FOR_TYPE = {
     "freshness": "freshness",
     "agreement": "federation",
     "delegation": "pki",
+    "revocation": "pki",
     "receipt": "notary",
 }
-# The documents a freshness epoch binds together (mix-and-match guard).
+# The documents a freshness epoch binds together (mix-and-match guard); and the one it binds once the
+# domain has revoked anything (an epoch then names the revocation list: holding it back holds back
+# freshness too, so a relay that drops revocations leaves the node stale, never trusting).
 EPOCH_TYPES = ("root", "bundle", "policy")
+OPTIONAL_EPOCH_TYPES = ("revocation",)
 
 
 def _get(d: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str | None = None) -> Any:
@@ -420,8 +424,12 @@ class Freshness(Payload):
         versions = {}
         for name in EPOCH_TYPES:
             versions[name] = _uint(raw, name, 1)
-        if set(raw) - set(EPOCH_TYPES):
-            raise Malformed(f"freshness names unknown types {sorted(set(raw) - set(EPOCH_TYPES))}")
+        for name in OPTIONAL_EPOCH_TYPES:
+            if name in raw:
+                versions[name] = _uint(raw, name, 1)
+        unknown = set(raw) - set(EPOCH_TYPES) - set(OPTIONAL_EPOCH_TYPES)
+        if unknown:
+            raise Malformed(f"freshness names unknown types {sorted(unknown)}")
         agreements_raw = _get(d, "agreements", dict)
         agreements = {check_trust_domain(k): _uint(agreements_raw, k, 1) for k in agreements_raw}
         return cls(versions=versions, agreements=agreements, **common)
@@ -613,8 +621,76 @@ class Agreement(Payload):
         return out
 
 
+REVOKED_USES = ("x509-ca", "jwt")
+MAX_REVOKED = 4096
+
+
+@dataclass(frozen=True)
+class RevokedKey:
+    """One revoked key: the SHA-256 of its SubjectPublicKeyInfo (DER), revoked from ``since``."""
+
+    key: bytes
+    since: int
+    use: str  # x509-ca: a node's delegated CA; jwt: a node's JWT-SVID key
+    node_id: str
+    delegation: int  # the version of the delegation that delegated it
+
+    @classmethod
+    def from_dict(cls, d: Any) -> RevokedKey:
+        if not isinstance(d, dict) or set(d) != {"key", "from", "use", "node_id", "delegation"}:
+            raise Malformed("a revoked key is a map of key, from, use, node_id and delegation")
+        key = d["key"]
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise Malformed("a revoked key is named by the SHA-256 of its SubjectPublicKeyInfo (32 bytes)")
+        if d["use"] not in REVOKED_USES:
+            raise Malformed(f"a revoked key's use is one of {REVOKED_USES}")
+        node_id = _get(d, "node_id", str)
+        if not 1 <= len(node_id) <= 64:
+            raise Malformed("a revoked key's node_id must be a short text")
+        return cls(key, _uint(d, "from"), d["use"], node_id, _uint(d, "delegation", 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "from": self.since, "use": self.use, "node_id": self.node_id,
+                "delegation": self.delegation}  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Revocation(Payload):
+    """Keys of nodes the domain's pki role revoked (a node CA, a node JWT key), each from a time.
+
+    Cumulative, as a CRL: each version lists every revocation of the domain so far, so the current
+    one is the whole list and a node never needs an older one.  Small, sent first on every link and
+    in every pack (core/sync.py ``URGENCY``); named by the freshness epoch once one exists.
+    """
+
+    type: ClassVar[str] = "revocation"
+    _fields: ClassVar[tuple[str, ...]] = ("revoked",)
+
+    revoked: tuple[RevokedKey, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Revocation:
+        common = cls._common(d)
+        items = _get(d, "revoked", list)
+        if len(items) > MAX_REVOKED:
+            raise Malformed(f"a revocation lists at most {MAX_REVOKED} keys")
+        revoked = tuple(RevokedKey.from_dict(i) for i in items)
+        if len({r.key for r in revoked}) != len(revoked):
+            raise Malformed("a revocation lists each key once")
+        return cls(revoked=revoked, **common)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(revoked=[r.to_dict() for r in self.revoked])
+        return out
+
+    def index(self) -> dict[bytes, int]:
+        """Revoked key digest -> the time it is revoked from."""
+        return {r.key: r.since for r in self.revoked}
+
+
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
-    cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation, Agreement)
+    cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation, Agreement, Revocation)
 }
 
 T = TypeVar("T", bound=Payload)

@@ -116,6 +116,12 @@ class Stale(Rejected):
     kind = "stale"
 
 
+class Revoked(Rejected):
+    """A chain through a key the domain's pki role revoked (a node's CA or JWT key: ``revocation``)."""
+
+    kind = "revoked"
+
+
 class NotRecipient(Rejected):
     kind = "not-recipient"
 

@@ -22,17 +22,18 @@ live agreement, in scope and fresh) is the caller's question
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import SignatureAlgorithmOID
 
-from qhx_edge.core.errors import BadSignature, Expired, Malformed, NotYetValid, ScopeViolation
+from qhx_edge.core.errors import BadSignature, Expired, Malformed, NotYetValid, Revoked, ScopeViolation
 from qhx_edge.core.spiffe import parse_spiffe_id
 
 MAX_CHAIN = 8
@@ -92,6 +93,7 @@ class _Cert:
         "_ku",
         "_nc",
         "_san",
+        "_spki",
         "_uris",
         "cert",
         "der",
@@ -123,6 +125,7 @@ class _Cert:
         self.signature = cert.signature
         self.signature_oid = cert.signature_algorithm_oid
         self._key: Any = None
+        self._spki: bytes | None = None
         self._framed = False  # set once verify_directly_issued_by accepted its structure (_signed_by)
         self._uris: tuple[str, ...] | None = None
         self._hosts: tuple[frozenset[str] | None] | None = None
@@ -302,8 +305,23 @@ def leaf_spiffe_id(der: bytes) -> str:
     return spiffe_id
 
 
-def verify_x509_svid(chain: Sequence[bytes], authorities: Sequence[bytes], now: int) -> str:
+def spki_digest(cert: _Cert) -> bytes | None:
+    """SHA-256 of the certificate's SubjectPublicKeyInfo (DER): how a ``revocation`` names a key."""
+    if cert._spki is None:
+        key = cert.public_key()
+        if not key:
+            return None
+        cert._spki = hashlib.sha256(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
+    return cert._spki
+
+
+def verify_x509_svid(
+    chain: Sequence[bytes], authorities: Sequence[bytes], now: int, revoked: Mapping[bytes, int] | None = None
+) -> str:
     """The SPIFFE ID of a verified X.509-SVID ``chain`` (DER, leaf first) under ``authorities`` (DER).
+
+    ``revoked``: the domain's revocation list (key digest -> from when): a chain through a CA whose
+    key is revoked at ``now`` is ``revoked``, however well it verifies.
 
     Every signature of the path is checked on every call; only the parsing of
     certificates already seen is reused (:func:`_read`, :func:`_anchors`)."""
@@ -326,6 +344,11 @@ def verify_x509_svid(chain: Sequence[bytes], authorities: Sequence[bytes], now: 
             raise BadSignature(f"certificate {i - 1} of the chain is not signed by certificate {i}")
         _check_ca(certs[i], i - 1, functools.partial("intermediate {} of {}".format, i, spiffe_id), domain)
         certs[i].valid_at(now, f"intermediate {i} of", spiffe_id)
+    if revoked:
+        for i, cert in enumerate(certs[1:], 1):
+            since = revoked.get(spki_digest(cert) or b"")
+            if since is not None and now >= since:
+                raise Revoked(f"intermediate {i} of {spiffe_id} is a CA key its domain revoked at {since}")
     top = certs[-1]
     anchor = next((r for r in _candidates(roots, top) if _signed_by(top, r)), None)
     if anchor is None:

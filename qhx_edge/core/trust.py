@@ -78,6 +78,7 @@ from typing import Any
 
 from qhx_edge.core.documents import (
     EPOCH_TYPES,
+    OPTIONAL_EPOCH_TYPES,
     ROLE_FOR_TYPE,
     Freshness,
     Root,
@@ -149,7 +150,8 @@ class DomainView:
     expires: Mapping[str, int] = field(default_factory=dict)
     # What a freshness of this domain must find held or supplied besides the root (mix-and-match): a
     # partner domain releases its bundle, rarely its policy (core/agreements.py).
-    epoch_types: tuple[str, ...] = ("bundle", "policy")
+    # A type the freshness does not name (a revocation, before the domain revoked anything) is skipped.
+    epoch_types: tuple[str, ...] = ("bundle", "policy", "revocation")
 
 
 @dataclass(frozen=True)
@@ -430,7 +432,7 @@ def verify_batch(
                 UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}"),
             )
             continue
-        if doc.type not in (*EPOCH_TYPES, "freshness", "delegation"):
+        if doc.type not in (*EPOCH_TYPES, *OPTIONAL_EPOCH_TYPES, "freshness", "delegation"):
             v.status, v.error = "rejected", Malformed(f"{doc.type} documents are not accepted in this batch")
             continue
         by_domain.setdefault(doc.payload.domain, []).append(v)
@@ -666,7 +668,7 @@ class DomainBatch:
         must not be expired (older ones in the batch are only ever history).
         """
         root, now = self.root.payload, self.now
-        for t in ("bundle", "policy", "freshness"):
+        for t in ("bundle", "policy", "revocation", "freshness"):
             mark = self.marks.get(t)
             role = ROLE_FOR_TYPE[t]
             vs = self.by_type.get(t, [])
@@ -748,6 +750,8 @@ class DomainBatch:
                         f"freshness v{f.version} names root v{f.versions['root']}, the node holds v{root_version}"
                     )
                 for t in self.view.epoch_types:
+                    if t not in f.versions:
+                        continue
                     self._check_unexpired(t, f.versions[t], f)
                     if not self._usable(t, f.versions[t]):
                         raise MixAndMatch(
@@ -773,11 +777,11 @@ class DomainBatch:
         ``mix-and-match``; an older one is history; the named one must be unexpired.
         """
         epoch, now = self.epoch, self.now
-        for t in ("bundle", "policy"):
+        for t in ("bundle", "policy", "revocation"):
             for v in self.valid.get(t, []):
                 doc: Signed[Any] = v.doc  # type: ignore[assignment]
                 ver = doc.payload.version
-                if epoch is None:
+                if epoch is None or t not in epoch.versions:
                     _reject(v, MixAndMatch(f"{doc.describe()}: no freshness epoch names it"))
                 elif ver > epoch.versions[t]:
                     _reject(

@@ -392,6 +392,9 @@ class Authority:
         assert isinstance(policy, D.Policy)
         life = lifetime if lifetime is not None else policy.staleness.hard
         versions = {t: int(self.state["versions"][t]) for t in D.EPOCH_TYPES}
+        for t in D.OPTIONAL_EPOCH_TYPES:  # named once one exists (a revocation: the domain revoked something)
+            if int(self.state["versions"].get(t, 0)):
+                versions[t] = int(self.state["versions"][t])
         d = {
             "type": "freshness",
             **self._common("freshness", now, life),
@@ -482,6 +485,7 @@ class Authority:
         out = [self._publish(root, old_signers + self._signers("root"))]
         # A rotated role must re-sign what it owns, or nodes reset its mark and hold nothing.
         if "pki" in roles:
+            out += self._resign_revocation(now)
             out.append(self._publish_bundle(now))
             out += self._resign_delegations(now)
         if "policy" in roles:
@@ -564,6 +568,84 @@ class Authority:
         delegation = self._publish(payload, self._signers("pki"))
         return [delegation, *self.publish_bundle(now)]
 
+    @_one_writer
+    def revoke(self, now: int, *, node_id: str | None = None, delegation: int | None = None) -> list[bytes]:
+        """Revoke every key a node was ever delegated (``node_id``: ``authority revoke-node``) or the keys
+        of one delegation (``delegation``: ``authority revoke-delegation``), from ``now``.
+
+        Publishes the next revocation (the whole list so far plus these keys: the SHA-256 of each
+        delegated CA's and JWT key's SubjectPublicKeyInfo), a bundle without the revoked node's JWT
+        keys, and a freshness naming both.  A revoked node's delegation is no longer exported nor
+        signed again.  ``malformed`` for a node or delegation this authority never issued; revoking
+        what is already revoked changes nothing but is published again (idempotent)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        if (node_id is None) == (delegation is None):
+            raise Malformed("revoke a node or one delegation")
+        held = self._revoked()
+        known = {r.key for r in held}
+        added: list[D.RevokedKey] = []
+        nodes: set[str] = set()
+        for version in range(1, int(self.state["versions"].get("delegation", 0)) + 1):
+            doc = D.parse(self.published("delegation", version)).payload
+            assert isinstance(doc, D.Delegation)
+            if (node_id is not None and doc.node_id != node_id) or (delegation is not None and version != delegation):
+                continue
+            nodes.add(doc.node_id)
+            spkis = [
+                ("x509-ca", x509.load_der_x509_certificate(c).public_key().public_bytes(
+                    Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+                for c in doc.x509_cas
+            ] + [("jwt", bytes(doc.jwt_key["spki"]))]  # fmt: skip
+            for use, spki in spkis:
+                key = hashlib.sha256(spki).digest()
+                if key not in known:
+                    known.add(key)
+                    added.append(D.RevokedKey(key, now, use, doc.node_id, version))
+        if not nodes:
+            which = f"node {node_id}" if node_id is not None else f"delegation v{delegation}"
+            raise Malformed(f"this authority never delegated to {which}")
+        revoked_nodes = nodes if node_id is not None else set()
+        for n in revoked_nodes:
+            self.state.get("delegations", {}).pop(n, None)
+        if delegation is not None:  # one delegation: the node keeps a later one, if it has one
+            for n, v in list(self.state.get("delegations", {}).items()):
+                if v == delegation:
+                    del self.state["delegations"][n]
+        revoked_jwt = {r.key for r in [*held, *added] if r.use == "jwt"}
+        self.state["jwt_keys"] = {
+            kid: k
+            for kid, k in self.state.get("jwt_keys", {}).items()
+            if hashlib.sha256(bytes.fromhex(k["spki"])).digest() not in revoked_jwt
+        }
+        life = int(self.state["lifetimes"].get("revocation", self.state["lifetimes"]["bundle"]))
+        payload = D.Revocation.from_dict(
+            {"type": "revocation", **self._common("revocation", now, life),
+             "revoked": [r.to_dict() for r in [*held, *added]]}
+        )  # fmt: skip
+        out = [self._publish(payload, self._signers("pki"))]
+        return [*out, self._publish_bundle(now), self._publish_freshness(now)]
+
+    def _revoked(self) -> list[D.RevokedKey]:
+        if not int(self.state["versions"].get("revocation", 0)):
+            return []
+        current = D.parse(self.current("revocation")).payload
+        assert isinstance(current, D.Revocation)
+        return list(current.revoked)
+
+    def _resign_revocation(self, now: int) -> list[bytes]:
+        """The current revocation signed again by the (new) pki keys, under the next version: a node
+        resets the marks of a rotated role's types, and must not lose its revocations with them."""
+        held = self._revoked()
+        if not held:
+            return []
+        life = int(self.state["lifetimes"].get("revocation", self.state["lifetimes"]["bundle"]))
+        payload = D.Revocation.from_dict(
+            {"type": "revocation", **self._common("revocation", now, life), "revoked": [r.to_dict() for r in held]}
+        )
+        return [self._publish(payload, self._signers("pki"))]
+
     def _resign_delegations(self, now: int) -> list[bytes]:
         """Every node's current, unexpired delegation signed again by the (new) pki keys.
 
@@ -643,7 +725,10 @@ class Authority:
         current delegation (unexpired at ``now``, when given): a node takes its own and passes over
         the others' (``not-mine``), so a delegation re-signed by a rotated pki role reaches its node."""
         roots = [self.published("root", v) for v in range(1, int(self.state["versions"]["root"]) + 1)]
-        docs = roots + [self.current(t) for t in ("bundle", "policy", "freshness")] + self.current_delegations(now)
+        # Revocations first after the roots they verify under: small, and the most urgent (issue 10).
+        revocation = [self.current("revocation")] if int(self.state["versions"].get("revocation", 0)) else []
+        current = [self.current(t) for t in ("bundle", "policy", "freshness")]
+        docs = roots + revocation + current + self.current_delegations(now)
         return docs + self.agreement_documents(now if now is not None else 0)
 
     def status(self) -> dict[str, Any]:

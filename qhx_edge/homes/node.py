@@ -678,6 +678,8 @@ class Node:
                 held_agreement, epoch, limits = self.store.agreement(domain), self._epoch(), self._limits()
                 assurance, fresh_at, source = self._partner_source(domain)
                 expires = self.store.held_expiries(domain)
+            held_revocation = self.store.current(domain, "revocation") if self._trusts(domain) else None
+            revoked = held_revocation.payload.index() if held_revocation is not None else {}
             return _Basis(
                 self.store.clock_high_water(),
                 self.store.observed_time(),
@@ -688,6 +690,7 @@ class Node:
                 source,
                 limits,
                 expires,
+                revoked,
             )
 
         return self.store.memo(("verify-basis", domain), read)
@@ -745,7 +748,7 @@ class Node:
             out.update(self._check_partner(spiffe_id, domain, basis, now), relation="partner")
             if out["assurance"] == "spiffe-bundle":
                 # Lower assurance: an unsigned bundle, believed because the agreement allows it.
-                svid.verify_x509_svid(chain, basis.source.bundle.x509_authorities, now)
+                svid.verify_x509_svid(chain, basis.source.bundle.x509_authorities, now, basis.revoked)
                 out["spiffe_sequence"] = basis.source.sequence
                 return out
         held = basis.source
@@ -753,8 +756,10 @@ class Node:
             raise UnknownDomain(f"this node holds no bundle of {domain}")
         if now >= held.expires:
             raise Expired(f"the held bundle of {domain} expired at {held.expires}")
-        svid.verify_x509_svid(chain, held.x509_authorities, now)
+        svid.verify_x509_svid(chain, held.x509_authorities, now, basis.revoked)
         out["bundle_version"] = held.version
+        if basis.revoked:
+            out["revocations_checked"] = len(basis.revoked)
         out["assurance"] = "signed"
         return out
 
@@ -772,6 +777,7 @@ class _Basis:
     source: Any  # the Bundle to verify with, or a HeldSpiffeBundle (assurance "spiffe-bundle"), or None
     limits: PartnerLimits | None  # our policy's limits on every partner (partners only)
     expires: dict[str, int]  # the partner's held root, bundle and policy: their expiries (partners only)
+    revoked: dict[bytes, int]  # the domain's held revocation list: key digest -> revoked from
 
 
 def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:

@@ -127,7 +127,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from qhx_edge.core import agreements, staleness, suites, trust
 from qhx_edge.core.agreements import in_scope
 from qhx_edge.core.delegations import NodeCa, delegation_end, delegation_status, node_cas
-from qhx_edge.core.documents import Bundle, Delegation, Freshness, PartnerLimits, Policy, Staleness
+from qhx_edge.core.documents import Bundle, Delegation, Freshness, PartnerLimits, Policy, Revocation, Staleness
 from qhx_edge.core.errors import (
     BadSignature,
     ClockRollback,
@@ -137,6 +137,7 @@ from qhx_edge.core.errors import (
     NoAgreement,
     NotYetValid,
     PolicyDenied,
+    Revoked,
     ScopeViolation,
     Stale,
     StoreCorrupt,
@@ -285,6 +286,7 @@ class _Snapshot:
     cas: dict[int, NodeCa]
     delegation_end: int | None  # see delegation_end()
     observed: int = 0  # the latest time the node itself observed (Store.observed_time)
+    revoked_at: int | None = None  # when the domain revoked a key of our delegation, if it did
 
 
 def _b64(data: bytes) -> str:
@@ -474,6 +476,9 @@ def _load_snapshot(store: Store) -> _Snapshot:
     delegation = dl.payload if dl is not None and isinstance(dl.payload, Delegation) else None
     regs, ttls = _registrations(policy)
     home_bundle = domains[home].bundle if home in domains else None
+    rv = store.current(home, "revocation")
+    revoked = rv.payload.index() if rv is not None and isinstance(rv.payload, Revocation) else {}
+    own = _delegated_key_digests(delegation) if delegation is not None and revoked else []
     return _Snapshot(
         home=home,
         tolerance=int(info["clock_tolerance"]),
@@ -491,7 +496,24 @@ def _load_snapshot(store: Store) -> _Snapshot:
         delegation=delegation,
         cas=node_cas(delegation) if delegation is not None else {},
         delegation_end=delegation_end(delegation),
+        revoked_at=min((revoked[k] for k in own if k in revoked), default=None),
     )
+
+
+def _delegated_key_digests(delegation: Delegation) -> list[bytes]:
+    """How a revocation names the keys of a delegation: SHA-256 of each SubjectPublicKeyInfo."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    out = [hashlib.sha256(bytes(delegation.jwt_key["spki"])).digest()]
+    for der in delegation.x509_cas:
+        spki = (
+            x509.load_der_x509_certificate(der)
+            .public_key()
+            .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        )
+        out.append(hashlib.sha256(spki).digest())
+    return out
 
 
 _FINGERPRINT = (
@@ -764,6 +786,11 @@ class Issuer:
         assert end is not None
         if now >= end:
             raise Stale(f"node not attested: delegation v{d.version} expired at {end}; attest again")
+        if snap.revoked_at is not None and now >= snap.revoked_at:
+            raise Revoked(
+                f"this node's delegation v{d.version} was revoked by {snap.home} at {snap.revoked_at}: "
+                "nothing is issued with its keys"
+            )
         mode = self._modes(snap, now).home
         if mode.mode == staleness.EXPIRED:
             dom = snap.domains.get(snap.home)

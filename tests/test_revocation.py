@@ -1,0 +1,159 @@
+"""Revocation (issue 10, point 1): ``authority revoke-node`` / ``revoke-delegation`` publish a signed,
+cumulative ``revocation`` that nodes apply at once: chains through the revoked node's CA are refused
+as ``revoked`` by ``svid verify`` (docs/architecture.md, "Revocation").
+
+* Before the revocation a node verifies the other node's SVID; after the pack, ``revoked``.
+* A relay that holds the revocation back and passes the freshness on gets the freshness refused
+  (``mix-and-match``: the epoch names the revocation), so the node goes stale, never trusting.
+* An older revocation list after a newer one is ``rollback``.
+* A rotated pki role signs the list again: a node does not lose its revocations with the reset.
+* The revoked node's JWT key leaves the bundle; revoking an unknown node is ``malformed``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qhx_edge.core import documents as D  # noqa: N812
+from qhx_edge.core.errors import Revoked
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.homes import attestation, node
+from qhx_edge.issue.issuer import Issuer
+from qhx_edge.store import clock
+from tests.conftest import PASSPHRASE, Homes, make_homes, run_cli
+
+DOMAIN = "alpha.example"
+WORKLOAD = f"spiffe://{DOMAIN}/web"
+
+
+def _attest(h: Homes, home: Path) -> None:
+    auth, now = h.authority, clock.now()
+    token = attestation.create_join_token(auth, now, 600)
+    with node.Node(home, PASSPHRASE.encode) as n:
+        chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
+        docs = attestation.finish(auth, attestation.respond(n, chal, now), now)
+        n.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)
+
+
+def _setup(tmp: Path) -> tuple[Homes, Path, list[bytes]]:
+    """An authority, an attested issuing node (h.node_home) with a workload SVID, and a verifier node."""
+    h = make_homes(tmp, suite="hybrid")
+    now = clock.now()
+    regs = [{"spiffe_id": WORKLOAD, "selectors": ["unix:uid:1000"]}]
+    h.authority.publish_policy(policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}}), now)
+    _attest(h, h.node_home)
+    verifier = tmp / "V"
+    node.init(verifier, h.authority.anchor(), now, passphrase=PASSPHRASE.encode())
+    _carry(h, verifier)
+    with Issuer(h.node_home, PASSPHRASE.encode) as iss:
+        (issued,) = iss.x509_svids(frozenset({"unix:uid:1000"}))
+    return h, verifier, list(issued.cert_chain)
+
+
+def _carry(h: Homes, home: Path, *, drop: str | None = None) -> Any:
+    now = clock.now()
+    docs = [d for d in h.authority.export_documents() if drop is None or D.parse(d).type != drop]
+    with node.Node(home) as n:
+        try:
+            return n.import_pack(h.authority.export_pack(docs, now), now).to_json()
+        except node.ImportRejected as exc:
+            return exc.result.to_json()
+
+
+def _node_id(home: Path) -> str:
+    with node.Node(home) as n:
+        return n.node_id
+
+
+def _verify(home: Path, chain: list[bytes]) -> dict[str, Any]:
+    with node.Node(home) as n:
+        return n.verify_svid(chain, clock.now())
+
+
+def test_a_revoked_nodes_svids_are_refused_at_once(tmp_path: Path) -> None:
+    h, verifier, chain = _setup(tmp_path)
+    assert _verify(verifier, chain)["spiffe_id"] == WORKLOAD
+    published = h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
+    assert [D.parse(d).type for d in published] == ["revocation", "bundle", "freshness"]
+    report = _carry(h, verifier)
+    assert report["applied"], report
+    with pytest.raises(Revoked, match="revoked"):
+        _verify(verifier, chain)
+    # The command line says so too, with the stable kind.
+    pem = tmp_path / "chain.pem"
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    pem.write_bytes(b"".join(x509.load_der_x509_certificate(c).public_bytes(Encoding.PEM) for c in chain))
+    out = run_cli("--home", str(verifier), "--json", "svid", "verify", str(pem))
+    assert (out.code, out.json["error"]["kind"]) == (1, "revoked"), out.stdout
+    # Its JWT key left the bundle.
+    with node.Node(verifier) as n:
+        bundle = n.store.current(DOMAIN, "bundle")
+        revocation = n.store.current(DOMAIN, "revocation")
+    assert bundle is not None
+    assert revocation is not None
+    jwt_revoked = {r.key for r in revocation.payload.revoked if r.use == "jwt"}
+    import hashlib
+
+    assert not {hashlib.sha256(k["spki"]).digest() for k in bundle.payload.jwt_authorities} & jwt_revoked
+
+
+def test_a_held_back_revocation_holds_back_freshness(tmp_path: Path) -> None:
+    """A relay passes the new freshness on but drops the revocation: the epoch names the revocation,
+    so the freshness is refused and the node keeps trusting only until its old epoch runs out."""
+    h, verifier, chain = _setup(tmp_path)
+    h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
+    report = _carry(h, verifier, drop="revocation")
+    fresh = [d for d in report["documents"] if d.get("type") == "freshness" and d["report"].startswith("rejected")]
+    assert fresh, report["documents"]
+    assert fresh[-1]["report"] == "rejected:mix-and-match"
+    _carry(h, verifier)  # the whole pack: now it applies
+    with pytest.raises(Revoked):
+        _verify(verifier, chain)
+
+
+def test_an_older_revocation_list_is_rollback(tmp_path: Path) -> None:
+    h, verifier, _chain = _setup(tmp_path)
+    first = h.authority.revoke(clock.now(), delegation=1)[0]
+    _carry(h, verifier)
+    h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
+    _carry(h, verifier)
+    with node.Node(verifier) as n:
+        now = clock.now()
+        try:
+            n.import_pack(h.authority.export_pack([first], now), now)
+            raise AssertionError("an older revocation list was taken")
+        except node.ImportRejected as exc:
+            assert exc.kind == "rollback"
+
+
+def test_a_pki_rotation_keeps_the_revocations(tmp_path: Path) -> None:
+    h, verifier, chain = _setup(tmp_path)
+    h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
+    _carry(h, verifier)
+    h.authority.rotate_root(clock.now(), root_keys=None, root_threshold=None, roles=("pki",))
+    report = _carry(h, verifier)
+    assert report["applied"], report
+    with pytest.raises(Revoked):
+        _verify(verifier, chain)
+
+
+def test_revoking_what_was_never_delegated_is_malformed(tmp_path: Path) -> None:
+    h = make_homes(tmp_path, suite="classical")
+    out = run_cli("--home", str(h.a), "--json", "authority", "revoke-node", "no-such-node")
+    assert (out.code, out.json["error"]["kind"]) == (1, "malformed"), out.stdout
+    out = run_cli("--home", str(h.a), "--json", "authority", "revoke-delegation", "7")
+    assert (out.code, out.json["error"]["kind"]) == (1, "malformed"), out.stdout
+
+
+def test_a_revoked_node_issues_nothing(tmp_path: Path) -> None:
+    """The revoked node itself, once it holds the revocation, stops issuing with the revoked keys."""
+    h, _verifier, _chain = _setup(tmp_path)
+    h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
+    _carry(h, h.node_home)
+    with Issuer(h.node_home, PASSPHRASE.encode) as iss, pytest.raises(Revoked, match="revoked"):
+        iss.x509_svids(frozenset({"unix:uid:1000"}))
