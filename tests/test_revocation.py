@@ -122,9 +122,10 @@ def test_an_older_revocation_list_is_rollback(tmp_path: Path) -> None:
     _carry(h, verifier)
     h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
     _carry(h, verifier)
+    now = clock.now()
+    older = h.authority.export_pack([first], now)
     with node.Node(verifier) as n, pytest.raises(node.ImportRejected) as refused:
-        now = clock.now()
-        n.import_pack(h.authority.export_pack([first], now), now)
+        n.import_pack(older, now)
     assert refused.value.kind == "rollback"
 
 
