@@ -155,3 +155,39 @@ def test_a_revoked_node_issues_nothing(tmp_path: Path) -> None:
     _carry(h, h.node_home)
     with Issuer(h.node_home, PASSPHRASE.encode) as iss, pytest.raises(Revoked, match="revoked"):
         iss.x509_svids(frozenset({"unix:uid:1000"}))
+
+
+def test_a_partner_that_releases_its_revocations_gets_them_applied(tmp_path: Path) -> None:
+    """beta releases its revocations to alpha (``--partner-release revocation``): a beta node's SVID
+    that alpha's node verified under the agreement is ``revoked`` there once beta's release pack
+    (revocation first) is imported; alpha's node then needs beta's revocation for beta's freshness."""
+    from tests.test_federation import ALPHA, BETA, TERMS, agree, authority, ok
+
+    beta = make_homes(tmp_path / "beta", suite="classical", domain=BETA)
+    now = clock.now()
+    regs = [{"spiffe_id": f"spiffe://{BETA}/ns/logistics/api", "selectors": ["unix:uid:1000"]}]
+    beta.authority.publish_policy(policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}}), now)
+    _attest(beta, beta.node_home)
+    with Issuer(beta.node_home, PASSPHRASE.encode) as iss:
+        (issued,) = iss.x509_svids(frozenset({"unix:uid:1000"}))
+    chain = list(issued.cert_chain)
+    b_anchor = tmp_path / "beta-root.cbor"
+    fp = ok("--home", beta.a, "--json", "authority", "anchor", "--to", b_anchor)["fingerprint"]
+    a = authority(tmp_path, "A", ALPHA)
+    releases = ("--partner-release", "bundle", "--partner-release", "freshness", "--partner-release", "revocation")
+    agree(tmp_path, a, (beta.a, b_anchor, fp), BETA, *TERMS, *releases)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+
+    def carry() -> None:
+        ok("--home", a[0], "--json", "pack", "export", "--to", tmp_path / "a.pack")
+        ok("--home", n, "--json", "pack", "import", tmp_path / "a.pack")
+        ok("--home", beta.a, "--json", "pack", "export", "--partner", ALPHA, "--to", tmp_path / "b.pack")
+        ok("--home", n, "--json", "pack", "import", tmp_path / "b.pack")
+
+    carry()
+    assert _verify(n, chain)["relation"] == "partner"
+    beta.authority.revoke(clock.now(), node_id=_node_id(beta.node_home))
+    carry()
+    with pytest.raises(Revoked):
+        _verify(n, chain)

@@ -57,7 +57,12 @@ from qhx_edge.core.spiffe import parse_spiffe_id, trust_domain_id
 from qhx_edge.core.trust import Checker, Limits, Mark, Outcome, TrustState, Verdict, check_role
 
 # Which release term lets each document type of a partner in (the root chain always may).
-RELEASE_OF_TYPE = {"bundle": ("bundle",), "freshness": ("freshness",), "policy": ("policy", "policy:authorization")}
+RELEASE_OF_TYPE = {
+    "bundle": ("bundle",),
+    "freshness": ("freshness",),
+    "policy": ("policy", "policy:authorization"),
+    "revocation": ("revocation",),
+}
 
 
 def fingerprint(raw: bytes) -> str:
@@ -625,7 +630,10 @@ def verify_batch(
             floor = adoc.payload.version
             rest = [(i, d) for i, d in rest if i != ai]
             anchors[partner] = av
-        view = dataclasses.replace(view, epoch_types=("bundle",))
+        # A partner's epoch must find its bundle; its revocation list too where the partner releases it
+        # (then a relay cannot pass the partner's freshness on and hold its revocations back).
+        wanted = ("bundle", "revocation") if released(agreement, partner, "revocation") else ("bundle",)
+        view = dataclasses.replace(view, epoch_types=wanted)
         todo = []
         for i, doc in rest:
             if isinstance(doc.payload, Root) and floor is not None and doc.payload.version < floor:

@@ -335,6 +335,8 @@ def released_to(auth: Authority, partner: str, now: int) -> list[bytes]:
     release = doc.payload.terms[auth.domain].release
     roots = [auth.published("root", v) for v in range(1, int(auth.state["versions"]["root"]) + 1)]
     out = [*roots, doc.raw]
+    if "revocation" in release and int(auth.state["versions"].get("revocation", 0)):
+        out.append(auth.current("revocation"))  # first after the roots and agreement: the most urgent
     for t in ("bundle", "freshness"):
         if t in release:
             out.append(auth.current(t))
