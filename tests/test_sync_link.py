@@ -163,3 +163,79 @@ def test_the_command_line_listens_and_dials(tmp_path: Path) -> None:
     assert _held(h.node_home) == _held(other)
     closed = run_cli("--home", str(other), "--json", "sync", "dial", where)
     assert (closed.code, closed.json["error"]["kind"]) == (3, "unreachable"), closed.stdout
+
+
+def test_serve_keeps_nodes_in_sync_and_reports_it(tmp_path: Path) -> None:
+    """Two ``qhx-edge serve`` processes, one accepting sync links and one dialling it every second:
+    the behind node catches up, then takes a revocation the other imported while both run; ``sync
+    status`` shows the peer; with the listener gone, the dialler reports ``unreachable`` and backs off."""
+    import json
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import _cli_env, run_cli
+
+    h, other = _two_nodes(tmp_path)
+
+    def start(home: Path, name: str, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any], Path]:
+        log = tmp_path / f"{name}.log"
+        cmd = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(home), "serve", "--socket",
+               str(tmp_path / f"{name}.sock"), *args]  # fmt: skip
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, log.read_text()
+        return proc, json.loads(proc.stdout.readline()), log
+
+    def stop(proc: subprocess.Popen[str]) -> int:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(30)
+        finally:
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def until(check: Any, what: str, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    listener, info, _log1 = start(h.node_home, "n1", "--sync-listen", "127.0.0.1:0")
+    dialler = None
+    try:
+        where = info["sync"]["listening"]
+        dialler, _info2, log2 = start(other, "n2", "--sync-peer", where, "--sync-interval", "1s")
+        until(lambda: _held(other) == _held(h.node_home), "the behind node never caught up")
+        # The authority revokes a third node; only the listening node imports it: it reaches the other
+        # by sync.  (A revoked node itself cannot sync at all: its issuer mints it no sync identity.)
+        third = tmp_path / "N3"
+        node.init(third, h.authority.anchor(), clock.now(), passphrase=PASSPHRASE.encode())
+        _attest(h, third)
+        with node.Node(third) as n:
+            revoked_id = n.node_id
+        h.authority.revoke(clock.now(), node_id=revoked_id)
+        now = clock.now()
+        with node.Node(h.node_home) as n:
+            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+        until(lambda: "revocation" in _held(other)["alpha.example"], "the revocation never reached the other node")
+        status = run_cli("--home", str(other), "--json", "sync", "status").json
+        (peer,) = status["peers"]
+        assert peer["peer"] == where
+        assert peer["contacts"] >= 2
+        with node.Node(h.node_home) as n:
+            assert peer["node_id"] == n.node_id
+        assert stop(listener) == 0
+        until(lambda: "unreachable" in log2.read_text(), "the dialler never reported the lost peer")
+        status = run_cli("--home", str(other), "--json", "sync", "status").json
+        assert status["peers"][0]["failures"] >= 1
+        assert status["peers"][0]["last_error"].startswith("unreachable")
+    finally:
+        stop(listener)
+        if dialler is not None:
+            assert stop(dialler) == 0

@@ -62,6 +62,15 @@ def _address(value: str) -> tuple[str, int]:
     is_flag=True,
     help="Serve only authorities classical SPIFFE software reads (no ML-DSA): for SPIRE and go-spiffe.",
 )
+@click.option("--sync-listen", "sync_listen", metavar="HOST:PORT", help="Accept sync links here.")
+@click.option(
+    "--sync-peer",
+    "sync_peers",
+    metavar="HOST:PORT",
+    multiple=True,
+    help="Keep syncing with this node (repeat for several): every --sync-interval, backing off while unreachable.",
+)
+@click.option("--sync-interval", default="60s", show_default=True, help="How often to sync with each peer.")
 @click.option(
     "--fetch-partners",
     is_flag=True,
@@ -78,6 +87,9 @@ def serve(
     key: Path | None,
     path: str,
     classical: bool,
+    sync_listen: str | None,
+    sync_peers: tuple[str, ...],
+    sync_interval: str,
     fetch_partners: bool,
 ) -> None:
     """Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.
@@ -133,12 +145,36 @@ def serve(
 
             info["bundle_endpoint"]["spiffe_id"] = leaf_spiffe_id(server.credential.chain[0])
         text += f"\nserving the SPIFFE bundle endpoint at {url} ({profile})"
+    sync_service = None
+    if sync_listen is not None or sync_peers:
+        from qhx_edge.core.policyfile import duration
+        from qhx_edge.homes.sync_link import SyncService
+
+        service = SyncService(
+            home,
+            ctx.passphrase,
+            listen_on=_address(sync_listen) if sync_listen is not None else None,
+            peers=[_address(p) for p in sync_peers],
+            interval=float(duration(sync_interval, "--sync-interval")),
+            report=_report_sync,
+        )
+        bound = service.start()
+        sync_service = service
+        info["sync"] = {"peers": list(sync_peers)}
+        if bound is not None:
+            shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            info["sync"]["listening"] = f"{shown_host}:{bound[1]}"
+            text += f"\naccepting sync links on {shown_host}:{bound[1]}"
+        if sync_peers:
+            text += f"\nsyncing with {', '.join(sync_peers)}"
     pollers = _start_pollers(home, info) if fetch_partners else None
     if pollers is not None:
         text += f"\nfetching the bundle endpoints of {', '.join(info['fetching']) or 'no partner (none recorded)'}"
     try:
         workload_api.serve_forever(lambda: Issuer(home, ctx.passphrase), sock, on_ready=lambda: ctx.emit(info, text))
     finally:
+        if sync_service is not None:
+            sync_service.stop()
         if pollers is not None:
             stop, threads = pollers
             stop.set()
@@ -178,3 +214,11 @@ def _start_pollers(home: Path, info: dict[str, Any]) -> tuple[Any, list[Any]]:
         t.start()
         threads.append(t)
     return stop, threads
+
+
+def _report_sync(peer: str, result: Any) -> None:
+    """One JSON line per sync contact on stderr (stdout carries the server's ready line)."""
+    import json
+    import sys
+
+    print(json.dumps({"sync": {"peer_address": peer, **result.to_json()}}, sort_keys=True), file=sys.stderr, flush=True)

@@ -111,3 +111,36 @@ def sync_dial(ctx: Ctx, address: str) -> None:
     if result.failure is not None:
         raise result.failure
     _line(ctx, address, result)
+
+
+@sync_group.command("status")
+@pass_ctx
+def sync_status(ctx: Ctx) -> None:
+    """Each sync peer: its node, the last attempt and contact, the last error, documents and bytes.
+
+    \b
+    Example:
+      qhx-edge --home N --json sync status
+    """
+    from qhx_edge.homes.node import Node
+    from qhx_edge.store import clock
+
+    with Node(ctx.home) as n:
+        peers = n.store.sync_peers()
+        summary = n.summary()
+    out = {"now": clock.now(), "peers": peers, "held": summary["domains"]}
+
+    def text() -> str:
+        if not peers:
+            return "no sync peer yet"
+        lines = []
+        for p in peers:
+            state = f"last error {p['last_error']}" if p["last_error"] else "ok"
+            lines.append(
+                f"{p['peer']} ({p['node_id'] or 'unknown node'}): {state}; last contact {p['last_contact']}, "
+                f"{p['contacts']} contacts, {p['failures']} failures, {p['received']} received, {p['sent']} sent, "
+                f"{p['bytes_in']} B in, {p['bytes_out']} B out"
+            )
+        return "\n".join(lines)
+
+    ctx.emit(out, text)

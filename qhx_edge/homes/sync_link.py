@@ -182,3 +182,141 @@ async def listen(
         task_status.started((str(sockname[0]), int(sockname[1])))
         await done.wait()
         nursery.cancel_scope.cancel()
+
+
+# --- the long-running side: serve --sync-listen / --sync-peer ---------------------------------------
+
+FIRST_RETRY = 5.0
+MAX_RETRY = 300.0
+DEFAULT_INTERVAL = 60.0
+
+
+def next_retry(failures: int, *, first: float = FIRST_RETRY, cap: float = MAX_RETRY, jitter: float = 0.5) -> float:
+    """Seconds before the next attempt after ``failures`` failures in a row: doubling from ``first``,
+    capped, with up to ``jitter`` of it taken off at random (peers cut off together do not all come
+    back in step)."""
+    import random
+
+    base = min(cap, first * 2 ** max(0, failures - 1))
+    return float(base * (1 - jitter * random.random()))  # noqa: S311 - spreading retries, not a secret
+
+
+def record(home: Path, peer: str, result: ContactResult) -> None:
+    """Keep a contact's outcome for ``sync status`` (the node's store, bookkeeping only)."""
+    from qhx_edge.homes.node import Node
+
+    with Node(home) as n:
+        n.store.record_sync(peer, clock.now(), result.to_json())
+
+
+async def keep_dialling(
+    home: Path,
+    host: str,
+    port: int,
+    credential: Callable[[], tls.Credential],
+    *,
+    interval: float = DEFAULT_INTERVAL,
+    report: Callable[[str, ContactResult], None] = lambda peer, result: None,
+) -> None:
+    """Dial one peer for ever: a contact every ``interval`` seconds while the link works, retries with
+    capped exponential backoff and jitter while it does not.  Runs until cancelled; a peer that
+    cannot be reached only ever delays itself (each peer is its own task)."""
+    where = f"{host}:{port}"
+    memory = PeerMemory()
+    failures = 0
+    while True:
+        try:
+            cred = await trio.to_thread.run_sync(credential)
+        except QhxError as exc:
+            result = ContactResult()
+            result.fail(exc)
+        else:
+            result = await dial(home, host, port, cred, memory=memory)
+        await trio.to_thread.run_sync(record, home, where, result)
+        report(where, result)
+        failures = 0 if result.complete else failures + 1
+        await trio.sleep(interval if failures == 0 else next_retry(failures))
+
+
+class SyncService:
+    """``serve``'s sync side: a listener and a dialler per peer, on a trio loop in a thread of its own
+    (beside the Workload API's), every contact recorded for ``sync status``."""
+
+    def __init__(
+        self,
+        home: Path,
+        get_passphrase: Callable[[], bytes],
+        *,
+        listen_on: tuple[str, int] | None,
+        peers: list[tuple[str, int]],
+        interval: float = DEFAULT_INTERVAL,
+        report: Callable[[str, ContactResult], None] = lambda peer, result: None,
+    ) -> None:
+        import threading
+
+        self.home, self.listen_on, self.peers, self.interval = home, listen_on, peers, interval
+        self.report = report
+        self.credential = SyncCredential(home, get_passphrase)
+        self.address: tuple[str, int] | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+
+    def start(self) -> tuple[str, int] | None:
+        """Start; the listener's bound address (None without one), or the error that stopped the start."""
+        import threading
+
+        self.credential()  # no sync identity: say so at once
+        self._thread = threading.Thread(target=self._run, name="qhx-sync", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self.address
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # handed to start(), or ended with the server
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            if not self._ready.is_set():
+                self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+
+        def heard(peer: str, result: ContactResult) -> None:
+            record(self.home, peer, result)
+            self.report(peer, result)
+
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            async with trio.open_nursery() as nursery:
+                if self.listen_on is not None:
+                    host, port = self.listen_on
+                    self.address = await nursery.start(
+                        functools.partial(listen, self.home, host, port, self.credential, on_contact=heard)
+                    )
+                for host, port in self.peers:
+                    nursery.start_soon(
+                        functools.partial(
+                            keep_dialling, self.home, host, port, self.credential,
+                            interval=self.interval, report=self.report,
+                        )
+                    )  # fmt: skip
+                self._ready.set()
+
+    def stop(self) -> None:
+        import contextlib
+
+        if self._token is not None and self._scope is not None and self._thread is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
+            self._thread.join(timeout=30)
+        self.credential.close()

@@ -264,13 +264,31 @@ MIGRATIONS: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
     # last time an authenticated fetch returned the held bundle unchanged, which then counts as its
     # freshness time (a replayed *file* never does: only a fetch over an authenticated channel).
     _bundle_endpoints,
+    # 11: sync peers (docs/architecture.md "Sync links"): per peer (the address dialled, or the address a
+    # peer dialled from), its node id, the last attempt and contact, the last error, and running
+    # counts.  Bookkeeping for `sync status`, not trust state.
+    """
+    CREATE TABLE IF NOT EXISTS sync_peers (
+        peer TEXT PRIMARY KEY,
+        node_id TEXT,
+        last_attempt INTEGER NOT NULL,
+        last_contact INTEGER,
+        last_error TEXT,
+        contacts INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        received INTEGER NOT NULL DEFAULT 0,
+        sent INTEGER NOT NULL DEFAULT 0,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        bytes_out INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 # Bookkeeping, not belief: the audit log, which packs and files were seen, and
 # export counters.  A no-op import may record a pack; it must not look like a
 # change of trust.
 NOT_TRUST_STATE = frozenset(
-    {"audit", "audit_checkpoints", "watched_files", "packs_seen", "exports", "observed", "generation"}
+    {"audit", "audit_checkpoints", "watched_files", "packs_seen", "exports", "observed", "generation", "sync_peers"}
 )
 
 
@@ -562,6 +580,34 @@ class Store(SqliteFile):
             "ca_pem": None if ca_pem is None else bytes(ca_pem),
             "set_at": int(set_at),
         }
+
+    def record_sync(self, peer: str, at: int, result: dict[str, Any]) -> None:
+        """One contact's outcome for ``sync status`` (``ContactResult.to_json``), in its own transaction."""
+        ok = result.get("complete") and result.get("error") is None
+        error = result.get("error") or {}
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT INTO sync_peers (peer, last_attempt) VALUES (?, ?) "
+                "ON CONFLICT (peer) DO UPDATE SET last_attempt = excluded.last_attempt",
+                (peer, at),
+            )
+            conn.execute(
+                "UPDATE sync_peers SET node_id = coalesce(?, node_id), last_contact = CASE WHEN ? THEN ? "
+                "ELSE last_contact END, last_error = ?, contacts = contacts + ?, failures = failures + ?, "
+                "received = received + ?, sent = sent + ?, bytes_in = bytes_in + ?, bytes_out = bytes_out + ? "
+                "WHERE peer = ?",
+                (
+                    result.get("peer"), ok, at, None if ok else f"{error.get('kind')}: {error.get('message')}",
+                    1 if ok else 0, 0 if ok else 1, result.get("received", 0), result.get("sent", 0),
+                    result.get("bytes_in", 0), result.get("bytes_out", 0), peer,
+                ),
+            )  # fmt: skip
+
+    def sync_peers(self) -> list[dict[str, Any]]:
+        cols = ("peer", "node_id", "last_attempt", "last_contact", "last_error", "contacts", "failures",
+                "received", "sent", "bytes_in", "bytes_out")  # fmt: skip
+        rows = self.conn.execute(f"SELECT {', '.join(cols)} FROM sync_peers ORDER BY peer")  # noqa: S608
+        return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def bundle_endpoint_domains(self) -> list[str]:
         """The partners whose bundle endpoint is recorded (``serve --fetch-partners`` polls each)."""
