@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,72 @@ def test_serve_keeps_nodes_in_sync_and_reports_it(tmp_path: Path) -> None:
         stop(listener)
         if dialler is not None:
             assert stop(dialler) == 0
+
+
+def test_a_proxy_that_cuts_a_large_transfer_costs_at_most_a_chunk_per_cut(tmp_path: Path) -> None:
+    """A TCP proxy between two nodes cuts the TLS link three times in the middle of a large policy;
+    the dialler keeps what arrived (its PeerMemory) and the fourth contact completes.  Document bytes
+    received again are at most one chunk per cut."""
+    from qhx_edge.core import sync
+    from qhx_edge.homes.sync_session import PeerMemory, answer, catalog, inventory
+
+    h, other = _two_nodes(tmp_path)
+    regs = [*REGISTRATIONS, *({"spiffe_id": f"spiffe://alpha.example/w/{i:05d}", "selectors": [f"unix:uid:{i}"]}
+                             for i in range(3000))]  # fmt: skip
+    now = clock.now()
+    h.authority.publish_policy(policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}}), now)
+    with node.Node(h.node_home) as n:
+        n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+        cat = catalog(n.export_documents(history=True))
+    with node.Node(other) as n:
+        lacking = inventory(catalog(n.export_documents(history=True)))
+    needed = sum(len(o.raw) for o in answer(cat, tuple((d, t, lacking.get((d, t), 0)) for d, t in cat)))
+    assert needed > 8 * sync.CHUNK
+    credential = _credential(other)
+    memory = PeerMemory()
+
+    async def main() -> list[Any]:
+        results: list[Any] = []
+        server_credential = SyncCredential(h.node_home, PASSPHRASE.encode)
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                lambda task_status: listen(h.node_home, "127.0.0.1", 0, server_credential, task_status=task_status)
+            )
+            for budget in (3 * sync.CHUNK, 3 * sync.CHUNK, 3 * sync.CHUNK, 10**9):
+                proxy = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                proxy_port = proxy[0].socket.getsockname()[1]
+
+                async def relay(down: trio.SocketStream, budget: int = budget) -> None:
+                    up = await trio.open_tcp_stream(host, port)
+                    left = [budget]  # bytes the proxy passes towards the dialler before it cuts
+
+                    async def pump(src: Any, dst: Any, counted: bool) -> None:
+                        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                            while data := await src.receive_some(4096):
+                                if counted:
+                                    if left[0] <= 0:
+                                        break
+                                    data = data[: left[0]]
+                                    left[0] -= len(data)
+                                await dst.send_all(data)
+                        nursery2.cancel_scope.cancel()
+
+                    async with trio.open_nursery() as nursery2:
+                        nursery2.start_soon(pump, up, down, True)
+                        nursery2.start_soon(pump, down, up, False)
+                    await trio.aclose_forcefully(up)
+                    await trio.aclose_forcefully(down)
+
+                async with trio.open_nursery() as pn:
+                    pn.start_soon(functools.partial(trio.serve_listeners, relay, proxy))
+                    results.append(await dial(other, "127.0.0.1", proxy_port, credential, memory=memory))
+                    pn.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+        server_credential.close()
+        return results
+
+    results = trio.run(main)
+    assert [r.complete for r in results] == [False, False, False, True], [r.error for r in results]
+    assert _held(other) == _held(h.node_home)
+    received = sum(r.bytes_in for r in results)  # sync-level bytes, inside TLS
+    assert received <= needed + 3 * sync.CHUNK + 8 * 1024, (received, needed)
