@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +310,51 @@ def test_a_proxy_that_cuts_a_large_transfer_costs_at_most_a_chunk_per_cut(tmp_pa
     assert _held(other) == _held(h.node_home)
     received = sum(r.bytes_in for r in results)  # sync-level bytes, inside TLS
     assert received <= needed + 3 * sync.CHUNK + 8 * 1024, (received, needed)
+
+
+def test_two_hundred_concurrent_peers_against_one_node(tmp_path: Path) -> None:
+    """200 sync links at once against one listening node (each dialled by the behind node, so all 200
+    contacts also import concurrently into one store): every contact completes, the behind node
+    converges, the listener's memory stays bounded and its descriptors are released afterwards."""
+    import gc
+    import resource
+
+    h, other = _two_nodes(tmp_path)
+    credential = _credential(other)
+    peers = 200
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def main() -> tuple[list[Any], list[Any], int, int]:
+        seen: list[Any] = []
+        server_credential = SyncCredential(h.node_home, PASSPHRASE.encode)
+        before = fds()
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                lambda task_status: listen(
+                    h.node_home, "127.0.0.1", 0, server_credential, contacts=peers,
+                    on_contact=lambda p, r: seen.append(r), task_status=task_status,
+                )
+            )  # fmt: skip
+            mine: list[Any] = []
+
+            async def one() -> None:
+                mine.append(await dial(other, host, port, credential))
+
+            async with trio.open_nursery() as dialers:
+                for _ in range(peers):
+                    dialers.start_soon(one)
+        server_credential.close()
+        gc.collect()
+        return seen, mine, before, fds()
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seen, mine, fds_before, fds_after = trio.run(main)
+    rss_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert len(seen) == len(mine) == peers
+    assert all(r.complete for r in seen), [r.error for r in seen if not r.complete][:3]
+    assert all(r.complete for r in mine), [r.error for r in mine if not r.complete][:3]
+    assert _held(other) == _held(h.node_home)
+    assert fds_after <= fds_before + 2, (fds_before, fds_after)  # every socket and store closed
+    assert rss_growth_mib < 400, rss_growth_mib  # both sides of 200 links in this one process
