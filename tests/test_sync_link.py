@@ -358,3 +358,38 @@ def test_two_hundred_concurrent_peers_against_one_node(tmp_path: Path) -> None:
     assert _held(other) == _held(h.node_home)
     assert fds_after <= fds_before + 2, (fds_before, fds_after)  # every socket and store closed
     assert rss_growth_mib < 400, rss_growth_mib  # both sides of 200 links in this one process
+
+
+def test_a_listener_serves_a_bounded_number_of_links(tmp_path: Path, monkeypatch: Any) -> None:
+    """Connections that never finish a handshake hold a slot until the handshake deadline; beyond the
+    cap a connection is closed at once (no task, no TLS state, no store), so stalled peers cannot
+    exhaust the listener's memory or descriptors."""
+    from qhx_edge.homes import sync_link
+
+    h, _other = _two_nodes(tmp_path)
+    monkeypatch.setattr(sync_link, "MAX_CONNECTIONS", 2)
+    monkeypatch.setattr(sync_link, "HANDSHAKE_TIMEOUT", 2.0)
+
+    async def main() -> tuple[bytes, list[Any]]:
+        seen: list[Any] = []
+        server_credential = SyncCredential(h.node_home, PASSPHRASE.encode)
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                lambda task_status: listen(
+                    h.node_home, "127.0.0.1", 0, server_credential, contacts=2,
+                    on_contact=lambda p, r: seen.append(r), task_status=task_status,
+                )
+            )  # fmt: skip
+            stalled = [await trio.open_tcp_stream(host, port) for _ in range(2)]
+            await trio.sleep(0.3)
+            third = await trio.open_tcp_stream(host, port)
+            with trio.fail_after(5):
+                closed = await third.receive_some(100)  # closed at once: end of stream
+            for s in [*stalled, third]:
+                await s.aclose()
+        server_credential.close()
+        return bytes(closed), seen
+
+    closed, seen = trio.run(main)
+    assert closed == b""
+    assert [r.error["kind"] for r in seen] == ["unreachable", "unreachable"]  # the two stalled, timed out

@@ -2,10 +2,10 @@
 ``qhx-edge serve`` processes over links that go down and up (issue 10 acceptance).
 
 Topology, a line: ``n1 ─(10.77.1.0/24, 1 Mbit/s by tbf)─ n2 ─(10.77.2.0/24)─ n3``; n2 is .2 on the
-first link and .1 on the second.  n2 accepts sync links; n1 and n3 dial it every second.  The authority's documents reach n1 alone (a courier); n2
-and n3 get them by sync, store and forward.  Then the n2-n3 link goes down, the authority revokes a
-node during the partition, and n1 and n2 take the revocation; when the link comes back up, n3 applies
-it at its first contact.
+first link and .1 on the second.  n2 accepts sync links; n1 and n3 dial it every second.  The
+authority's documents reach n1 alone (a courier); n2 and n3 get them by sync, store and forward.
+Then the n2-n3 link goes down, the authority revokes a node during the partition, and n1 and n2
+take the revocation; when the link comes back up, n3 applies it at its first contact.
 
 Lossy links (``tc netem``) are not tested here: this machine's kernel has no ``sch_netem`` (``tc``
 answers "Specified qdisc kind is unknown"); slow links use ``tbf``, which it has.

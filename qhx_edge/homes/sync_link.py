@@ -37,6 +37,8 @@ SYNC_SELECTOR = "qhx-edge:sync"
 
 HANDSHAKE_TIMEOUT = 30.0
 CONTACT_TIMEOUT = 600.0
+MAX_CONNECTIONS = 256  # sync links a listener serves at once; more are closed at once
+MAX_PEER_MEMORIES = 256  # peers whose unfinished transfers a listener keeps
 
 
 def sync_ids(policy: Policy) -> frozenset[str]:
@@ -143,11 +145,16 @@ async def listen(
     listeners = await trio.open_tcp_listeners(port, host=host)
     sockname = listeners[0].socket.getsockname()
     ended = 0
+    active = 0
     done = trio.Event()
     memories: dict[str, PeerMemory] = {}
 
     async def handle(tcp: trio.SocketStream) -> None:
-        nonlocal ended
+        nonlocal ended, active
+        if active >= MAX_CONNECTIONS:  # no task, no TLS, no store for a connection over the cap
+            await trio.aclose_forcefully(tcp)
+            return
+        active += 1
         try:
             where = "{}:{}".format(*tcp.socket.getpeername()[:2])
         except OSError:
@@ -166,13 +173,20 @@ async def listen(
                 await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}", error)
                 return
             async with stream:
-                memory = memories.setdefault(where.rsplit(":", 1)[0], PeerMemory())
-                result = await contact(home, stream, memory=memory, now=now, source=f"sync {where}")
+                address = where.rsplit(":", 1)[0]
+                if address not in memories and len(memories) >= MAX_PEER_MEMORIES:
+                    del memories[next(iter(memories))]  # the oldest: it only costs that peer a resend
+                memory = memories.setdefault(address, PeerMemory())
+                result = await contact(
+                    home, stream, memory=memory, now=now, source=f"sync {where}", timeout=CONTACT_TIMEOUT
+                )
         except PolicyDenied as exc:  # we have no sync identity ourselves
             result.fail(exc)
             await trio.aclose_forcefully(tcp)
         finally:
-            on_contact(where, result)
+            active -= 1
+            with trio.CancelScope(shield=True):  # recorded (SQLite) off the event loop, even when cancelled
+                await trio.to_thread.run_sync(on_contact, where, result)
             ended += 1
             if ended >= contacts:
                 done.set()
