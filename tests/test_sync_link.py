@@ -393,3 +393,53 @@ def test_a_listener_serves_a_bounded_number_of_links(tmp_path: Path, monkeypatch
     closed, seen = trio.run(main)
     assert closed == b""
     assert [r.error["kind"] for r in seen] == ["unreachable", "unreachable"]  # the two stalled, timed out
+
+
+def _revoke(h: Homes, victim: Path, *into: Path) -> None:
+    with node.Node(victim) as n:
+        victim_id = n.node_id
+    h.authority.revoke(clock.now(), node_id=victim_id)
+    now = clock.now()
+    for home in into:
+        with node.Node(home) as n:
+            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+
+
+def test_a_revoked_node_cannot_sync_even_with_an_svid_minted_before(tmp_path: Path) -> None:
+    """Review finding: the peer check did not consult the revocation list, so a revoked (compromised)
+    node holding its sync SVID synced on.  Now it is refused as revoked, audited, and gets nothing."""
+    h, other = _two_nodes(tmp_path)
+    stolen = _credential(other)  # minted before the revocation
+    _revoke(h, other, h.node_home)
+    before = _held(other)
+    theirs, mine = trio.run(_run, h.node_home, other, stolen)
+    assert theirs.error["kind"] == "revoked", theirs.error
+    assert mine.error is not None
+    assert _held(other) == before
+    assert any(e["kind"] == "revoked" for e in _audit(h.node_home))
+
+
+def test_a_listener_that_cannot_serve_refuses_links_and_lives_on(tmp_path: Path) -> None:
+    """Review finding: an error while setting up one link (here the listening node itself is revoked,
+    so its issuer mints no sync identity) ended the whole listener and the service with it."""
+    h, other = _two_nodes(tmp_path)
+    credential = _credential(other)
+    _revoke(h, h.node_home, h.node_home)
+
+    async def main() -> list[Any]:
+        seen: list[Any] = []
+        server_credential = SyncCredential(h.node_home, PASSPHRASE.encode)
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                lambda task_status: listen(
+                    h.node_home, "127.0.0.1", 0, server_credential, contacts=2,
+                    on_contact=lambda p, r: seen.append(r), task_status=task_status,
+                )
+            )  # fmt: skip
+            for _ in range(2):  # the listener answers both (and ends after 2 contacts, as asked)
+                await dial(other, host, port, credential)
+        server_credential.close()
+        return seen
+
+    seen = trio.run(main)
+    assert [r.error["kind"] for r in seen] == ["revoked", "revoked"]

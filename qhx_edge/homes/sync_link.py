@@ -16,7 +16,9 @@ that carries one contact of :mod:`qhx_edge.homes.sync_session`:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -26,10 +28,12 @@ import trio
 
 from qhx_edge.core import svid
 from qhx_edge.core.documents import Bundle, Policy
-from qhx_edge.core.errors import PolicyDenied, QhxError, ScopeViolation, UnknownDomain, Unreachable
+from qhx_edge.core.errors import QhxError, ScopeViolation, UnknownDomain, Unreachable
 from qhx_edge.homes.sync_session import ContactResult, PeerMemory, contact
 from qhx_edge.links import tls
 from qhx_edge.store import clock
+
+log = logging.getLogger(__name__)
 
 SYNC_SELECTOR = "qhx-edge:sync"
 """The selector of the registration that gives a node its sync identity.  No workload presents it
@@ -55,10 +59,13 @@ def peer_verifier(home: Path, *, now: Callable[[], int] = clock.now) -> tls.Peer
         with Node(home) as n:
             bundle = n.store.current(n.domain, "bundle")
             policy = n.store.current(n.domain, "policy")
+            revocation = n.store.current(n.domain, "revocation")
             domain = n.domain
         if bundle is None or not isinstance(bundle.payload, Bundle):
             raise UnknownDomain(f"this node holds no bundle of {domain} to check a sync peer with")
-        got = svid.verify_x509_svid(chain, bundle.payload.x509_authorities, now())
+        revoked = revocation.payload.index() if revocation is not None else {}
+        # A revoked node may still hold a sync SVID (or mint one with its CA key): refused (revoked).
+        got = svid.verify_x509_svid(chain, bundle.payload.x509_authorities, now(), revoked)
         allowed = sync_ids(policy.payload) if policy is not None and isinstance(policy.payload, Policy) else frozenset()
         if got not in allowed:
             raise ScopeViolation(f"{got} is not a sync identity of {domain} (the policy registers {sorted(allowed)})")
@@ -180,13 +187,20 @@ async def listen(
                 result = await contact(
                     home, stream, memory=memory, now=now, source=f"sync {where}", timeout=CONTACT_TIMEOUT
                 )
-        except PolicyDenied as exc:  # we have no sync identity ourselves
+        except QhxError as exc:  # we cannot serve now (no sync identity, revoked, a locked store): this link only
             result.fail(exc)
+            await trio.aclose_forcefully(tcp)
+        except Exception as exc:  # one connection must never end the listener
+            log.exception("sync link from %s failed", where)
+            result.fail(Unreachable(f"the link failed: {type(exc).__name__}"))
             await trio.aclose_forcefully(tcp)
         finally:
             active -= 1
             with trio.CancelScope(shield=True):  # recorded (SQLite) off the event loop, even when cancelled
-                await trio.to_thread.run_sync(on_contact, where, result)
+                try:
+                    await trio.to_thread.run_sync(on_contact, where, result)
+                except Exception:  # a status row lost, never the listener
+                    log.exception("recording the sync contact with %s failed", where)
             ended += 1
             if ended >= contacts:
                 done.set()
@@ -241,12 +255,16 @@ async def keep_dialling(
     while True:
         try:
             cred = await trio.to_thread.run_sync(credential)
-        except QhxError as exc:
+            result = await dial(home, host, port, cred, memory=memory)
+        except QhxError as exc:  # no identity now (revoked, stale), a locked store: this attempt only
             result = ContactResult()
             result.fail(exc)
-        else:
-            result = await dial(home, host, port, cred, memory=memory)
-        await trio.to_thread.run_sync(record, home, where, result)
+        except Exception as exc:  # one peer's failure must never end the others' (or the service)
+            log.exception("sync with %s failed", where)
+            result = ContactResult()
+            result.fail(Unreachable(f"the sync attempt failed: {type(exc).__name__}"))
+        with contextlib.suppress(QhxError):  # a locked store loses one status row, not the dialler
+            await trio.to_thread.run_sync(record, home, where, result)
         report(where, result)
         failures = 0 if result.complete else failures + 1
         await trio.sleep(interval if failures == 0 else next_retry(failures))
@@ -306,7 +324,10 @@ class SyncService:
         self._token = trio.lowlevel.current_trio_token()
 
         def heard(peer: str, result: ContactResult) -> None:
-            record(self.home, peer, result)
+            # Only a peer that passed the handshake (it said hello) gets a row, keyed by its address without
+            # the ephemeral port; a refused connection is in the audit log, not in sync_peers.
+            if result.peer is not None:
+                record(self.home, peer.rsplit(":", 1)[0], result)
             self.report(peer, result)
 
         with trio.CancelScope() as scope:
