@@ -191,3 +191,22 @@ def test_a_partner_that_releases_its_revocations_gets_them_applied(tmp_path: Pat
     carry()
     with pytest.raises(Revoked):
         _verify(n, chain)
+
+
+def test_a_revoked_node_gets_no_new_delegation_and_its_jwt_key_stays_out(tmp_path: Path) -> None:
+    """Review finding: attesting a revoked node again delegated to it anew and put its revoked JWT key
+    back into the bundle, where a JWT-SVID it minted (ignoring its own revocation) validated again."""
+    from qhx_edge.core.errors import AttestationFailed, BadSignature
+
+    h, verifier, _chain = _setup(tmp_path)
+    with Issuer(h.node_home, PASSPHRASE.encode) as iss:
+        (token,) = iss.jwt_svids(frozenset({"unix:uid:1000"}), ["spiffe://alpha.example/db"], None)
+    _carry(h, verifier)
+    with Issuer(verifier, PASSPHRASE.encode) as v:
+        assert v.validate_jwt(token.token, "spiffe://alpha.example/db")[0] == WORKLOAD
+    h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
+    with pytest.raises(AttestationFailed, match="revoked"):
+        _attest(h, h.node_home)  # re-attestation is refused
+    _carry(h, verifier)  # the revocation (and a bundle without the key)
+    with Issuer(verifier, PASSPHRASE.encode) as v, pytest.raises(BadSignature):
+        v.validate_jwt(token.token, "spiffe://alpha.example/db")

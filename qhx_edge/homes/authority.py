@@ -35,7 +35,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from qhx_edge.core import documents as D  # noqa: N812 - short alias for the payload classes
 from qhx_edge.core.cards import make_card
-from qhx_edge.core.errors import AlreadyInitialised, Malformed, NotInitialised, StoreCorrupt, StoreLocked
+from qhx_edge.core.errors import AlreadyInitialised, Malformed, NotInitialised, Revoked, StoreCorrupt, StoreLocked
 from qhx_edge.core.policyfile import DEFAULT_ALGORITHMS, DEFAULT_STALENESS, policy_fields
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import SUITES, PrivateKey, ca_algs, suite_algs
@@ -367,6 +367,7 @@ class Authority:
         return data
 
     def _publish_bundle(self, now: int) -> bytes:
+        revoked = {r.key for r in self._revoked()}  # a revoked key never comes back, re-attested or not
         # The newest CA generation and the one before it: overlap while SVIDs rotate.
         certs = []
         for entry in self.state["cas"][-2:]:
@@ -381,7 +382,7 @@ class Authority:
             "jwt_authorities": [
                 {"kid": kid, "spki": bytes.fromhex(k["spki"])}
                 for kid, k in sorted(self.state.get("jwt_keys", {}).items())
-                if k["not_after"] > now
+                if k["not_after"] > now and hashlib.sha256(bytes.fromhex(k["spki"])).digest() not in revoked
             ],
             "refresh_hint": REFRESH_HINT,
         }
@@ -525,6 +526,13 @@ class Authority:
         Call only after the node has been attested.  Returns the delegation and
         a new bundle + freshness whose JWT authorities include the node's key.
         """
+        revoked = {r.key: r for r in self._revoked()}
+        if any(r.node_id == node_id and r.use == "x509-ca" for r in revoked.values()):
+            # A revoked node is revoked for good: attesting again must not hand its identity new keys.
+            raise Revoked(f"node {node_id} was revoked by {self.domain}; it gets no delegation again")
+        for spki in [*ca_spkis.values(), jwt_spki]:
+            if hashlib.sha256(spki).digest() in revoked:
+                raise Revoked(f"a key node {node_id} asks to have delegated was revoked by {self.domain}")
         gen = self.state["cas"][-1]
         certs = []
         not_after = now + lifetime

@@ -388,7 +388,11 @@ def _domain_state(store: Store, domain: str, home: str | None = None) -> _Domain
             refusal = f"the agreement with {domain} takes its trust only as signed documents, not SPIFFE bundles"
     keys: dict[str, ec.EllipticCurvePublicKey] = {}
     jwks: list[dict[str, str]] = []
+    rv = store.current(domain, "revocation")
+    revoked = rv.payload.index() if rv is not None and isinstance(rv.payload, Revocation) else {}
     for kid, spki in jwt_authorities:
+        if hashlib.sha256(bytes(spki)).digest() in revoked:  # a revoked node's key: neither served nor trusted
+            continue
         try:
             pub = load_der_public_key(spki)
         except (ValueError, TypeError, UnsupportedAlgorithm):  # a partner's unreadable key is left out
