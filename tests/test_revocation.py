@@ -210,3 +210,27 @@ def test_a_revoked_node_gets_no_new_delegation_and_its_jwt_key_stays_out(tmp_pat
     _carry(h, verifier)  # the revocation (and a bundle without the key)
     with Issuer(verifier, PASSPHRASE.encode) as v, pytest.raises(BadSignature):
         v.validate_jwt(token.token, "spiffe://alpha.example/db")
+
+
+def test_the_revocation_list_is_renewed_before_it_lapses(tmp_path: Path) -> None:
+    """Review finding: the list expired with its lifetime and nothing signed it again, so a freshness
+    later named an expired list and a node that had missed it could never catch up."""
+    h, _verifier, chain = _setup(tmp_path)
+    h.authority.state["lifetimes"]["revocation"] = 600
+    h.authority._save()
+    t0 = clock.now()
+    h.authority.revoke(t0, node_id=_node_id(h.node_home))
+    first = D.parse(h.authority.current("revocation")).payload
+    later = t0 + 1200  # every list signed at t0 has expired by now (the SVID, of 1 h, has not)
+    assert first.expires < later
+    h.authority.publish_freshness(later)
+    current = D.parse(h.authority.current("revocation")).payload
+    assert current.version > first.version
+    assert current.expires > later
+    assert current.revoked == first.revoked
+    newcomer = tmp_path / "late"
+    node.init(newcomer, h.authority.anchor(), t0, passphrase=PASSPHRASE.encode())
+    with node.Node(newcomer) as n:
+        n.import_pack(h.authority.export_pack(h.authority.export_documents(), later), later)
+        with pytest.raises(Revoked):
+            n.verify_svid(chain, later)

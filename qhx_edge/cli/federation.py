@@ -80,7 +80,7 @@ def federation_group() -> None:
     "--partner-release",
     multiple=True,
     type=click.Choice(RELEASES),
-    help="What the partner releases to us (repeatable; default: bundle and freshness).",
+    help="What the partner releases to us (repeatable; default: bundle, freshness and revocation).",
 )
 @click.option("--partner-max-staleness", default=None, help="The partner's budget for ours (default: ours).")
 @click.option("--to", "to", required=True, help="Where to write the proposal (a pack: our root and the proposal).")
@@ -130,7 +130,9 @@ def federation_propose(
     )
     theirs = federation.terms(
         accept=partner_accept,
-        release=partner_release or ("bundle", "freshness"),
+        # Revocations by default: without them a partner node's revoked CA stays trusted for as long as
+        # the partner's freshness and our budget allow.
+        release=partner_release or ("bundle", "freshness", "revocation"),
         max_staleness=max(1, theirs_budget),
         allow_spiffe_bundles=False,
         other=auth.domain,

@@ -392,6 +392,7 @@ class Authority:
         policy = D.parse(self.current("policy")).payload
         assert isinstance(policy, D.Policy)
         life = lifetime if lifetime is not None else policy.staleness.hard
+        self._renew_revocation(now, now + life)
         versions = {t: int(self.state["versions"][t]) for t in D.EPOCH_TYPES}
         for t in D.OPTIONAL_EPOCH_TYPES:  # named once one exists (a revocation: the domain revoked something)
             if int(self.state["versions"].get(t, 0)):
@@ -641,6 +642,16 @@ class Authority:
         current = D.parse(self.current("revocation")).payload
         assert isinstance(current, D.Revocation)
         return list(current.revoked)
+
+    def _renew_revocation(self, now: int, until: int) -> None:
+        """Sign the revocation list again before a freshness would name it past its expiry: revocations
+        never lapse, and a node that missed the list must still be able to take it."""
+        if not int(self.state["versions"].get("revocation", 0)):
+            return
+        current = D.parse(self.current("revocation")).payload
+        life = int(self.state["lifetimes"].get("revocation", self.state["lifetimes"]["bundle"]))
+        if current.expires < max(until, now + life // 2):
+            self._resign_revocation(now)
 
     def _resign_revocation(self, now: int) -> list[bytes]:
         """The current revocation signed again by the (new) pki keys, under the next version: a node
