@@ -397,3 +397,49 @@ def test_an_altered_chunk_is_refused_when_its_document_completes() -> None:
         run()
     assert exc.value.by_peer
     assert b.received == []
+
+
+def _pump(a: SyncConnection, b: SyncConnection, on: Any) -> None:
+    for _ in range(50):
+        moved = False
+        for x, y in ((a, b), (b, a)):
+            if data := x.data_to_send():
+                y.receive_data(data)
+                moved = True
+            while (ev := x.next_event()) is not NEED_DATA:
+                on(x, ev)
+        if not moved:
+            return
+
+
+def test_documents_nobody_asked_for_are_the_peers_protocol_error() -> None:
+    """Review finding: after an empty want a peer could still send any number of whole documents,
+    each kept in memory until the contact ended.  Now the first such chunk ends the contact."""
+    doc = make_doc("alpha.example", "bundle", 2, 100)
+    a = SyncConnection("a", {("alpha.example", "bundle"): 2})
+    b = SyncConnection("b", {("alpha.example", "bundle"): 2, ("alpha.example", "policy"): 1})
+
+    def on(x: SyncConnection, ev: Any) -> None:
+        if isinstance(ev, PeerInventory):
+            x.want([])
+        elif isinstance(ev, PeerWants):
+            x.send_documents([Outgoing("alpha.example", "bundle", 2, doc)] if x is a else [])
+
+    with pytest.raises(SyncProtocolError, match="asked for nothing") as caught:
+        _pump(a, b, on)
+    assert caught.value.by_peer
+
+
+def test_a_contact_brings_at_most_its_byte_budget() -> None:
+    doc = make_doc("alpha.example", "policy", 2, 3 * CHUNK)
+    a = SyncConnection("a", {("alpha.example", "policy"): 2})
+    b = SyncConnection("b", {("alpha.example", "policy"): 1}, max_receive=2 * CHUNK)
+
+    def on(x: SyncConnection, ev: Any) -> None:
+        if isinstance(ev, PeerInventory):
+            x.want([(d, t, 1) for d, t, _v in ev.newer])
+        elif isinstance(ev, PeerWants):
+            x.send_documents([Outgoing("alpha.example", "policy", 2, doc)] if ev.items else [])
+
+    with pytest.raises(SyncProtocolError, match="document bytes in one contact"):
+        _pump(a, b, on)

@@ -72,6 +72,7 @@ MAX_PARTIALS: Final = 256  # resumable transfers named in a want, and kept by a 
 MAX_NODE_ID: Final = 256
 MAX_CAPS: Final = 32
 MAX_NAME: Final = 255  # a domain or document type name in an item
+MAX_CONTACT_BYTES: Final = 64 << 20  # document bytes one contact may bring (a peer sending what we never wanted)
 _HEADER = struct.Struct(">I")
 
 # Who goes first on a link: lower is sooner (docs/architecture.md, "Sync protocol").
@@ -231,6 +232,7 @@ class SyncConnection:
         window: int = DEFAULT_WINDOW,
         versions: Sequence[int] = PROTOCOL_VERSIONS,
         caps: Sequence[str] = (),
+        max_receive: int = MAX_CONTACT_BYTES,
     ) -> None:
         if window < CHUNK:
             raise _local(f"the window ({window}) must hold at least one chunk ({CHUNK})")
@@ -262,6 +264,8 @@ class SyncConnection:
             i: _In(p.total, bytearray(p.data)) for i, p in (partials or {}).items() if 0 < len(p.data) < p.total
         }
         self._touched: set[bytes] = set()  # transfers a chunk of this contact added to
+        self._received = 0  # document bytes received in this contact
+        self.max_receive = max_receive
         self.bytes_in = 0  # wire bytes received and sent, for link statistics
         self.bytes_out = 0
         self._frame({"m": "hello", "versions": list(self._versions), "node": node, "caps": list(caps)})
@@ -457,6 +461,8 @@ class SyncConnection:
     def _on_chunk(self, msg: dict[str, Any]) -> None:
         if not self._sent_want:
             raise SyncProtocolError("a chunk before we asked for anything")
+        if not self._wanted:
+            raise SyncProtocolError("a chunk, but we asked for nothing")
         i, total, offset, data = msg.get("id"), msg.get("total"), msg.get("offset"), msg.get("data")
         if not (isinstance(i, bytes) and len(i) == 32 and isinstance(data, bytes) and data):
             raise SyncProtocolError("a chunk carries a 32-byte id and some data")
@@ -474,6 +480,9 @@ class SyncConnection:
         if offset != len(held.data):
             raise SyncProtocolError(f"a chunk at {offset}, expected at {len(held.data)}")
         held.data += data
+        self._received += len(data)
+        if self._received > self.max_receive:
+            raise SyncProtocolError(f"more than {self.max_receive} document bytes in one contact")
         self._touched.add(i)
         self._frame({"m": "ack", "id": i, "upto": len(held.data)})
         if len(held.data) == total:
