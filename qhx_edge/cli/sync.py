@@ -27,7 +27,11 @@ def _address(value: str) -> tuple[str, int]:
 
 
 def _line(ctx: Ctx, peer: str, result: Any) -> None:
+    from qhx_edge.core.errors import printable
+
     out = {"peer_address": peer, **result.to_json()}
+    # The node id in a hello is the peer's own word: shown escaped, never able to drive a terminal.
+    result.peer = printable(result.peer) if result.peer is not None else None
     if ctx.json:
         click.echo(json.dumps(out, sort_keys=True), nl=True)
         return
@@ -122,6 +126,7 @@ def sync_status(ctx: Ctx) -> None:
     Example:
       qhx-edge --home N --json sync status
     """
+    from qhx_edge.core.errors import printable
     from qhx_edge.homes.node import Node
     from qhx_edge.store import clock
 
@@ -136,8 +141,10 @@ def sync_status(ctx: Ctx) -> None:
         lines = []
         for p in peers:
             state = f"last error {p['last_error']}" if p["last_error"] else "ok"
+            node_id = printable(p["node_id"]) if p["node_id"] else "unknown node"
+            state = printable(state)
             lines.append(
-                f"{p['peer']} ({p['node_id'] or 'unknown node'}): {state}; last contact {p['last_contact']}, "
+                f"{p['peer']} ({node_id}): {state}; last contact {p['last_contact']}, "
                 f"{p['contacts']} contacts, {p['failures']} failures, {p['received']} received, {p['sent']} sent, "
                 f"{p['bytes_in']} B in, {p['bytes_out']} B out"
             )
