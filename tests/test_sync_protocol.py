@@ -443,3 +443,33 @@ def test_a_contact_brings_at_most_its_byte_budget() -> None:
 
     with pytest.raises(SyncProtocolError, match="document bytes in one contact"):
         _pump(a, b, on)
+
+
+def test_a_planted_partial_costs_a_refetch_not_the_contact() -> None:
+    """Review finding: a prefix left under a document's id by an earlier (hostile) contact from the same
+    address made every honest contact resuming it fail.  Now the bad transfer is dropped and the next
+    contact fetches the document whole."""
+    doc = make_doc("alpha.example", "policy", 2, 3 * CHUNK)
+    ident = Outgoing("alpha.example", "policy", 2, doc).id
+    planted = {ident: Partial(len(doc), b"\x00" * CHUNK)}
+
+    def contact(partials: dict[bytes, Partial]) -> list[bytes]:
+        a = SyncConnection("a", {("alpha.example", "policy"): 2})
+        b = SyncConnection("b", {("alpha.example", "policy"): 1}, partials=partials)
+        got: list[bytes] = []
+
+        def on(x: SyncConnection, ev: Any) -> None:
+            if isinstance(ev, PeerInventory):
+                x.want([(d, t, 1) for d, t, _v in ev.newer])
+            elif isinstance(ev, PeerWants):
+                x.send_documents([Outgoing("alpha.example", "policy", 2, doc)] if ev.items else [])
+            elif isinstance(ev, DocumentReceived):
+                got.append(ev.raw)
+
+        _pump(a, b, on)
+        assert a.finished
+        assert b.finished
+        return got
+
+    assert contact(planted) == []  # the poisoned transfer is dropped, the contact ends cleanly
+    assert contact({}) == [doc]  # and the next one gets the document whole

@@ -264,6 +264,7 @@ class SyncConnection:
             i: _In(p.total, bytearray(p.data)) for i, p in (partials or {}).items() if 0 < len(p.data) < p.total
         }
         self._touched: set[bytes] = set()  # transfers a chunk of this contact added to
+        self._carried: set[bytes] = set(self._partial)  # transfers resumed from an earlier contact's partials
         self._received = 0  # document bytes received in this contact
         self.max_receive = max_receive
         self.bytes_in = 0  # wire bytes received and sent, for link statistics
@@ -477,6 +478,7 @@ class SyncConnection:
             if len(self._partial) >= MAX_PARTIALS:
                 raise SyncProtocolError(f"more than {MAX_PARTIALS} transfers at once")
             held = self._partial[i] = _In(total)
+            self._carried.discard(i)  # begun afresh in this contact: all of it is this peer's
         if offset != len(held.data):
             raise SyncProtocolError(f"a chunk at {offset}, expected at {len(held.data)}")
         held.data += data
@@ -489,6 +491,12 @@ class SyncConnection:
             del self._partial[i]
             raw = bytes(held.data)
             if hashlib.sha256(raw).digest() != i:
+                if i in self._carried:
+                    # Completed on a prefix an earlier contact left us: that prefix may have been planted
+                    # (a hostile contact from the same peer), so it is dropped, not held against this peer;
+                    # the next contact asks for the document whole.
+                    self._carried.discard(i)
+                    return
                 raise SyncProtocolError("a reassembled document does not match its id")
             self._events.append(DocumentReceived(raw))
 
