@@ -8,8 +8,10 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,3 +210,35 @@ def faketime_prefix(spec: str) -> list[str]:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+def stop_process(proc: subprocess.Popen[str]) -> int:
+    """SIGTERM a long-running ``qhx-edge`` process (unless it ended), its exit code; stdout closed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def wait_until(check: Callable[[], Any], what: str, seconds: float = 30) -> None:
+    """Poll ``check`` until it is true; fail with ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def attest_node(h: Homes, home: Path) -> None:
+    """The join-token attestation of ``home`` by ``h``'s authority, in process; the node imports the
+    delegation with everything current."""
+    from qhx_edge.homes import attestation
+
+    auth, now = h.authority, clock.now()
+    token = attestation.create_join_token(auth, now, 600)
+    with node.Node(home, PASSPHRASE.encode) as n:
+        chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
+        docs = attestation.finish(auth, attestation.respond(n, chal, now), now)
+        n.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from qhx_edge.core.errors import Malformed, QhxError
 from qhx_edge.homes.node import Node
 from qhx_edge.links import bundle_endpoint as be
 from qhx_edge.links import tls
-from tests.conftest import _cli_env, faketime_prefix, find_libfaketime, need, run_cli
+from tests.conftest import _cli_env, faketime_prefix, find_libfaketime, need, run_cli, stop_process
 from tests.pki import Ca, make_ca, make_leaf
 from tests.test_federation import ALPHA, BETA, TERMS, _pem, agree, authority, fails, ok, trust_digest
 
@@ -289,7 +288,7 @@ def test_https_web_and_polling(tmp_path: Path) -> None:
 
         cmd = [sys.executable, "-m", "qhx_edge", *map(str, fetch(n, "--poll", "--interval", "5s"))]
         proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        stack.callback(_stop, proc)
+        stack.callback(stop_process, proc)
 
         def line() -> dict[str, Any]:
             assert proc.stdout is not None
@@ -305,18 +304,8 @@ def test_https_web_and_polling(tmp_path: Path) -> None:
         served.close()
         gone = line()  # the endpoint stopped: the poller reports it and retries
         assert (gone["error"]["kind"], gone["retry_in"]) == ("unreachable", 5)
-        assert _stop(proc) == 0  # SIGTERM ends the loop cleanly
+        assert stop_process(proc) == 0  # SIGTERM ends the loop cleanly
     assert ok("--home", n, "--json", "status")["domains"][BETA]["spiffe_bundle"]["sequence"] == 2
-
-
-def _stop(proc: subprocess.Popen[str]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.mark.parametrize("bad", [b"not json", b'{"keys": []}', b"{" * 70000])
@@ -461,7 +450,7 @@ def test_serve_fetches_the_recorded_partner_endpoints(tmp_path: Path) -> None:
                     time.sleep(0.2)
                 assert '"status": "new"' in log.read_text(), log.read_text()
             finally:
-                assert _stop(proc) == 0, log.read_text()
+                assert stop_process(proc) == 0, log.read_text()
     assert ok("--home", n, "--json", "status")["domains"][BETA]["spiffe_bundle"]["sequence"] == 3
 
 

@@ -20,22 +20,13 @@ import pytest
 from qhx_edge.core import documents as D  # noqa: N812
 from qhx_edge.core.errors import Revoked
 from qhx_edge.core.policyfile import policy_fields
-from qhx_edge.homes import attestation, node
+from qhx_edge.homes import node
 from qhx_edge.issue.issuer import Issuer
 from qhx_edge.store import clock
-from tests.conftest import PASSPHRASE, Homes, make_homes, run_cli
+from tests.conftest import PASSPHRASE, Homes, attest_node, make_homes, run_cli
 
 DOMAIN = "alpha.example"
 WORKLOAD = f"spiffe://{DOMAIN}/web"
-
-
-def _attest(h: Homes, home: Path) -> None:
-    auth, now = h.authority, clock.now()
-    token = attestation.create_join_token(auth, now, 600)
-    with node.Node(home, PASSPHRASE.encode) as n:
-        chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
-        docs = attestation.finish(auth, attestation.respond(n, chal, now), now)
-        n.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)
 
 
 def _setup(tmp: Path) -> tuple[Homes, Path, list[bytes]]:
@@ -44,7 +35,7 @@ def _setup(tmp: Path) -> tuple[Homes, Path, list[bytes]]:
     now = clock.now()
     regs = [{"spiffe_id": WORKLOAD, "selectors": ["unix:uid:1000"]}]
     h.authority.publish_policy(policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}}), now)
-    _attest(h, h.node_home)
+    attest_node(h, h.node_home)
     verifier = tmp / "V"
     node.init(verifier, h.authority.anchor(), now, passphrase=PASSPHRASE.encode())
     _carry(h, verifier)
@@ -167,7 +158,7 @@ def test_a_partner_that_releases_its_revocations_gets_them_applied(tmp_path: Pat
     now = clock.now()
     regs = [{"spiffe_id": f"spiffe://{BETA}/ns/logistics/api", "selectors": ["unix:uid:1000"]}]
     beta.authority.publish_policy(policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}}), now)
-    _attest(beta, beta.node_home)
+    attest_node(beta, beta.node_home)
     with Issuer(beta.node_home, PASSPHRASE.encode) as iss:
         (issued,) = iss.x509_svids(frozenset({"unix:uid:1000"}))
     chain = list(issued.cert_chain)
@@ -206,7 +197,7 @@ def test_a_revoked_node_gets_no_new_delegation_and_its_jwt_key_stays_out(tmp_pat
         assert v.validate_jwt(token.token, "spiffe://alpha.example/db")[0] == WORKLOAD
     h.authority.revoke(clock.now(), node_id=_node_id(h.node_home))
     with pytest.raises(AttestationFailed, match="revoked"):
-        _attest(h, h.node_home)  # re-attestation is refused
+        attest_node(h, h.node_home)  # re-attestation is refused
     _carry(h, verifier)  # the revocation (and a bundle without the key)
     with Issuer(verifier, PASSPHRASE.encode) as v, pytest.raises(BadSignature):
         v.validate_jwt(token.token, "spiffe://alpha.example/db")

@@ -19,12 +19,12 @@ from typing import Any
 import trio
 
 from qhx_edge.core.policyfile import policy_fields
-from qhx_edge.homes import attestation, node
+from qhx_edge.homes import node
 from qhx_edge.homes.bundles import EndpointSvid
 from qhx_edge.homes.sync_link import SYNC_SELECTOR, SyncCredential, dial, listen
 from qhx_edge.links import tls
 from qhx_edge.store import clock
-from tests.conftest import PASSPHRASE, Homes, make_homes
+from tests.conftest import PASSPHRASE, Homes, attest_node, make_homes, stop_process, wait_until
 
 SYNC_ID = "spiffe://alpha.example/qhx-edge/sync"
 WORKLOAD_ID = "spiffe://alpha.example/web"
@@ -34,23 +34,14 @@ REGISTRATIONS = [
 ]
 
 
-def _attest(h: Homes, home: Path) -> None:
-    auth, now = h.authority, clock.now()
-    token = attestation.create_join_token(auth, now, 600)
-    with node.Node(home, PASSPHRASE.encode) as n:
-        chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
-        docs = attestation.finish(auth, attestation.respond(n, chal, now), now)
-        n.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)
-
-
 def _two_nodes(tmp: Path) -> tuple[Homes, Path]:
     h = make_homes(tmp, suite="hybrid")
     now = clock.now()
     h.authority.publish_policy(policy_fields({"registrations": REGISTRATIONS, "algorithms": {"/": "ES256"}}), now)
     other = tmp / "N2"
     node.init(other, h.authority.anchor(), now, passphrase=PASSPHRASE.encode())
-    _attest(h, h.node_home)
-    _attest(h, other)
+    attest_node(h, h.node_home)
+    attest_node(h, other)
     # The authority moves on; only the first node hears.
     h.authority.publish_bundle(now)
     h.authority.publish_freshness(now)
@@ -173,10 +164,8 @@ def test_serve_keeps_nodes_in_sync_and_reports_it(tmp_path: Path) -> None:
     status`` shows the peer; with the listener gone, the dialler reports ``unreachable`` and backs off."""
     import json
     import select
-    import signal
     import subprocess
     import sys
-    import time
 
     from tests.conftest import _cli_env, run_cli
 
@@ -193,54 +182,39 @@ def test_serve_keeps_nodes_in_sync_and_reports_it(tmp_path: Path) -> None:
         assert ready, log.read_text()
         return proc, json.loads(proc.stdout.readline()), log
 
-    def stop(proc: subprocess.Popen[str]) -> int:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(30)
-        finally:
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-    def until(check: Any, what: str, seconds: float = 30) -> None:
-        deadline = time.monotonic() + seconds
-        while not check():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.2)
-
     listener, info, _log1 = start(h.node_home, "n1", "--sync-listen", "127.0.0.1:0")
     dialler = None
     try:
         where = info["sync"]["listening"]
         dialler, _info2, log2 = start(other, "n2", "--sync-peer", where, "--sync-interval", "1s")
-        until(lambda: _held(other) == _held(h.node_home), "the behind node never caught up")
+        wait_until(lambda: _held(other) == _held(h.node_home), "the behind node never caught up")
         # The authority revokes a third node; only the listening node imports it: it reaches the other
         # by sync.  (A revoked node itself cannot sync at all: its issuer mints it no sync identity.)
         third = tmp_path / "N3"
         node.init(third, h.authority.anchor(), clock.now(), passphrase=PASSPHRASE.encode())
-        _attest(h, third)
+        attest_node(h, third)
         with node.Node(third) as n:
             revoked_id = n.node_id
         h.authority.revoke(clock.now(), node_id=revoked_id)
         now = clock.now()
         with node.Node(h.node_home) as n:
             n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
-        until(lambda: "revocation" in _held(other)["alpha.example"], "the revocation never reached the other node")
+        wait_until(lambda: "revocation" in _held(other)["alpha.example"], "the revocation never reached the other node")
         status = run_cli("--home", str(other), "--json", "sync", "status").json
         (peer,) = status["peers"]
         assert peer["peer"] == where
         assert peer["contacts"] >= 2
         with node.Node(h.node_home) as n:
             assert peer["node_id"] == n.node_id
-        assert stop(listener) == 0
-        until(lambda: "unreachable" in log2.read_text(), "the dialler never reported the lost peer")
+        assert stop_process(listener) == 0
+        wait_until(lambda: "unreachable" in log2.read_text(), "the dialler never reported the lost peer")
         status = run_cli("--home", str(other), "--json", "sync", "status").json
         assert status["peers"][0]["failures"] >= 1
         assert status["peers"][0]["last_error"].startswith("unreachable")
     finally:
-        stop(listener)
+        stop_process(listener)
         if dialler is not None:
-            assert stop(dialler) == 0
+            assert stop_process(dialler) == 0
 
 
 def test_a_proxy_that_cuts_a_large_transfer_costs_at_most_a_chunk_per_cut(tmp_path: Path) -> None:

@@ -18,20 +18,18 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from qhx_edge.core.policyfile import policy_fields
 from qhx_edge.homes import node
 from qhx_edge.homes.sync_link import SYNC_SELECTOR
 from qhx_edge.store import clock
-from tests.conftest import PASSPHRASE, _cli_env, make_homes, need
-from tests.test_sync_link import _attest, _held
+from tests.conftest import PASSPHRASE, _cli_env, attest_node, make_homes, need, stop_process, wait_until
+from tests.test_sync_link import _held
 
 NS = ("qhxsync1", "qhxsync2", "qhxsync3")
 SYNC_ID = "spiffe://alpha.example/qhx-edge/sync"
@@ -84,23 +82,6 @@ def _serve(ns: str, home: Path, log: Path, *args: str) -> subprocess.Popen[str]:
     return proc
 
 
-def _stop(proc: subprocess.Popen[str]) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-def _until(check: Any, what: str, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.25)
-
-
 def test_three_nodes_converge_across_partitions(tmp_path: Path) -> None:
     need(os.geteuid() == 0 and shutil.which("ip") is not None, "network namespaces need root and iproute2")
     h = make_homes(tmp_path, suite="hybrid")
@@ -114,10 +95,10 @@ def test_three_nodes_converge_across_partitions(tmp_path: Path) -> None:
     for home in homes[1:]:
         node.init(home, h.authority.anchor(), now, passphrase=PASSPHRASE.encode())
     for home in homes:
-        _attest(h, home)
+        attest_node(h, home)
     victim = tmp_path / "N4"  # a node to revoke later; it never syncs
     node.init(victim, h.authority.anchor(), now, passphrase=PASSPHRASE.encode())
-    _attest(h, victim)
+    attest_node(h, victim)
 
     def courier_to_n1() -> None:
         t = clock.now()
@@ -135,7 +116,7 @@ def test_three_nodes_converge_across_partitions(tmp_path: Path) -> None:
             # The authority moves on; only n1 hears (a courier): n2 and n3 get it by sync.
             h.authority.publish_bundle(clock.now())
             courier_to_n1()
-            _until(lambda: _held(homes[2]) == _held(homes[0]), "n3 never caught up through n2")
+            wait_until(lambda: _held(homes[2]) == _held(homes[0]), "n3 never caught up through n2", 60)
 
             # Partition: the n2-n3 link goes down; a revocation is published and reaches n1 and n2.
             _ip("-n", NS[2], "link", "set", "qs23b", "down")
@@ -143,15 +124,15 @@ def test_three_nodes_converge_across_partitions(tmp_path: Path) -> None:
                 victim_id = n.node_id
             h.authority.revoke(clock.now(), node_id=victim_id)
             courier_to_n1()
-            _until(lambda: "revocation" in _held(homes[1])["alpha.example"], "n2 never got the revocation")
+            wait_until(lambda: "revocation" in _held(homes[1])["alpha.example"], "n2 never got the revocation", 60)
             time.sleep(3)  # several of n3's attempts fail meanwhile
             assert "revocation" not in _held(homes[2])["alpha.example"]
             # Heal: n3 applies it at its first contact (within its backoff, at most 5 min; here seconds).
             _ip("-n", NS[2], "link", "set", "qs23b", "up")
-            _until(lambda: _held(homes[2]) == _held(homes[0]), "n3 did not converge after the heal", 120)
+            wait_until(lambda: _held(homes[2]) == _held(homes[0]), "n3 did not converge after the heal", 120)
             assert "revocation" in _held(homes[2])["alpha.example"]
         finally:
-            codes = [_stop(p) for p in procs]
+            codes = [stop_process(p) for p in procs]
         assert codes == [0, 0, 0], [(tmp_path / f"n{i}.log").read_text()[-2000:] for i in (2, 1, 3)]
     with node.Node(homes[2]) as n:
         peers = n.store.sync_peers()

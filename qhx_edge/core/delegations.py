@@ -8,6 +8,7 @@ delegation without importing the issuer (bench/startup.py).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,3 +90,15 @@ def delegation_status(delegation: Delegation | None, now: int) -> dict[str, Any]
         "algorithms": [suites.name_of(a) for a in sorted(node_cas(delegation), reverse=True)],
         "jwt_kid": delegation.jwt_key.get("kid"),
     }
+
+
+def revocable_keys(delegation: Delegation) -> list[tuple[str, bytes]]:
+    """How a ``revocation`` names the keys of a delegation: (use, SHA-256 of its SubjectPublicKeyInfo)
+    for each delegated CA (``x509-ca``) and for the JWT-SVID key (``jwt``)."""
+    out = [
+        ("x509-ca", hashlib.sha256(
+            x509.load_der_x509_certificate(der).public_key().public_bytes(
+                Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest())
+        for der in delegation.x509_cas
+    ]  # fmt: skip
+    return [*out, ("jwt", hashlib.sha256(bytes(delegation.jwt_key["spki"])).digest())]

@@ -587,8 +587,7 @@ class Authority:
         keys, and a freshness naming both.  A revoked node's delegation is no longer exported nor
         signed again.  ``malformed`` for a node or delegation this authority never issued; revoking
         what is already revoked changes nothing but is published again (idempotent)."""
-        from cryptography import x509
-        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+        from qhx_edge.core.delegations import revocable_keys
 
         if (node_id is None) == (delegation is None):
             raise Malformed("revoke a node or one delegation")
@@ -602,13 +601,7 @@ class Authority:
             if (node_id is not None and doc.node_id != node_id) or (delegation is not None and version != delegation):
                 continue
             nodes.add(doc.node_id)
-            spkis = [
-                ("x509-ca", x509.load_der_x509_certificate(c).public_key().public_bytes(
-                    Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
-                for c in doc.x509_cas
-            ] + [("jwt", bytes(doc.jwt_key["spki"]))]  # fmt: skip
-            for use, spki in spkis:
-                key = hashlib.sha256(spki).digest()
+            for use, key in revocable_keys(doc):
                 if key not in known:
                     known.add(key)
                     added.append(D.RevokedKey(key, now, use, doc.node_id, version))

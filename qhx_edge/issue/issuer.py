@@ -126,7 +126,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from qhx_edge.core import agreements, staleness, suites, trust
 from qhx_edge.core.agreements import in_scope
-from qhx_edge.core.delegations import NodeCa, delegation_end, delegation_status, node_cas
+from qhx_edge.core.delegations import NodeCa, delegation_end, delegation_status, node_cas, revocable_keys
 from qhx_edge.core.documents import Bundle, Delegation, Freshness, PartnerLimits, Policy, Revocation, Staleness
 from qhx_edge.core.errors import (
     BadSignature,
@@ -482,7 +482,7 @@ def _load_snapshot(store: Store) -> _Snapshot:
     home_bundle = domains[home].bundle if home in domains else None
     rv = store.current(home, "revocation")
     revoked = rv.payload.index() if rv is not None and isinstance(rv.payload, Revocation) else {}
-    own = _delegated_key_digests(delegation) if delegation is not None and revoked else []
+    own = [key for _, key in revocable_keys(delegation)] if delegation is not None and revoked else []
     return _Snapshot(
         home=home,
         tolerance=int(info["clock_tolerance"]),
@@ -502,22 +502,6 @@ def _load_snapshot(store: Store) -> _Snapshot:
         delegation_end=delegation_end(delegation),
         revoked_at=min((revoked[k] for k in own if k in revoked), default=None),
     )
-
-
-def _delegated_key_digests(delegation: Delegation) -> list[bytes]:
-    """How a revocation names the keys of a delegation: SHA-256 of each SubjectPublicKeyInfo."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
-    out = [hashlib.sha256(bytes(delegation.jwt_key["spki"])).digest()]
-    for der in delegation.x509_cas:
-        spki = (
-            x509.load_der_x509_certificate(der)
-            .public_key()
-            .public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-        )
-        out.append(hashlib.sha256(spki).digest())
-    return out
 
 
 _FINGERPRINT = (
