@@ -417,3 +417,74 @@ def test_a_listener_that_cannot_serve_refuses_links_and_lives_on(tmp_path: Path)
 
     seen = trio.run(main)
     assert [r.error["kind"] for r in seen] == ["revoked", "revoked"]
+
+
+class _Counting(trio.abc.Stream):
+    """The bytes a TCP stream carries both ways (for what a resumed handshake saves)."""
+
+    def __init__(self, inner: trio.abc.Stream, counter: list[int]) -> None:
+        self.inner, self.counter = inner, counter
+
+    async def send_all(self, data: Any) -> None:
+        self.counter[0] += len(data)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> Any:
+        data = await self.inner.receive_some(max_bytes)
+        self.counter[0] += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_dialler_resumes_its_session_and_is_checked_again_each_time(tmp_path: Path, monkeypatch: Any) -> None:
+    """The second contact resumes the first one's TLS session: no certificates cross the link (under a
+    third of the bytes), X25519MLKEM768 still runs.  The peer's recorded chain is checked again on
+    every resumption: once the dialler is revoked, its resumed handshake is refused as ``revoked``."""
+    from qhx_edge.homes.sync_session import PeerMemory
+
+    h, other = _two_nodes(tmp_path)
+    credential = _credential(other)
+    counted: list[list[int]] = []
+    real_open = trio.open_tcp_stream
+
+    async def counting_open(*args: Any, **kw: Any) -> Any:
+        counted.append([0])
+        return _Counting(await real_open(*args, **kw), counted[-1])
+
+    monkeypatch.setattr(trio, "open_tcp_stream", counting_open)
+
+    async def main(revoke_after: int) -> list[Any]:
+        seen: list[Any] = []
+        results = []
+        memory = PeerMemory()
+        server_credential = SyncCredential(h.node_home, PASSPHRASE.encode)
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(
+                lambda task_status: listen(
+                    h.node_home, "127.0.0.1", 0, server_credential, contacts=3,
+                    on_contact=lambda p, r: seen.append(r), task_status=task_status,
+                )
+            )  # fmt: skip
+            for i in range(3):
+                if i == revoke_after:
+                    await trio.to_thread.run_sync(_revoke, h, other, h.node_home)
+                results.append(await dial(other, host, port, credential, memory=memory))
+        server_credential.close()
+        return [results, seen]
+
+    mine, theirs = trio.run(main, 2)
+    assert [r.resumed for r in mine[:2]] == [False, True]
+    assert all(r.complete for r in mine[:2]), [r.error for r in mine]
+    assert [r.resumed for r in theirs[:2]] == [False, True]
+    full, resumed = counted[0][0], counted[1][0]
+    assert resumed < full / 3, (full, resumed)
+    assert resumed < 4096, resumed  # an in-sync contact on a resumed PQ session (issue target)
+    assert mine[2].error is not None
+    assert theirs[2].error["kind"] == "revoked", theirs[2].error
+    assert "revocation" in _held(h.node_home)["alpha.example"]
+    assert "revocation" not in _held(other)["alpha.example"]  # the refused link gave it nothing

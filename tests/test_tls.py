@@ -5,6 +5,7 @@ peer verifiers (SPIFFE X509-SVID against a bundle and an expected ID; Web PKI wi
 from __future__ import annotations
 
 import datetime as dt
+import gc
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -226,3 +227,52 @@ def test_a_truncated_stream_is_broken_not_a_clean_end(ca: Ca, svid: Leaf) -> Non
         await client.aclose()
 
     _run(main)
+
+
+def test_resumption_sends_no_certificate_checks_again_and_stays_bounded(ca: Ca, svid: Leaf) -> None:
+    """A client that offers its last session resumes it (the server's certificate does not cross
+    again, the verifier still sees the recorded chain); a session that ended without close_notify is
+    not resumed; ServerContexts starts a fresh context (and cache) after ``generation`` connections."""
+    contexts = tls.ServerContexts(resumption=3600, generation=5)
+    credential = tls.Credential.from_der(svid.der_chain, svid.key_der)
+    client_ctx = _client()
+    seen: list[list[bytes]] = []
+    check = tls.spiffe_verifier([ca.der], SERVER_ID)
+
+    def verify(chain: list[bytes]) -> None:
+        seen.append(chain)
+        check(chain)
+
+    async def once(session: SSL.Session | None, *, polite: bool = True) -> tuple[bool, SSL.Session | None]:
+        c_raw, s_raw = await _tcp_pair()
+        client = tls.TlsStream(c_raw, client_ctx, server_side=False, verify_peer=verify, session=session)
+        server = tls.TlsStream(s_raw, contexts(credential), server_side=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        await server.send_all(b"tickets come with this")
+        assert await client.receive_some() == b"tickets come with this"
+        if polite:
+            await client.aclose()
+            await server.aclose()
+        else:
+            await trio.aclose_forcefully(client.transport)
+            await trio.aclose_forcefully(server.transport)
+        assert client.resumed == server.resumed
+        return client.resumed, client.session
+
+    async def main() -> list[bool]:
+        got = []
+        session = None
+        for polite in (True, True, False, True, True, True):
+            resumed, session = await once(session, polite=polite)
+            gc.collect()  # OpenSSL forgets an impolite session when its connection is freed
+            got.append(resumed)
+        return got
+
+    got = trio.run(main)
+    # full; resumed; resumed, but ended without close_notify; so full; resumed; a new generation: full
+    assert got == [False, True, True, False, True, False]
+    assert contexts.generations == 2
+    assert all(chain == seen[0] for chain in seen)
+    assert len(seen) == 6  # every handshake, resumed or not, was checked

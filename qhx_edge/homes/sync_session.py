@@ -39,9 +39,12 @@ NOT_SYNCED = frozenset({"delegation"})
 
 @dataclass
 class PeerMemory:
-    """What one contact with a peer leaves for the next: the transfers it did not finish."""
+    """What one contact with a peer leaves for the next: the transfers it did not finish, and the
+    link's own state to resume with (for TLS: the credential, the client context and the session;
+    opaque here)."""
 
     partials: dict[bytes, sync.Partial] = field(default_factory=dict)
+    link: Any = None
 
 
 @dataclass
@@ -54,6 +57,7 @@ class ContactResult:
     received: int = 0  # whole documents received
     bytes_in: int = 0
     bytes_out: int = 0
+    resumed: bool | None = None  # whether the link resumed an earlier TLS session (None: no TLS link)
     imported: dict[str, Any] | None = None  # the import report (ImportResult.to_json), if any arrived
     error: dict[str, Any] | None = None  # what ended an incomplete contact (its to_json)
     failure: QhxError | None = field(default=None, repr=False)  # ... and the typed error itself

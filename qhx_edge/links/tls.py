@@ -22,6 +22,15 @@ module moves them over the transport.  The rules:
   Web PKI certificate against CA certificates and a host name or IP address (RFC 6125,
   RFC 5280, with ``cryptography``'s path validation).  A server with a verifier requires a
   client certificate (mutual TLS).
+* **Resumption** (RFC 8446 §2.2, ``psk_dhe_ke`` only: every resumed handshake still runs the
+  configured key exchange, so it keeps forward secrecy and X25519MLKEM768): a server context made
+  with ``resumption=SECONDS`` keeps the sessions of completed handshakes in its own memory (stateful
+  tickets: a ticket is only an identity, where a stateless one would carry the peer's certificate
+  and cost the link its bytes again), and :class:`ServerContexts` bounds how many it keeps.  A
+  client passes the :attr:`TlsStream.session` of an earlier connection to :func:`connect`.  A
+  resumed handshake sends no certificate, but the peer verifier still runs, on the chain the
+  session recorded, under the verifier's current trust, revocations and time: resumption saves
+  bytes and signatures, never a check.  A session ended without close_notify is not resumable.
 * **Closing**: :meth:`TlsStream.send_eof` sends close_notify and the stream may go on
   receiving (TLS 1.3 allows half-close, RFC 8446 §6.1); :meth:`TlsStream.aclose` sends
   close_notify unless that is impossible (a send in progress, a broken stream), then closes
@@ -131,14 +140,22 @@ def make_context(
     server: bool,
     groups: Sequence[str] = DEFAULT_GROUPS,
     require_client_certificate: bool = False,
+    resumption: int = 0,
 ) -> SSL.Context:
     """An OpenSSL context for TLS 1.3 only, with ``groups`` and ``credential``; ``malformed`` for an
-    unknown group or a key that does not fit."""
+    unknown group or a key that does not fit.  A server context with ``resumption`` > 0 lets clients
+    resume its sessions for that many seconds (see the module docstring); a client needs nothing."""
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    if server and resumption > 0:
+        ctx.set_options(SSL.OP_NO_TICKET)  # in TLS 1.3: stateful tickets, the session stays here
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        ctx.set_session_id(b"qhx-edge")  # required with client certificates; names what resumes
+        ctx.set_timeout(resumption)
+    else:
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)  # a client resumes only the session it is given
     if _lib.SSL_CTX_set1_curves_list(ctx._context, _groups(groups)) != 1:  # = SSL_CTX_set1_groups_list
         raise Malformed(f"this OpenSSL does not know every TLS group of {list(groups)}")
     mode = SSL.VERIFY_PEER
@@ -160,6 +177,41 @@ def make_context(
         except (SSL.Error, crypto.Error) as exc:
             raise Malformed(f"OpenSSL refused the certificate or key: {exc}") from exc
     return ctx
+
+
+class ServerContexts:
+    """Server contexts that resume sessions, one for the current credential, with a bound on what
+    they keep: OpenSSL's session cache holds the peer chains of up to 20,480 sessions, so after
+    ``generation`` connections the next one starts a fresh context (the old cache goes with the
+    connections still using it; its clients make one full handshake again).  A new credential also
+    starts a fresh context.  Call it from one thread (a listener's event loop)."""
+
+    def __init__(
+        self,
+        *,
+        groups: Sequence[str] = DEFAULT_GROUPS,
+        require_client_certificate: bool = False,
+        resumption: int = 12 * 3600,
+        generation: int = 2048,
+    ) -> None:
+        self.groups, self.require_client_certificate = tuple(groups), require_client_certificate
+        self.resumption, self.generation = resumption, generation
+        self._credential: Credential | None = None
+        self._context: SSL.Context | None = None
+        self._served = 0
+        self.generations = 0
+
+    def __call__(self, credential: Credential) -> SSL.Context:
+        """The context for one new connection with ``credential``."""
+        if self._context is None or credential != self._credential or self._served >= self.generation:
+            self._context = make_context(
+                credential, server=True, groups=self.groups,
+                require_client_certificate=self.require_client_certificate, resumption=self.resumption,
+            )  # fmt: skip
+            self._credential, self._served = credential, 0
+            self.generations += 1
+        self._served += 1
+        return self._context
 
 
 # --- verifiers ------------------------------------------------------------------------------
@@ -261,6 +313,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
         server_side: bool,
         verify_peer: PeerVerifier | None = None,
         server_hostname: str | None = None,
+        session: SSL.Session | None = None,
     ) -> None:
         if not server_side and verify_peer is None:
             raise ValueError("a TLS client must verify its peer (verify_peer)")
@@ -270,6 +323,8 @@ class TlsStream(trio.abc.HalfCloseableStream):
             self._conn.set_accept_state()
         else:
             self._conn.set_connect_state()
+            if session is not None:
+                self._conn.set_session(session)
             if server_hostname:
                 try:
                     ipaddress.ip_address(server_hostname)
@@ -301,6 +356,21 @@ class TlsStream(trio.abc.HalfCloseableStream):
     @property
     def cipher(self) -> str | None:
         return self._conn.get_cipher_name()
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the handshake resumed an earlier session (no certificates crossed the link)."""
+        return bool(_lib.SSL_session_reused(self._conn._ssl))
+
+    @property
+    def session(self) -> SSL.Session | None:
+        """A client's session to resume on the next :func:`connect` to the same server: only after a
+        verified handshake and while the stream is not broken (OpenSSL forgets a session that ends
+        without close_notify); None otherwise.  Take it after the server has sent something (its
+        session tickets come with its first send)."""
+        if self._server_side or not self._handshook or self._state == _BROKEN:
+            return None
+        return self._conn.get_session()
 
     # --- moving bytes --------------------------------------------------------------------------
 
@@ -530,13 +600,17 @@ async def connect(
     verify_peer: PeerVerifier,
     *,
     server_name: str | None = None,
+    session: SSL.Session | None = None,
 ) -> TlsStream:
-    """A TCP connection to ``host:port`` with the TLS handshake and peer verification done."""
+    """A TCP connection to ``host:port`` with the TLS handshake and peer verification done; with
+    ``session`` (a :attr:`TlsStream.session`), the client offers to resume it."""
     try:
         tcp = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         raise trio.BrokenResourceError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
-    stream = TlsStream(tcp, context, server_side=False, verify_peer=verify_peer, server_hostname=server_name or host)
+    stream = TlsStream(
+        tcp, context, server_side=False, verify_peer=verify_peer, server_hostname=server_name or host, session=session
+    )
     try:
         await stream.do_handshake()
     except BaseException:
