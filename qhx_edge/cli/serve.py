@@ -72,6 +72,12 @@ def _address(value: str) -> tuple[str, int]:
 )
 @click.option("--sync-interval", default="60s", show_default=True, help="How often to sync with each peer.")
 @click.option(
+    "--sync-discover",
+    is_flag=True,
+    help="Advertise the sync listener over mDNS (_qhx-sync._tcp) on its interface and sync with the peers of "
+    "this domain found there (an advertisement is only an address: the link's TLS checks who answers).",
+)
+@click.option(
     "--fetch-partners",
     is_flag=True,
     help="Also poll every partner bundle endpoint recorded by 'federation fetch' (one line per attempt on stderr).",
@@ -90,6 +96,7 @@ def serve(
     sync_listen: str | None,
     sync_peers: tuple[str, ...],
     sync_interval: str,
+    sync_discover: bool,
     fetch_partners: bool,
 ) -> None:
     """Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.
@@ -146,7 +153,7 @@ def serve(
             info["bundle_endpoint"]["spiffe_id"] = leaf_spiffe_id(server.credential.chain[0])
         text += f"\nserving the SPIFFE bundle endpoint at {url} ({profile})"
     sync_service = None
-    if sync_listen is not None or sync_peers:
+    if sync_listen is not None or sync_peers or sync_discover:
         from qhx_edge.core.policyfile import duration
         from qhx_edge.homes.sync_link import SyncService
 
@@ -157,16 +164,19 @@ def serve(
             peers=[_address(p) for p in sync_peers],
             interval=float(duration(sync_interval, "--sync-interval")),
             report=_report_sync,
+            discover=sync_discover,
         )
         bound = service.start()
         sync_service = service
-        info["sync"] = {"peers": list(sync_peers)}
+        info["sync"] = {"peers": list(sync_peers), "discover": sync_discover}
         if bound is not None:
             shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
             info["sync"]["listening"] = f"{shown_host}:{bound[1]}"
             text += f"\naccepting sync links on {shown_host}:{bound[1]}"
         if sync_peers:
             text += f"\nsyncing with {', '.join(sync_peers)}"
+        if sync_discover:
+            text += "\nsyncing with the peers found on the local link (_qhx-sync._tcp)"
     pollers = _start_pollers(home, info) if fetch_partners else None
     if pollers is not None:
         text += f"\nfetching the bundle endpoints of {', '.join(info['fetching']) or 'no partner (none recorded)'}"

@@ -297,11 +297,13 @@ class SyncService:
         peers: list[tuple[str, int]],
         interval: float = DEFAULT_INTERVAL,
         report: Callable[[str, ContactResult], None] = lambda peer, result: None,
+        discover: bool = False,
     ) -> None:
         import threading
 
         self.home, self.listen_on, self.peers, self.interval = home, listen_on, peers, interval
-        self.report = report
+        self.report, self.discover = report, discover
+        self.discovered: dict[str, trio.CancelScope] = {}  # a found peer's instance name -> its dialler
         self.credential = SyncCredential(home, get_passphrase)
         self.address: tuple[str, int] | None = None
         self._ready = threading.Event()
@@ -353,13 +355,56 @@ class SyncService:
                         functools.partial(listen, self.home, host, port, self.credential, on_contact=heard)
                     )
                 for host, port in self.peers:
-                    nursery.start_soon(
-                        functools.partial(
-                            keep_dialling, self.home, host, port, self.credential,
-                            interval=self.interval, report=self.report,
-                        )
-                    )  # fmt: skip
+                    nursery.start_soon(self._dial, host, port, trio.CancelScope())
+                if self.discover:
+                    await self._start_discovery(nursery)
                 self._ready.set()
+
+    async def _dial(self, host: str, port: int, scope: trio.CancelScope) -> None:
+        with scope:
+            await keep_dialling(self.home, host, port, self.credential, interval=self.interval, report=self.report)
+
+    async def _start_discovery(self, nursery: trio.Nursery) -> None:
+        """Advertise the listener and dial the peers of our domain found on the local link.  Of two
+        nodes that both advertise, only the one with the smaller node id dials (one link per pair)."""
+        from qhx_edge.homes.node import Node
+        from qhx_edge.links.discovery import Discovery, Peer
+
+        def identity() -> tuple[str, str]:
+            with Node(self.home) as n:
+                return n.node_id, n.domain
+
+        node_id, domain = await trio.to_thread.run_sync(identity)
+        token = trio.lowlevel.current_trio_token()
+        advertising = self.address is not None
+
+        def found(peer: Peer) -> None:  # on the zeroconf thread
+            if advertising and peer.node_id < node_id:
+                return  # it dials us
+            scope = trio.CancelScope()
+            self.discovered[peer.name] = scope
+            trio.from_thread.run_sync(nursery.start_soon, self._dial, peer.host, peer.port, scope, trio_token=token)
+
+        def lost(peer: Peer) -> None:
+            scope = self.discovered.pop(peer.name, None)
+            if scope is not None:
+                trio.from_thread.run_sync(scope.cancel, trio_token=token)
+
+        host = self.address[0] if self.address is not None else "0.0.0.0"  # noqa: S104 - every link we are on
+        discovery = Discovery(
+            domain=domain, node_id=node_id, address=host,
+            port=self.address[1] if self.address is not None else None, on_found=found, on_lost=lost,
+        )  # fmt: skip
+        await trio.to_thread.run_sync(discovery.start)
+
+        async def close_at_the_end() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(discovery.close)
+
+        nursery.start_soon(close_at_the_end)
 
     def stop(self) -> None:
         import contextlib
