@@ -31,6 +31,14 @@ def pack_group() -> None:
 @click.option("--to", "to", required=True, help="Pack file to write (atomically: temp name, fsync, rename).")
 @click.option("--domain", default=None, help="Only this domain's documents.")
 @click.option("--since", "since", default=None, help="Only what a peer lacks, given its 'doc summary' JSON.")
+@click.option(
+    "--for",
+    "for_peer",
+    default=None,
+    metavar="CARD-OR-SUMMARY",
+    help="Node homes: what this peer lacks, as a sync contact would send it (urgent first), from its card (it "
+    "holds nothing we know of) or its 'doc summary' JSON; a partner's node gets only what the agreement releases.",
+)
 @click.option("--history", is_flag=True, help="Node homes: include every held version.")
 @click.option("--seal-to", "seal_to", multiple=True, help="Encrypt to the node of this card (repeatable).")
 @click.option("--evidence", is_flag=True, help="Node homes: export the audit log since the last evidence export.")
@@ -43,6 +51,7 @@ def pack_export(
     to: str,
     domain: str | None,
     since: str | None,
+    for_peer: str | None,
     history: bool,
     seal_to: tuple[str, ...],
     evidence: bool,
@@ -55,6 +64,13 @@ def pack_export(
     if evidence:
         _export_evidence(ctx, to, cards, now, conflicting=bool(domain or since or history))
         return
+    if for_peer is not None:
+        if since is not None or history or domain is not None or partner is not None:
+            raise click.UsageError(
+                "--for chooses the documents itself: it takes no --since, --history, --domain or --partner"
+            )
+        if ctx.is_authority():
+            raise click.UsageError("--for writes what a sync contact would send; run it on a node home")
     if partner is not None and not ctx.is_authority():
         raise click.UsageError("--partner exports what an authority's agreement releases; run it on the authority")
     if ctx.is_authority():
@@ -72,7 +88,10 @@ def pack_export(
         from qhx_edge.homes.attestation import sealing_keys
 
         with ctx.node() as n:
-            docs = n.export_documents(history=history, domain=domain, since=peer)
+            if for_peer is not None:
+                docs = _for_peer(n, for_peer)
+            else:
+                docs = n.export_documents(history=history, domain=domain, since=peer)
             data = n.export_pack(docs, now)
             recipients = sealing_keys(n, cards)
     if cards:
@@ -84,6 +103,30 @@ def pack_export(
         f"wrote {len(docs)} document{'' if len(docs) == 1 else 's'} ({size} bytes) to {to}"
         + (f", sealed to {', '.join(sealed_to)}" if sealed_to else ""),
     )
+
+
+def _for_peer(n: node.Node, path: str) -> list[bytes]:
+    """``--for``: a peer's summary (JSON) or card (a signed document), then what a contact would send it."""
+    import json
+
+    from qhx_edge.homes.sync_session import one_way, peer_inventory
+
+    data = read_document(path)
+    summary = None
+    if data[:1] == b"{":
+        try:
+            summary = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise Malformed(f"{path}: not a JSON summary ({exc})") from exc
+    if isinstance(summary, dict):
+        held = peer_inventory(summary)
+        peer_domain = summary.get("domain")
+        if not isinstance(peer_domain, str):
+            raise Malformed(f"{path}: the summary names no domain (make it with 'doc summary' on the peer's home)")
+    else:
+        card = parse_card(data)
+        held, peer_domain = {}, card.domain
+    return one_way(n.export_documents(history=True), our_domain=n.domain, peer_domain=peer_domain, held=held)
 
 
 def _export_evidence(ctx: Ctx, to: str, cards: list[Card], now: int, *, conflicting: bool) -> None:

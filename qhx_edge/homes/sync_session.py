@@ -106,6 +106,54 @@ def wants(ours: dict[sync.Key, int], newer: tuple[tuple[str, str, int], ...], tr
     return [(d, t, ours.get((d, t), 0)) for d, t, v in newer if d in trusted and v > ours.get((d, t), 0)]
 
 
+def peer_inventory(summary: dict[str, Any]) -> dict[sync.Key, int]:
+    """What a peer holds, by sync key, from its ``doc summary`` JSON (``malformed`` if it is not one).
+    A summary names agreements by type alone, not by partner: the peer counts as holding none."""
+    from qhx_edge.core.errors import Malformed
+
+    if summary.get("format") != "qhx-edge-summary" or not isinstance(summary.get("domains"), dict):
+        raise Malformed("not a summary made by 'doc summary'")
+    out: dict[sync.Key, int] = {}
+    for domain, types in summary["domains"].items():
+        if not isinstance(domain, str) or not isinstance(types, dict):
+            raise Malformed("a summary's domains map names to types")
+        for type_, held in types.items():
+            version = held.get("version") if isinstance(held, dict) else None
+            if not isinstance(type_, str) or type(version) is not int or version < 0:
+                raise Malformed(f"a summary entry of {domain} is not a type and a version")
+            if type_ != "agreement":
+                out[(domain, type_)] = version
+    return out
+
+
+def one_way(docs: list[bytes], *, our_domain: str, peer_domain: str, held: dict[sync.Key, int]) -> list[bytes]:
+    """A pack as a contact would send it (``pack export --for``): what a peer of ``peer_domain`` that
+    holds ``held`` would want of ``docs``, urgent first.  A partner's node gets only what our agreement
+    with its domain releases (and the agreement itself); what other domains hold is theirs to release."""
+    from qhx_edge.core.agreements import released
+
+    cat = catalog(docs)
+    if peer_domain != our_domain:
+        # The agreement between the two domains, keyed under whichever side proposed it (versions count
+        # per pair): the newest decides what we release; a terminated one releases nothing but itself.
+        pair = {(our_domain, f"agreement/{peer_domain}"), (peer_domain, f"agreement/{our_domain}")}
+        newest = max((v[-1] for k, v in cat.items() if k in pair), default=None, key=lambda v: v[0])
+        payload = parse(newest[2]).payload if newest is not None else None
+        live = payload if isinstance(payload, Agreement) and payload.status == "active" else None
+        kept: Catalog = {}
+        for (domain, key_type), versions in cat.items():
+            if (domain, key_type) in pair or (
+                domain == our_domain and live and (key_type == "root" or released(live, our_domain, key_type))
+            ):
+                kept[(domain, key_type)] = versions
+        cat = kept
+    ours = inventory(cat)
+    newer = tuple((d, t, v) for (d, t), v in ours.items())
+    chosen = answer(cat, tuple(wants(held, newer, {d for d, _t in ours})))
+    order = sorted(range(len(chosen)), key=lambda i: sync.URGENCY.get(chosen[i].type, sync.BULK))
+    return [chosen[i].raw for i in order]
+
+
 async def contact(
     home: Path,
     stream: trio.abc.Stream,
