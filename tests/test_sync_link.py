@@ -488,3 +488,54 @@ def test_a_dialler_resumes_its_session_and_is_checked_again_each_time(tmp_path: 
     assert theirs[2].error["kind"] == "revoked", theirs[2].error
     assert "revocation" in _held(h.node_home)["alpha.example"]
     assert "revocation" not in _held(other)["alpha.example"]  # the refused link gave it nothing
+
+
+def test_a_partner_node_syncs_only_what_the_agreement_releases(tmp_path: Path) -> None:
+    """An alpha node and a beta node under an agreement (alpha accepts beta's ns/logistics, beta
+    accepts alpha's ns/ops; alpha releases its bundle and freshness): each presents its sync SVID
+    inside what the other's agreement accepts, the link opens, and the beta node receives alpha's new
+    bundle from the alpha node but never alpha's policy, which the agreement does not release.  A
+    beta identity outside the accepted prefixes is refused (``scope-violation``), audited."""
+    from tests.test_federation import ALPHA, BETA, TERMS, agree, ok
+
+    sides = {}
+    for name, domain, sync_id in ((
+        "alpha", ALPHA, "spiffe://alpha.example/ns/ops/sync"), ("beta", BETA, "spiffe://beta.example/ns/logistics/sync"
+    )):  # fmt: skip
+        h = make_homes(tmp_path / name, suite="hybrid", domain=domain, import_first=False)
+        regs = [{"spiffe_id": sync_id, "selectors": [SYNC_SELECTOR]},
+                {"spiffe_id": f"spiffe://{domain}/other", "selectors": ["qhx-edge:test-workload"]}]  # fmt: skip
+        h.authority.publish_policy(policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}}), clock.now())
+        anchor = tmp_path / f"{name}.anchor"
+        fp = ok("--home", h.a, "--json", "authority", "anchor", "--to", anchor)["fingerprint"]
+        sides[name] = (h, (h.a, anchor, fp))
+    (ha, a), (hb, b) = sides["alpha"], sides["beta"]
+    agree(tmp_path, a, b, BETA, *TERMS)
+    for h, partner, their in ((ha, hb, BETA), (hb, ha, ALPHA)):
+        attest_node(h, h.node_home)
+        theirs = tmp_path / f"{their}.pack"
+        ok("--home", partner.a, "--json", "pack", "export", "--partner", h.authority.domain, "--to", theirs)
+        ok("--home", h.node_home, "--json", "pack", "import", theirs)
+    # alpha moves on; only the alpha node hears.
+    ha.authority.publish_bundle(clock.now())
+    regs = [{"spiffe_id": "spiffe://alpha.example/ns/ops/sync", "selectors": [SYNC_SELECTOR]}]
+    ha.authority.publish_policy(policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}}), clock.now())
+    now = clock.now()
+    with node.Node(ha.node_home) as n:
+        n.import_pack(ha.authority.export_pack(ha.authority.export_documents(), now), now)
+    alpha_held = _held(ha.node_home)[ALPHA]
+    assert _held(hb.node_home)[ALPHA]["bundle"] != alpha_held["bundle"]
+
+    theirs, mine = trio.run(_run, ha.node_home, hb.node_home, _credential(hb.node_home))
+    assert mine.error is None, mine.error
+    assert theirs.error is None, theirs.error
+    beta_sees = _held(hb.node_home)[ALPHA]
+    assert beta_sees["bundle"] == alpha_held["bundle"]  # released: relayed by the alpha node
+    assert "policy" not in beta_sees  # not released: never offered
+    sent = {(d["domain"], d["type"]) for d in mine.imported["documents"]}
+    assert (ALPHA, "policy") not in sent, sent  # not even offered (the beta node would refuse it)
+    assert not [k for k in mine.imported["counts"] if k.startswith("rejected")], mine.imported["counts"]
+    # A beta identity the agreement does not accept (not under ns/logistics) opens nothing.
+    theirs, mine = trio.run(_run, ha.node_home, hb.node_home, _credential(hb.node_home, "qhx-edge:test-workload"))
+    assert theirs.error["kind"] == "scope-violation", theirs.error
+    assert any(e["kind"] == "scope-violation" and "beta.example/other" in e["detail"] for e in _audit(ha.node_home))

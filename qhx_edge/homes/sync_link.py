@@ -1,4 +1,4 @@
-"""Sync over TCP with mutual TLS 1.3 between nodes of one domain (docs/architecture.md, "Sync links").
+"""Sync over TCP with mutual TLS 1.3 between nodes (docs/architecture.md, "Sync links").
 
 A sync link is a TLS 1.3 connection (:mod:`qhx_edge.links.tls`, pyOpenSSL through memory BIOs on trio)
 that carries one contact of :mod:`qhx_edge.homes.sync_session`:
@@ -7,6 +7,9 @@ that carries one contact of :mod:`qhx_edge.homes.sync_session`:
   (minted by its own issuer from its delegation, as the bundle endpoint's), and accepts a peer only
   if the peer's chain verifies under our domain's held bundle and names a SPIFFE ID that our current
   policy registers for that selector: the channel opens only to a peer we sync with;
+* a partner's node is accepted as :meth:`Node.verify_svid` accepts a partner's SVID (the agreement,
+  its accepted prefixes, the partner's held bundle, staleness and revocations), and is offered only
+  our root chain, the agreement and what our side releases (:func:`sync_session.offer`);
 * the key exchange is X25519MLKEM768 and nothing else (:data:`~qhx_edge.links.tls.PQ_GROUPS`: both
   ends are qhx-edge on the same OpenSSL, so there is no classical peer to fall back for); a peer that
   cannot do it gets ``downgrade``, audited, never a classical session;
@@ -14,7 +17,7 @@ that carries one contact of :mod:`qhx_edge.homes.sync_session`:
   "Resumption"): the handshake then carries no certificates (about 3 KB instead of 31 KB with ML-DSA
   certificates) and still runs X25519MLKEM768; both ends check the peer's recorded chain again, under
   the bundle, revocations, policy and time of that moment;
-* a refused peer (downgrade, a bad or foreign SVID, a broken handshake) is audited on the listening
+* a refused peer (downgrade, a bad or foreign SVID, a broken handshake) is audited on the refusing
   node, and never holds up another peer: each connection is its own task with its own deadline.
 """
 
@@ -31,8 +34,9 @@ from typing import Any
 import trio
 
 from qhx_edge.core import svid
-from qhx_edge.core.documents import Bundle, Policy
-from qhx_edge.core.errors import QhxError, ScopeViolation, UnknownDomain, Unreachable
+from qhx_edge.core.documents import Policy
+from qhx_edge.core.errors import QhxError, ScopeViolation, Unreachable
+from qhx_edge.core.spiffe import trust_domain_of
 from qhx_edge.homes.sync_session import ContactResult, PeerMemory, contact
 from qhx_edge.links import tls
 from qhx_edge.store import clock
@@ -56,26 +60,35 @@ def sync_ids(policy: Policy) -> frozenset[str]:
 
 
 def peer_verifier(home: Path, *, now: Callable[[], int] = clock.now) -> tls.PeerVerifier:
-    """Accept a peer whose X509-SVID verifies under our held bundle and names a sync identity of our
-    current policy (read at each handshake: a policy change applies to the next connection)."""
+    """Accept a peer whose X509-SVID :meth:`Node.verify_svid` accepts (read at each handshake: a policy,
+    bundle, revocation or agreement change applies to the next connection):
+
+    * a node of our domain must present a sync identity of our current policy (else ``scope-violation``);
+    * a partner's node must be within what our agreement with its domain accepts, under the
+      partner's held bundle, its staleness budget and revocations (``no-agreement``, ``scope-violation``,
+      ``stale``, ``revoked`` ...): the negotiators put its sync identity inside the accepted prefixes.
+    """
     from qhx_edge.homes.node import Node
 
     def verify(chain: list[bytes]) -> None:
         with Node(home) as n:
-            bundle = n.store.current(n.domain, "bundle")
+            got = n.verify_svid(chain, now())
+            if got["relation"] != "home":
+                return  # a partner's node, accepted by the agreement: offered only what it releases
             policy = n.store.current(n.domain, "policy")
-            revocation = n.store.current(n.domain, "revocation")
             domain = n.domain
-        if bundle is None or not isinstance(bundle.payload, Bundle):
-            raise UnknownDomain(f"this node holds no bundle of {domain} to check a sync peer with")
-        revoked = revocation.payload.index() if revocation is not None else {}
-        # A revoked node may still hold a sync SVID (or mint one with its CA key): refused (revoked).
-        got = svid.verify_x509_svid(chain, bundle.payload.x509_authorities, now(), revoked)
         allowed = sync_ids(policy.payload) if policy is not None and isinstance(policy.payload, Policy) else frozenset()
-        if got not in allowed:
-            raise ScopeViolation(f"{got} is not a sync identity of {domain} (the policy registers {sorted(allowed)})")
+        if got["spiffe_id"] not in allowed:
+            raise ScopeViolation(
+                f"{got['spiffe_id']} is not a sync identity of {domain} (the policy registers {sorted(allowed)})"
+            )
 
     return verify
+
+
+def peer_domain(stream: tls.TlsStream) -> str:
+    """The trust domain of the peer a verified stream speaks with."""
+    return trust_domain_of(svid.leaf_spiffe_id(stream.peer_chain[0]))
 
 
 class SyncCredential:
@@ -135,11 +148,14 @@ async def dial(
             memory.link = None
         error = _typed(exc) if not isinstance(exc, trio.TooSlowError) else Unreachable("the handshake timed out")
         result.fail(error)
-        if error.kind in ("downgrade", "bad-signature", "scope-violation", "revoked"):
+        if error.kind not in ("unreachable",):  # a refused peer, not a link that did not answer
             await trio.to_thread.run_sync(_audit_refusal, home, f"sync link to {host}:{port}", error)
         return result
     async with stream:
-        result = await contact(home, stream, memory=memory, now=now, source=f"sync {host}:{port}", timeout=timeout)
+        result = await contact(
+            home, stream, memory=memory, now=now, source=f"sync {host}:{port}", timeout=timeout,
+            peer_domain=peer_domain(stream),
+        )  # fmt: skip
     result.resumed = stream.resumed
     if memory is not None:  # resumable only if the contact ended with close_notify both ways
         memory.link = (credential, groups, context, stream.session)
@@ -198,8 +214,9 @@ async def listen(
                     del memories[next(iter(memories))]  # the oldest: it only costs that peer a resend
                 memory = memories.setdefault(address, PeerMemory())
                 result = await contact(
-                    home, stream, memory=memory, now=now, source=f"sync {where}", timeout=CONTACT_TIMEOUT
-                )
+                    home, stream, memory=memory, now=now, source=f"sync {where}", timeout=CONTACT_TIMEOUT,
+                    peer_domain=peer_domain(stream),
+                )  # fmt: skip
             result.resumed = stream.resumed
         except QhxError as exc:  # we cannot serve now (no sync identity, revoked, a locked store): this link only
             result.fail(exc)

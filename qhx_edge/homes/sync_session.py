@@ -126,27 +126,33 @@ def peer_inventory(summary: dict[str, Any]) -> dict[sync.Key, int]:
     return out
 
 
-def one_way(docs: list[bytes], *, our_domain: str, peer_domain: str, held: dict[sync.Key, int]) -> list[bytes]:
-    """A pack as a contact would send it (``pack export --for``): what a peer of ``peer_domain`` that
-    holds ``held`` would want of ``docs``, urgent first.  A partner's node gets only what our agreement
-    with its domain releases (and the agreement itself); what other domains hold is theirs to release."""
+def offer(cat: Catalog, *, our_domain: str, peer_domain: str) -> Catalog:
+    """What we may give a peer of ``peer_domain``: everything to a node of our own domain (a relay
+    store-and-forwards what it holds); to a partner's node only our root chain, the agreement between
+    the two domains and what our side of it releases.  What other domains hold is theirs to release."""
     from qhx_edge.core.agreements import released
 
-    cat = catalog(docs)
-    if peer_domain != our_domain:
-        # The agreement between the two domains, keyed under whichever side proposed it (versions count
-        # per pair): the newest decides what we release; a terminated one releases nothing but itself.
-        pair = {(our_domain, f"agreement/{peer_domain}"), (peer_domain, f"agreement/{our_domain}")}
-        newest = max((v[-1] for k, v in cat.items() if k in pair), default=None, key=lambda v: v[0])
-        payload = parse(newest[2]).payload if newest is not None else None
-        live = payload if isinstance(payload, Agreement) and payload.status == "active" else None
-        kept: Catalog = {}
-        for (domain, key_type), versions in cat.items():
-            if (domain, key_type) in pair or (
-                domain == our_domain and live and (key_type == "root" or released(live, our_domain, key_type))
-            ):
-                kept[(domain, key_type)] = versions
-        cat = kept
+    if peer_domain == our_domain:
+        return cat
+    # The agreement between the two domains, keyed under whichever side proposed it (versions count
+    # per pair): the newest decides what we release; a terminated one releases nothing but itself.
+    pair = {(our_domain, f"agreement/{peer_domain}"), (peer_domain, f"agreement/{our_domain}")}
+    newest = max((v[-1] for k, v in cat.items() if k in pair), default=None, key=lambda v: v[0])
+    payload = parse(newest[2]).payload if newest is not None else None
+    live = payload if isinstance(payload, Agreement) and payload.status == "active" else None
+
+    def releases(domain: str, key_type: str) -> bool:
+        if (domain, key_type) in pair:
+            return True
+        return domain == our_domain and live is not None and (key_type == "root" or released(live, domain, key_type))
+
+    return {key: versions for key, versions in cat.items() if releases(*key)}
+
+
+def one_way(docs: list[bytes], *, our_domain: str, peer_domain: str, held: dict[sync.Key, int]) -> list[bytes]:
+    """A pack as a contact would send it (``pack export --for``): what a peer of ``peer_domain`` that
+    holds ``held`` would want of what we may :func:`offer` it, urgent first."""
+    cat = offer(catalog(docs), our_domain=our_domain, peer_domain=peer_domain)
     ours = inventory(cat)
     newer = tuple((d, t, v) for (d, t), v in ours.items())
     chosen = answer(cat, tuple(wants(held, newer, {d for d, _t in ours})))
@@ -162,15 +168,19 @@ async def contact(
     now: Callable[[], int] = clock.now,
     source: str = "sync",
     timeout: float = math.inf,
+    peer_domain: str | None = None,
 ) -> ContactResult:
     """Run one contact over ``stream`` (both peers call this; the protocol has no client or server)
-    and apply what arrived.  Never raises for what the peer or the link did: the result says."""
+    and apply what arrived.  A peer of another domain (``peer_domain``, which the link authenticated)
+    is offered only what :func:`offer` allows.  Never raises for what the peer or the link did: the
+    result says."""
     from qhx_edge.homes.node import Node
 
     with Node(home) as n:
         cat = catalog(n.export_documents(history=True))
         node_id = n.node_id
         trusted = {d["domain"] for d in n.store.domains()}
+        cat = offer(cat, our_domain=n.domain, peer_domain=peer_domain or n.domain)
     ours = inventory(cat)
     memory = memory if memory is not None else PeerMemory()
     conn = sync.SyncConnection(node_id, ours, partials=memory.partials)
