@@ -238,3 +238,19 @@ def test_a_contact_over_real_tcp(tmp_path: Path) -> None:
     assert mine.complete
     assert mine.imported["applied"]
     assert _held(h.node_home) == _held(other)
+
+
+def test_the_stores_index_gives_the_catalog_parsing_every_document_would(tmp_path: Path) -> None:
+    """A contact chooses what to offer from the store's columns (Store.held_index), not by parsing
+    every held document on every contact: the same catalog, agreements (keyed under their proposer,
+    per pair) and a root chain included, delegations left out."""
+    from qhx_edge.homes import node
+    from qhx_edge.homes.sync_session import held_catalog
+    from tests.test_federation import _connected
+
+    _a, _b, n = _connected(tmp_path)
+    with node.Node(n) as nd:
+        parsed = catalog(nd.export_documents(history=True))
+        indexed = held_catalog(nd.store.held_index())
+    assert any(t.startswith("agreement/") for _d, t in indexed)
+    assert indexed == parsed

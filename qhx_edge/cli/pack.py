@@ -109,7 +109,7 @@ def _for_peer(n: node.Node, path: str) -> list[bytes]:
     """``--for``: a peer's summary (JSON) or card (a signed document), then what a contact would send it."""
     import json
 
-    from qhx_edge.homes.sync_session import one_way, peer_inventory
+    from qhx_edge.homes.sync_session import held_catalog, one_way, peer_inventory
 
     data = read_document(path)
     summary = None
@@ -126,7 +126,7 @@ def _for_peer(n: node.Node, path: str) -> list[bytes]:
     else:
         card = parse_card(data)
         held, peer_domain = {}, card.domain
-    return one_way(n.export_documents(history=True), our_domain=n.domain, peer_domain=peer_domain, held=held)
+    return one_way(held_catalog(n.store.held_index()), our_domain=n.domain, peer_domain=peer_domain, held=held)
 
 
 def _export_evidence(ctx: Ctx, to: str, cards: list[Card], now: int, *, conflicting: bool) -> None:

@@ -86,6 +86,20 @@ def catalog(docs: list[bytes]) -> Catalog:
     return out
 
 
+def held_catalog(index: list[tuple[str, str, int, bytes]]) -> Catalog:
+    """:func:`catalog` from the store's index (``Store.held_index``), without parsing a document: what a
+    contact offers is chosen by the columns the store wrote when it accepted each document."""
+    out: Catalog = {}
+    for domain, key_type, version, raw in index:
+        if key_type in NOT_SYNCED:
+            continue
+        doc_type = "agreement" if key_type.startswith("agreement/") else key_type
+        out.setdefault((domain, key_type), []).append((version, doc_type, raw))
+    for versions in out.values():
+        versions.sort(key=lambda v: v[0])
+    return out
+
+
 def inventory(cat: Catalog) -> dict[sync.Key, int]:
     return {key: versions[-1][0] for key, versions in cat.items()}
 
@@ -149,10 +163,10 @@ def offer(cat: Catalog, *, our_domain: str, peer_domain: str) -> Catalog:
     return {key: versions for key, versions in cat.items() if releases(*key)}
 
 
-def one_way(docs: list[bytes], *, our_domain: str, peer_domain: str, held: dict[sync.Key, int]) -> list[bytes]:
+def one_way(everything: Catalog, *, our_domain: str, peer_domain: str, held: dict[sync.Key, int]) -> list[bytes]:
     """A pack as a contact would send it (``pack export --for``): what a peer of ``peer_domain`` that
     holds ``held`` would want of what we may :func:`offer` it, urgent first."""
-    cat = offer(catalog(docs), our_domain=our_domain, peer_domain=peer_domain)
+    cat = offer(everything, our_domain=our_domain, peer_domain=peer_domain)
     ours = inventory(cat)
     newer = tuple((d, t, v) for (d, t), v in ours.items())
     chosen = answer(cat, tuple(wants(held, newer, {d for d, _t in ours})))
@@ -177,7 +191,7 @@ async def contact(
     from qhx_edge.homes.node import Node
 
     with Node(home) as n:
-        cat = catalog(n.export_documents(history=True))
+        cat = held_catalog(n.store.held_index())
         node_id = n.node_id
         trusted = {d["domain"] for d in n.store.domains()}
         cat = offer(cat, our_domain=n.domain, peer_domain=peer_domain or n.domain)

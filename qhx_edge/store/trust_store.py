@@ -762,6 +762,27 @@ class Store(SqliteFile):
             )
         return [bytes(r[0]) for r in self.conn.execute(sql)]
 
+    def held_index(self) -> list[tuple[str, str, int, bytes]]:
+        """``(domain, type, version, body)`` of every held version of every document, and the current
+        agreement with each partner as ``(proposer, "agreement/ACCEPTOR", version, body)``: what a sync
+        catalog needs, read from the columns without parsing a document (docs/architecture.md, "Sync links")."""
+        home = self.node_info()["home_domain"]
+        rows = [
+            (str(d), str(t), int(v), bytes(b))
+            for d, t, v, b in self.conn.execute(
+                "SELECT domain, type, version, body FROM documents ORDER BY domain, type, version"
+            )
+        ]
+        current = self.conn.execute(
+            "SELECT a.partner, a.proposer, a.version, a.body FROM agreements a JOIN "
+            "(SELECT partner, MAX(version) AS version FROM agreements GROUP BY partner) c "
+            "ON c.partner = a.partner AND c.version = a.version ORDER BY a.partner"
+        )
+        for partner, proposer, version, body in current:
+            acceptor = partner if proposer == home else home
+            rows.append((str(proposer), f"agreement/{acceptor}", int(version), bytes(body)))
+        return rows
+
     # --- writing -------------------------------------------------------------------
 
     def _audit(self, conn: sqlite3.Connection, at: int, entries: Sequence[AuditEntry]) -> None:
