@@ -699,3 +699,42 @@ def test_cli_sigterm_stops_the_watcher_beside_a_fifo(tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "SIGTERM" in json.loads(out.splitlines()[-1])["message"]
+
+
+def test_serve_watches_a_folder_beside_the_workload_api(tmp_path: Path) -> None:
+    """``serve --watch DIR`` imports a pack dropped there while it serves, moves it to imported/ and
+    logs the event as a JSON line on stderr; a folder that does not exist stops it before it serves."""
+    import select
+
+    from .conftest import stop_process, wait_until
+
+    h = make_homes(tmp_path)
+    drop = tmp_path / "usb"
+    drop.mkdir()
+    missing = run_cli("--home", h.node_home, "--json", "serve", "--socket", tmp_path / "x.sock", "--watch",
+                      tmp_path / "nowhere")  # fmt: skip
+    assert (missing.code, missing.json["error"]["kind"]) == (3, "missing-file"), missing.stdout
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home), "serve", "--socket",
+           str(tmp_path / "w.sock"), "--watch", str(drop)]  # fmt: skip
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready, log.read_text()
+        assert json.loads(proc.stdout.readline())["watching"] == str(drop)
+        before = _versions(h.node_home)
+        h.authority.publish_bundle(clock.now())
+        pack.write(drop / "next.pack", h.authority.export_pack(h.authority.export_documents(), clock.now()))
+        wait_until((drop / "imported" / "next.pack").exists, "the served watcher never imported the pack")
+        assert _versions(h.node_home)["bundle"] == before["bundle"] + 1
+        events = [json.loads(line)["watch"] for line in log.read_text().splitlines() if line.startswith('{"watch"')]
+        assert any(e["event"] == "imported" and e["file"] == "next.pack" for e in events), events
+    finally:
+        assert stop_process(proc) == 0, log.read_text()[-2000:]
+
+
+def _versions(home: Path) -> dict[str, int]:
+    with Node(home) as n:
+        return {t: v["version"] for t, v in n.summary()["domains"]["alpha.example"].items()}

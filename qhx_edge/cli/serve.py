@@ -78,6 +78,14 @@ def _address(value: str) -> tuple[str, int]:
     "this domain found there (an advertisement is only an address: the link's TLS checks who answers).",
 )
 @click.option(
+    "--watch",
+    "watch_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also import each pack that settles in this folder (a USB mount point or drop folder), as 'pack watch' "
+    "does (one JSON line per event on stderr).",
+)
+@click.option(
     "--fetch-partners",
     is_flag=True,
     help="Also poll every partner bundle endpoint recorded by 'federation fetch' (one line per attempt on stderr).",
@@ -97,6 +105,7 @@ def serve(
     sync_peers: tuple[str, ...],
     sync_interval: str,
     sync_discover: bool,
+    watch_dir: Path | None,
     fetch_partners: bool,
 ) -> None:
     """Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.
@@ -177,12 +186,20 @@ def serve(
             text += f"\nsyncing with {', '.join(sync_peers)}"
         if sync_discover:
             text += "\nsyncing with the peers found on the local link (_qhx-sync._tcp)"
+    watcher = _start_watch(home, watch_dir, ctx.passphrase) if watch_dir is not None else None
+    if watch_dir is not None:
+        info["watching"] = str(watch_dir)
+        text += f"\nimporting the packs that settle in {watch_dir}"
     pollers = _start_pollers(home, info) if fetch_partners else None
     if pollers is not None:
         text += f"\nfetching the bundle endpoints of {', '.join(info['fetching']) or 'no partner (none recorded)'}"
     try:
         workload_api.serve_forever(lambda: Issuer(home, ctx.passphrase), sock, on_ready=lambda: ctx.emit(info, text))
     finally:
+        if watcher is not None:
+            stop_watch, watch_thread = watcher
+            stop_watch.set()
+            watch_thread.join(timeout=30)
         if sync_service is not None:
             sync_service.stop()
         if pollers is not None:
@@ -194,6 +211,41 @@ def serve(
             runner.stop()
             if svid is not None:
                 svid.close()
+
+
+def _start_watch(home: Path, directory: Path, get_passphrase: Any) -> tuple[Any, Any]:
+    """``pack watch DIRECTORY`` in a thread of its own (with its own store connection) until the event is
+    set; each event a JSON line on stderr.  The node's keys are unlocked first (sealed packs need them),
+    so a wrong passphrase stops the server before it serves."""
+    import json
+    import sys
+    import threading
+
+    from qhx_edge.core.errors import MissingFile, QhxError
+    from qhx_edge.homes import watch
+    from qhx_edge.homes.node import Node
+
+    if not directory.is_dir():
+        raise MissingFile(f"no such directory to watch: {directory}")
+    with Node(home, get_passphrase) as n:
+        n.identity  # noqa: B018 - unlock now, not at the first sealed pack
+    stop = threading.Event()
+
+    def emit(event: watch.Event) -> None:
+        print(json.dumps({"watch": event.to_json()}, sort_keys=True), file=sys.stderr, flush=True)
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                with Node(home, get_passphrase) as n:
+                    watch.Watcher(directory, n, emit=emit).run(stop.is_set)
+            except QhxError as exc:  # the store cannot be opened now (locked, busy): say so, try again
+                emit(watch.Event("unavailable", message=exc.message, kind=exc.kind))
+                stop.wait(5)
+
+    thread = threading.Thread(target=run, name="qhx-watch", daemon=True)
+    thread.start()
+    return stop, thread
 
 
 def _start_pollers(home: Path, info: dict[str, Any]) -> tuple[Any, list[Any]]:
