@@ -539,3 +539,24 @@ def test_a_partner_node_syncs_only_what_the_agreement_releases(tmp_path: Path) -
     theirs, mine = trio.run(_run, ha.node_home, hb.node_home, _credential(hb.node_home, "qhx-edge:test-workload"))
     assert theirs.error["kind"] == "scope-violation", theirs.error
     assert any(e["kind"] == "scope-violation" and "beta.example/other" in e["detail"] for e in _audit(ha.node_home))
+
+
+def test_under_a_pq_strict_policy_a_classical_certificate_is_a_downgrade(tmp_path: Path) -> None:
+    """Once the policy gives sync identities ML-DSA-65 certificates, a peer presenting a classical
+    (ECDSA) sync SVID, minted before, gets ``downgrade``, audited; with its new ML-DSA SVID it syncs."""
+    h, other = _two_nodes(tmp_path)
+    classical = _credential(other)
+    h.authority.publish_policy(policy_fields({"registrations": REGISTRATIONS, "algorithms": {"/": "ML-DSA-65"}}),
+                               clock.now())  # fmt: skip
+    now = clock.now()
+    for home in (h.node_home, other):
+        with node.Node(home) as n:
+            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+    theirs, mine = trio.run(_run, h.node_home, other, classical)
+    assert theirs.error["kind"] == "downgrade", theirs.error
+    assert any(e["kind"] == "downgrade" and "classical certificate" in e["detail"] for e in _audit(h.node_home))
+    pq = _credential(other)
+    assert pq.chain != classical.chain
+    theirs, mine = trio.run(_run, h.node_home, other, pq)
+    assert mine.error is None, mine.error
+    assert theirs.complete

@@ -246,6 +246,10 @@ _PLAIN: dict[x509.ObjectIdentifier, type] = {  # signature algorithms without pa
     SignatureAlgorithmOID.ML_DSA_65: mldsa.MLDSA65PublicKey,
     SignatureAlgorithmOID.ML_DSA_87: mldsa.MLDSA87PublicKey,
 }
+_MLDSA_OIDS = frozenset(
+    {SignatureAlgorithmOID.ML_DSA_44, SignatureAlgorithmOID.ML_DSA_65, SignatureAlgorithmOID.ML_DSA_87}
+)
+_MLDSA_KEYS = (mldsa.MLDSA44PublicKey, mldsa.MLDSA65PublicKey, mldsa.MLDSA87PublicKey)
 
 
 def _signed_by(cert: _Cert, issuer: _Cert) -> bool:
@@ -313,6 +317,18 @@ def spki_digest(cert: _Cert) -> bytes | None:
             return None
         cert._spki = hashlib.sha256(key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()
     return cert._spki
+
+
+def post_quantum(chain: Sequence[bytes]) -> bool:
+    """Whether every signature that vouches for this chain is ML-DSA: the leaf's key (it signs the TLS
+    handshake) and the signature on every certificate (X509-SVID chains under a policy that names ML-DSA)."""
+    for i, der in enumerate(chain):
+        cert = _read(der)
+        if cert.signature_oid not in _MLDSA_OIDS:
+            return False
+        if i == 0 and not isinstance(cert.public_key(), _MLDSA_KEYS):
+            return False
+    return bool(chain)
 
 
 def verify_x509_svid(

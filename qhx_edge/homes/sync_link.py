@@ -12,7 +12,9 @@ that carries one contact of :mod:`qhx_edge.homes.sync_session`:
   our root chain, the agreement and what our side releases (:func:`sync_session.offer`);
 * the key exchange is X25519MLKEM768 and nothing else (:data:`~qhx_edge.links.tls.PQ_GROUPS`: both
   ends are qhx-edge on the same OpenSSL, so there is no classical peer to fall back for); a peer that
-  cannot do it gets ``downgrade``, audited, never a classical session;
+  cannot do it gets ``downgrade``, audited, never a classical session.  Where our policy gives our
+  sync identities ML-DSA certificates (``pq-strict``), a peer's chain must be ML-DSA throughout too,
+  else ``downgrade``;
 * a dialler resumes its last TLS session with the same listener (:mod:`qhx_edge.links.tls`,
   "Resumption"): the handshake then carries no certificates (about 3 KB instead of 31 KB with ML-DSA
   certificates) and still runs X25519MLKEM768; both ends check the peer's recorded chain again, under
@@ -35,7 +37,7 @@ import trio
 
 from qhx_edge.core import svid
 from qhx_edge.core.documents import Policy
-from qhx_edge.core.errors import QhxError, ScopeViolation, Unreachable
+from qhx_edge.core.errors import Downgrade, QhxError, ScopeViolation, Unreachable
 from qhx_edge.core.spiffe import trust_domain_of
 from qhx_edge.homes.sync_session import ContactResult, PeerMemory, contact
 from qhx_edge.links import tls
@@ -69,15 +71,24 @@ def peer_verifier(home: Path, *, now: Callable[[], int] = clock.now) -> tls.Peer
       ``stale``, ``revoked`` ...): the negotiators put its sync identity inside the accepted prefixes.
     """
     from qhx_edge.homes.node import Node
+    from qhx_edge.issue.issuer import algorithm_for
 
     def verify(chain: list[bytes]) -> None:
         with Node(home) as n:
             got = n.verify_svid(chain, now())
-            if got["relation"] != "home":
-                return  # a partner's node, accepted by the agreement: offered only what it releases
-            policy = n.store.current(n.domain, "policy")
+            held = n.store.current(n.domain, "policy")
             domain = n.domain
-        allowed = sync_ids(policy.payload) if policy is not None and isinstance(policy.payload, Policy) else frozenset()
+        policy = held.payload if held is not None and isinstance(held.payload, Policy) else None
+        allowed = sync_ids(policy) if policy is not None else frozenset()
+        # pq-strict: where our sync identities are ML-DSA, so must the peer's chain be.
+        pq = policy is not None and any(algorithm_for(i, policy.algorithms).startswith("ML-DSA") for i in allowed)
+        if pq and not svid.post_quantum(chain):
+            raise Downgrade(
+                f"{got['spiffe_id']} presented a classical certificate chain; the policy of {domain} gives "
+                "sync identities ML-DSA certificates and takes no less from a peer"
+            )
+        if got["relation"] != "home":
+            return  # a partner's node, accepted by the agreement: offered only what it releases
         if got["spiffe_id"] not in allowed:
             raise ScopeViolation(
                 f"{got['spiffe_id']} is not a sync identity of {domain} (the policy registers {sorted(allowed)})"
