@@ -560,3 +560,15 @@ def test_under_a_pq_strict_policy_a_classical_certificate_is_a_downgrade(tmp_pat
     theirs, mine = trio.run(_run, h.node_home, other, pq)
     assert mine.error is None, mine.error
     assert theirs.complete
+
+
+def test_refused_links_from_one_address_are_audited_at_a_bounded_rate() -> None:
+    """A peer hammering the listener with bad handshakes gets ten audit entries a minute, then none
+    until the next minute, whose first entry says how many went unaudited."""
+    from qhx_edge.homes.sync_link import RefusalLog
+
+    log = RefusalLog(per_minute=10)
+    got = [log.admit("10.0.0.9", t * 0.1) for t in range(50)]
+    assert [a for a, _ in got] == [True] * 10 + [False] * 40
+    assert log.admit("10.0.0.8", 5.0) == (True, 0)  # another address has its own budget
+    assert log.admit("10.0.0.9", 60.0) == (True, 40)

@@ -125,6 +125,29 @@ def _audit_refusal(home: Path, what: str, exc: QhxError) -> None:
         n.store.audit(clock.now(), [AuditEntry("reject", f"{what}: {exc.message}", exc.kind)])
 
 
+class RefusalLog:
+    """How many refused links from one address the listener audits: ``per_minute`` a minute,
+    then one entry saying how many more it refused unaudited.  A peer that hammers the listener with
+    bad handshakes must not grow the audit log (each entry a durable write) at its own pace."""
+
+    def __init__(self, per_minute: int = 10, addresses: int = 1024) -> None:
+        self.per_minute, self.addresses = per_minute, addresses
+        self._seen: dict[str, tuple[float, int, int]] = {}  # address -> (window start, audited, unaudited)
+
+    def admit(self, address: str, now: float) -> tuple[bool, int]:
+        """Whether to audit this refusal, and how many from ``address`` went unaudited before it."""
+        start, audited, quiet = self._seen.get(address, (now, 0, 0))
+        if now - start >= 60:
+            start, audited = now, 0
+        if address not in self._seen and len(self._seen) >= self.addresses:
+            del self._seen[next(iter(self._seen))]
+        if audited < self.per_minute:
+            self._seen[address] = (start, audited + 1, 0)
+            return True, quiet
+        self._seen[address] = (start, audited, quiet + 1)
+        return False, quiet + 1
+
+
 def _typed(exc: BaseException) -> QhxError:
     if isinstance(exc, QhxError):
         return exc
@@ -193,6 +216,7 @@ async def listen(
     active = 0
     done = trio.Event()
     memories: dict[str, PeerMemory] = {}
+    refusals = RefusalLog()
     contexts = tls.ServerContexts(groups=groups, require_client_certificate=True, resumption=RESUMPTION)
 
     async def handle(tcp: trio.SocketStream) -> None:
@@ -217,7 +241,10 @@ async def listen(
                 error = _typed(exc) if not isinstance(exc, trio.TooSlowError) else Unreachable("handshake timed out")
                 result.fail(error)
                 await trio.aclose_forcefully(stream)
-                await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}", error)
+                audit, unaudited = refusals.admit(where.rsplit(":", 1)[0], trio.current_time())
+                if audit:
+                    more = f" ({unaudited} more refused unaudited before this)" if unaudited else ""
+                    await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}{more}", error)
                 return
             async with stream:
                 address = where.rsplit(":", 1)[0]
