@@ -188,13 +188,9 @@ async def contact(
     and apply what arrived.  A peer of another domain (``peer_domain``, which the link authenticated)
     is offered only what :func:`offer` allows.  Never raises for what the peer or the link did: the
     result says."""
-    from qhx_edge.homes.node import Node
 
-    with Node(home) as n:
-        cat = held_catalog(n.store.held_index())
-        node_id = n.node_id
-        trusted = {d["domain"] for d in n.store.domains()}
-        cat = offer(cat, our_domain=n.domain, peer_domain=peer_domain or n.domain)
+    # Read off the event loop: a listener's other links go on while this one opens the store.
+    cat, node_id, trusted = await trio.to_thread.run_sync(_load, home, peer_domain)
     ours = inventory(cat)
     memory = memory if memory is not None else PeerMemory()
     conn = sync.SyncConnection(node_id, ours, partials=memory.partials)
@@ -267,6 +263,15 @@ async def contact(
     if arrived:
         result.imported = await trio.to_thread.run_sync(_apply, home, arrived, now(), f"{source} {result.peer}")
     return result
+
+
+def _load(home: Path, peer_domain: str | None) -> tuple[Catalog, str, set[str]]:
+    """What a contact offers this peer, our node id, and the domains we trust (one store read)."""
+    from qhx_edge.homes.node import Node
+
+    with Node(home) as n:
+        cat = offer(held_catalog(n.store.held_index()), our_domain=n.domain, peer_domain=peer_domain or n.domain)
+        return cat, n.node_id, {d["domain"] for d in n.store.domains()}
 
 
 def _apply(home: Path, docs: list[bytes], now: int, source: str) -> dict[str, Any]:
