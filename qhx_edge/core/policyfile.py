@@ -26,9 +26,10 @@ A policy file::
     max_partner_staleness = "24h"  # no partner trusted staler (caps each agreement's budget)
     spiffe_bundles = false         # no partner trust from unsigned SPIFFE bundles
 
-    [[authorization]]    # rules on SPIFFE ID / namespace / labels (used by later issues)
-    allow = "spiffe://alpha.example/web"
-    to = "spiffe://alpha.example/db"
+    [[authorization]]    # who may reach a service through a tunnel (core/authz.py)
+    to = "spiffe://alpha.example/db"           # a SPIFFE ID, or a namespace ending in "/"
+    allow = ["spiffe://alpha.example/web"]     # callers: SPIFFE IDs or namespaces ending in "/"
+    labels = { tier = "frontend" }             # optional: labels our registrations bind to the caller
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import tomllib
 from typing import Any
 
 from qhx_edge.core import suites
+from qhx_edge.core.authz import parse_rules
 from qhx_edge.core.errors import Malformed
 
 MAX_POLICY_FILE = 1 << 20
@@ -110,6 +112,7 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
             reg["ttl"] = duration(reg["ttl"], "registration ttl")
         regs.append(reg)
     auth = [dict(a) for a in _tables(data, "authorization")]
+    parse_rules(auth)  # refused here, at publishing, not at the first connection
     out = {"registrations": regs, "authorization": auth, "algorithms": algorithms, "staleness": stale}
     if "attestation" in data:
         att = _table(data, "attestation", "[attestation]")
