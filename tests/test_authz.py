@@ -41,8 +41,9 @@ def test_labels_must_be_bound_to_the_caller() -> None:
     with pytest.raises(PolicyDenied):
         authorize(RULES, pay, WEB, {"tier": "silver"})
     assert authorize(RULES, pay, WEB, {"tier": "gold", "zone": "a"}).labels == (("tier", "gold"),)
+    other = "spiffe://alpha.example/other"
     regs = [{"spiffe_id": WEB, "selectors": ["unix:uid:1"], "labels": {"tier": "gold"}},
-            {"spiffe_id": "spiffe://alpha.example/other", "selectors": ["unix:uid:2"], "labels": {"tier": "x"}}]  # fmt: skip
+            {"spiffe_id": other, "selectors": ["unix:uid:2"], "labels": {"tier": "x"}}]  # fmt: skip
     assert registration_labels(regs, WEB) == {"tier": "gold"}
     assert registration_labels(regs, PARTNER) == {}  # a partner's workload carries none of our labels
 
