@@ -54,7 +54,7 @@ def _pattern(value: Any, what: str) -> str:
 
 def parse_rules(items: Iterable[Any]) -> tuple[Rule, ...]:
     """The policy's ``authorization`` list as rules; ``malformed`` for anything else."""
-    rules = []
+    rules: list[Rule] = []
     for i, item in enumerate(items):
         if len(rules) >= MAX_RULES:
             raise Malformed(f"at most {MAX_RULES} authorization rules")
