@@ -66,6 +66,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "status": ("qhx_edge.cli.status:status", "Held versions, freshness, staleness and mode per domain."),
     "svid": ("qhx_edge.cli.svid:svid_group", "Verify X.509-SVIDs of our own domain and of partners."),
+    "tunnel": (
+        "qhx_edge.cli.tunnel:tunnel_group",
+        "Identity-bound tunnels: a workload's plain TCP carried over mutual post-quantum TLS.",
+    ),
 }
 
 

@@ -155,6 +155,12 @@ class Unreachable(EnvironmentFault):
     kind = "unreachable"
 
 
+class NoIdentity(EnvironmentFault):
+    """The Workload API attests this process to no registration: it has no SVID to present."""
+
+    kind = "no-identity"
+
+
 class MissingFile(EnvironmentFault):
     kind = "missing-file"
 

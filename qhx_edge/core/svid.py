@@ -319,6 +319,32 @@ def spki_digest(cert: _Cert) -> bytes | None:
     return cert._spki
 
 
+def split_der(data: bytes, *, limit: int = MAX_CHAIN) -> list[bytes]:
+    """Concatenated DER certificates (the Workload API's ``x509_svid`` and ``bundle`` fields) as a list:
+    each a SEQUENCE with a definite length (X.690 §8.1.3); ``malformed`` otherwise or past ``limit``."""
+    out: list[bytes] = []
+    i = 0
+    while i < len(data):
+        if len(out) >= limit:
+            raise Malformed(f"more than {limit} certificates")
+        if data[i] != 0x30 or i + 2 > len(data):
+            raise Malformed("not a DER certificate (a SEQUENCE)")
+        first = data[i + 1]
+        if first < 0x80:
+            length, head = first, 2
+        else:
+            count = first & 0x7F
+            if not 1 <= count <= 4 or i + 2 + count > len(data):
+                raise Malformed("a DER length this reader does not take")
+            length, head = int.from_bytes(data[i + 2 : i + 2 + count], "big"), 2 + count
+        end = i + head + length
+        if end > len(data):
+            raise Malformed("a DER certificate runs past the end of its field")
+        out.append(bytes(data[i:end]))
+        i = end
+    return out
+
+
 def post_quantum(chain: Sequence[bytes]) -> bool:
     """Whether every signature that vouches for this chain is ML-DSA: the leaf's key (it signs the TLS
     handshake) and the signature on every certificate (X509-SVID chains under a policy that names ML-DSA)."""

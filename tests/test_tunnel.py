@@ -1,0 +1,175 @@
+"""Identity-bound tunnels (qhx_edge/homes/tunnel.py, issue 11), end to end with real processes: a node's
+``qhx-edge serve`` (the Workload API), an HTTP server, an inbound tunnel running as the server's
+workload and an outbound tunnel running as the client's (told apart by their group ids, which the
+policy's registrations select), and a plain HTTP client.
+
+* The client reaches the server through both tunnels, each with its own SVID from the Workload API.
+* A policy whose rules no longer let the client's identity reach the server's denies the next
+  connection (``policy-denied``, audited) without restarting anything; no byte reaches the server.
+* A peer offering only classical key exchange gets ``downgrade``, audited.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from qhx_edge.core.policyfile import policy_fields
+from qhx_edge.homes import node
+from qhx_edge.links import tls
+from qhx_edge.store import clock
+from tests.conftest import _cli_env, attest_node, make_homes, need, stop_process, wait_until
+
+DB = "spiffe://alpha.example/ns/db/main"
+WEB = "spiffe://alpha.example/ns/web/frontend"
+DB_GID, WEB_GID = 41001, 41002
+REGISTRATIONS = [
+    {"spiffe_id": DB, "selectors": [f"unix:gid:{DB_GID}"]},
+    {"spiffe_id": WEB, "selectors": [f"unix:gid:{WEB_GID}"], "labels": {"tier": "frontend"}},
+]
+
+
+def _policy(rules: list[dict[str, Any]]) -> dict[str, Any]:
+    return policy_fields({"registrations": REGISTRATIONS, "algorithms": {"/": "ES256"}, "authorization": rules})
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    hits: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        type(self).hits.append(self.path)
+        body = f"hello {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    _Handler.hits = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _start(cmd: list[str], log: Path, gid: int | None = None) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.PIPE, stderr=err, text=True, group=gid)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready, log.read_text()
+    line = proc.stdout.readline()
+    assert line, log.read_text()
+    return proc, json.loads(line)
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:  # noqa: S310 - loopback
+        return str(r.read().decode())
+
+
+def test_a_client_reaches_a_server_through_two_tunnels_and_policy_decides(tmp_path: Path, http_server: int) -> None:
+    need(os.geteuid() == 0, "the tunnels run under their own group ids (set by root) for the Workload API to tell apart")
+    h = make_homes(tmp_path, suite="hybrid")
+    h.authority.publish_policy(_policy([{"to": DB, "allow": ["spiffe://alpha.example/ns/web/"]}]), clock.now())
+    attest_node(h, h.node_home)
+    sock = tmp_path / "workload.sock"
+    qhx = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)]
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        serve, _ = _start([*qhx, "serve", "--socket", str(sock)], tmp_path / "serve.log")
+        procs.append(serve)
+        inbound, info_in = _start(
+            [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{http_server}",
+             "--socket", str(sock)], tmp_path / "in.log", DB_GID,
+        )  # fmt: skip
+        procs.append(inbound)
+        assert info_in["spiffe_id"] == DB
+        outbound, info_out = _start(
+            [*qhx, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info_in["listening"],
+             "--peer-id", DB, "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
+        )  # fmt: skip
+        procs.append(outbound)
+        assert info_out["spiffe_id"] == WEB
+        port = int(info_out["listening"].rsplit(":", 1)[1])
+
+        assert _get(port, "/first") == "hello /first"
+        assert _get(port, "/second") == "hello /second"  # a second connection (a resumed session)
+        wait_until(lambda: '"event": "closed"' in (tmp_path / "in.log").read_text(), "no closed event logged")
+        closed = [json.loads(x)["tunnel"] for x in (tmp_path / "in.log").read_text().splitlines() if '"closed"' in x]
+        assert closed[0]["caller"] == WEB
+        assert closed[0]["group"] == "X25519MLKEM768"
+
+        # The policy stops letting web reach db: the next connection is denied, nothing restarted.
+        h.authority.publish_policy(_policy([{"to": DB, "allow": ["spiffe://alpha.example/ns/ops/"]}]), clock.now())
+        now = clock.now()
+        with node.Node(h.node_home) as n:
+            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+        hits = len(_Handler.hits)
+        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+            _get(port, "/denied")
+        assert len(_Handler.hits) == hits  # no byte reached the server
+        wait_until(lambda: "policy-denied" in (tmp_path / "in.log").read_text(), "the inbound tunnel logged no denial")
+
+        def denial_audited() -> bool:
+            with node.Node(h.node_home) as n:
+                return any(e["kind"] == "policy-denied" and WEB in e["detail"] for e in n.store.audit_entries())
+
+        wait_until(denial_audited, "the denial was not audited")
+
+        # A classical-only peer (X25519 alone) gets downgrade, audited.
+        async def classical() -> str:
+            ctx = tls.make_context(server=False, groups=("X25519",))
+            host, p = info_in["listening"].rsplit(":", 1)
+            try:
+                await tls.connect(host, int(p), ctx, lambda chain: None)
+            except Exception as exc:  # noqa: BLE001 - what the refusal looks like from outside
+                return type(exc).__name__
+            return "connected"
+
+        assert trio.run(classical) != "connected"
+        wait_until(lambda: '"downgrade"' in (tmp_path / "in.log").read_text(), "no downgrade logged")
+    finally:
+        codes = [stop_process(p) for p in reversed(procs)]
+    assert codes == [0] * len(procs), [(tmp_path / n).read_text()[-1500:] for n in ("in.log", "out.log", "serve.log")]
+
+
+def test_tunnels_need_an_identity(tmp_path: Path) -> None:
+    """A tunnel whose process the Workload API gives no SVID says so and exits (no-identity)."""
+    need(shutil.which("true") is not None, "coreutils")
+    h = make_homes(tmp_path, suite="hybrid")
+    h.authority.publish_policy(_policy([]), clock.now())
+    attest_node(h, h.node_home)
+    sock = tmp_path / "workload.sock"
+    qhx = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)]
+    serve, _ = _start([*qhx, "serve", "--socket", str(sock)], tmp_path / "serve.log")
+    try:
+        r = subprocess.run([*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9",
+                            "--socket", str(sock)], env=_cli_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert json.loads(r.stdout)["error"]["kind"] == "no-identity"
+    finally:
+        assert stop_process(serve) == 0
