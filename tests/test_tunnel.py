@@ -15,7 +15,6 @@ import http.server
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -48,9 +47,9 @@ def _policy(rules: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    hits: list[str] = []
+    hits: ClassVar[list[str]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         type(self).hits.append(self.path)
         body = f"hello {self.path}".encode()
         self.send_response(200)
@@ -87,12 +86,14 @@ def _start(cmd: list[str], log: Path, gid: int | None = None) -> tuple[subproces
 
 
 def _get(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:  # noqa: S310 - loopback
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
         return str(r.read().decode())
 
 
 def test_a_client_reaches_a_server_through_two_tunnels_and_policy_decides(tmp_path: Path, http_server: int) -> None:
-    need(os.geteuid() == 0, "the tunnels run under their own group ids (set by root) for the Workload API to tell apart")
+    need(
+        os.geteuid() == 0, "the tunnels run under their own group ids (set by root) for the Workload API to tell apart"
+    )
     h = make_homes(tmp_path, suite="hybrid")
     h.authority.publish_policy(_policy([{"to": DB, "allow": ["spiffe://alpha.example/ns/web/"]}]), clock.now())
     attest_node(h, h.node_home)
@@ -146,7 +147,7 @@ def test_a_client_reaches_a_server_through_two_tunnels_and_policy_decides(tmp_pa
             host, p = info_in["listening"].rsplit(":", 1)
             try:
                 await tls.connect(host, int(p), ctx, lambda chain: None)
-            except Exception as exc:  # noqa: BLE001 - what the refusal looks like from outside
+            except Exception as exc:
                 return type(exc).__name__
             return "connected"
 
@@ -159,7 +160,6 @@ def test_a_client_reaches_a_server_through_two_tunnels_and_policy_decides(tmp_pa
 
 def test_tunnels_need_an_identity(tmp_path: Path) -> None:
     """A tunnel whose process the Workload API gives no SVID says so and exits (no-identity)."""
-    need(shutil.which("true") is not None, "coreutils")
     h = make_homes(tmp_path, suite="hybrid")
     h.authority.publish_policy(_policy([]), clock.now())
     attest_node(h, h.node_home)
@@ -167,8 +167,8 @@ def test_tunnels_need_an_identity(tmp_path: Path) -> None:
     qhx = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)]
     serve, _ = _start([*qhx, "serve", "--socket", str(sock)], tmp_path / "serve.log")
     try:
-        r = subprocess.run([*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9",
-                            "--socket", str(sock)], env=_cli_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+        cmd = [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9", "--socket", str(sock)]
+        r = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 3, r.stdout + r.stderr
         assert json.loads(r.stdout)["error"]["kind"] == "no-identity"
     finally:
