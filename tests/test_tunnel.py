@@ -173,3 +173,21 @@ def test_tunnels_need_an_identity(tmp_path: Path) -> None:
         assert json.loads(r.stdout)["error"]["kind"] == "no-identity"
     finally:
         assert stop_process(serve) == 0
+
+
+def test_the_workload_apis_concatenated_der_is_split_strictly() -> None:
+    """The Workload API sends chains and bundles as concatenated DER (Workload API §5.2.1)."""
+    from qhx_edge.core.errors import Malformed
+    from qhx_edge.core.svid import split_der
+    from tests.pki import make_ca, make_leaf
+
+    ca = make_ca("alpha.example")
+    leaf = make_leaf(ca, uri=DB)
+    joined = b"".join(leaf.der_chain)
+    assert split_der(joined) == list(leaf.der_chain)
+    assert split_der(b"") == []
+    for bad in (joined[:-1], b"\x31" + joined[1:], joined + b"\x30", joined + b"\x30\x85\x00\x00\x00\x00\x01"):
+        with pytest.raises(Malformed):
+            split_der(bad)
+    with pytest.raises(Malformed):
+        split_der(joined * 5, limit=len(leaf.der_chain) * 5 - 1)
