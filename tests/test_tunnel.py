@@ -7,14 +7,19 @@ policy's registrations select), and a plain HTTP client.
 * A policy whose rules no longer let the client's identity reach the server's denies the next
   connection (``policy-denied``, audited) without restarting anything; no byte reaches the server.
 * A peer offering only classical key exchange gets ``downgrade``, audited.
+* The tunnels speak standard SPIFFE mTLS: go-spiffe's ``spiffetls`` client (tests/interop/
+  spiffeprobe, with its SVID from our Workload API) reaches a service through our inbound tunnel,
+  and our outbound tunnel reaches a ``spiffetls`` server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +36,7 @@ from qhx_edge.core.policyfile import policy_fields
 from qhx_edge.homes import node
 from qhx_edge.links import tls
 from qhx_edge.store import clock
-from tests.conftest import _cli_env, attest_node, make_homes, need, stop_process, wait_until
+from tests.conftest import Homes, _cli_env, attest_node, make_homes, need, stop_process, wait_until
 
 DB = "spiffe://alpha.example/ns/db/main"
 WEB = "spiffe://alpha.example/ns/web/frontend"
@@ -94,67 +99,66 @@ def test_a_client_reaches_a_server_through_two_tunnels_and_policy_decides(tmp_pa
     need(
         os.geteuid() == 0, "the tunnels run under their own group ids (set by root) for the Workload API to tell apart"
     )
-    h = make_homes(tmp_path, suite="hybrid")
-    h.authority.publish_policy(_policy([{"to": DB, "allow": ["spiffe://alpha.example/ns/web/"]}]), clock.now())
-    attest_node(h, h.node_home)
-    sock = tmp_path / "workload.sock"
-    qhx = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)]
+    rules = [{"to": DB, "allow": ["spiffe://alpha.example/ns/web/"]}]
     procs: list[subprocess.Popen[str]] = []
-    try:
-        serve, _ = _start([*qhx, "serve", "--socket", str(sock)], tmp_path / "serve.log")
-        procs.append(serve)
-        inbound, info_in = _start(
-            [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{http_server}",
-             "--socket", str(sock)], tmp_path / "in.log", DB_GID,
-        )  # fmt: skip
-        procs.append(inbound)
-        assert info_in["spiffe_id"] == DB
-        outbound, info_out = _start(
-            [*qhx, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info_in["listening"],
-             "--peer-id", DB, "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
-        )  # fmt: skip
-        procs.append(outbound)
-        assert info_out["spiffe_id"] == WEB
-        port = int(info_out["listening"].rsplit(":", 1)[1])
+    with _node_serving(tmp_path, rules) as (h, sock, qhx):
+        try:
+            inbound, info_in = _start(
+                [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{http_server}",
+                 "--socket", str(sock)], tmp_path / "in.log", DB_GID,
+            )  # fmt: skip
+            procs.append(inbound)
+            assert info_in["spiffe_id"] == DB
+            outbound, info_out = _start(
+                [*qhx, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info_in["listening"],
+                 "--peer-id", DB, "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
+            )  # fmt: skip
+            procs.append(outbound)
+            assert info_out["spiffe_id"] == WEB
+            port = int(info_out["listening"].rsplit(":", 1)[1])
 
-        assert _get(port, "/first") == "hello /first"
-        assert _get(port, "/second") == "hello /second"  # a second connection (a resumed session)
-        wait_until(lambda: '"event": "closed"' in (tmp_path / "in.log").read_text(), "no closed event logged")
-        closed = [json.loads(x)["tunnel"] for x in (tmp_path / "in.log").read_text().splitlines() if '"closed"' in x]
-        assert closed[0]["caller"] == WEB
-        assert closed[0]["group"] == "X25519MLKEM768"
+            assert _get(port, "/first") == "hello /first"
+            assert _get(port, "/second") == "hello /second"  # a second connection (a resumed session)
+            wait_until(lambda: '"event": "closed"' in (tmp_path / "in.log").read_text(), "no closed event logged")
+            closed = [
+                json.loads(x)["tunnel"] for x in (tmp_path / "in.log").read_text().splitlines() if '"closed"' in x
+            ]
+            assert closed[0]["caller"] == WEB
+            assert closed[0]["group"] == "X25519MLKEM768"
 
-        # The policy stops letting web reach db: the next connection is denied, nothing restarted.
-        h.authority.publish_policy(_policy([{"to": DB, "allow": ["spiffe://alpha.example/ns/ops/"]}]), clock.now())
-        now = clock.now()
-        with node.Node(h.node_home) as n:
-            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
-        hits = len(_Handler.hits)
-        with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
-            _get(port, "/denied")
-        assert len(_Handler.hits) == hits  # no byte reached the server
-        wait_until(lambda: "policy-denied" in (tmp_path / "in.log").read_text(), "the inbound tunnel logged no denial")
-
-        def denial_audited() -> bool:
+            # The policy stops letting web reach db: the next connection is denied, nothing restarted.
+            h.authority.publish_policy(_policy([{"to": DB, "allow": ["spiffe://alpha.example/ns/ops/"]}]), clock.now())
+            now = clock.now()
             with node.Node(h.node_home) as n:
-                return any(e["kind"] == "policy-denied" and WEB in e["detail"] for e in n.store.audit_entries())
+                n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+            hits = len(_Handler.hits)
+            with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+                _get(port, "/denied")
+            assert len(_Handler.hits) == hits  # no byte reached the server
+            wait_until(
+                lambda: "policy-denied" in (tmp_path / "in.log").read_text(), "the inbound tunnel logged no denial"
+            )
 
-        wait_until(denial_audited, "the denial was not audited")
+            def denial_audited() -> bool:
+                with node.Node(h.node_home) as n:
+                    return any(e["kind"] == "policy-denied" and WEB in e["detail"] for e in n.store.audit_entries())
 
-        # A classical-only peer (X25519 alone) gets downgrade, audited.
-        async def classical() -> str:
-            ctx = tls.make_context(server=False, groups=("X25519",))
-            host, p = info_in["listening"].rsplit(":", 1)
-            try:
-                await tls.connect(host, int(p), ctx, lambda chain: None)
-            except Exception as exc:
-                return type(exc).__name__
-            return "connected"
+            wait_until(denial_audited, "the denial was not audited")
 
-        assert trio.run(classical) != "connected"
-        wait_until(lambda: '"downgrade"' in (tmp_path / "in.log").read_text(), "no downgrade logged")
-    finally:
-        codes = [stop_process(p) for p in reversed(procs)]
+            # A classical-only peer (X25519 alone) gets downgrade, audited.
+            async def classical() -> str:
+                ctx = tls.make_context(server=False, groups=("X25519",))
+                host, p = info_in["listening"].rsplit(":", 1)
+                try:
+                    await tls.connect(host, int(p), ctx, lambda chain: None)
+                except Exception as exc:
+                    return type(exc).__name__
+                return "connected"
+
+            assert trio.run(classical) != "connected"
+            wait_until(lambda: '"downgrade"' in (tmp_path / "in.log").read_text(), "no downgrade logged")
+        finally:
+            codes = [stop_process(p) for p in reversed(procs)]
     assert codes == [0] * len(procs), [(tmp_path / n).read_text()[-1500:] for n in ("in.log", "out.log", "serve.log")]
 
 
@@ -191,3 +195,92 @@ def test_the_workload_apis_concatenated_der_is_split_strictly() -> None:
             split_der(bad)
     with pytest.raises(Malformed):
         split_der(joined * 5, limit=len(leaf.der_chain) * 5 - 1)
+
+
+@contextlib.contextmanager
+def _node_serving(tmp: Path, rules: list[dict[str, Any]]) -> Iterator[tuple[Homes, Path, list[str]]]:
+    """An attested node under a policy with REGISTRATIONS and ``rules``, its Workload API served."""
+    h = make_homes(tmp, suite="hybrid")
+    h.authority.publish_policy(_policy(rules), clock.now())
+    attest_node(h, h.node_home)
+    sock = tmp / "workload.sock"
+    qhx = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)]
+    serve, _ = _start([*qhx, "serve", "--socket", str(sock)], tmp / "serve.log")
+    try:
+        yield h, sock, qhx
+    finally:
+        assert stop_process(serve) == 0, (tmp / "serve.log").read_text()[-1500:]
+
+
+@contextlib.contextmanager
+def _echo_service() -> Iterator[int]:
+    """A plain TCP service: reads to the end, answers "echo: " and what it read."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                conn.sendall(b"echo: " + data)
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        yield int(srv.getsockname()[1])
+    finally:
+        srv.close()
+
+
+def test_gospiffe_spiffetls_client_and_server_speak_with_our_tunnels(tmp_path: Path) -> None:
+    need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
+    from tests.interop import spiffeprobe
+
+    probe = str(spiffeprobe())
+    with _node_serving(tmp_path, [{"to": DB, "allow": [WEB]}]) as (_h, sock, qhx), _echo_service() as echo:
+        inbound, info = _start(
+            [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{echo}",
+             "--socket", str(sock)], tmp_path / "in.log", DB_GID,
+        )  # fmt: skip
+        try:
+            # go-spiffe's spiffetls client, as the web workload, through our inbound tunnel.
+            r = subprocess.run(
+                [probe, "tls-dial", "-socket", str(sock), "-addr", info["listening"], "-peer-id", DB, "-send", "ping"],
+                capture_output=True, text=True, timeout=60, check=False, group=WEB_GID,
+            )  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, (tmp_path / "in.log").read_text())
+            assert json.loads(r.stdout)["received"] == "echo: ping"
+        finally:
+            assert stop_process(inbound) == 0
+        # Our outbound tunnel, as the web workload, to go-spiffe's spiffetls server as the db workload.
+        server = subprocess.Popen(
+            [probe, "tls-serve", "-socket", str(sock), "-addr", "127.0.0.1:0", "-peer-id", WEB],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, group=DB_GID,
+        )  # fmt: skip
+        assert server.stdout is not None
+        listening = json.loads(server.stdout.readline())["listening"]
+        outbound, out_info = _start(
+            [*qhx, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", listening, "--peer-id", DB,
+             "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
+        )  # fmt: skip
+        try:
+            host, port = out_info["listening"].rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=30) as c:
+                c.sendall(b"pong")
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := c.recv(65536):
+                    got += chunk
+            assert got == b"echo: pong", (tmp_path / "out.log").read_text()
+            out, err = server.communicate(timeout=30)
+            assert server.returncode == 0, (out, err)
+            assert json.loads(out.splitlines()[-1])["received"] == "pong"
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+            assert stop_process(outbound) == 0

@@ -16,6 +16,12 @@
 //	spiffeprobe fetch-bundle -trust-domain TD -url URL (-web-roots PEM | -endpoint-id ID -endpoint-bundle FILE)
 //	                                           federation.FetchBundle, https_web or https_spiffe
 //	                                           (SPIFFE Federation §5.2, §5.3)
+//	spiffeprobe tls-dial -socket PATH -addr HOST:PORT -peer-id ID -send TEXT
+//	                                           spiffetls mTLS client with the Workload API's SVID: send
+//	                                           TEXT, close the write side, print what came back
+//	spiffeprobe tls-serve -socket PATH -addr HOST:PORT -peer-id ID
+//	                                           spiffetls mTLS server for one connection: prints its
+//	                                           address first, answers "echo: " and what it read
 //
 // Exit status: 0 when every fetch and check succeeded; 1 when one failed (the JSON object says
 // which, in "error" or in a per-item "verify_error"); 2 for a usage error.
@@ -30,6 +36,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strings"
@@ -40,6 +47,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/federation"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
@@ -70,6 +79,9 @@ func main() {
 	webRoots := fs.String("web-roots", "", "https_web: a PEM file of roots for the endpoint's certificate")
 	endpointID := fs.String("endpoint-id", "", "https_spiffe: the endpoint server's SPIFFE ID")
 	endpointBundle := fs.String("endpoint-bundle", "", "https_spiffe: the SPIFFE bundle of the endpoint's trust domain")
+	tlsAddr := fs.String("addr", "", "tls-dial, tls-serve: HOST:PORT")
+	peerID := fs.String("peer-id", "", "tls-dial, tls-serve: the SPIFFE ID the peer must present")
+	send := fs.String("send", "", "tls-dial: what to send")
 	_ = fs.Parse(args)
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
@@ -109,6 +121,16 @@ func main() {
 			usage("fetch-bundle needs -trust-domain, -url and one of -web-roots or -endpoint-id (with -endpoint-bundle)")
 		}
 		out, err = fetchBundle(ctx, *trustDomain, *url, *webRoots, *endpointID, *endpointBundle)
+	case "tls-dial":
+		if *tlsAddr == "" || *peerID == "" {
+			usage("tls-dial needs -addr and -peer-id")
+		}
+		out, err = tlsDial(ctx, addr(), *tlsAddr, *peerID, *send)
+	case "tls-serve":
+		if *tlsAddr == "" || *peerID == "" {
+			usage("tls-serve needs -addr and -peer-id")
+		}
+		out, err = tlsServe(ctx, addr(), *tlsAddr, *peerID)
 	default:
 		usage("unknown subcommand " + cmd)
 	}
@@ -125,7 +147,7 @@ func main() {
 
 func usage(msg string) {
 	fmt.Fprintln(os.Stderr, "spiffeprobe:", msg)
-	fmt.Fprintln(os.Stderr, "subcommands: x509, x509-bundles, jwt, jwt-bundles, verify, verify-jwt, fetch-bundle")
+	fmt.Fprintln(os.Stderr, "subcommands: x509, x509-bundles, jwt, jwt-bundles, verify, verify-jwt, fetch-bundle, tls-dial, tls-serve")
 	os.Exit(2)
 }
 
@@ -408,4 +430,71 @@ func fetchBundle(ctx context.Context, td, url, webRoots, endpointID, endpointBun
 	}
 	out["profile"] = profile
 	return out, nil
+}
+
+// tlsDial connects with spiffetls as a stock go-spiffe mTLS client: its SVID from the Workload API,
+// the server authorized by its exact SPIFFE ID.
+func tlsDial(ctx context.Context, addr workloadapi.ClientOption, target, peer, send string) (object, error) {
+	id, err := spiffeid.FromString(peer)
+	if err != nil {
+		return nil, err
+	}
+	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(addr))
+	if err != nil {
+		return nil, err
+	}
+	defer source.Close()
+	conn, err := spiffetls.DialWithMode(ctx, "tcp", target, spiffetls.MTLSClientWithSource(tlsconfig.AuthorizeID(id), source))
+	if err != nil {
+		return nil, failed{object{"error": "dial: " + err.Error()}}
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, send); err != nil {
+		return nil, failed{object{"error": "send: " + err.Error()}}
+	}
+	if err := conn.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
+		return nil, failed{object{"error": "close write: " + err.Error()}}
+	}
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		return nil, failed{object{"error": "read: " + err.Error(), "received": string(got)}}
+	}
+	return object{"received": string(got)}, nil
+}
+
+// tlsServe serves one spiffetls mTLS connection as a stock go-spiffe server: its SVID from the
+// Workload API, the client authorized by its exact SPIFFE ID.  It prints its address first (one
+// JSON line), then the result.
+func tlsServe(ctx context.Context, addr workloadapi.ClientOption, listen, peer string) (object, error) {
+	id, err := spiffeid.FromString(peer)
+	if err != nil {
+		return nil, err
+	}
+	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(addr))
+	if err != nil {
+		return nil, err
+	}
+	defer source.Close()
+	ln, err := spiffetls.ListenWithMode(ctx, "tcp", listen, spiffetls.MTLSServerWithSource(tlsconfig.AuthorizeID(id), source))
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	enc := json.NewEncoder(os.Stdout)
+	if err := enc.Encode(object{"listening": ln.Addr().String()}); err != nil {
+		return nil, err
+	}
+	conn, err := ln.Accept()
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		return nil, failed{object{"error": "read: " + err.Error()}}
+	}
+	if _, err := io.WriteString(conn, "echo: "+string(got)); err != nil {
+		return nil, failed{object{"error": "write: " + err.Error()}}
+	}
+	return object{"received": string(got)}, nil
 }
