@@ -36,7 +36,7 @@ from qhx_edge.core.policyfile import policy_fields
 from qhx_edge.homes import node
 from qhx_edge.links import tls
 from qhx_edge.store import clock
-from tests.conftest import Homes, _cli_env, attest_node, make_homes, need, stop_process, wait_until
+from tests.conftest import PASSPHRASE, Homes, _cli_env, attest_node, make_homes, need, stop_process, wait_until
 
 DB = "spiffe://alpha.example/ns/db/main"
 WEB = "spiffe://alpha.example/ns/web/frontend"
@@ -284,3 +284,51 @@ def test_gospiffe_spiffetls_client_and_server_speak_with_our_tunnels(tmp_path: P
                 server.kill()
                 server.wait()
             assert stop_process(outbound) == 0
+
+
+def test_a_revoked_nodes_workloads_are_refused_at_the_next_connection(tmp_path: Path) -> None:
+    """The client's tunnel runs on a second node.  Once the authority revokes that node and the server's
+    node imports the revocation, the next connection is refused as ``revoked`` (the revoked node still
+    holds its SVIDs: it never heard), audited, and never reaches the service."""
+    need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
+    with _node_serving(tmp_path, [{"to": DB, "allow": [WEB]}]) as (h, sock, qhx), _echo_service() as echo:
+        second = tmp_path / "N2"
+        node.init(second, h.authority.anchor(), clock.now(), passphrase=PASSPHRASE.encode())
+        attest_node(h, second)
+        qhx2 = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(second)]
+        sock2 = tmp_path / "w2.sock"
+        procs = []
+        try:
+            procs.append(_start([*qhx2, "serve", "--socket", str(sock2)], tmp_path / "serve2.log")[0])
+            inbound, info = _start(
+                [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{echo}",
+                 "--socket", str(sock)], tmp_path / "in.log", DB_GID,
+            )  # fmt: skip
+            procs.append(inbound)
+            outbound, out = _start(
+                [*qhx2, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"],
+                 "--peer-id", DB, "--socket", str(sock2)], tmp_path / "out.log", WEB_GID,
+            )  # fmt: skip
+            procs.append(outbound)
+            host, port = out["listening"].rsplit(":", 1)
+
+            def call(data: bytes) -> bytes:
+                with socket.create_connection((host, int(port)), timeout=30) as c:
+                    c.sendall(data)
+                    c.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while chunk := c.recv(65536):
+                        got += chunk
+                return got
+
+            assert call(b"before") == b"echo: before"
+            with node.Node(second) as n:
+                h.authority.revoke(clock.now(), node_id=n.node_id)
+            now = clock.now()
+            with node.Node(h.node_home) as n:
+                n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+            assert call(b"after") == b""  # refused: nothing came back
+            wait_until(lambda: '"revoked"' in (tmp_path / "in.log").read_text(), "the inbound tunnel did not refuse")
+        finally:
+            codes = [stop_process(p) for p in reversed(procs)]
+        assert codes == [0] * len(procs)
