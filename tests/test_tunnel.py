@@ -332,3 +332,70 @@ def test_a_revoked_nodes_workloads_are_refused_at_the_next_connection(tmp_path: 
         finally:
             codes = [stop_process(p) for p in reversed(procs)]
         assert codes == [0] * len(procs)
+
+
+def test_a_partners_workload_reaches_ours_under_the_agreement(tmp_path: Path) -> None:
+    """Two domains under an agreement: alpha accepts beta's ns/logistics, beta accepts alpha's ns/db.
+    A beta workload on a beta node reaches an alpha service on an alpha node through the two tunnels;
+    each side checks the other's SVID under the partner's bundle that the agreement released, and
+    alpha's rules name the partner's namespace.  A beta identity outside what alpha accepts is refused."""
+    need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
+    from tests.test_federation import ALPHA, BETA, agree, ok
+
+    api = "spiffe://beta.example/ns/logistics/api"
+    stranger = "spiffe://beta.example/ns/finance/report"
+    stranger_gid = 41003
+    sides = {}
+    for name, domain, regs, rules in (
+        ("alpha", ALPHA, [REGISTRATIONS[0]], [{"to": DB, "allow": ["spiffe://beta.example/ns/logistics/"]}]),
+        ("beta", BETA, [{"spiffe_id": api, "selectors": [f"unix:gid:{WEB_GID}"]},
+                        {"spiffe_id": stranger, "selectors": [f"unix:gid:{stranger_gid}"]}], []),
+    ):  # fmt: skip
+        h = make_homes(tmp_path / name, suite="hybrid", domain=domain, import_first=False)
+        fields = policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}, "authorization": rules})
+        h.authority.publish_policy(fields, clock.now())
+        anchor = tmp_path / f"{name}.anchor"
+        fp = ok("--home", h.a, "--json", "authority", "anchor", "--to", anchor)["fingerprint"]
+        sides[name] = (h, (h.a, anchor, fp))
+    (ha, a), (hb, b) = sides["alpha"], sides["beta"]
+    agree(tmp_path, a, b, BETA, "--accept", "spiffe://beta.example/ns/logistics", "--release", "bundle",
+          "--release", "freshness", "--max-staleness", "1h", "--expires", "30d",
+          "--partner-accept", "spiffe://alpha.example/ns/db")  # fmt: skip
+    for h, partner in ((ha, hb), (hb, ha)):
+        attest_node(h, h.node_home)
+        theirs = tmp_path / f"from-{partner.authority.domain}.pack"
+        ok("--home", partner.a, "--json", "pack", "export", "--partner", h.authority.domain, "--to", theirs)
+        ok("--home", h.node_home, "--json", "pack", "import", theirs)
+    qa = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(ha.node_home)]
+    qb = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(hb.node_home)]
+    sa, sb = tmp_path / "wa.sock", tmp_path / "wb.sock"
+    procs = []
+    with _echo_service() as echo:
+        try:
+            procs.append(_start([*qa, "serve", "--socket", str(sa)], tmp_path / "serve-a.log")[0])
+            procs.append(_start([*qb, "serve", "--socket", str(sb)], tmp_path / "serve-b.log")[0])
+            inbound, info = _start(
+                [*qa, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{echo}",
+                 "--socket", str(sa)], tmp_path / "in.log", DB_GID,
+            )  # fmt: skip
+            procs.append(inbound)
+            for gid, log in ((WEB_GID, "out.log"), (stranger_gid, "stranger.log")):
+                proc, out = _start(
+                    [*qb, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"],
+                     "--peer-id", DB, "--socket", str(sb)], tmp_path / log, gid,
+                )  # fmt: skip
+                procs.append(proc)
+                host, port = out["listening"].rsplit(":", 1)
+                with socket.create_connection((host, int(port)), timeout=30) as c:
+                    c.sendall(b"from beta")
+                    c.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while chunk := c.recv(65536):
+                        got += chunk
+                assert got == (b"echo: from beta" if gid == WEB_GID else b""), (tmp_path / "in.log").read_text()
+            events = [json.loads(x)["tunnel"] for x in (tmp_path / "in.log").read_text().splitlines()]
+            assert any(e["event"] == "closed" and e["caller"] == api for e in events), events
+            wait_until(lambda: "scope-violation" in (tmp_path / "in.log").read_text(), "the stranger was not refused")
+        finally:
+            codes = [stop_process(p) for p in reversed(procs)]
+        assert codes == [0] * len(procs)
