@@ -399,3 +399,52 @@ def test_a_partners_workload_reaches_ours_under_the_agreement(tmp_path: Path) ->
         finally:
             codes = [stop_process(p) for p in reversed(procs)]
         assert codes == [0] * len(procs)
+
+
+def test_a_service_with_ml_dsa_svids_takes_only_ml_dsa_callers(tmp_path: Path) -> None:
+    """pq-strict for one namespace: the policy gives ns/db ML-DSA-65 SVIDs and everything else ES256.
+    A caller presenting its ES256 SVID gets ``downgrade`` at the db's inbound tunnel; once the policy
+    gives every identity ML-DSA-65, the same caller (with its new SVID) gets through."""
+    need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
+    rules = [{"to": DB, "allow": [WEB]}]
+    with _node_serving(tmp_path, rules) as (h, sock, qhx), _echo_service() as echo:
+
+        def publish(algorithms: dict[str, str]) -> None:
+            fields = policy_fields({"registrations": REGISTRATIONS, "algorithms": algorithms, "authorization": rules})
+            h.authority.publish_policy(fields, clock.now())
+            now = clock.now()
+            with node.Node(h.node_home) as n:
+                n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+
+        publish({"/": "ES256", "/ns/db/": "ML-DSA-65"})
+        procs = []
+        try:
+            inbound, info = _start(
+                [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{echo}",
+                 "--socket", str(sock)], tmp_path / "in.log", DB_GID,
+            )  # fmt: skip
+            procs.append(inbound)
+            outbound, out = _start(
+                [*qhx, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"],
+                 "--peer-id", DB, "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
+            )  # fmt: skip
+            procs.append(outbound)
+            host, port = out["listening"].rsplit(":", 1)
+
+            def call() -> bytes:
+                with socket.create_connection((host, int(port)), timeout=30) as c:
+                    c.sendall(b"x")
+                    c.shutdown(socket.SHUT_WR)
+                    got = b""
+                    while chunk := c.recv(65536):
+                        got += chunk
+                return got
+
+            assert call() == b""
+            wait_until(lambda: "classical certificate" in (tmp_path / "in.log").read_text(), "no downgrade logged")
+            publish({"/": "ML-DSA-65"})
+            # The Workload API streams the web workload its ML-DSA SVID; the tunnel takes it for new connections.
+            wait_until(lambda: call() == b"echo: x", "the ML-DSA caller never got through", 60)
+        finally:
+            codes = [stop_process(p) for p in reversed(procs)]
+        assert codes == [0] * len(procs)
