@@ -217,17 +217,20 @@ def _echo_service() -> Iterator[int]:
     """A plain TCP service: reads to the end, answers "echo: " and what it read."""
     srv = socket.create_server(("127.0.0.1", 0))
 
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+            conn.sendall(b"echo: " + data)
+
     def run() -> None:
         while True:
             try:
                 conn, _ = srv.accept()
             except OSError:
                 return
-            with conn:
-                data = b""
-                while chunk := conn.recv(65536):
-                    data += chunk
-                conn.sendall(b"echo: " + data)
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()  # each connection its own
 
     threading.Thread(target=run, daemon=True).start()
     try:
@@ -445,6 +448,72 @@ def test_a_service_with_ml_dsa_svids_takes_only_ml_dsa_callers(tmp_path: Path) -
             publish({"/": "ML-DSA-65"})
             # The Workload API streams the web workload its ML-DSA SVID; the tunnel takes it for new connections.
             wait_until(lambda: call() == b"echo: x", "the ML-DSA caller never got through", 60)
+        finally:
+            codes = [stop_process(p) for p in reversed(procs)]
+        assert codes == [0] * len(procs)
+
+
+def test_a_rotation_takes_new_connections_and_drops_no_live_one(tmp_path: Path) -> None:
+    """A connection is open through both tunnels when the policy changes every SVID (ES256 to
+    ML-DSA-65): new connections present the new SVIDs, and the open one carries on to its end."""
+    need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
+    rules = [{"to": DB, "allow": [WEB]}]
+    with _node_serving(tmp_path, rules) as (h, sock, qhx), _echo_service() as echo:
+        procs = []
+        try:
+            inbound, info = _start(
+                [*qhx, "tunnel", "inbound", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{echo}",
+                 "--socket", str(sock)], tmp_path / "in.log", DB_GID,
+            )  # fmt: skip
+            procs.append(inbound)
+            outbound, out = _start(
+                [*qhx, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"],
+                 "--peer-id", DB, "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
+            )  # fmt: skip
+            procs.append(outbound)
+            address = out["listening"].rsplit(":", 1)
+
+            def closed() -> list[dict[str, Any]]:
+                lines = (tmp_path / "in.log").read_text().splitlines()
+                return [e for e in (json.loads(x)["tunnel"] for x in lines) if e["event"] == "closed"]
+
+            def probe() -> bool:
+                """One short connection; True if it went through (and was logged)."""
+                before = len(closed())
+                try:
+                    with socket.create_connection((address[0], int(address[1])), timeout=30) as c:
+                        c.sendall(b"probe")
+                        c.shutdown(socket.SHUT_WR)
+                        got = b""
+                        while chunk := c.recv(65536):
+                            got += chunk
+                except OSError:
+                    return False
+                if got != b"echo: probe":
+                    return False
+                wait_until(lambda: len(closed()) > before, "a connection's end was not logged")
+                return True
+
+            assert probe()
+            old = closed()[-1]["svid"]
+            live = socket.create_connection((address[0], int(address[1])), timeout=30)
+            live.sendall(b"begun ")
+            fields = policy_fields({"registrations": REGISTRATIONS, "algorithms": {"/": "ML-DSA-65"},
+                                    "authorization": rules})  # fmt: skip
+            h.authority.publish_policy(fields, clock.now())
+            now = clock.now()
+            with node.Node(h.node_home) as n:
+                n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+            # Until both tunnels hold their ML-DSA SVIDs a probe may be refused (downgrade); then it passes.
+            wait_until(lambda: probe() and closed()[-1]["svid"] != old, "no connection with the new SVIDs", 60)
+            live.sendall(b"and finished")
+            live.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := live.recv(65536):
+                got += chunk
+            live.close()
+            assert got == b"echo: begun and finished"  # the live connection was not dropped
+            wait_until(lambda: closed()[-1]["svid"] == old, "the live connection's end was not logged")
         finally:
             codes = [stop_process(p) for p in reversed(procs)]
         assert codes == [0] * len(procs)

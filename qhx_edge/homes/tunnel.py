@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,11 @@ class WorkloadCredential:
         if self._made is None or self._made[0] is not got:
             self._made = (got, tls.Credential.from_der(got.chain, got.key))
         return self._made[1], got.spiffe_id
+
+
+def _short(der: bytes) -> str:
+    """A certificate's SHA-256, shortened: which SVID a connection presented, for the log."""
+    return hashlib.sha256(der).hexdigest()[:16]
 
 
 def _matches(pattern: str, spiffe_id: str) -> bool:
@@ -208,7 +214,7 @@ async def inbound(
                 async with local:
                     up, down = await _splice(stream, local)
                 report({"event": "closed", "caller": seen[0], "service": service, "bytes_in": up, "bytes_out": down,
-                        "resumed": stream.resumed, "group": stream.group})  # fmt: skip
+                        "resumed": stream.resumed, "group": stream.group, "svid": _short(cred.chain[0])})  # fmt: skip
         except QhxError as exc:  # no SVID now, a locked store: this connection only
             report({"event": "failed", "peer": where, "error": exc.to_json()})
             await trio.aclose_forcefully(tcp)
@@ -251,7 +257,16 @@ async def outbound(
             verify = peer_check(home, service=me, expected=expected, seen=seen)
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    stream = await tls.connect(peer[0], peer[1], entry[0], verify, session=entry[1])
+                    try:
+                        stream = await tls.connect(peer[0], peer[1], entry[0], verify, session=entry[1])
+                    except QhxError:
+                        if entry[1] is None:
+                            raise
+                        # The resumed session recorded the server's old chain, which no longer passes
+                        # (a new policy, a rotation): a full handshake shows its current one.
+                        entry[1] = None
+                        seen.clear()
+                        stream = await tls.connect(peer[0], peer[1], entry[0], verify)
             except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
                 entry[1] = None
                 error = exc if isinstance(exc, QhxError) else Unreachable(f"the tunnel to {peer[0]}:{peer[1]}: {exc}")
@@ -264,7 +279,7 @@ async def outbound(
                 up, down = await _splice(local, stream)
             entry[1] = stream.session
             report({"event": "closed", "peer": seen[0], "bytes_out": up, "bytes_in": down, "resumed": stream.resumed,
-                    "group": stream.group})  # fmt: skip
+                    "group": stream.group, "svid": _short(cred.chain[0])})  # fmt: skip
         except QhxError as exc:
             report({"event": "failed", "error": exc.to_json()})
             await trio.aclose_forcefully(local)
