@@ -30,6 +30,7 @@ EXPECTED = {
     "status",
     "svid",
     "sync",
+    "tunnel",
 }
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 30.0
 MAX_CONNECTIONS = 1024
-BUFFER = 64 << 10
+BUFFER = 256 << 10  # bytes moved per read: up to sixteen TLS records
 
 
 class WorkloadCredential:
@@ -239,6 +239,7 @@ async def outbound(
     *,
     groups: tuple[str, ...] = tls.PQ_GROUPS,
     report: Callable[[dict[str, Any]], None] = lambda event: None,
+    resume: bool = True,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept the local workload's TCP on ``listen``; carry each connection over TLS to ``peer``, whose
@@ -277,7 +278,7 @@ async def outbound(
                 return
             async with stream, local:
                 up, down = await _splice(local, stream)
-            entry[1] = stream.session
+            entry[1] = stream.session if resume else None
             report({"event": "closed", "peer": seen[0], "bytes_out": up, "bytes_in": down, "resumed": stream.resumed,
                     "group": stream.group, "svid": _short(cred.chain[0])})  # fmt: skip
         except QhxError as exc:

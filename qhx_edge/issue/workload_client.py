@@ -6,8 +6,9 @@
 the default SVID (chain and key, DER), its trust domain's bundle and the federated bundles.  A new
 answer replaces the old for whoever asks next: a server using it takes the new SVID for its next
 connection and leaves live ones alone.  A broken stream is opened again, backing off from 1 s to
-30 s; until the first answer, :meth:`X509Source.current` waits, then says why it has none
-(``unreachable``, or ``no-identity`` when the server attests us to no registration).
+30 s; until the first answer, :meth:`X509Source.current` waits (a server starting late is waited
+for), then says why it has none: ``unreachable``, or at once ``no-identity`` when the server
+attests us to no registration.
 """
 
 from __future__ import annotations
@@ -74,8 +75,12 @@ class X509Source:
 
     def current(self, timeout: float = 30.0) -> WorkloadSvid:
         """The newest SVID; waits up to ``timeout`` for the first one, then raises why there is none."""
+
+        def settled() -> bool:  # an SVID, or a definite no (a server that attests us to nothing)
+            return self._latest is not None or isinstance(self._error, NoIdentity) or self._closed.is_set()
+
         with self._changed:
-            self._changed.wait_for(lambda: self._latest is not None or self._closed.is_set(), timeout)
+            self._changed.wait_for(settled, timeout)
             if self._latest is not None:
                 return self._latest
             raise self._error or Unreachable(f"no answer from the Workload API at {self.socket} within {timeout} s")

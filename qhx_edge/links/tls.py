@@ -69,7 +69,7 @@ from qhx_edge.store import clock
 PQ_GROUPS = ("X25519MLKEM768",)
 # Post-quantum first; the classical groups for peers that lack it (Go offers X25519MLKEM768 by default).
 DEFAULT_GROUPS = ("X25519MLKEM768", "X25519", "secp256r1")
-RECEIVE_SIZE = 16384  # bytes asked of the transport at a time (one TLS record's worth)
+RECEIVE_SIZE = 65536  # bytes asked of the transport at a time (four full TLS records)
 MAX_PEM = 256 * 1024
 ALERT_SECONDS = 1.0  # how long a refused handshake may take to send its alert
 
@@ -558,6 +558,7 @@ class TlsStream(trio.abc.HalfCloseableStream):
                     return b""
                 try:
                     data: bytes = self._conn.recv(max_bytes)
+                    data += self._more(max_bytes - len(data))
                 except SSL.WantReadError:
                     pass
                 except SSL.ZeroReturnError:  # the peer's close_notify: a clean end
@@ -575,6 +576,21 @@ class TlsStream(trio.abc.HalfCloseableStream):
                 await self._feed()
         finally:
             self._receiving = False
+
+    def _more(self, room: int) -> bytes:
+        """Whatever further records already arrived, up to ``room`` bytes: one call returns up to
+        ``max_bytes`` of what is buffered, not a record at a time (fewer trips through the event loop)."""
+        parts = []
+        while room > 0:
+            try:
+                more = self._conn.recv(room)
+            except SSL.Error:
+                break  # nothing more now; an end or a failure is seen by the next call
+            if not more:
+                break
+            parts.append(more)
+            room -= len(more)
+        return b"".join(parts)
 
     async def aclose(self) -> None:
         if self._state == _CLOSED:
