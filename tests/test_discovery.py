@@ -31,6 +31,8 @@ class Info:
 
 def test_a_well_formed_advertisement_of_our_domain_is_a_peer() -> None:
     assert parse_advertisement("n", Info(), "alpha.example") == Peer("n", "10.0.0.7", 7443, NODE)
+    local = Info(addresses=["127.0.0.1"])
+    assert parse_advertisement("n", local, "alpha.example", loopback=True) == Peer("n", "127.0.0.1", 7443, NODE)
 
 
 def test_anything_else_is_ignored() -> None:
@@ -53,6 +55,8 @@ def test_anything_else_is_ignored() -> None:
         Info(addresses=["224.0.0.251"]),
         Info(addresses=["0.0.0.0"]),
         Info(addresses=["fe80::1", "not an address"]),
+        Info(addresses=["127.0.1.1"]),  # loopback: only for a node that is on loopback itself
+        Info(addresses=["169.254.0.9"]),
     ]
     for info in bad:
         assert parse_advertisement("n", info, "alpha.example") is None, info

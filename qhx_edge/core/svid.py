@@ -302,6 +302,11 @@ def _one_uri(leaf: _Cert) -> str:
     return str(uris[0])
 
 
+def not_after(der: bytes) -> int:
+    """When a certificate expires (seconds since the epoch), read from its DER."""
+    return _read(der).not_after
+
+
 def leaf_spiffe_id(der: bytes) -> str:
     """The SPIFFE ID an X.509-SVID claims (its one URI SAN), unverified: to choose the bundle to verify it with."""
     spiffe_id = _one_uri(_read(der))

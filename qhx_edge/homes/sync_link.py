@@ -164,9 +164,11 @@ async def dial(
     groups: tuple[str, ...] = tls.PQ_GROUPS,
     now: Callable[[], int] = clock.now,
     timeout: float = CONTACT_TIMEOUT,
+    refusals: RefusalLog | None = None,
 ) -> ContactResult:
     """Open a sync link to ``host:port`` and run one contact; a refused or failed link is a result
-    with ``error`` set (nothing is trusted from it), never an exception."""
+    with ``error`` set (nothing is trusted from it), never an exception.  A refusal is audited (at
+    the rate ``refusals`` allows, when given)."""
     result = ContactResult()
     # A session resumes only on the client context that made it, with the same credential and groups.
     link = memory.link if memory is not None else None
@@ -182,7 +184,10 @@ async def dial(
             memory.link = None
         error = _typed(exc) if not isinstance(exc, trio.TooSlowError) else Unreachable("the handshake timed out")
         result.fail(error)
-        if error.kind not in ("unreachable",):  # a refused peer, not a link that did not answer
+        audit = error.kind != "unreachable"  # a refused peer, not a link that did not answer
+        if audit and refusals is not None:
+            audit = refusals.admit(host, trio.current_time())[0]
+        if audit:
             await trio.to_thread.run_sync(_audit_refusal, home, f"sync link to {host}:{port}", error)
         return result
     async with stream:
@@ -314,17 +319,19 @@ async def keep_dialling(
     *,
     interval: float = DEFAULT_INTERVAL,
     report: Callable[[str, ContactResult], None] = lambda peer, result: None,
+    record_unheard: bool = True,
 ) -> None:
     """Dial one peer for ever: a contact every ``interval`` seconds while the link works, retries with
     capped exponential backoff and jitter while it does not.  Runs until cancelled; a peer that
     cannot be reached only ever delays itself (each peer is its own task)."""
     where = f"{host}:{port}"
     memory = PeerMemory()
+    refusals = RefusalLog()
     failures = 0
     while True:
         try:
             cred = await trio.to_thread.run_sync(credential)
-            result = await dial(home, host, port, cred, memory=memory)
+            result = await dial(home, host, port, cred, memory=memory, refusals=refusals)
         except QhxError as exc:  # no identity now (revoked, stale), a locked store: this attempt only
             result = ContactResult()
             result.fail(exc)
@@ -332,8 +339,9 @@ async def keep_dialling(
             log.exception("sync with %s failed", where)
             result = ContactResult()
             result.fail(Unreachable(f"the sync attempt failed: {type(exc).__name__}"))
-        with contextlib.suppress(QhxError):  # a locked store loses one status row, not the dialler
-            await trio.to_thread.run_sync(record, home, where, result)
+        if record_unheard or result.peer is not None:  # a found address that never answered: no row
+            with contextlib.suppress(QhxError):  # a locked store loses one status row, not the dialler
+                await trio.to_thread.run_sync(record, home, where, result)
         report(where, result)
         failures = 0 if result.complete else failures + 1
         await trio.sleep(interval if failures == 0 else next_retry(failures))
@@ -415,9 +423,12 @@ class SyncService:
                     await self._start_discovery(nursery)
                 self._ready.set()
 
-    async def _dial(self, host: str, port: int, scope: trio.CancelScope) -> None:
+    async def _dial(self, host: str, port: int, scope: trio.CancelScope, *, found: bool = False) -> None:
         with scope:
-            await keep_dialling(self.home, host, port, self.credential, interval=self.interval, report=self.report)
+            await keep_dialling(
+                self.home, host, port, self.credential, interval=self.interval, report=self.report,
+                record_unheard=not found,
+            )  # fmt: skip
 
     async def _start_discovery(self, nursery: trio.Nursery) -> None:
         """Advertise the listener and dial the peers of our domain found on the local link.  Of two
@@ -438,7 +449,8 @@ class SyncService:
                 return  # it dials us
             scope = trio.CancelScope()
             self.discovered[peer.name] = scope
-            trio.from_thread.run_sync(nursery.start_soon, self._dial, peer.host, peer.port, scope, trio_token=token)
+            dial = functools.partial(self._dial, peer.host, peer.port, scope, found=True)
+            trio.from_thread.run_sync(nursery.start_soon, dial, trio_token=token)
 
         def lost(peer: Peer) -> None:
             scope = self.discovered.pop(peer.name, None)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from qhx_edge.core import svid
-from qhx_edge.core.errors import NoIdentity, QhxError, Unreachable
+from qhx_edge.core.errors import Expired, Malformed, NoIdentity, QhxError, Unreachable
+from qhx_edge.store import clock
 
 MAX_MESSAGE = 4 << 20
 MAX_BUNDLE = 64  # certificates in one bundle
@@ -32,6 +33,7 @@ class WorkloadSvid:
     key: bytes  # PKCS#8 DER
     bundle: tuple[bytes, ...]  # DER X.509 authorities of the SVID's trust domain
     federated: dict[str, tuple[bytes, ...]] = field(default_factory=dict)  # trust domain -> authorities
+    not_after: int = 0  # the leaf's expiry
 
 
 def parse_response(response: Any) -> WorkloadSvid:
@@ -45,9 +47,13 @@ def parse_response(response: Any) -> WorkloadSvid:
     federated = {
         str(domain): tuple(svid.split_der(der, limit=MAX_BUNDLE)) for domain, der in response.federated_bundles.items()
     }
+    spiffe_id = svid.leaf_spiffe_id(chain[0])  # the certificate's word, not the response field's
+    if spiffe_id != first.spiffe_id:
+        raise Malformed(f"the Workload API's SVID names {spiffe_id}, its response field {first.spiffe_id!r}")
     return WorkloadSvid(
-        spiffe_id=str(first.spiffe_id),
+        spiffe_id=spiffe_id,
         chain=chain,
+        not_after=svid.not_after(chain[0]),
         key=bytes(first.x509_svid_key),
         bundle=tuple(svid.split_der(first.bundle, limit=MAX_BUNDLE)),
         federated=federated,
@@ -82,6 +88,8 @@ class X509Source:
         with self._changed:
             self._changed.wait_for(settled, timeout)
             if self._latest is not None:
+                if clock.now() >= self._latest.not_after:
+                    raise Expired(f"the Workload API's last SVID for this process expired at {self._latest.not_after}")
                 return self._latest
             raise self._error or Unreachable(f"no answer from the Workload API at {self.socket} within {timeout} s")
 
@@ -123,6 +131,8 @@ class X509Source:
     def _fail(self, error: QhxError) -> None:
         with self._changed:
             self._error = error
+            if isinstance(error, NoIdentity):
+                self._latest = None  # withdrawn: never present it again (a broken link keeps it)
             self._changed.notify_all()
 
     def close(self) -> None:

@@ -55,9 +55,11 @@ def _text(props: dict[bytes, bytes | None], key: bytes) -> str | None:
         return None
 
 
-def parse_advertisement(name: str, info: Any, domain: str) -> Peer | None:
+def parse_advertisement(name: str, info: Any, domain: str, *, loopback: bool = False) -> Peer | None:
     """The peer an advertisement (a :class:`zeroconf.ServiceInfo`) names, or None if it is not a
-    well-formed advertisement of a sync peer of ``domain``."""
+    well-formed advertisement of a sync peer of ``domain``.  A loopback or link-local address counts
+    only where we ourselves are on loopback (``loopback``): elsewhere it would point our dialler at
+    ourselves, or at whatever a forger chose on this host."""
     if info is None or not isinstance(info.port, int) or not 0 < info.port < 65536:
         return None
     props = info.properties or {}
@@ -71,8 +73,11 @@ def parse_advertisement(name: str, info: Any, domain: str) -> Peer | None:
             ip = ipaddress.ip_address(address)
         except ValueError:
             continue
-        if ip.version == 4 and not ip.is_multicast and not ip.is_unspecified:
-            return Peer(name=name, host=str(ip), port=info.port, node_id=node_id)
+        if ip.version != 4 or ip.is_multicast or ip.is_unspecified:
+            continue
+        if (ip.is_loopback or ip.is_link_local) and not loopback:
+            continue
+        return Peer(name=name, host=str(ip), port=info.port, node_id=node_id)
     return None
 
 
@@ -94,6 +99,7 @@ class Discovery:
         self.domain, self.node_id, self.address, self.port = domain, node_id, address, port
         self.on_found, self.on_lost = on_found, on_lost
         self.peers: dict[str, Peer] = {}
+        self._on_loopback = ipaddress.ip_address(address).is_loopback
         self._lock = threading.Lock()
         self._zc: Any = None
         self._browser: Any = None
@@ -106,11 +112,16 @@ class Discovery:
         interfaces: Any = InterfaceChoice.All if everywhere else [self.address]
         self._zc = Zeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         if self.port is not None:
-            shown = socket.gethostbyname(socket.gethostname()) if everywhere else self.address
+            from zeroconf import get_all_addresses  # type: ignore[attr-defined]  # public, not in __all__
+
+            # Listening everywhere: advertise every address of this host but loopback ones.
+            shown = [self.address]
+            if everywhere:
+                shown = [a for a in get_all_addresses() if not ipaddress.ip_address(a).is_loopback]
             self._info = ServiceInfo(
                 SERVICE_TYPE,
                 f"qhx-edge-{self.node_id}.{SERVICE_TYPE}",
-                addresses=[socket.inet_aton(shown)],
+                addresses=[socket.inet_aton(a) for a in shown],
                 port=self.port,
                 properties={"v": PROTOCOL, "td": self.domain, "node": self.node_id},
             )
@@ -132,9 +143,8 @@ class Discovery:
             with self._lock:
                 if name in self.peers or len(self.peers) >= MAX_PEERS:
                     return
-            peer = parse_advertisement(
-                name, zeroconf.get_service_info(service_type, name, timeout=LOOKUP_MS), self.domain
-            )
+            info = zeroconf.get_service_info(service_type, name, timeout=LOOKUP_MS)
+            peer = parse_advertisement(name, info, self.domain, loopback=self._on_loopback)
             if peer is None or peer.node_id == self.node_id:
                 return
             with self._lock:
