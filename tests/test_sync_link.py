@@ -572,3 +572,31 @@ def test_refused_links_from_one_address_are_audited_at_a_bounded_rate() -> None:
     assert [a for a, _ in got] == [True] * 10 + [False] * 40
     assert log.admit("10.0.0.8", 5.0) == (True, 0)  # another address has its own budget
     assert log.admit("10.0.0.9", 60.0) == (True, 40)
+
+
+def test_a_found_address_that_never_answers_leaves_no_status_row(tmp_path: Path) -> None:
+    """Review finding: a forged mDNS advertisement could make a node write a sync_peers row for any
+    address it names.  A dialler of a found peer records only contacts that passed the handshake; a
+    configured peer's failures are still recorded (the operator asked for that peer)."""
+    import socket
+
+    from qhx_edge.homes.sync_link import keep_dialling
+
+    _h, other = _two_nodes(tmp_path)
+    credential = _credential(other)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def attempt(record_unheard: bool) -> None:
+        with trio.move_on_after(1.5):
+            await keep_dialling(other, "127.0.0.1", port, lambda: credential, interval=0.1,
+                                record_unheard=record_unheard)  # fmt: skip
+
+    trio.run(attempt, False)
+    with node.Node(other) as n:
+        assert n.store.sync_peers() == []
+    trio.run(attempt, True)
+    with node.Node(other) as n:
+        (row,) = n.store.sync_peers()
+    assert row["failures"] >= 1
