@@ -276,3 +276,41 @@ def test_resumption_sends_no_certificate_checks_again_and_stays_bounded(ca: Ca, 
     assert contexts.generations == 2
     assert all(chain == seen[0] for chain in seen)
     assert len(seen) == 6  # every handshake, resumed or not, was checked
+
+
+def test_a_slow_peer_verifier_does_not_stall_other_connections(ca: Ca, svid: Leaf) -> None:
+    """Review finding: the verifier ran on the event loop, and a real one opens a store (waiting on its
+    lock for up to seconds) for any chain a stranger presents, stalling every other connection.  Now
+    it runs in a worker thread: an established connection keeps exchanging while another handshake's
+    verifier blocks for a second."""
+    import threading
+    import time
+
+    check = tls.spiffe_verifier([ca.der], SERVER_ID)
+    slow_started = threading.Event()
+
+    def slow(chain: list[bytes]) -> None:
+        slow_started.set()
+        time.sleep(1.0)  # a blocking wait, as on a locked SQLite file
+        check(chain)
+
+    async def main() -> float:
+        client, server = await _handshake(_client(), _server(svid), check)
+        async with client, server, trio.open_nursery() as nursery:
+            c_raw, s_raw = await _tcp_pair()
+            other = tls.TlsStream(c_raw, _client(), server_side=False, verify_peer=slow)
+            other_server = tls.TlsStream(s_raw, _server(svid), server_side=True)
+            t = trio.current_time()
+            nursery.start_soon(other.do_handshake)
+            nursery.start_soon(other_server.do_handshake)
+            while not slow_started.is_set():
+                await trio.sleep(0.005)
+            for i in range(10):
+                await client.send_all(b"ping %d" % i)
+                assert await server.receive_some() == b"ping %d" % i
+            elapsed = trio.current_time() - t
+        await other.aclose()
+        await other_server.aclose()
+        return elapsed
+
+    assert trio.run(main) < 0.5

@@ -15,13 +15,13 @@ module moves them over the transport.  The rules:
   draft-ietf-tls-mldsa).  The key must be the leaf's.
 * **Peer verification** is the caller's: OpenSSL is told to accept any chain, and once the
   handshake is complete, before any application byte is read or written, the stream hands the
-  peer's DER chain (leaf first) to a :data:`PeerVerifier`, which raises a typed error to refuse
-  it.  OpenSSL still checks the peer's proof of possession (CertificateVerify).  A client must
-  have a verifier; :func:`spiffe_verifier` checks an X509-SVID against a trust bundle and an
-  expected SPIFFE ID (SPIFFE X509-SVID §5, :mod:`qhx_edge.core.svid`), :func:`web_verifier` a
-  Web PKI certificate against CA certificates and a host name or IP address (RFC 6125,
-  RFC 5280, with ``cryptography``'s path validation).  A server with a verifier requires a
-  client certificate (mutual TLS).
+  peer's DER chain (leaf first) to a :data:`PeerVerifier` (in a worker thread: it may read a
+  store), which raises a typed error to refuse it.  OpenSSL still checks the peer's proof of
+  possession (CertificateVerify).  A client must have a verifier; :func:`spiffe_verifier` checks
+  an X509-SVID against a trust bundle and an expected SPIFFE ID (SPIFFE X509-SVID §5,
+  :mod:`qhx_edge.core.svid`), :func:`web_verifier` a Web PKI certificate against CA certificates
+  and a host name or IP address (RFC 6125, RFC 5280, with ``cryptography``'s path validation).  A
+  server with a verifier requires a client certificate (mutual TLS).
 * **Resumption** (RFC 8446 §2.2, ``psk_dhe_ke`` only: every resumed handshake still runs the
   configured key exchange, so it keeps forward secrecy and X25519MLKEM768): a server context made
   with ``resumption=SECONDS`` keeps the sessions of completed handshakes in its own memory (stateful
@@ -459,7 +459,9 @@ class TlsStream(trio.abc.HalfCloseableStream):
         if self._verify is not None:
             if not self.peer_chain:
                 raise BadSignature("the peer presented no certificate")
-            self._verify(list(self.peer_chain))
+            # Off the event loop: a verifier may read a store (and wait on its lock), and OpenSSL hands
+            # it any chain, even a stranger's self-signed one; other connections must go on meanwhile.
+            await trio.to_thread.run_sync(self._verify, list(self.peer_chain))
 
     async def _flush_raw(self) -> None:
         while True:
