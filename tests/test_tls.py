@@ -250,6 +250,7 @@ def test_resumption_sends_no_certificate_checks_again_and_stays_bounded(ca: Ca, 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.do_handshake)
             nursery.start_soon(server.do_handshake)
+        contexts.verified()
         await server.send_all(b"tickets come with this")
         assert await client.receive_some() == b"tickets come with this"
         if polite:
@@ -273,6 +274,9 @@ def test_resumption_sends_no_certificate_checks_again_and_stays_bounded(ca: Ca, 
     got = trio.run(main)
     # full; resumed; resumed, but ended without close_notify; so full; resumed; a new generation: full
     assert got == [False, True, True, False, True, False]
+    assert contexts.generations == 2
+    for _ in range(20):  # connections that never pass verification start no new generation
+        contexts(credential)
     assert contexts.generations == 2
     assert all(chain == seen[0] for chain in seen)
     assert len(seen) == 6  # every handshake, resumed or not, was checked

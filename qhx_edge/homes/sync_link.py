@@ -251,6 +251,7 @@ async def listen(
                     more = f" ({unaudited} more refused unaudited before this)" if unaudited else ""
                     await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}{more}", error)
                 return
+            contexts.verified()
             async with stream:
                 address = where.rsplit(":", 1)[0]
                 if address not in memories and len(memories) >= MAX_PEER_MEMORIES:

@@ -203,6 +203,7 @@ async def inbound(
                 report({"event": "refused", "peer": where, "caller": caller, "error": error.to_json()})
                 await refusals.refused(where, f"tunnel from {caller} at {where} to {service}", error)
                 return
+            contexts.verified()
             async with stream:
                 try:
                     with trio.fail_after(CONNECT_TIMEOUT):

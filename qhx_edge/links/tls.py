@@ -182,9 +182,12 @@ def make_context(
 class ServerContexts:
     """Server contexts that resume sessions, one for the current credential, with a bound on what
     they keep: OpenSSL's session cache holds the peer chains of up to 20,480 sessions, so after
-    ``generation`` connections the next one starts a fresh context (the old cache goes with the
-    connections still using it; its clients make one full handshake again).  A new credential also
-    starts a fresh context.  Call it from one thread (a listener's event loop)."""
+    ``generation`` verified handshakes (the caller says so with :meth:`verified`) the next connection
+    starts a fresh context (the old cache goes with the connections still using it; its clients make
+    one full handshake again).  Refused connections do not count: their sessions leave the cache
+    when they end without close_notify, and a flood of them must not push verified peers' sessions
+    out.  A new credential also starts a fresh context.  Call it from one thread (a listener's event
+    loop)."""
 
     def __init__(
         self,
@@ -210,8 +213,11 @@ class ServerContexts:
             )  # fmt: skip
             self._credential, self._served = credential, 0
             self.generations += 1
-        self._served += 1
         return self._context
+
+    def verified(self) -> None:
+        """A handshake on the current context passed its peer verifier: its session stays cached."""
+        self._served += 1
 
 
 # --- verifiers ------------------------------------------------------------------------------
