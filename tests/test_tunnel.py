@@ -90,6 +90,18 @@ def _start(cmd: list[str], log: Path, gid: int | None = None) -> tuple[subproces
     return proc, json.loads(line)
 
 
+def _exchange(address: str, data: bytes) -> bytes:
+    """Send ``data`` to HOST:PORT, close the sending side, and return everything that comes back."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as c:
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := c.recv(65536):
+            got += chunk
+    return got
+
+
 def _get(port: int, path: str) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30) as r:
         return str(r.read().decode())
@@ -271,13 +283,7 @@ def test_gospiffe_spiffetls_client_and_server_speak_with_our_tunnels(tmp_path: P
              "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
         )  # fmt: skip
         try:
-            host, port = out_info["listening"].rsplit(":", 1)
-            with socket.create_connection((host, int(port)), timeout=30) as c:
-                c.sendall(b"pong")
-                c.shutdown(socket.SHUT_WR)
-                got = b""
-                while chunk := c.recv(65536):
-                    got += chunk
+            got = _exchange(out_info["listening"], b"pong")
             assert got == b"echo: pong", (tmp_path / "out.log").read_text()
             out, err = server.communicate(timeout=30)
             assert server.returncode == 0, (out, err)
@@ -313,16 +319,9 @@ def test_a_revoked_nodes_workloads_are_refused_at_the_next_connection(tmp_path: 
                  "--peer-id", DB, "--socket", str(sock2)], tmp_path / "out.log", WEB_GID,
             )  # fmt: skip
             procs.append(outbound)
-            host, port = out["listening"].rsplit(":", 1)
 
             def call(data: bytes) -> bytes:
-                with socket.create_connection((host, int(port)), timeout=30) as c:
-                    c.sendall(data)
-                    c.shutdown(socket.SHUT_WR)
-                    got = b""
-                    while chunk := c.recv(65536):
-                        got += chunk
-                return got
+                return _exchange(out["listening"], data)
 
             assert call(b"before") == b"echo: before"
             with node.Node(second) as n:
@@ -388,13 +387,7 @@ def test_a_partners_workload_reaches_ours_under_the_agreement(tmp_path: Path) ->
                      "--peer-id", DB, "--socket", str(sb)], tmp_path / log, gid,
                 )  # fmt: skip
                 procs.append(proc)
-                host, port = out["listening"].rsplit(":", 1)
-                with socket.create_connection((host, int(port)), timeout=30) as c:
-                    c.sendall(b"from beta")
-                    c.shutdown(socket.SHUT_WR)
-                    got = b""
-                    while chunk := c.recv(65536):
-                        got += chunk
+                got = _exchange(out["listening"], b"from beta")
                 assert got == (b"echo: from beta" if gid == WEB_GID else b""), (tmp_path / "in.log").read_text()
             events = [json.loads(x)["tunnel"] for x in (tmp_path / "in.log").read_text().splitlines()]
             assert any(e["event"] == "closed" and e["caller"] == api for e in events), events
@@ -432,16 +425,9 @@ def test_a_service_with_ml_dsa_svids_takes_only_ml_dsa_callers(tmp_path: Path) -
                  "--peer-id", DB, "--socket", str(sock)], tmp_path / "out.log", WEB_GID,
             )  # fmt: skip
             procs.append(outbound)
-            host, port = out["listening"].rsplit(":", 1)
 
             def call() -> bytes:
-                with socket.create_connection((host, int(port)), timeout=30) as c:
-                    c.sendall(b"x")
-                    c.shutdown(socket.SHUT_WR)
-                    got = b""
-                    while chunk := c.recv(65536):
-                        got += chunk
-                return got
+                return _exchange(out["listening"], b"x")
 
             assert call() == b""
             wait_until(lambda: "classical certificate" in (tmp_path / "in.log").read_text(), "no downgrade logged")
@@ -481,12 +467,7 @@ def test_a_rotation_takes_new_connections_and_drops_no_live_one(tmp_path: Path) 
                 """One short connection; True if it went through (and was logged)."""
                 before = len(closed())
                 try:
-                    with socket.create_connection((address[0], int(address[1])), timeout=30) as c:
-                        c.sendall(b"probe")
-                        c.shutdown(socket.SHUT_WR)
-                        got = b""
-                        while chunk := c.recv(65536):
-                            got += chunk
+                    got = _exchange(out["listening"], b"probe")
                 except OSError:
                     return False
                 if got != b"echo: probe":
