@@ -45,7 +45,15 @@ def test_delegation_round_trip_and_certificate_shape(homes: Homes) -> None:
         result = n.import_pack(homes.authority.export_pack(docs, now), now)
         assert result.applied
         assert n.store.current(homes.authority.domain, "delegation") is not None
-    bundle = D.parse(docs[1]).payload
+        held_notary = n.store.current(homes.authority.domain, "notary")
+    # The notary role makes the node a notary for as long as its delegation, bound to the same card.
+    notary = D.parse(docs[1]).payload
+    assert isinstance(notary, D.NotaryDelegation)
+    assert (notary.node_id, notary.card_fingerprint, notary.expires) == (deleg.node_id, deleg.card_fingerprint,
+                                                                           deleg.expires)  # fmt: skip
+    assert held_notary is not None
+    assert held_notary.payload == notary
+    bundle = D.parse(docs[2]).payload
     assert isinstance(bundle, D.Bundle)
     assert [j["kid"] for j in bundle.jwt_authorities] == [deleg.jwt_key["kid"]]
     roots = {

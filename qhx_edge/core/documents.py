@@ -44,7 +44,7 @@ ROLE_FOR_TYPE = {
     "agreement": "federation",
     "delegation": "pki",
     "revocation": "pki",
-    "receipt": "notary",
+    "notary": "notary",
 }
 # The documents a freshness epoch binds together (mix-and-match guard); and the one it binds once the
 # domain has revoked anything (an epoch then names the revocation list: holding it back holds back
@@ -496,6 +496,44 @@ class Delegation(Payload):
         return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class NotaryDelegation(Payload):
+    """The domain's notary role makes a node a notary (docs/architecture.md, "Notary").
+
+    The node signs receipts and its receipt log's tree heads with the signing key of the card whose
+    fingerprint this names (under the receipt content types, never the document one), from
+    ``issued_at`` until ``expires``.  Like a delegation it names one node, is outside the freshness
+    epoch and is held only by that node; a receipt carries it, so a verifier needs only the domain's
+    root chain to check it.
+    """
+
+    type: ClassVar[str] = "notary"
+    _fields: ClassVar[tuple[str, ...]] = ("node_id", "card_fingerprint")
+
+    node_id: str
+    card_fingerprint: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NotaryDelegation:
+        common = cls._common(d)
+        node_id = _get(d, "node_id", str)
+        if not 1 <= len(node_id) <= 64:
+            raise Malformed("notary node_id must be a short text")
+        fp = _get(d, "card_fingerprint", str)
+        if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+            raise Malformed("notary card_fingerprint must be a SHA-256 hex digest")
+        return cls(node_id=node_id, card_fingerprint=fp, **common)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self._common_dict()
+        out.update(node_id=self.node_id, card_fingerprint=self.card_fingerprint)
+        return out
+
+
+# The documents that delegate something to one node, and the role that signs each.
+DELEGATION_TYPES = ("delegation", "notary")
+
+
 # What one side of an agreement may release to the other (docs/architecture.md "Agreements").
 # The root chain is always released: nothing else of a domain verifies without it.
 RELEASES = ("bundle", "freshness", "policy", "policy:authorization", "revocation")
@@ -621,7 +659,7 @@ class Agreement(Payload):
         return out
 
 
-REVOKED_USES = ("x509-ca", "jwt")
+REVOKED_USES = ("x509-ca", "jwt", "notary")
 MAX_REVOKED = 4096
 
 
@@ -690,7 +728,7 @@ class Revocation(Payload):
 
 
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
-    cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation, Agreement, Revocation)
+    cls.type: cls for cls in (Root, Bundle, Policy, Freshness, Delegation, NotaryDelegation, Agreement, Revocation)
 }
 
 T = TypeVar("T", bound=Payload)

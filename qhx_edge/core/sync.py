@@ -84,6 +84,7 @@ URGENCY: Final[Mapping[str, int]] = {
     "policy": 3,
     "agreement": 3,
     "delegation": 4,
+    "notary": 4,
 }
 BULK: Final = 5
 

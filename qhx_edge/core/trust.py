@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qhx_edge.core.documents import (
+    DELEGATION_TYPES,
     EPOCH_TYPES,
     OPTIONAL_EPOCH_TYPES,
     ROLE_FOR_TYPE,
@@ -432,7 +433,7 @@ def verify_batch(
                 UnknownDomain(f"{doc.describe()}: this node does not trust {doc.payload.domain}"),
             )
             continue
-        if doc.type not in (*EPOCH_TYPES, *OPTIONAL_EPOCH_TYPES, "freshness", "delegation"):
+        if doc.type not in (*EPOCH_TYPES, *OPTIONAL_EPOCH_TYPES, "freshness", *DELEGATION_TYPES):
             v.status, v.error = "rejected", Malformed(f"{doc.type} documents are not accepted in this batch")
             continue
         by_domain.setdefault(doc.payload.domain, []).append(v)
@@ -574,7 +575,7 @@ class DomainBatch:
         assert doc is not None
         if doc.type == "root":
             return bool(doc.payload.version > self.view.root.payload.version)
-        if doc.type == "delegation" and not self._delegates_me(doc):
+        if doc.type in DELEGATION_TYPES and not self._delegates_me(doc):
             return False
         mark = self.view.marks.get(doc.type)
         return mark is None or doc.payload.version > mark.version
@@ -805,7 +806,13 @@ class DomainBatch:
         return self.card_fingerprint is None or doc.payload.card_fingerprint == self.card_fingerprint
 
     def update_delegations(self) -> None:
-        """Step 5: delegations -- only this node's own, by the pki threshold of the final root, unexpired.
+        """Step 5 for each type of :data:`DELEGATION_TYPES`."""
+        for kind in DELEGATION_TYPES:
+            self._update_delegations(kind, ROLE_FOR_TYPE[kind])
+
+    def _update_delegations(self, kind: str, role: str) -> None:
+        """Step 5: delegations (``delegation`` by the pki role, ``notary`` by the notary role) -- only this
+        node's own, by the role's threshold of the final root, unexpired.
 
         Not part of the freshness epoch (a delegation outlives many epochs);
         the newest valid one becomes current, older ones are history.  Another
@@ -813,9 +820,9 @@ class DomainBatch:
         error (packs carry every node's, so a rotated pki role reaches all).
         One naming this node's id but another card is ``scope-violation``.
         """
-        root, mark = self.root.payload, self.marks.get("delegation")
+        root, mark = self.root.payload, self.marks.get(kind)
         delegations = []
-        for v in self.by_type.get("delegation", []):
+        for v in self.by_type.get(kind, []):
             doc: Signed[Any] = v.doc  # type: ignore[assignment]
             if self.node_id is not None and doc.payload.node_id != self.node_id:
                 # Another node's delegation, relayed beside ours (an authority's export carries every
@@ -829,12 +836,12 @@ class DomainBatch:
                     )
                 if not self._delegates_me(doc):
                     raise ScopeViolation(f"{doc.describe()} delegates another card claiming this node's id")
-                state = _check_version_signed(v, mark, self.history, root, "pki")
+                state = _check_version_signed(v, mark, self.history, root, role)
                 if state:
                     v.status = state
                     continue
                 self._check_root_unexpired(doc)
-                self.check_role(v, root, "pki")
+                self.check_role(v, root, role)
                 _check_times(doc, self.now, self.tolerance)
             except Rejected as exc:
                 _reject(v, exc)
@@ -845,4 +852,4 @@ class DomainBatch:
             assert v.doc is not None
             v.status = "applied" if i == len(delegations) - 1 else "history"
             if v.status == "applied":
-                self.out.marks[(self.domain, "delegation")] = Mark(v.doc.payload.version, v.doc.digest)
+                self.out.marks[(self.domain, kind)] = Mark(v.doc.payload.version, v.doc.digest)

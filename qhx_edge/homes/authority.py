@@ -48,6 +48,7 @@ from qhx_edge.store.keystore import Keystore
 STATE = AUTHORITY_STATE
 CARD = "card.cbor"
 AUTHORITY_NODE = "authority"
+_CURRENT = {"delegation": "delegations", "notary": "notaries"}  # state: node id -> current version, per type
 DAY = 86400
 DELEGATION_LIFETIME = 7 * 86400
 DEFAULT_LIFETIMES = {"root": 365 * DAY, "bundle": 90 * DAY, "policy": 90 * DAY, "ca": 365 * DAY}
@@ -133,11 +134,12 @@ def load_state(data: bytes, where: Path) -> dict[str, Any]:
         "jwt_keys must map key ids to keys",
     )
     need(_is_uint(state.get("export_sequence", 0)), "export_sequence must be a count")
-    delegations = state.get("delegations", {})
-    need(
-        isinstance(delegations, dict) and all(_is_uint(v) for v in delegations.values()),
-        "delegations must map node ids to the version of their current delegation",
-    )
+    for name in _CURRENT.values():
+        current = state.get(name, {})
+        need(
+            isinstance(current, dict) and all(_is_uint(v) for v in current.values()),
+            f"{name} must map node ids to the version of their current one",
+        )
     federation = state.get("federation", {})
     need(
         isinstance(federation, dict)
@@ -490,6 +492,8 @@ class Authority:
             out += self._resign_revocation(now)
             out.append(self._publish_bundle(now))
             out += self._resign_delegations(now)
+        if "notary" in roles:
+            out += self._resign_delegations(now, "notary")
         if "policy" in roles:
             current = D.parse(self.current("policy")).payload
             assert isinstance(current, D.Policy)
@@ -575,7 +579,20 @@ class Authority:
         )
         self.state.setdefault("delegations", {})[node_id] = payload.version  # saved by _publish
         delegation = self._publish(payload, self._signers("pki"))
-        return [delegation, *self.publish_bundle(now)]
+        notary = self._publish_notary(node_id, card_fingerprint, now, not_after)
+        return [delegation, *notary, *self.publish_bundle(now)]
+
+    def _publish_notary(self, node_id: str, card_fingerprint: str, now: int, expires: int) -> list[bytes]:
+        """The notary role makes the node a notary for as long as its delegation (docs/architecture.md,
+        "Notary"): its card's key may sign receipts and receipt-log tree heads."""
+        if not self.state["roles"].get("notary", {}).get("keys"):
+            return []
+        payload = D.NotaryDelegation.from_dict(
+            {"type": "notary", "domain": self.domain, "version": int(self.state["versions"].get("notary", 0)) + 1,
+             "issued_at": now, "expires": expires, "node_id": node_id, "card_fingerprint": card_fingerprint}
+        )  # fmt: skip
+        self.state.setdefault("notaries", {})[node_id] = payload.version  # saved by _publish
+        return [self._publish(payload, self._signers("notary"))]
 
     @_one_writer
     def revoke(self, now: int, *, node_id: str | None = None, delegation: int | None = None) -> list[bytes]:
@@ -608,6 +625,15 @@ class Authority:
         if not nodes:
             which = f"node {node_id}" if node_id is not None else f"delegation v{delegation}"
             raise Malformed(f"this authority never delegated to {which}")
+        if node_id is not None:  # its notary key too: receipts it signs from now on prove nothing
+            for version in range(1, int(self.state["versions"].get("notary", 0)) + 1):
+                notary = D.parse(self.published("notary", version)).payload
+                assert isinstance(notary, D.NotaryDelegation)
+                key = bytes.fromhex(notary.card_fingerprint)
+                if notary.node_id == node_id and key not in known:
+                    known.add(key)
+                    added.append(D.RevokedKey(key, now, "notary", node_id, version))
+            self.state.get("notaries", {}).pop(node_id, None)
         revoked_nodes = nodes if node_id is not None else set()
         for n in revoked_nodes:
             self.state.get("delegations", {}).pop(n, None)
@@ -658,37 +684,40 @@ class Authority:
         )
         return [self._publish(payload, self._signers("pki"))]
 
-    def _resign_delegations(self, now: int) -> list[bytes]:
-        """Every node's current, unexpired delegation signed again by the (new) pki keys.
+    def _resign_delegations(self, now: int, kind: str = "delegation") -> list[bytes]:
+        """Every node's current, unexpired delegation (or notary delegation, ``kind``) signed again by
+        the (new) keys of the role that signs it.
 
-        A node resets its delegation mark when the pki role's keys change (TUF
+        A node resets its delegation mark when the role's keys change (TUF
         5.3.11), so without this every node would lose its delegation, and its
         ability to issue, when its authority rotates the pki key.  The content
         is the same (CAs, JWT key, card, expiry: re-signing never extends a
         delegation), under a new version issued now.  Expired ones are dropped.
         """
         out = []
-        current: dict[str, int] = self.state.get("delegations", {})
+        cls: Any = D.PAYLOAD_TYPES[kind]
+        current: dict[str, int] = self.state.get(_CURRENT[kind], {})
         for node_id, version in sorted(current.items()):
-            old = D.parse(self.published("delegation", version)).payload
-            assert isinstance(old, D.Delegation)
+            old = D.parse(self.published(kind, version)).payload
             if old.expires <= now:
                 del current[node_id]
                 continue
-            fields = {**old.to_dict(), "version": int(self.state["versions"]["delegation"]) + 1, "issued_at": now}
-            payload = D.Delegation.from_dict(fields)
+            fields = {**old.to_dict(), "version": int(self.state["versions"][kind]) + 1, "issued_at": now}
+            payload = cls.from_dict(fields)
             current[node_id] = payload.version
-            out.append(self._publish(payload, self._signers("pki")))
+            out.append(self._publish(payload, self._signers(D.ROLE_FOR_TYPE[kind])))
         self._save()
         return out
 
     def current_delegations(self, now: int | None = None) -> list[bytes]:
-        """Each node's current delegation (unexpired at ``now``, when given), in node id order."""
+        """Each node's current delegation and notary delegation (unexpired at ``now``, when given), in
+        node id order."""
         out = []
-        for _, version in sorted(self.state.get("delegations", {}).items()):
-            raw = self.published("delegation", version)
-            if now is None or D.parse(raw).payload.expires > now:
-                out.append(raw)
+        for kind in D.DELEGATION_TYPES:
+            for _, version in sorted(self.state.get(_CURRENT[kind], {}).items()):
+                raw = self.published(kind, version)
+                if now is None or D.parse(raw).payload.expires > now:
+                    out.append(raw)
         return out
 
     def card(self) -> bytes:

@@ -34,7 +34,7 @@ from qhx_edge.core.errors import QhxError, Rejected, Unreachable
 from qhx_edge.store import clock
 
 RECEIVE_SIZE = 64 << 10
-NOT_SYNCED = frozenset({"delegation"})
+NOT_SYNCED = frozenset({"delegation", "notary"})
 
 
 @dataclass
