@@ -60,6 +60,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qhx_edge.cli.sync:sync_group",
         "Sync links: exchange what the other node lacks, over mutual post-quantum TLS.",
     ),
+    "receipt": (
+        "qhx_edge.cli.receipt:receipt_group",
+        "Notary receipts: list and export this node's, verify anyone's offline against the bundle history.",
+    ),
     "serve": (
         "qhx_edge.cli.serve:serve",
         "Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.",

@@ -58,23 +58,44 @@ def _run(ctx: Ctx, socket_path: Path | None, start: Any, info: dict[str, Any]) -
 @click.option("--listen", "listen", required=True, metavar="HOST:PORT", help="Accept tunnel connections here.")
 @click.option("--forward", "forward", required=True, metavar="HOST:PORT", help="The local service to forward to.")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), help="The Workload API socket.")
+@click.option(
+    "--notary",
+    is_flag=True,
+    help="Read the HTTP/1.1 carried and record exchanges as receipts, as the policy's [[notary]] routes say.",
+)
 @pass_ctx
-def tunnel_inbound(ctx: Ctx, listen: str, forward: str, socket_path: Path | None) -> None:
+def tunnel_inbound(ctx: Ctx, listen: str, forward: str, socket_path: Path | None, notary: bool) -> None:
     """Accept mutual TLS from outbound tunnels and forward each authorized caller to a local service.
 
     The caller's SVID must verify (our domain, or a partner's under an agreement) and the policy's
     [[authorization]] rules must let it reach this workload's SPIFFE ID; anything else is refused,
-    audited, and never reaches the service.
+    audited, and never reaches the service.  With --notary, each exchange on a route the policy's
+    [[notary]] rules name becomes a receipt in the node's receipt log (see `qhx-edge receipt`),
+    committed before the response is released; it signs with the node's key (the passphrase is asked
+    once, or taken from QHX_EDGE_PASSPHRASE).
     """
     from qhx_edge.homes import tunnel
+    from qhx_edge.store import clock
 
     listen_at, forward_to = _address(listen), _address(forward)
-    info: dict[str, Any] = {"mode": "inbound", "forward": forward}
+    info: dict[str, Any] = {"mode": "inbound", "forward": forward, "notary": notary}
+    keeper = None
+    if notary:
+        from qhx_edge.homes.notary import Notary
+
+        keeper = Notary.open(ctx.home, ctx.passphrase, clock.now())
+        info["notary_until"] = keeper.expires
 
     def start(credential: Any, report: Any, task_status: Any) -> Any:
-        return tunnel.inbound(ctx.home, listen_at, forward_to, credential, report=report, task_status=task_status)
+        return tunnel.inbound(
+            ctx.home, listen_at, forward_to, credential, report=report, notary=keeper, task_status=task_status
+        )
 
-    _run(ctx, socket_path, start, info)
+    try:
+        _run(ctx, socket_path, start, info)
+    finally:
+        if keeper is not None:
+            keeper.close()
 
 
 @tunnel_group.command("outbound")

@@ -16,6 +16,19 @@ are bound by our policy's registrations (``labels`` of the registration of the c
 so only callers of our own domain carry them: a rule with labels never admits a partner's workload.
 Nothing else is allowed: a service no rule names takes no connection (``policy-denied``).
 
+The policy's ``notary`` routes say which exchanges a notary (``tunnel inbound --notary``) records, and
+how (:data:`LEVELS`; docs/architecture.md, "Notary"):
+
+.. code-block:: toml
+
+    [[notary]]
+    service = "spiffe://alpha.example/ns/pay/"  # the service: a SPIFFE ID, or a namespace ending in "/"
+    route = "/transfers"                        # a path prefix, matched on "/" boundaries
+    methods = ["POST", "PUT"]                   # optional: every method when absent
+    level = "sign-request"                      # workload-only | log-request | sign-request
+
+The longest matching route of the service decides; an exchange no route matches is not recorded.
+
 Pure: the caller passes the rules and the caller's labels; nothing here reads a store or a clock.
 """
 
@@ -76,6 +89,58 @@ def parse_rules(items: Iterable[Any]) -> tuple[Rule, ...]:
             )
         )
     return tuple(rules)
+
+
+LEVELS = ("workload-only", "log-request", "sign-request")
+_ROUTE_KEYS = frozenset({"service", "route", "methods", "level"})
+MAX_ROUTES = 1024
+
+
+@dataclass(frozen=True)
+class Route:
+    service: str
+    path: str
+    methods: tuple[str, ...]  # empty: every method
+    level: str
+
+
+def parse_routes(items: Iterable[Any]) -> tuple[Route, ...]:
+    """The policy's ``notary`` list as routes; ``malformed`` for anything else."""
+    routes: list[Route] = []
+    for i, item in enumerate(items):
+        if len(routes) >= MAX_ROUTES:
+            raise Malformed(f"at most {MAX_ROUTES} notary routes")
+        if not isinstance(item, Mapping) or set(item) - _ROUTE_KEYS or not {"service", "route", "level"} <= set(item):
+            raise Malformed(f"notary route {i} has 'service', 'route', 'level' and optionally 'methods'")
+        path = item["route"]
+        if not isinstance(path, str) or not path.startswith("/") or len(path) > 1024:
+            raise Malformed(f"notary route {i}: 'route' is a path prefix starting with '/'")
+        if item["level"] not in LEVELS:
+            raise Malformed(f"notary route {i}: 'level' is one of {', '.join(LEVELS)}")
+        methods = item.get("methods", [])
+        if not isinstance(methods, list) or len(methods) > 32:
+            raise Malformed(f"notary route {i}: 'methods' lists at most 32 methods")
+        if not all(isinstance(m, str) and m.isascii() and m.isalpha() and m.isupper() for m in methods):
+            raise Malformed(f"notary route {i}: methods are upper-case HTTP method names")
+        routes.append(Route(_pattern(item["service"], f"notary route {i} 'service'"), path, tuple(methods),
+                            item["level"]))  # fmt: skip
+    return tuple(routes)
+
+
+def _on_path(prefix: str, path: str) -> bool:
+    return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
+
+
+def notary_level(routes: Sequence[Route], service: str, method: str, target: str) -> str | None:
+    """The level of the longest route of ``service`` matching ``method`` and ``target``'s path; None if none."""
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    best: Route | None = None
+    for r in routes:
+        if not _matches(r.service, service) or (r.methods and method not in r.methods) or not _on_path(r.path, path):
+            continue
+        if best is None or len(r.path) > len(best.path):
+            best = r
+    return best.level if best is not None else None
 
 
 def _matches(pattern: str, spiffe_id: str) -> bool:

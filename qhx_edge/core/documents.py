@@ -337,7 +337,7 @@ class Policy(Payload):
 
     type: ClassVar[str] = "policy"
     _fields: ClassVar[tuple[str, ...]] = (
-        "registrations", "authorization", "algorithms", "staleness", "attestation", "federation",
+        "registrations", "authorization", "algorithms", "staleness", "attestation", "federation", "notary",
     )  # fmt: skip
 
     registrations: tuple[dict[str, Any], ...]
@@ -348,6 +348,8 @@ class Policy(Payload):
     attestation: dict[str, Any] = field(default_factory=dict)
     # Limits on every partner (optional; absent: what each agreement says).
     federation: PartnerLimits = field(default_factory=PartnerLimits)
+    # The notary's routes and levels (core/authz.py parse_routes; optional).
+    notary: tuple[dict[str, Any], ...] = ()
 
     def challenge_ttl(self, default: int) -> int:
         """How long an attestation challenge stays answerable: long enough for a courier's round trip."""
@@ -389,6 +391,7 @@ class Policy(Payload):
             staleness=Staleness.from_dict(d.get("staleness")),
             attestation=_attestation(d.get("attestation", {})),
             federation=PartnerLimits.from_dict(d["federation"]) if "federation" in d else PartnerLimits(),
+            notary=tuple(_notary_routes(d.get("notary", []))),
             **common,
         )
 
@@ -404,7 +407,15 @@ class Policy(Payload):
             out["attestation"] = self.attestation
         if self.federation != PartnerLimits():
             out["federation"] = self.federation.to_dict()
+        if self.notary:
+            out["notary"] = list(self.notary)
         return out
+
+
+def _notary_routes(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or len(value) > MAX_LIST or not all(isinstance(a, dict) for a in value):
+        raise Malformed("notary must be a list of maps")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)

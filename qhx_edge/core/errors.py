@@ -142,6 +142,18 @@ class AnchorMismatch(Rejected):
     kind = "anchor-mismatch"
 
 
+class MissingHistory(Rejected):
+    """A receipt names a document (a root chain, a bundle version) the verifier's history does not hold:
+    what it names cannot be checked, so the receipt is not proven (``receipt verify``).  ``report`` says
+    what the rest proved."""
+
+    kind = "missing-history"
+
+    def __init__(self, message: str, report: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class EnvironmentFault(QhxError):
     """The environment is wrong, not the input (exit code 3)."""
 

@@ -30,6 +30,12 @@ A policy file::
     to = "spiffe://alpha.example/db"           # a SPIFFE ID, or a namespace ending in "/"
     allow = ["spiffe://alpha.example/web"]     # callers: SPIFFE IDs or namespaces ending in "/"
     labels = { tier = "frontend" }             # optional: labels our registrations bind to the caller
+
+    [[notary]]           # which exchanges a notary records, and how (core/authz.py)
+    service = "spiffe://alpha.example/db"      # a SPIFFE ID, or a namespace ending in "/"
+    route = "/orders"                          # a path prefix
+    methods = ["POST"]                         # optional: every method when absent
+    level = "sign-request"                     # workload-only | log-request | sign-request
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import tomllib
 from typing import Any
 
 from qhx_edge.core import suites
-from qhx_edge.core.authz import parse_rules
+from qhx_edge.core.authz import parse_routes, parse_rules
 from qhx_edge.core.errors import Malformed
 
 MAX_POLICY_FILE = 1 << 20
@@ -90,7 +96,7 @@ def _tables(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
 
 def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
     """Validate a parsed policy TOML table and return the payload fields (every bad value ``malformed``)."""
-    known = {"staleness", "algorithms", "registrations", "authorization", "attestation", "federation"}
+    known = {"staleness", "algorithms", "registrations", "authorization", "attestation", "federation", "notary"}
     unknown = set(data) - known
     if unknown:
         raise Malformed(f"unknown policy sections {sorted(unknown)}")
@@ -114,6 +120,10 @@ def policy_fields(data: dict[str, Any]) -> dict[str, Any]:
     auth = [dict(a) for a in _tables(data, "authorization")]
     parse_rules(auth)  # refused here, at publishing, not at the first connection
     out = {"registrations": regs, "authorization": auth, "algorithms": algorithms, "staleness": stale}
+    if "notary" in data:
+        routes = [dict(r) for r in _tables(data, "notary")]
+        parse_routes(routes)  # refused at publishing
+        out["notary"] = routes
     if "attestation" in data:
         att = _table(data, "attestation", "[attestation]")
         if set(att) - {"tpm", "challenge_ttl"}:

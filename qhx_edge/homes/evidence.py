@@ -100,7 +100,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qhx_edge.core import cbor, checkpoint, cose
+from qhx_edge.core import cbor, checkpoint, cose, merkle
 from qhx_edge.core.cards import Card, EncryptionPublicKey, parse_card
 from qhx_edge.core.errors import (
     BadSignature,
@@ -113,6 +113,7 @@ from qhx_edge.core.errors import (
 from qhx_edge.core.limits import is_uint
 from qhx_edge.core.spiffe import check_trust_domain
 from qhx_edge.core.suites import PrivateKey, PublicKey
+from qhx_edge.homes import notary
 from qhx_edge.homes.authority import AUTHORITY_NODE
 from qhx_edge.packs import pack, seal
 from qhx_edge.store import audit as audit_log
@@ -317,6 +318,7 @@ class EvidenceExport:
     to_seq: int  # the last entry exported (== mark when nothing was new)
     head: bytes  # the hash of entry to_seq (zeros for an empty log)
     remaining: int  # entries left for the next export (pack budget)
+    receipt_heads: int | None = None  # the size of the newest receipt-log tree head exported, if any
 
     @property
     def entries(self) -> int:
@@ -332,6 +334,7 @@ class EvidenceExport:
             "segments": [{"from_seq": a, "to_seq": b} for a, b in self.segments],
             "head": self.head.hex(),
             "remaining": self.remaining,
+            "receipt_log_size": self.receipt_heads,
         }
 
 
@@ -397,8 +400,11 @@ def export_evidence(
         total += len(seg)
         last, prev = chunk[-1]["seq"], link
     remaining = int(store.conn.execute("SELECT COUNT(*) FROM audit WHERE seq > ?", (last,)).fetchone()[0])
-    data = n.export_pack([n.card(), *segments], now, kind="evidence")
-    return EvidenceExport(data, n.node_id, n.domain, ranges, mark, last, prev, remaining)
+    log = notary.log_evidence(n.home, n.identity.signer, n.node_id, n.domain)
+    items = [n.card(), *segments, *([log[0]] if log is not None else [])]
+    data = n.export_pack(items, now, kind="evidence")
+    return EvidenceExport(data, n.node_id, n.domain, ranges, mark, last, prev, remaining,
+                          log[1] if log is not None else None)  # fmt: skip
 
 
 def write_evidence(
@@ -415,6 +421,8 @@ def write_evidence(
     size = pack.write(Path(path), data)
     if ex.segments:
         n.store.set_evidence_mark(ex.to_seq)
+    if ex.receipt_heads is not None:
+        notary.mark_exported(n.home, ex.receipt_heads)
     return {"pack": str(path), "bytes": size, **ex.to_json()}
 
 
@@ -542,6 +550,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """
     + audit_log.chain_existing_log("rejections", "id"),
+    # 3: each node's receipt log (docs/architecture.md, "Notary"): the tree heads it exported, each
+    # consistent with the one before, and the heads that were not (the log was rewritten).
+    """
+    CREATE TABLE receipt_heads (
+        node_id TEXT NOT NULL REFERENCES nodes(node_id),
+        size INTEGER NOT NULL,
+        root BLOB NOT NULL,
+        at INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        imported_at INTEGER NOT NULL,
+        PRIMARY KEY (node_id, size)
+    );
+    CREATE TABLE receipt_log_forks (
+        id INTEGER PRIMARY KEY,
+        node_id TEXT NOT NULL REFERENCES nodes(node_id),
+        held_size INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        body BLOB NOT NULL,
+        at INTEGER NOT NULL
+    );
+    """,
 )
 REJECTION_COLUMNS = ("at", "node_id", "pack_digest", "segment", "kind", "message")
 
@@ -626,6 +656,20 @@ class EvidenceStore(SqliteFile):
             head = bytes(row[0]).hex()
         return {"entries": int(count), "last_seq": last, "head": head, "gaps": self.gaps(node_id)}
 
+    def receipt_log(self, node_id: str) -> dict[str, Any]:
+        """The newest tree head held of the node's receipt log, and the heads that broke it."""
+        row = self.conn.execute(
+            "SELECT size, root, at FROM receipt_heads WHERE node_id = ? ORDER BY size DESC LIMIT 1", (node_id,)
+        ).fetchone()
+        forks = [
+            {"held_size": a, "size": b, "reason": r, "at": t}
+            for a, b, r, t in self.conn.execute(
+                "SELECT held_size, size, reason, at FROM receipt_log_forks WHERE node_id = ? ORDER BY id", (node_id,)
+            )
+        ]
+        head = {"size": row[0], "root": bytes(row[1]).hex(), "at": row[2]} if row else None
+        return {"head": head, "forks": forks}
+
     def status(self) -> dict[str, Any]:
         nodes: dict[str, Any] = {}
         for node_id, domain, keyid, fp, first in self.conn.execute(
@@ -649,6 +693,7 @@ class EvidenceStore(SqliteFile):
                 "fork_segments": int(segs.get("fork", 0)),
                 "forks": self.forks(node_id),
                 "rejections": int(rejected[0]),
+                "receipt_log": self.receipt_log(node_id),
             }
         total = self.conn.execute("SELECT COUNT(*) FROM rejections").fetchone()[0]
         return {"nodes": nodes, "rejections": int(total)}
@@ -656,7 +701,7 @@ class EvidenceStore(SqliteFile):
     def digest(self) -> str:
         """SHA-256 over every table but ``rejections``: equal digests, equal evidence."""
         h = hashlib.sha256()
-        for table in ("nodes", "packs", "segments", "entries", "forks"):
+        for table in ("nodes", "packs", "segments", "entries", "forks", "receipt_heads", "receipt_log_forks"):
             cols = [r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")]
             order = ", ".join(cols)
             h.update(cbor.encode([table, cols]))
@@ -724,6 +769,7 @@ class EvidenceReport:
     segments: list[dict[str, Any]] = field(default_factory=list)
     chain: dict[str, Any] = field(default_factory=dict)
     forks_held: int = 0
+    receipt_log: list[dict[str, Any]] = field(default_factory=list)
 
     def _count(self, status: str) -> int:
         return sum(1 for s in self.segments if s["status"] == status)
@@ -749,6 +795,7 @@ class EvidenceReport:
             "entries": self.chain.get("entries", 0),
             "last_seq": self.chain.get("last_seq"),
             "head": self.chain.get("head"),
+            "receipt_log": self.receipt_log,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -788,6 +835,11 @@ class EvidenceReport:
             else:
                 text = s["status"]
             lines.append(f"{where}: {text}")
+        for r in self.receipt_log:
+            text = f"  receipt log: {r['status']}, tree size {r.get('size', '-')}"
+            if r.get("reason"):
+                text += f": {r['reason']}"
+            lines.append(text)
         gaps = ", ".join(f"{a}-{b}" for a, b in n["gaps"]) or "none"
         last = n["last_seq"] if n["last_seq"] is not None else "-"
         lines.append(
@@ -873,8 +925,12 @@ def _import(store: EvidenceStore, auth: Authority, data: bytes, now: int, strict
         p.manifest, card, sealed, "already-imported" if store.pack_seen(p.digest) else "new", pinned is None
     )
     verified: list[tuple[int, Segment | Rejected]] = []
+    logs: list[tuple[int, Any]] = []
     for index, raw in enumerate(p.documents[1:], 1):
         try:
+            if notary.is_log_evidence(raw):
+                logs.append((index, notary.parse_log_evidence(raw, card.signing_key, card.node_id, card.domain)))
+                continue
             verified.append((index, _verify_segment(raw, card)))
         except Rejected as exc:
             verified.append((index, exc))
@@ -897,6 +953,10 @@ def _import(store: EvidenceStore, auth: Authority, data: bytes, now: int, strict
                 result = _apply_segment(conn, node_id, item, now)
                 report.segments.append({"index": index, **result})
                 changed = changed or result["status"] in ("accepted", "fork")
+            for index, item in logs:
+                result = _apply_log(conn, node_id, item, now)
+                report.receipt_log.append({"index": index, **result})
+                changed = changed or result["status"] in ("accepted", "fork", "first")
             m = p.manifest
             conn.execute(
                 "INSERT OR IGNORE INTO packs VALUES (?,?,?,?,?,?)",
@@ -1020,6 +1080,75 @@ def _apply_segment(conn: sqlite3.Connection, node_id: str, seg: Segment, now: in
     return result
 
 
+def _apply_log(conn: sqlite3.Connection, node_id: str, ev: Any, now: int) -> dict[str, Any]:
+    """Keep the node's new tree heads if each is consistent with the one before (RFC 9162 §2.1.4.2),
+    starting from the head the node says it exported last, which must be one the authority holds.
+
+    ``first``: the authority held nothing of this log; ``accepted``: the heads extend the held log;
+    ``gap``: the pack starts from a head the authority never received (an evidence pack went missing):
+    the heads are kept, but consistency with the older held ones is unchecked; ``fork``: the node's log
+    no longer holds what a held head committed to (a receipt dropped or changed, or the log started
+    over): kept as a finding, with nothing of the pack's heads taken.
+    """
+
+    def held_root(size: int) -> bytes | None:
+        row = conn.execute("SELECT root FROM receipt_heads WHERE node_id = ? AND size = ?", (node_id, size)).fetchone()
+        return bytes(row[0]) if row is not None else None
+
+    newest = conn.execute("SELECT MAX(size) FROM receipt_heads WHERE node_id = ?", (node_id,)).fetchone()[0]
+
+    def fork(size: int, reason: str, body: bytes) -> dict[str, Any]:
+        conn.execute(
+            "INSERT INTO receipt_log_forks (node_id, held_size, size, reason, body, at) VALUES (?,?,?,?,?,?)",
+            (node_id, newest or 0, size, reason, body, now),
+        )
+        return {"status": "fork", "size": size, "reason": reason}
+
+    status = "first" if newest is None else "accepted"
+    prev: tuple[int, bytes] | None = None
+    if ev.start is not None:
+        start, body = ev.start
+        prev = (start.size, start.root)
+        known = held_root(start.size)
+        if known is not None and known != start.root:
+            return fork(start.size, f"the node now signs another tree of size {start.size} than it exported", body)
+        if known is None and newest is not None:
+            status = "gap"
+    elif newest is not None:
+        return fork(
+            ev.heads[0][0].size,
+            f"the node's log starts over: it had exported tree heads up to size {newest}",
+            ev.heads[0][1],
+        )
+    kept = []
+    for (head, body), proof in zip(ev.heads, ev.proofs, strict=True):
+        known = held_root(head.size)
+        if known is not None and known != head.root:
+            return fork(head.size, f"tree head {head.size} differs from the one held", body)
+        if prev is not None:
+            try:
+                merkle.verify_consistency(prev[0], head.size, proof, prev[1], head.root)
+            except Rejected:
+                return fork(
+                    head.size,
+                    f"tree head {head.size} is not consistent with tree head {prev[0]}: the log dropped or "
+                    "changed a receipt it had committed to",
+                    body,
+                )
+        kept.append((head, body))
+        prev = (head.size, head.root)
+    if ev.start is not None and status in ("first", "gap"):
+        kept.insert(0, ev.start)
+    for head, body in kept:
+        conn.execute("INSERT OR IGNORE INTO receipt_heads VALUES (?,?,?,?,?,?)",
+                     (node_id, head.size, head.root, head.at, body, now))  # fmt: skip
+    assert prev is not None
+    out: dict[str, Any] = {"status": status, "size": prev[0]}
+    if status == "gap":
+        out["reason"] = f"the pack continues from tree size {ev.start[0].size}, which the authority never received"
+    return out
+
+
 def _checkpoint_fork(conn: sqlite3.Connection, node_id: str, seg: Segment) -> tuple[int, str, bytes, bytes] | None:
     """A checkpoint of the segment that contradicts a held one: same number, other bytes, or out of line."""
     for c in seg.checkpoints:
@@ -1138,4 +1267,8 @@ def status_text(st: dict[str, Any]) -> str:
             f"gaps: {gaps}, forks: {len(n['forks'])}, rejected: {n['rejections']}"
         )
         lines.extend(f"  FORK at entry {f['seq']}: {f['reason']}" for f in n["forks"])
+        log = n.get("receipt_log") or {}
+        if log.get("head"):
+            lines.append(f"  receipt log: tree size {log['head']['size']}, root {log['head']['root'][:16]}")
+        lines.extend(f"  RECEIPT LOG FORK at tree size {f['size']}: {f['reason']}" for f in log.get("forks", []))
     return "\n".join(lines)

@@ -691,6 +691,7 @@ class Node:
                 limits,
                 expires,
                 revoked,
+                held_revocation.payload.version if held_revocation is not None else None,
             )
 
         return self.store.memo(("verify-basis", domain), read)
@@ -758,6 +759,8 @@ class Node:
             raise Expired(f"the held bundle of {domain} expired at {held.expires}")
         svid.verify_x509_svid(chain, held.x509_authorities, now, basis.revoked)
         out["bundle_version"] = held.version
+        if basis.revocation_version is not None:
+            out["revocation_version"] = basis.revocation_version
         if basis.revoked:
             out["revocations_checked"] = len(basis.revoked)
         out["assurance"] = "signed"
@@ -778,6 +781,7 @@ class _Basis:
     limits: PartnerLimits | None  # our policy's limits on every partner (partners only)
     expires: dict[str, int]  # the partner's held root, bundle and policy: their expiries (partners only)
     revoked: dict[bytes, int]  # the domain's held revocation list: key digest -> revoked from
+    revocation_version: int | None  # its version (None: the domain revoked nothing we hold)
 
 
 def _reject_entry(exc: QhxError, what: str, doc: Any, p: Any) -> AuditEntry:

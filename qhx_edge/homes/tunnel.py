@@ -78,11 +78,13 @@ def peer_check(
     authorize: bool = False,
     now: Callable[[], int] = clock.now,
     seen: list[str] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> tls.PeerVerifier:
     """Verify a tunnel peer's SVID chain for ``service`` (our own SPIFFE ID): :meth:`Node.verify_svid`,
     then the expected server identity (outbound) or the policy's authorization rules (inbound), and
     ML-DSA throughout where our policy gives ``service`` ML-DSA certificates.  ``seen`` gets the
-    peer's SPIFFE ID once it is known (for the audit)."""
+    peer's SPIFFE ID once it is known (for the audit); ``record`` what a notary's receipts name (the
+    chain, the verification, our bundle and revocation versions, the policy's notary routes)."""
     from qhx_edge.homes.node import Node
     from qhx_edge.issue.issuer import algorithm_for
 
@@ -91,6 +93,13 @@ def peer_check(
             got = n.verify_svid(chain, now())
             held = n.store.current(n.domain, "policy")
             domain = n.domain
+            if record is not None:
+                versions = {}
+                for kind in ("bundle", "revocation"):
+                    doc = n.store.current(domain, kind)
+                    if doc is not None:
+                        versions[kind] = doc.payload.version
+                record.update(chain=list(chain), result=got, home_domain=domain, home_versions=versions)
         caller = str(got["spiffe_id"])
         if seen is not None:
             seen.append(caller)
@@ -100,6 +109,8 @@ def peer_check(
             raise Downgrade(f"{caller} presented a classical certificate chain; the policy gives {service} ML-DSA")
         if expected is not None and not _matches(expected, caller):
             raise ScopeViolation(f"the peer is {caller}, not {expected}")
+        if record is not None:
+            record["routes"] = authz.parse_routes(policy.notary) if policy is not None else ()
         if authorize:
             rules = authz.parse_rules(policy.authorization) if policy is not None else ()
             labels = authz.registration_labels(policy.registrations, caller) if policy is not None else {}
@@ -170,9 +181,12 @@ async def inbound(
     *,
     groups: tuple[str, ...] = tls.PQ_GROUPS,
     report: Callable[[dict[str, Any]], None] = lambda event: None,
+    notary: Any = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept tunnel connections on ``listen``; forward each authorized one to ``forward``."""
+    """Accept tunnel connections on ``listen``; forward each authorized one to ``forward``.  With a
+    ``notary`` (:class:`qhx_edge.homes.notary.Notary`), its exchanges are recorded as the policy's
+    notary routes say (:func:`qhx_edge.homes.notary.splice`)."""
     listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
     contexts = tls.ServerContexts(groups=groups, require_client_certificate=True)
     refusals = _Refusals(home)
@@ -189,9 +203,10 @@ async def inbound(
         except OSError:
             where = "a peer"
         seen: list[str] = []
+        record: dict[str, Any] | None = {} if notary is not None else None
         try:
             cred, service = await trio.to_thread.run_sync(credential)
-            verify = peer_check(home, service=service, authorize=True, seen=seen)
+            verify = peer_check(home, service=service, authorize=True, seen=seen, record=record)
             stream = tls.TlsStream(tcp, contexts(cred), server_side=True, verify_peer=verify)
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
@@ -213,7 +228,13 @@ async def inbound(
                             "error": str(exc)})  # fmt: skip
                     return
                 async with local:
-                    up, down = await _splice(stream, local)
+                    if notary is not None and record is not None:
+                        from qhx_edge.homes.notary import Connection, splice
+
+                        ctx = Connection.make(service, list(cred.chain), record)
+                        up, down = await splice(stream, local, notary, ctx, report)
+                    else:
+                        up, down = await _splice(stream, local)
                 report({"event": "closed", "caller": seen[0], "service": service, "bytes_in": up, "bytes_out": down,
                         "resumed": stream.resumed, "group": stream.group, "svid": _short(cred.chain[0])})  # fmt: skip
         except QhxError as exc:  # no SVID now, a locked store: this connection only
@@ -227,6 +248,10 @@ async def inbound(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(trio.serve_listeners, handle, listeners))
+        if notary is not None:
+            from qhx_edge.homes.notary import sign_heads
+
+            nursery.start_soon(sign_heads, notary)
         sockname = listeners[0].socket.getsockname()
         task_status.started((str(sockname[0]), int(sockname[1])))
 

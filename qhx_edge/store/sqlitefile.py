@@ -94,9 +94,11 @@ class SqliteFile:
         return value
 
     @staticmethod
-    def connect(path: Path) -> sqlite3.Connection:
+    def connect(path: Path, *, any_thread: bool = False) -> sqlite3.Connection:
+        """``any_thread``: the connection may be closed by another thread than the one that opened it (the
+        caller still uses it from one thread at a time)."""
         _private_file(path)  # before SQLite creates it: its -wal and -shm files take the same mode
-        conn = sqlite3.connect(path, isolation_level=None, timeout=2.0)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=2.0, check_same_thread=not any_thread)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
