@@ -26,6 +26,7 @@ EXPECTED = {
     "federation",
     "node",
     "pack",
+    "receipt",
     "serve",
     "status",
     "svid",

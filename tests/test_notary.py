@@ -174,6 +174,23 @@ def test_exchanges_through_a_notary_become_receipts_that_verify_offline(tmp_path
         assert {r["caller"] for r in listed["receipts"]} == {WEB}
         assert listed["receipts"][0]["method"] == "POST"
         assert "method" not in listed["receipts"][2]  # workload-only: who called whom, not what
+
+        # A policy change applies to the next connection: web may no longer reach db; nothing is
+        # forwarded and nothing recorded.
+        hits = len(_Handler.hits)
+        h.authority.publish_policy(_policy(ROUTES, [{"to": DB, "allow": ["spiffe://alpha.example/ns/ops/"]}]),
+                                   clock.now())  # fmt: skip
+        now = clock.now()
+        with node.Node(h.node_home) as n:
+            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+        denied = _Client(address)
+        try:
+            with pytest.raises((OSError, h11.ProtocolError)):
+                denied.request("POST", "/orders", b"more")
+        finally:
+            denied.close()
+        assert len(_Handler.hits) == hits
+        assert _ok("--home", h.node_home, "--json", "receipt", "list")["size"] == 3
     # Every process stopped: the inbound tunnel signed a last tree head over all three.
     assert _ok("--home", h.node_home, "--json", "receipt", "list")["tree_head"]["size"] == 3
 
@@ -267,13 +284,13 @@ def _svid_chains(h: Homes) -> dict[str, list[bytes]]:
     return out
 
 
-def _append(h: Homes, levels: list[str]) -> list[int]:
+def _append(h: Homes, levels: list[str], at: int | None = None) -> list[int]:
     """Receipts of ``levels`` appended by the node's Notary in process, then a tree head."""
     from qhx_edge.core.receipts import Party
     from tests.conftest import PASSPHRASE
 
     chains = _svid_chains(h)
-    now = clock.now()
+    now = clock.now() if at is None else at
     keeper = notary.Notary.open(h.node_home, PASSPHRASE.encode, now)
     try:
         with node.Node(h.node_home) as n:
@@ -385,3 +402,83 @@ def test_a_node_without_a_notary_delegation_starts_no_notary(tmp_path: Path) -> 
     with pytest.raises(QhxError) as exc:
         notary.Notary.open(h.node_home, PASSPHRASE.encode, clock.now())
     assert exc.value.kind == "not-initialised"
+
+
+def test_a_partners_call_through_a_notary_names_both_domains(tmp_path: Path) -> None:
+    """A beta workload on a beta node calls an alpha service through a notary on an alpha node (two
+    domains under an agreement).  The receipt names beta's bundle version beside alpha's, verifies
+    against the alpha node's home (which holds what beta released), and says what it cannot prove
+    against alpha's authority home alone (which never held beta's bundles)."""
+    need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
+    import sys
+
+    from tests.test_tunnel import partner_homes
+
+    api = "spiffe://beta.example/ns/logistics/api"
+    ha, hb = partner_homes(
+        tmp_path,
+        {"registrations": [REGISTRATIONS[0]], "algorithms": {"/": "ES256"},
+         "authorization": [{"to": DB, "allow": ["spiffe://beta.example/ns/logistics/"]}],
+         "notary": [{"service": DB, "route": "/", "level": "log-request"}]},
+        {"registrations": [{"spiffe_id": api, "selectors": [f"unix:gid:{WEB_GID}"]}], "algorithms": {"/": "ES256"}},
+    )  # fmt: skip
+    qa = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(ha.node_home)]
+    qb = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(hb.node_home)]
+    sa, sb = tmp_path / "wa.sock", tmp_path / "wb.sock"
+    procs = []
+    with _http_server() as port:
+        try:
+            procs.append(_start([*qa, "serve", "--socket", str(sa)], tmp_path / "serve-a.log")[0])
+            procs.append(_start([*qb, "serve", "--socket", str(sb)], tmp_path / "serve-b.log")[0])
+            inbound, info = _start(
+                [*qa, "tunnel", "inbound", "--notary", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{port}",
+                 "--socket", str(sa)], tmp_path / "in.log", DB_GID,
+            )  # fmt: skip
+            procs.append(inbound)
+            outbound, out = _start(
+                [*qb, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"], "--peer-id", DB,
+                 "--socket", str(sb)], tmp_path / "out.log", WEB_GID,
+            )  # fmt: skip
+            procs.append(outbound)
+            client = _Client(out["listening"])
+            try:
+                status, body, _, response = client.request("POST", "/manifest", b"12 pallets")
+            finally:
+                client.close()
+            assert (status, body) == (200, b"posted 12 pallets")
+        finally:
+            codes = [stop_process(p) for p in reversed(procs)]
+        assert codes == [0] * len(procs), (tmp_path / "in.log").read_text()[-2000:]
+    receipt = tmp_path / "partner.receipt"
+    _ok("--home", ha.node_home, "--json", "receipt", "export", "0", "--out", receipt)
+    got = _ok("--json", "receipt", "verify", receipt, "--history", ha.node_home)["report"]
+    assert got["caller"]["id"] == api
+    assert got["caller"]["domain"] == "beta.example"
+    assert got["caller"]["bundle_version"] >= 1
+    assert got["callee"]["domain"] == "alpha.example"
+    assert got["exchange"]["response_sha256"] == response.hex()
+    r = run_cli("--json", "receipt", "verify", receipt, "--history", ha.a)
+    assert r.code == 1, r.stdout
+    out = json.loads(r.stdout)
+    assert out["error"]["kind"] == "missing-history"
+    assert "beta.example" in out["error"]["message"]
+    assert out["report"]["callee"]["bundle_version"] >= 1  # alpha's side was proven
+
+
+def test_a_revoked_notary_key_proves_nothing_after_its_revocation(tmp_path: Path) -> None:
+    """Receipts made before the node's revocation still verify against a history holding the revocation;
+    a receipt (or tree head) dated after it does not, whatever its signatures."""
+    h = make_homes(tmp_path, suite="hybrid")
+    h.authority.publish_policy(_policy(ROUTES), clock.now())
+    attest_node(h, h.node_home)
+    t0 = clock.now()
+    (seq,) = _append(h, ["sign-request"], at=t0)
+    early = notary.export(h.node_home, seq)
+    with node.Node(h.node_home) as n:
+        h.authority.revoke(t0 + 2, node_id=n.node_id)  # revoked from two seconds after the receipt
+    history = _history(h)
+    assert receipts.verify(early, history)["revocation_version"] == 1
+    (late,) = _append(h, ["sign-request"], at=t0 + 3)
+    with pytest.raises(QhxError) as exc:
+        receipts.verify(notary.export(h.node_home, late), history)
+    assert exc.value.kind == "revoked"

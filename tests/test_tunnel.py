@@ -336,38 +336,48 @@ def test_a_revoked_nodes_workloads_are_refused_at_the_next_connection(tmp_path: 
         assert codes == [0] * len(procs)
 
 
+def partner_homes(tmp: Path, alpha: dict[str, Any], beta: dict[str, Any]) -> tuple[Homes, Homes]:
+    """alpha.example and beta.example under an agreement, each with an attested node holding what the
+    other releases: alpha accepts beta's ns/logistics, beta accepts alpha's ns/db.  ``alpha`` and
+    ``beta`` are each authority's policy (policy file tables)."""
+    from tests.test_federation import ALPHA, BETA, agree, ok
+
+    sides = {}
+    for name, domain, fields in (("alpha", ALPHA, alpha), ("beta", BETA, beta)):
+        h = make_homes(tmp / name, suite="hybrid", domain=domain, import_first=False)
+        h.authority.publish_policy(policy_fields(fields), clock.now())
+        anchor = tmp / f"{name}.anchor"
+        fp = ok("--home", h.a, "--json", "authority", "anchor", "--to", anchor)["fingerprint"]
+        sides[name] = (h, (h.a, anchor, fp))
+    (ha, a), (hb, b) = sides["alpha"], sides["beta"]
+    agree(tmp, a, b, BETA, "--accept", "spiffe://beta.example/ns/logistics", "--release", "bundle",
+          "--release", "freshness", "--max-staleness", "1h", "--expires", "30d",
+          "--partner-accept", "spiffe://alpha.example/ns/db")  # fmt: skip
+    for h, partner in ((ha, hb), (hb, ha)):
+        attest_node(h, h.node_home)
+        theirs = tmp / f"from-{partner.authority.domain}.pack"
+        ok("--home", partner.a, "--json", "pack", "export", "--partner", h.authority.domain, "--to", theirs)
+        ok("--home", h.node_home, "--json", "pack", "import", theirs)
+    return ha, hb
+
+
 def test_a_partners_workload_reaches_ours_under_the_agreement(tmp_path: Path) -> None:
     """Two domains under an agreement: alpha accepts beta's ns/logistics, beta accepts alpha's ns/db.
     A beta workload on a beta node reaches an alpha service on an alpha node through the two tunnels;
     each side checks the other's SVID under the partner's bundle that the agreement released, and
     alpha's rules name the partner's namespace.  A beta identity outside what alpha accepts is refused."""
     need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
-    from tests.test_federation import ALPHA, BETA, agree, ok
-
     api = "spiffe://beta.example/ns/logistics/api"
     stranger = "spiffe://beta.example/ns/finance/report"
     stranger_gid = 41003
-    sides = {}
-    for name, domain, regs, rules in (
-        ("alpha", ALPHA, [REGISTRATIONS[0]], [{"to": DB, "allow": ["spiffe://beta.example/ns/logistics/"]}]),
-        ("beta", BETA, [{"spiffe_id": api, "selectors": [f"unix:gid:{WEB_GID}"]},
-                        {"spiffe_id": stranger, "selectors": [f"unix:gid:{stranger_gid}"]}], []),
-    ):  # fmt: skip
-        h = make_homes(tmp_path / name, suite="hybrid", domain=domain, import_first=False)
-        fields = policy_fields({"registrations": regs, "algorithms": {"/": "ES256"}, "authorization": rules})
-        h.authority.publish_policy(fields, clock.now())
-        anchor = tmp_path / f"{name}.anchor"
-        fp = ok("--home", h.a, "--json", "authority", "anchor", "--to", anchor)["fingerprint"]
-        sides[name] = (h, (h.a, anchor, fp))
-    (ha, a), (hb, b) = sides["alpha"], sides["beta"]
-    agree(tmp_path, a, b, BETA, "--accept", "spiffe://beta.example/ns/logistics", "--release", "bundle",
-          "--release", "freshness", "--max-staleness", "1h", "--expires", "30d",
-          "--partner-accept", "spiffe://alpha.example/ns/db")  # fmt: skip
-    for h, partner in ((ha, hb), (hb, ha)):
-        attest_node(h, h.node_home)
-        theirs = tmp_path / f"from-{partner.authority.domain}.pack"
-        ok("--home", partner.a, "--json", "pack", "export", "--partner", h.authority.domain, "--to", theirs)
-        ok("--home", h.node_home, "--json", "pack", "import", theirs)
+    ha, hb = partner_homes(
+        tmp_path,
+        {"registrations": [REGISTRATIONS[0]], "algorithms": {"/": "ES256"},
+         "authorization": [{"to": DB, "allow": ["spiffe://beta.example/ns/logistics/"]}]},
+        {"registrations": [{"spiffe_id": api, "selectors": [f"unix:gid:{WEB_GID}"]},
+                           {"spiffe_id": stranger, "selectors": [f"unix:gid:{stranger_gid}"]}],
+         "algorithms": {"/": "ES256"}},
+    )  # fmt: skip
     qa = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(ha.node_home)]
     qb = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(hb.node_home)]
     sa, sb = tmp_path / "wa.sock", tmp_path / "wb.sock"
