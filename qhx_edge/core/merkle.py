@@ -1,4 +1,4 @@
-"""Merkle tree hashes, inclusion and consistency proofs (RFC 9162 §2.1; docs/architecture.md, "Tunnels").
+"""Merkle tree hashes, inclusion and consistency proofs (RFC 9162 §2.1; docs/architecture.md, "Notary").
 
 The notary's receipts form an append-only log: each receipt carries an inclusion proof against a
 signed tree head, and evidence packs carry tree heads with consistency proofs, so the authority sees a
