@@ -117,19 +117,27 @@ class _Client:
 
 @contextlib.contextmanager
 def _notarized(tmp: Path, routes: list[dict[str, Any]]) -> Iterator[tuple[Homes, list[str], str]]:
-    """A node whose Workload API serves, an HTTP server behind an inbound tunnel with --notary (as the db
-    workload), and an outbound tunnel to it (as the web workload): (homes, qhx command, client address)."""
+    """Two nodes of one domain, each serving its Workload API: on the first an HTTP server behind an
+    inbound tunnel with --notary (as the db workload), on the second an outbound tunnel to it (as the web
+    workload): (homes, the first node's qhx command, the client's address)."""
     import sys
+
+    from tests.conftest import PASSPHRASE
 
     h = make_homes(tmp, suite="hybrid")
     h.authority.publish_policy(_policy(routes), clock.now())
     attest_node(h, h.node_home)
-    sock = tmp / "workload.sock"
+    second = tmp / "N2"
+    node.init(second, h.authority.anchor(), clock.now(), passphrase=PASSPHRASE.encode())
+    attest_node(h, second)
+    sock, sock2 = tmp / "workload.sock", tmp / "w2.sock"
     qhx = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)]
+    qhx2 = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(second)]
     procs = []
     with _http_server() as port:
         try:
             procs.append(_start([*qhx, "serve", "--socket", str(sock)], tmp / "serve.log")[0])
+            procs.append(_start([*qhx2, "serve", "--socket", str(sock2)], tmp / "serve2.log")[0])
             inbound, info = _start(
                 [*qhx, "tunnel", "inbound", "--notary", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{port}",
                  "--socket", str(sock)], tmp / "in.log", DB_GID,
@@ -137,8 +145,8 @@ def _notarized(tmp: Path, routes: list[dict[str, Any]]) -> Iterator[tuple[Homes,
             procs.append(inbound)
             assert info["notary"] is True
             outbound, out = _start(
-                [*qhx, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"], "--peer-id", DB,
-                 "--socket", str(sock)], tmp / "out.log", WEB_GID,
+                [*qhx2, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"], "--peer-id", DB,
+                 "--socket", str(sock2)], tmp / "out.log", WEB_GID,
             )  # fmt: skip
             procs.append(outbound)
             yield h, qhx, out["listening"]
