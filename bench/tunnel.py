@@ -434,7 +434,7 @@ def receipt_verification(home: Path, tmp: Path, count: int, rounds: int) -> dict
                                 certs, ())  # fmt: skip
         start = keeper.log.size()
         for i in range(count):
-            ex = notary.Exchange("GET", f"/sign-request/{i}", [], "sign-request", request=os.urandom(32), status=200,
+            ex = notary.Exchange("GET", f"/sign-request/{i}", "sign-request", request=os.urandom(32), status=200,
                                  response=os.urandom(32))  # fmt: skip
             keeper.record(ctx, "sign-request", ex, now)
         keeper.sign_head(now)

@@ -308,7 +308,7 @@ def _append(h: Homes, levels: list[str], at: int | None = None) -> list[int]:
         certs = {hashlib.sha256(c).digest(): c for c in [*chains[WEB], *chains[DB]]}
         ctx = notary.Connection(DB, Party.of_chain(WEB, chains[WEB]), Party.of_chain(DB, chains[DB]), versions,
                                 certs, ())  # fmt: skip
-        ex = notary.Exchange("POST", "/orders", [], "sign-request", request=b"\x01" * 32, status=201,
+        ex = notary.Exchange("POST", "/orders", "sign-request", request=b"\x01" * 32, status=201,
                              response=b"\x02" * 32)  # fmt: skip
         seqs = [keeper.record(ctx, level, ex if level != "workload-only" else None, now) for level in levels]
         keeper.sign_head(now)

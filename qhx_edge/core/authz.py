@@ -34,6 +34,7 @@ Pure: the caller passes the rules and the caller's labels; nothing here reads a 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -115,6 +116,8 @@ def parse_routes(items: Iterable[Any]) -> tuple[Route, ...]:
         path = item["route"]
         if not isinstance(path, str) or not path.startswith("/") or len(path) > 1024:
             raise Malformed(f"notary route {i}: 'route' is a path prefix starting with '/'")
+        if route_path(path) != path:
+            raise Malformed(f"notary route {i}: 'route' must be a normalised path ({route_path(path)!r})")
         if item["level"] not in LEVELS:
             raise Malformed(f"notary route {i}: 'level' is one of {', '.join(LEVELS)}")
         methods = item.get("methods", [])
@@ -131,9 +134,67 @@ def _on_path(prefix: str, path: str) -> bool:
     return path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/")
 
 
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*")
+
+
+def route_path(target: str) -> str:
+    """The path a service routes a request ``target`` to, as routes are matched: the absolute form reduced
+    to its path (RFC 9112 §3.2.2), the query dropped, unreserved characters percent-decoded (RFC 3986
+    §6.2.2.2), dot-segments removed (§5.2.4) and empty segments dropped, so ``/%6Frders``, ``/./orders``,
+    ``//orders`` and ``http://db/orders`` are all ``/orders``.  What servers decode in more than one way
+    (an encoded ``/``, ``\\``, ``%`` or control character, a backslash, a broken escape) is ``malformed``."""
+    if target == "*":
+        return "*"
+    path = target
+    if not target.startswith("/"):
+        m = _ABSOLUTE.match(target)
+        if m is None:
+            raise Malformed("a request target is a path or an absolute URI")
+        path = target[m.end() :] or "/"
+    path = path.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        path = "/" + path
+    out: list[str] = []
+    i = 0
+    while i < len(path):
+        c = path[i]
+        if c == "%":
+            h = path[i + 1 : i + 3]
+            if len(h) != 2 or not set(h) <= _HEX:
+                raise Malformed("a broken percent-escape in the request target")
+            ch = chr(int(h, 16))
+            if ch in _UNRESERVED:
+                out.append(ch)
+            elif ch in "/\\%" or ord(ch) < 0x20 or ord(ch) == 0x7F:
+                raise Malformed(f"an encoded {ch!r} in the request target: servers decode it differently")
+            else:
+                out.append("%" + h.upper())
+            i += 3
+            continue
+        if c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F:
+            raise Malformed("a backslash or control character in the request target")
+        out.append(c)
+        i += 1
+    decoded = "".join(out)
+    segments: list[str] = []
+    for seg in decoded.split("/")[1:]:
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(seg)
+    trailing = segments and (decoded.endswith("/") or decoded.rsplit("/", 1)[-1] in (".", ".."))
+    return "/" + "/".join(segments) + ("/" if trailing else "")
+
+
 def notary_level(routes: Sequence[Route], service: str, method: str, target: str) -> str | None:
-    """The level of the longest route of ``service`` matching ``method`` and ``target``'s path; None if none."""
-    path = target.split("?", 1)[0].split("#", 1)[0]
+    """The level of the longest route of ``service`` matching ``method`` and ``target``'s path
+    (:func:`route_path`); None if none; ``malformed`` for a target servers read in more than one way."""
+    path = route_path(target)
     best: Route | None = None
     for r in routes:
         if not _matches(r.service, service) or (r.methods and method not in r.methods) or not _on_path(r.path, path):

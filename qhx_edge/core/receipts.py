@@ -32,7 +32,7 @@ from qhx_edge.core import cbor, cose, merkle, svid
 from qhx_edge.core.authz import LEVELS
 from qhx_edge.core.cards import Card, parse_card
 from qhx_edge.core.documents import Bundle, NotaryDelegation, Revocation, Root, Signed, parse
-from qhx_edge.core.errors import BadSignature, Expired, Malformed, MissingHistory, Oversize, Revoked
+from qhx_edge.core.errors import BadSignature, Expired, Malformed, MissingHistory, Oversize, QhxError, Revoked
 from qhx_edge.core.spiffe import check_trust_domain, parse_spiffe_id, trust_domain_of
 from qhx_edge.core.suites import PrivateKey, PublicKey
 from qhx_edge.core.trust import check_role
@@ -172,14 +172,20 @@ class Receipt:
                       "request": d["request"], "response": d["response"]})  # fmt: skip
 
 
-def message_digest(start: Sequence[str | int], headers: Iterable[tuple[bytes, bytes]], body_digest: bytes) -> bytes:
+def message_digest(
+    start: Sequence[str | int],
+    headers: Iterable[tuple[bytes, bytes]],
+    body_digest: bytes,
+    trailers: Iterable[tuple[bytes, bytes]] = (),
+) -> bytes:
     """What a receipt's ``request`` / ``response`` digest covers, as a client can compute it: SHA-256 of the
-    deterministic CBOR of ``[start line, [[name, value], ...], SHA-256 of the body]``, where the start line
-    is ``[method, target]`` or ``[status]``, header names are lowercase and in the order sent, values as
-    sent, and the body is the message's content after any chunked transfer coding is removed."""
-    return hashlib.sha256(
-        cbor.encode([list(start), [[bytes(n).lower(), bytes(v)] for n, v in headers], body_digest])
-    ).digest()
+    deterministic CBOR of ``[start line, [[name, value], ...], SHA-256 of the body, [[name, value], ...]]``,
+    where the start line is ``[method, target]`` or ``[status]``, header and trailer names are lowercase and
+    in the order sent, values as sent, and the body is the message's content after any chunked transfer
+    coding is removed (the trailers are those of a chunked body; chunk extensions are not covered)."""
+    fields = [[bytes(n).lower(), bytes(v)] for n, v in headers]
+    after = [[bytes(n).lower(), bytes(v)] for n, v in trailers]
+    return hashlib.sha256(cbor.encode([list(start), fields, body_digest, after])).digest()
 
 
 @dataclass(frozen=True)
@@ -272,13 +278,13 @@ class ReceiptFile:
 @dataclass
 class DomainHistory:
     """One domain's verified documents: its root chain (from a trusted root up), bundles and revocations
-    by version, each checked against the root that was current when it was issued."""
+    by version, each checked against the root that was current when it was issued, and how long that
+    root's keys for the role stayed trusted (``until``: the next root that changed them, or None)."""
 
     domain: str
     roots: list[Signed[Root]] = field(default_factory=list)
-    bundles: dict[int, Signed[Bundle]] = field(default_factory=dict)
-    revocations: dict[int, Signed[Revocation]] = field(default_factory=dict)
-    refused: list[str] = field(default_factory=list)
+    bundles: dict[int, tuple[Signed[Bundle], int | None]] = field(default_factory=dict)
+    revocations: list[Signed[Revocation]] = field(default_factory=list)
 
     def root_at(self, t: int) -> Signed[Root]:
         """The newest root of the chain issued at or before ``t`` (the oldest, if ``t`` precedes them all)."""
@@ -288,19 +294,34 @@ class DomainHistory:
                 best = r
         return best
 
-    def check(self, doc: Signed[Any], role: str) -> Signed[Root]:
+    def check(self, doc: Signed[Any], role: str) -> tuple[Signed[Root], int | None]:
+        """The root whose ``role`` threshold signed ``doc`` (the one current at its issue time), and the time
+        that root's keys for the role stopped being trusted: the issue time of the first later root that
+        changed them.  A key rotated out proves nothing it signs for a time after its rotation, whatever
+        issue time it writes (a backdated document)."""
         root = self.root_at(doc.payload.issued_at)
         check_role(doc, root.payload, role)
-        return root
+        spec = root.payload.roles[role]
+        for later in self.roots:
+            if later.payload.version > root.payload.version:
+                other = later.payload.roles.get(role)
+                if other is None or set(other.keyids) != set(spec.keyids) or other.threshold != spec.threshold:
+                    return root, later.payload.issued_at
+        return root, None
 
     def revoked(self) -> tuple[int | None, dict[bytes, int]]:
-        """The newest revocation list held: its version and key digest -> revoked from."""
+        """Every revocation list held, as one: the newest version, and key digest -> the earliest time any
+        list revokes it from.  Lists are cumulative, so the union is the newest list unless one was made
+        to leave something out (by a key rotated out since, say): the union never forgets a revocation."""
         if not self.revocations:
             return None, {}
-        v = max(self.revocations)
-        p = self.revocations[v].payload
-        assert isinstance(p, Revocation)
-        return v, p.index()
+        out: dict[bytes, int] = {}
+        for doc in self.revocations:
+            p = doc.payload
+            assert isinstance(p, Revocation)
+            for key, since in p.index().items():
+                out[key] = min(since, out.get(key, since))
+        return max(d.payload.version for d in self.revocations), out
 
 
 class History:
@@ -310,7 +331,8 @@ class History:
     signed bytes, as ``authority anchor`` prints it): each domain's chain is walked up from an anchor,
     each next root signed by the root thresholds of both (TUF 5.3.4); a bundle or revocation counts
     only if the pki role of the root current at its issue time signed it.  Documents that do not verify
-    are left out and listed (``refused``): the history is evidence, not trust state.
+    are left out and listed (``refused``, shown by ``receipt verify``); every copy of a root version is
+    checked, so a forged copy cannot hide the genuine one.  The history is evidence, not trust state.
     """
 
     def __init__(self, documents: Iterable[bytes], anchors: Iterable[str]) -> None:
@@ -321,7 +343,7 @@ class History:
         for raw in documents:
             try:
                 doc = parse(raw)
-            except Malformed as exc:
+            except QhxError as exc:
                 self.refused.append(f"an unreadable document: {exc.message}")
                 continue
             if doc.digest in seen:
@@ -330,55 +352,87 @@ class History:
             parsed.setdefault(doc.payload.domain, []).append(doc)
         self.domains: dict[str, DomainHistory] = {}
         for domain, docs in parsed.items():
-            h = DomainHistory(domain)
-            roots = {d.payload.version: d for d in docs if isinstance(d.payload, Root)}
-            start = [v for v, d in sorted(roots.items()) if hashlib.sha256(d.raw).hexdigest() in anchors]
-            if not start:
+            h = self._chain(domain, docs, anchors)
+            if h is None:
                 continue
-            v = start[0]
-            try:
-                check_role(roots[v], roots[v].payload, "root")
-            except BadSignature as exc:
-                self.refused.append(f"{roots[v].describe()}: {exc.message}")
-                continue
-            h.roots.append(roots[v])
-            while v + 1 in roots:
-                nxt = roots[v + 1]
-                try:
-                    check_role(nxt, roots[v].payload, "root")
-                    check_role(nxt, nxt.payload, "root")
-                except Exception as exc:
-                    self.refused.append(f"{nxt.describe()}: {getattr(exc, 'message', exc)}")
-                    break
-                h.roots.append(nxt)
-                v += 1
             for d in docs:
                 if not isinstance(d.payload, (Bundle, Revocation)):
                     continue
                 try:
-                    h.check(d, "pki")
-                except Exception as exc:
-                    self.refused.append(f"{d.describe()}: {getattr(exc, 'message', exc)}")
+                    _, until = h.check(d, "pki")
+                except QhxError as exc:
+                    self.refused.append(f"{d.describe()}: {exc.message}")
                     continue
-                (h.bundles if isinstance(d.payload, Bundle) else h.revocations)[d.payload.version] = d
+                if isinstance(d.payload, Bundle):
+                    if d.payload.version in h.bundles:
+                        self.refused.append(f"{d.describe()}: another bundle of this version verifies too")
+                        h.bundles.pop(d.payload.version)  # neither is believed
+                        continue
+                    h.bundles[d.payload.version] = (d, until)
+                else:
+                    h.revocations.append(d)  # every list counts (DomainHistory.revoked)
             self.domains[domain] = h
 
+    def _chain(self, domain: str, docs: list[Signed[Any]], anchors: set[str]) -> DomainHistory | None:
+        """The domain's root chain from its lowest trusted root, each copy of each version checked."""
+        by_version: dict[int, list[Signed[Any]]] = {}
+        for d in docs:
+            if isinstance(d.payload, Root):
+                by_version.setdefault(d.payload.version, []).append(d)
+        trusted = sorted(
+            (d for copies in by_version.values() for d in copies if hashlib.sha256(d.raw).hexdigest() in anchors),
+            key=lambda d: d.payload.version,
+        )
+        for anchor in trusted:
+            try:
+                check_role(anchor, anchor.payload, "root")
+            except QhxError as exc:
+                self.refused.append(f"{anchor.describe()} (trusted): {exc.message}")
+                continue
+            h = DomainHistory(domain, roots=[anchor])
+            v = anchor.payload.version
+            while v + 1 in by_version:
+                good = []
+                for nxt in by_version[v + 1]:
+                    try:
+                        check_role(nxt, h.roots[-1].payload, "root")
+                        check_role(nxt, nxt.payload, "root")
+                    except QhxError as exc:
+                        self.refused.append(f"{nxt.describe()}: {exc.message}")
+                        continue
+                    good.append(nxt)
+                if len(good) != 1:
+                    if good:
+                        self.refused.append(f"root v{v + 1} of {domain}: {len(good)} different copies verify")
+                    break
+                h.roots.append(good[0])
+                v += 1
+            return h
+        return None
+
     def summary(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             d: {"roots": [r.payload.version for r in h.roots], "bundles": sorted(h.bundles),
-                "revocations": sorted(h.revocations)}
+                "revocations": sorted({r.payload.version for r in h.revocations})}
             for d, h in sorted(self.domains.items())
         }  # fmt: skip
+        if self.refused:
+            out["refused"] = list(self.refused)
+        return out
 
 
 # --- verification -----------------------------------------------------------------------------------
 
 
-def _in_window(what: str, t: int, notary: NotaryDelegation, revoked_from: int | None) -> None:
+def _in_window(what: str, t: int, notary: NotaryDelegation, revoked_from: int | None, until: int | None) -> None:
     if not notary.issued_at <= t < notary.expires:
         raise Expired(
             f"{what} is dated {t}, outside the notary delegation v{notary.version} "
             f"({notary.issued_at} to {notary.expires}): it proves nothing"
+        )
+    if until is not None and t >= until:
+        raise Expired(
+            f"{what} is dated {t}, after the notary role key that signed the delegation was rotated out ({until})"
         )
     if revoked_from is not None and t >= revoked_from:
         raise Revoked(f"{what} is dated {t}, after the domain revoked the notary key (from {revoked_from})")
@@ -408,7 +462,7 @@ def verify(data: bytes, history: History) -> dict[str, Any]:
     home = history.domains.get(receipt.domain)
     if home is None:
         raise MissingHistory(f"the history holds no root chain of {receipt.domain} from a trusted root")
-    root = home.check(notary_doc, "notary")
+    root, until = home.check(notary_doc, "notary")
     revocation_version, revoked = home.revoked()
     notary_revoked = revoked.get(bytes.fromhex(card.fingerprint))
 
@@ -421,7 +475,7 @@ def verify(data: bytes, history: History) -> dict[str, Any]:
     merkle.verify_inclusion(merkle.leaf_hash(rf.receipt), receipt.seq, head.size, rf.proof, head.root)
     if head.at + CLOCK_TOLERANCE < receipt.at:
         raise Malformed(f"the tree head ({head.at}) predates the receipt it covers ({receipt.at})")
-    _in_window("the tree head", head.at, notary, notary_revoked)
+    _in_window("the tree head", head.at, notary, notary_revoked, until)
     if receipt.level == "sign-request" or rf.signature is not None:
         if rf.signature is None:
             raise Malformed("a sign-request receipt carries its own signature")
@@ -429,7 +483,7 @@ def verify(data: bytes, history: History) -> dict[str, Any]:
                                 what="notary receipt", signer=card.signing_key)  # fmt: skip
         if msg.envelope.payload != rf.receipt:
             raise BadSignature("the receipt's signature covers another receipt")
-    _in_window("the receipt", receipt.at, notary, notary_revoked)
+    _in_window("the receipt", receipt.at, notary, notary_revoked, until)
 
     # The chains, at the receipt's time, under the bundle versions it names.
     certs = {hashlib.sha256(c).digest(): c for c in rf.certs}
@@ -457,14 +511,18 @@ def verify(data: bytes, history: History) -> dict[str, Any]:
         if h is None:
             missing.append(f"the {role}'s chain: the history holds no root chain of {domain}")
             continue
-        doc = h.bundles.get(named["bundle"])
-        if doc is None:
+        held = h.bundles.get(named["bundle"])
+        if held is None:
             missing.append(f"the {role}'s chain: the history lacks bundle v{named['bundle']} of {domain}")
             continue
-        bundle = doc.payload
+        bundle, bundle_until = held[0].payload, held[1]
         assert isinstance(bundle, Bundle)
         if not bundle.issued_at - CLOCK_TOLERANCE <= receipt.at < bundle.expires:
             raise Expired(f"bundle v{bundle.version} of {domain} was not valid at the receipt's time {receipt.at}")
+        if bundle_until is not None and receipt.at >= bundle_until:
+            raise Expired(
+                f"bundle v{bundle.version} of {domain} was signed by a pki key rotated out before the receipt"
+            )
         rv, rev = h.revoked()
         got = svid.verify_x509_svid(chain, bundle.x509_authorities, receipt.at, rev)
         if got != party.spiffe_id:

@@ -94,6 +94,7 @@ same key, so a fork proves *that* two histories exist, not which one is true.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -560,6 +561,7 @@ MIGRATIONS: tuple[str, ...] = (
         at INTEGER NOT NULL,
         body BLOB NOT NULL,
         imported_at INTEGER NOT NULL,
+        linked INTEGER NOT NULL,  -- 1: proven consistent with the next smaller head held
         PRIMARY KEY (node_id, size)
     );
     CREATE TABLE receipt_log_forks (
@@ -668,7 +670,10 @@ class EvidenceStore(SqliteFile):
             )
         ]
         head = {"size": row[0], "root": bytes(row[1]).hex(), "at": row[2]} if row else None
-        return {"head": head, "forks": forks}
+        sizes = [(int(s), int(k)) for s, k in self.conn.execute(
+            "SELECT size, linked FROM receipt_heads WHERE node_id = ? ORDER BY size", (node_id,))]  # fmt: skip
+        gaps = [[sizes[i - 1][0], s] for i, (s, k) in enumerate(sizes) if i and not k]
+        return {"head": head, "gaps": gaps, "forks": forks}
 
     def status(self) -> dict[str, Any]:
         nodes: dict[str, Any] = {}
@@ -1081,71 +1086,79 @@ def _apply_segment(conn: sqlite3.Connection, node_id: str, seg: Segment, now: in
 
 
 def _apply_log(conn: sqlite3.Connection, node_id: str, ev: Any, now: int) -> dict[str, Any]:
-    """Keep the node's new tree heads if each is consistent with the one before (RFC 9162 §2.1.4.2),
-    starting from the head the node says it exported last, which must be one the authority holds.
+    """Take a node's receipt-log evidence: tree heads, each proven consistent with the one before it in
+    the pack (RFC 9162 §2.1.4.2), starting from the head the node exported last.
 
-    ``first``: the authority held nothing of this log; ``accepted``: the heads extend the held log;
-    ``gap``: the pack starts from a head the authority never received (an evidence pack went missing):
-    the heads are kept, but consistency with the older held ones is unchecked; ``fork``: the node's log
-    no longer holds what a held head committed to (a receipt dropped or changed, or the log started
-    over): kept as a finding, with nothing of the pack's heads taken.
+    A **fork** (kept as a finding; nothing of the pack is taken): a head the pack proves consistent
+    contradicts a held head of the same size, or the pack passes over a held head it does not contain
+    (a node exports every head after the one it starts from, and a pack without a start claims the log
+    from its beginning): the node's log no longer holds what a head it had exported committed to.
+    Otherwise the heads are kept, and each held head records whether it is proven consistent with the
+    next smaller one (``linked``): consistency is a prefix relation, so two heads of one proven chain,
+    or two prefixes of one head, are consistent.  A held head not so proven is a **gap** (an evidence
+    pack that never arrived, or arrived out of order) until a pack proves it.
     """
-
-    def held_root(size: int) -> bytes | None:
-        row = conn.execute("SELECT root FROM receipt_heads WHERE node_id = ? AND size = ?", (node_id, size)).fetchone()
-        return bytes(row[0]) if row is not None else None
-
-    newest = conn.execute("SELECT MAX(size) FROM receipt_heads WHERE node_id = ?", (node_id,)).fetchone()[0]
+    held = {int(s): (bytes(r), int(k)) for s, r, k in conn.execute(
+        "SELECT size, root, linked FROM receipt_heads WHERE node_id = ?", (node_id,))}  # fmt: skip
+    chain = ([ev.start] if ev.start is not None else []) + list(ev.heads)
 
     def fork(size: int, reason: str, body: bytes) -> dict[str, Any]:
         conn.execute(
             "INSERT INTO receipt_log_forks (node_id, held_size, size, reason, body, at) VALUES (?,?,?,?,?,?)",
-            (node_id, newest or 0, size, reason, body, now),
+            (node_id, max(held, default=0), size, reason, body, now),
         )
         return {"status": "fork", "size": size, "reason": reason}
 
-    status = "first" if newest is None else "accepted"
-    prev: tuple[int, bytes] | None = None
-    if ev.start is not None:
-        start, body = ev.start
-        prev = (start.size, start.root)
-        known = held_root(start.size)
-        if known is not None and known != start.root:
-            return fork(start.size, f"the node now signs another tree of size {start.size} than it exported", body)
-        if known is None and newest is not None:
-            status = "gap"
-    elif newest is not None:
-        return fork(
-            ev.heads[0][0].size,
-            f"the node's log starts over: it had exported tree heads up to size {newest}",
-            ev.heads[0][1],
-        )
-    kept = []
+    prev = ev.start[0] if ev.start is not None else None
     for (head, body), proof in zip(ev.heads, ev.proofs, strict=True):
-        known = held_root(head.size)
-        if known is not None and known != head.root:
-            return fork(head.size, f"tree head {head.size} differs from the one held", body)
         if prev is not None:
             try:
-                merkle.verify_consistency(prev[0], head.size, proof, prev[1], head.root)
+                merkle.verify_consistency(prev.size, head.size, proof, prev.root, head.root)
             except Rejected:
-                return fork(
-                    head.size,
-                    f"tree head {head.size} is not consistent with tree head {prev[0]}: the log dropped or "
-                    "changed a receipt it had committed to",
-                    body,
-                )
-        kept.append((head, body))
-        prev = (head.size, head.root)
-    if ev.start is not None and status in ("first", "gap"):
-        kept.insert(0, ev.start)
-    for head, body in kept:
-        conn.execute("INSERT OR IGNORE INTO receipt_heads VALUES (?,?,?,?,?,?)",
-                     (node_id, head.size, head.root, head.at, body, now))  # fmt: skip
-    assert prev is not None
-    out: dict[str, Any] = {"status": status, "size": prev[0]}
-    if status == "gap":
-        out["reason"] = f"the pack continues from tree size {ev.start[0].size}, which the authority never received"
+                return fork(head.size, f"tree head {head.size} is not consistent with tree head {prev.size}: the log "
+                            "dropped or changed a receipt it had committed to", body)  # fmt: skip
+        prev = head
+    for head, body in chain:
+        if head.size in held and held[head.size][0] != head.root:
+            return fork(head.size, f"the node now signs another tree of size {head.size} than it exported", body)
+    sizes = {head.size for head, _ in chain}
+    low, high = (chain[0][0].size if ev.start is not None else 0), chain[-1][0].size
+    passed = sorted(s for s in held if low <= s <= high and s not in sizes)
+    if passed:
+        return fork(high, f"the node's log no longer holds tree head {passed[0]}, which it exported", chain[-1][1])
+    before = sorted(held)
+    after = sorted(set(held) | sizes)
+    old_next = dict(itertools.pairwise(before))
+    linked: dict[int, int] = {}
+    for i, size in enumerate(after):
+        p = after[i - 1] if i else None
+        if p is None:
+            linked[size] = held[size][1] if size in held else 1
+        elif size in sizes and p in sizes:
+            linked[size] = 1
+        elif size in held and p in held and old_next.get(p) == size:
+            linked[size] = held[size][1]
+        elif size in sizes and p in held:
+            # p and the held head after it were proven consistent, and that head is in this chain with
+            # ``size``: both are its prefixes, so p is a prefix of ``size`` too.
+            q = old_next.get(p)
+            linked[size] = int(q is not None and q in sizes and held[q][1] == 1)
+        else:
+            linked[size] = 0
+    new = [(head, body) for head, body in chain if head.size not in held]
+    changed = bool(new) or any(linked[s] != held[s][1] for s in held)
+    for head, body in new:
+        conn.execute("INSERT INTO receipt_heads VALUES (?,?,?,?,?,?,?)",
+                     (node_id, head.size, head.root, head.at, body, now, linked[head.size]))  # fmt: skip
+    for s in held:
+        if linked[s] != held[s][1]:
+            conn.execute("UPDATE receipt_heads SET linked = ? WHERE node_id = ? AND size = ?", (linked[s], node_id, s))
+    gaps = [[after[i - 1], s] for i, s in enumerate(after) if i and not linked[s]]
+    status = "first" if not held else "already-held" if not changed else "gap" if gaps else "accepted"
+    out: dict[str, Any] = {"status": status, "size": high}
+    if gaps:
+        out["gaps"] = gaps
+        out["reason"] = "unproven between tree sizes " + ", ".join(f"{a} and {b}" for a, b in gaps)
     return out
 
 
@@ -1270,5 +1283,6 @@ def status_text(st: dict[str, Any]) -> str:
         log = n.get("receipt_log") or {}
         if log.get("head"):
             lines.append(f"  receipt log: tree size {log['head']['size']}, root {log['head']['root'][:16]}")
+        lines.extend(f"  receipt log unproven between tree sizes {a} and {b}" for a, b in log.get("gaps", []))
         lines.extend(f"  RECEIPT LOG FORK at tree size {f['size']}: {f['reason']}" for f in log.get("forks", []))
     return "\n".join(lines)

@@ -47,6 +47,8 @@ from qhx_edge.store import clock
 from qhx_edge.store.receipt_log import ReceiptLog
 
 HEAD_INTERVAL = 5.0  # seconds between tree heads while the log grows
+MAX_METHOD = 32
+MAX_TARGET = 2048  # core/receipts.py MAX_TARGET: what a receipt can hold
 MAX_PENDING = 64  # pipelined requests awaiting their responses, per connection
 BUFFER = 256 << 10
 
@@ -83,7 +85,13 @@ class Notary:
                     f"this node's notary delegation v{held.payload.version} expired at {held.payload.expires}"
                 )
             key = n.identity.signer
-            return cls(home, key, n.domain, n.node_id, card, held.raw, held.payload.expires)
+        log = ReceiptLog.open(home)
+        assert log is not None
+        try:
+            log.keep_delegation(held.raw)  # what receipt files will name, after the store has moved on
+        finally:
+            log.close()
+        return cls(home, key, n.domain, n.node_id, card, held.raw, held.payload.expires)
 
     @property
     def log(self) -> ReceiptLog:
@@ -113,6 +121,8 @@ class Notary:
                 assert exchange is not None
                 http = {"method": exchange.method, "target": exchange.target, "status": exchange.status,
                         "request": exchange.request, "response": exchange.response}  # fmt: skip
+                if len(exchange.method) > MAX_METHOD or len(exchange.target) > MAX_TARGET:
+                    raise Malformed("a receipt cannot hold this method or target")
             receipt = Receipt(
                 domain=self.domain, node_id=self.node_id, seq=seq, at=at, level=level, caller=ctx.caller,
                 callee=ctx.callee, versions=ctx.versions, **http,
@@ -133,20 +143,25 @@ class Notary:
 
 def export(home: Path, seq: int, *, key: Callable[[], PrivateKey] | None = None, now: int | None = None) -> bytes:
     """The receipt file of receipt ``seq`` (``receipt export``): the receipt, the first signed tree head
-    that holds it with the inclusion proof, the card, the notary delegation and the certificates.  A
-    receipt no head holds yet gets a new head, signed with ``key()`` (the node's signing key)."""
+    that holds it with the inclusion proof, the card, the notary delegation in force when they were
+    signed, and the certificates.  A receipt no head holds yet gets a new head, signed with ``key()``
+    (the node's signing key)."""
+    from qhx_edge.core.documents import parse
+    from qhx_edge.core.receipts import parse_tree_head
     from qhx_edge.homes.node import Node
 
     with Node(home) as n:
-        held = n.store.current(n.domain, "notary")
         card = n.card()
         domain, node_id = n.domain, n.node_id
-    if held is None:
-        raise NotInitialised("this node holds no notary delegation")
+        held = [raw for raw in n.store.held_documents(history=True) if parse(raw).type == "notary"]
     log = ReceiptLog.open(home, create=False)
     if log is None:
         raise Malformed("this node has recorded no receipt")
     try:
+        delegations = [d for d in map(parse, {*held, *log.delegations()})
+                       if d.type == "notary" and d.payload.domain == domain]  # fmt: skip
+        if not delegations:
+            raise NotInitialised("this node holds no notary delegation")
         receipt, signature = log.leaf(seq)
         covering = log.head_covering(seq)
         if covering is None:
@@ -162,7 +177,14 @@ def export(home: Path, seq: int, *, key: Callable[[], PrivateKey] | None = None,
         certs = log.certs([*parsed.caller.certs, *(c for c in parsed.callee.certs if c not in parsed.caller.certs)])
     finally:
         log.close()
-    return ReceiptFile(receipt, signature, head, tuple(proof), card, held.raw, tuple(certs)).to_bytes()
+    from qhx_edge.core.cards import parse_card
+
+    signed_at = [parse_tree_head(head, parse_card(card).signing_key).at, *([parsed.at] if signature else [])]
+    # The delegation in force when the head (and the receipt) were signed: a later one, re-signed by a
+    # rotated notary role or after a re-attestation, is issued after them and would not cover them.
+    fits = [d for d in delegations if all(d.payload.issued_at <= t < d.payload.expires for t in signed_at)]
+    chosen = max(fits or delegations, key=lambda d: d.payload.version)
+    return ReceiptFile(receipt, signature, head, tuple(proof), card, chosen.raw, tuple(certs)).to_bytes()
 
 
 def listing(home: Path, *, since: int = 0, limit: int = 100) -> dict[str, Any]:
@@ -225,36 +247,60 @@ class Connection:
 
 @dataclass
 class Exchange:
-    """One request as the notary read it, and then its response."""
+    """One request as the notary read it, and then its response (each with its own headers and body)."""
 
     method: str
     target: str
-    headers: list[tuple[bytes, bytes]]
     level: str | None
-    body: Any = field(default_factory=hashlib.sha256)
+    req_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    req_body: Any = field(default_factory=hashlib.sha256)
     request: bytes | None = None
     status: int | None = None
+    resp_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    resp_body: Any = field(default_factory=hashlib.sha256)
     response: bytes | None = None
+    close_delimited: bool = False  # the response ends when the service closes (RFC 9112 §6.3 rule 8)
     done: trio.Event = field(default_factory=trio.Event)
 
 
 class NotaryRefused(Malformed):
-    """What the notary will not carry (a protocol switch, HTTP it cannot read)."""
+    """What the notary will not carry: HTTP it cannot read as the service would, or cannot record."""
 
 
 def _protocol_switch(ev: h11.Request) -> bool:
     return ev.method.upper() == b"CONNECT" or any(name == b"upgrade" for name, _ in ev.headers)
 
 
+def _check_framing(headers: list[tuple[bytes, bytes]], what: str) -> None:
+    """Refuse framing a service could read otherwise than h11 does (RFC 9112 §6.3: request smuggling):
+    both Transfer-Encoding and Content-Length, or Content-Length repeated or not a plain number."""
+    te = [v for n, v in headers if n == b"transfer-encoding"]
+    cl = [v for n, v in headers if n == b"content-length"]
+    if te and cl:
+        raise NotaryRefused(f"{what} carries both Transfer-Encoding and Content-Length: refused (RFC 9112 §6.3)")
+    if len(cl) > 1 or (cl and not cl[0].isdigit()):
+        raise NotaryRefused(f"{what} carries an ambiguous Content-Length: refused")
+
+
+def _close_delimited(exchange: Exchange) -> bool:
+    headers = {n for n, _ in exchange.resp_headers}
+    status = exchange.status or 0
+    no_body = exchange.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+    return not no_body and b"transfer-encoding" not in headers and b"content-length" not in headers
+
+
 async def splice(
     remote: trio.abc.Stream,
     local: trio.abc.HalfCloseableStream,
-    notary: Notary,
+    notary: Any,
     ctx: Connection,
     report: Callable[[dict[str, Any]], None],
 ) -> tuple[int, int]:
     """Carry one authorized connection between the caller (``remote``) and the service (``local``),
-    recording each exchange as its route's level says; bytes caller->service, service->caller."""
+    recording each exchange as its route's level says; bytes caller->service, service->caller.
+
+    A refusal (:class:`NotaryRefused`, a receipt that cannot be committed) ends the connection abruptly
+    (no TLS close_notify), so the caller sees a truncated response, never a complete unrecorded one."""
     send, receive = trio.open_memory_channel[Exchange](MAX_PENDING)
     up, down = [0], [0]
 
@@ -277,28 +323,25 @@ async def splice(
                             parser.receive_data(b"")
                         continue
                     if isinstance(ev, h11.Request):
-                        if _protocol_switch(ev):
-                            raise NotaryRefused("the notary carries HTTP/1.1 exchanges only: no Upgrade or CONNECT")
-                        method, target = ev.method.decode("ascii"), ev.target.decode("ascii", "replace")
-                        current = Exchange(method, target, list(ev.headers),
-                                           notary_level(ctx.routes, ctx.service, method, target))  # fmt: skip
+                        current = _read_request(ev, ctx)
                         try:
                             send.send_nowait(current)
                         except trio.WouldBlock:
                             raise NotaryRefused(f"more than {MAX_PENDING} pipelined requests") from None
                     elif isinstance(ev, h11.Data) and current is not None:
-                        current.body.update(ev.data)
+                        current.req_body.update(ev.data)
                     elif isinstance(ev, h11.EndOfMessage) and current is not None:
                         current.request = message_digest(
-                            [current.method, current.target], current.headers, current.body.digest()
-                        )
+                            [current.method, current.target], current.req_headers, current.req_body.digest(),
+                            list(ev.headers),
+                        )  # fmt: skip
                         current.done.set()
                         current = None
                     elif isinstance(ev, h11.ConnectionClosed):
                         break
                 if not data:
                     break
-                up[0] += len(data)
+                up[0] += len(data)  # forwarded only once read: a refused request goes no further
                 await local.send_all(data)
             await local.send_eof()
         finally:
@@ -324,6 +367,7 @@ async def splice(
 
     async def responses() -> None:
         current: tuple[h11.Connection, Exchange] | None = None
+        held = b""  # the newest bytes of a recorded response that ends at close: released after its commit
         while True:
             data = bytes(await local.receive_some(BUFFER))
             eof = not data
@@ -346,13 +390,16 @@ async def splice(
                     if ev.status_code == 101:
                         raise NotaryRefused("the service switched protocols; the notary carries HTTP/1.1 only")
                 elif isinstance(ev, h11.Response):
-                    exchange.status, exchange.headers = ev.status_code, list(ev.headers)
-                    exchange.body = hashlib.sha256()
+                    exchange.status, exchange.resp_headers = ev.status_code, list(ev.headers)
+                    _check_framing(exchange.resp_headers, f"the response to {exchange.method} {exchange.target}")
+                    exchange.close_delimited = _close_delimited(exchange)
                 elif isinstance(ev, h11.Data):
-                    exchange.body.update(ev.data)
+                    exchange.resp_body.update(ev.data)
                 elif isinstance(ev, h11.EndOfMessage):
                     assert exchange.status is not None
-                    exchange.response = message_digest([exchange.status], exchange.headers, exchange.body.digest())
+                    exchange.response = message_digest(
+                        [exchange.status], exchange.resp_headers, exchange.resp_body.digest(), list(ev.headers)
+                    )
                     finished.append(exchange)
                 elif ev is h11.PAUSED:  # a whole response read: what follows answers the next request
                     feed, _ = parser.trailing_data
@@ -370,12 +417,20 @@ async def splice(
                 seq = await trio.to_thread.run_sync(notary.record, ctx, ex.level, content, clock.now())
                 report({"event": "receipt", "seq": seq, "level": ex.level, "caller": ctx.caller.spiffe_id,
                         "method": ex.method, "target": ex.target, "status": ex.status})  # fmt: skip
+            if current is not None and current[1].level is not None and current[1].close_delimited and not eof:
+                # Its end is the close: nothing tells this chunk is not the last, so it waits for the next.
+                out, held = held, data
+            else:
+                out, held = held + data, b""
+            if out:
+                down[0] += len(out)
+                await remote.send_all(out)
             if eof:
                 break
-            down[0] += len(data)
-            await remote.send_all(data)
         if isinstance(remote, trio.abc.HalfCloseableStream):
             await remote.send_eof()
+
+    refused: list[QhxError] = []
 
     async def guarded(fn: Callable[[], Any]) -> None:
         try:
@@ -384,13 +439,32 @@ async def splice(
             nursery.cancel_scope.cancel()
         except (QhxError, h11.ProtocolError) as exc:
             error = exc if isinstance(exc, QhxError) else NotaryRefused(f"the notary cannot read this HTTP: {exc}")
+            refused.append(error)
             report({"event": "notary-refused", "caller": ctx.caller.spiffe_id, "error": error.to_json()})
             nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(guarded, requests)
         nursery.start_soon(guarded, responses)
+    if refused:
+        await trio.aclose_forcefully(remote)  # no close_notify: the caller sees a truncation
     return up[0], down[0]
+
+
+def _read_request(ev: h11.Request, ctx: Connection) -> Exchange:
+    """The exchange a request head starts, or :class:`NotaryRefused` before any of its bytes go on."""
+    if _protocol_switch(ev):
+        raise NotaryRefused("the notary carries HTTP/1.1 exchanges only: no Upgrade or CONNECT")
+    method, target = ev.method.decode("ascii", "replace"), ev.target.decode("ascii", "replace")
+    if len(method) > MAX_METHOD or len(target) > MAX_TARGET:
+        raise NotaryRefused(f"a request method over {MAX_METHOD} or target over {MAX_TARGET} characters")
+    headers = list(ev.headers)
+    _check_framing(headers, f"the request {method} {target[:64]}")
+    try:
+        level = notary_level(ctx.routes, ctx.service, method, target)
+    except Malformed as exc:
+        raise NotaryRefused(f"the request target cannot be matched to a route unambiguously: {exc.message}") from exc
+    return Exchange(method, target, level, req_headers=headers)
 
 
 async def sign_heads(notary: Notary, interval: float = HEAD_INTERVAL) -> None:
@@ -411,39 +485,36 @@ def routes_of(policy: Policy | None) -> tuple[Any, ...]:
 # --- the log in evidence packs ------------------------------------------------------------------------
 
 LOG_CONTENT_TYPE = "application/qhx-edge-receipt-log+cbor"
-MAX_LOG_EVIDENCE = 8 << 20
-MAX_LOG_HEADS = 4096
+MAX_LOG_EVIDENCE = 1 << 20
+MAX_LOG_HEADS = 64
 
 
 def log_evidence(home: Path, signer: PrivateKey, node_id: str, domain: str) -> tuple[bytes, int] | None:
-    """The receipt log's part of an evidence pack (``pack export --evidence``): the signed tree heads made
-    since the last export, the head exported last, and a consistency proof from each head to the next
-    (RFC 9162 §2.1.4), signed by the node; and the size to mark exported once the pack is written.
-    None when no head is new."""
+    """The receipt log's part of an evidence pack (``pack export --evidence``), signed by the node: the
+    tree head exported last (``from``), the newest signed head, and an RFC 9162 §2.1.4 consistency proof
+    from the one to the other; and the size to mark exported once the pack is written.  None when no
+    head is newer than the one exported last.  One head and one proof, however long since the last
+    export: the authority needs to tie the newest head to the one it holds, nothing between."""
     log = ReceiptLog.open(home, create=False)
     if log is None:
         return None
     try:
         start = log.exported_size()
-        heads = log.heads_after(start)[-MAX_LOG_HEADS:]
-        if not heads:
+        newest = log.newest_head()
+        if newest is None or newest[0] <= start:
             return None
-        hashes = log.leaf_hashes(heads[-1][0])
         first = None
         if start:
             row = log.conn.execute("SELECT signed FROM heads WHERE size = ?", (start,)).fetchone()
-            first = bytes(row[0]) if row is not None else None
-        proofs, prev = [], start if first is not None else 0
-        for size, _, _ in heads:
-            proofs.append(merkle.consistency_proof(hashes[:size], prev) if prev else [])
-            prev = size
+            first = bytes(row[0]) if row is not None else None  # lost: the authority will see the log start over
+        proof = merkle.consistency_proof(log.leaf_hashes(newest[0]), start) if first is not None else []
     finally:
         log.close()
     from qhx_edge.core import cbor, cose
 
-    body = {"type": "receipt-log", "node_id": node_id, "domain": domain, "from": first,
-            "heads": [h[2] for h in heads], "proofs": proofs}  # fmt: skip
-    return cose.sign(cbor.encode(body), [signer], content_type=LOG_CONTENT_TYPE), heads[-1][0]
+    body = {"type": "receipt-log", "node_id": node_id, "domain": domain, "from": first, "heads": [newest[3]],
+            "proofs": [proof]}  # fmt: skip
+    return cose.sign(cbor.encode(body), [signer], content_type=LOG_CONTENT_TYPE), newest[0]
 
 
 def mark_exported(home: Path, size: int) -> None:

@@ -14,6 +14,7 @@ log changed behind the node's back can no longer prove consistency with the head
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -39,7 +40,10 @@ MIGRATIONS: tuple[str, ...] = (
         at INTEGER NOT NULL,
         signed BLOB NOT NULL
     );
-    CREATE TABLE exported_head (one INTEGER PRIMARY KEY CHECK (one = 1), size INTEGER NOT NULL)
+    CREATE TABLE exported_head (one INTEGER PRIMARY KEY CHECK (one = 1), size INTEGER NOT NULL);
+    -- every notary delegation this log was written under: a receipt file names the one in force when its
+    -- head was signed, which the node store drops once the notary role rotates (TUF 5.3.11)
+    CREATE TABLE delegations (digest BLOB PRIMARY KEY, raw BLOB NOT NULL)
     """,
 )
 
@@ -74,6 +78,13 @@ class ReceiptLog(SqliteFile):
             c.execute("INSERT INTO leaves VALUES (?, ?, ?, ?, ?)",
                       (seq, merkle.leaf_hash(receipt), receipt, signature, at))  # fmt: skip
         return seq
+
+    def keep_delegation(self, raw: bytes) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO delegations VALUES (?, ?)", (hashlib.sha256(raw).digest(), raw))
+
+    def delegations(self) -> list[bytes]:
+        return [bytes(r[0]) for r in self.conn.execute("SELECT raw FROM delegations")]
 
     def size(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM leaves").fetchone()[0])
