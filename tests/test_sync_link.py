@@ -51,9 +51,12 @@ def _two_nodes(tmp: Path) -> tuple[Homes, Path]:
 
 
 def _held(home: Path) -> dict[str, Any]:
-    """What a node holds, but its own delegation (each node's is its own: never synced)."""
+    """What a node holds, but its own delegations (each node's are its own: never synced)."""
+    from qhx_edge.homes.sync_session import NOT_SYNCED
+
     with node.Node(home) as n:
-        return {d: {t: v for t, v in types.items() if t != "delegation"} for d, types in n.summary()["domains"].items()}
+        held = n.summary()["domains"].items()
+    return {d: {t: v for t, v in types.items() if t not in NOT_SYNCED} for d, types in held}
 
 
 def _audit(home: Path) -> list[dict[str, Any]]:
