@@ -1,0 +1,405 @@
+"""Scenario files: a deployment and the network that will fail it (docs/simulation.md; issue 12).
+
+A scenario is a TOML file (``scenarios/*.toml``)::
+
+    [scenario]
+    name = "courier-coalition"
+    duration = "72h"            # simulated time
+    seed = 7                    # every random choice (Markov links) comes from it
+    sample = "5m"               # how often staleness and modes are sampled for the report
+
+    [[domain]]
+    name = "alpha.example"
+    authority = "alpha-hq"      # the node the authority publishes at
+    freshness_every = "1h"      # the authority signs a freshness epoch this often (while not out)
+    staleness = { soft = "6h", hard = "72h" }
+    outages = [["10h", "20h"]]  # the authority publishes nothing in these windows
+
+    [[node]]
+    name = "a1"
+    domain = "alpha.example"
+    clock_skew = "0s"           # how far the node's clock runs ahead (negative: behind)
+    requests_per_hour = 60      # workload SVID requests
+
+    [[link]]
+    between = ["alpha-hq", "a1"]
+    bandwidth = "9600bit/s"     # or "1Mbit/s", "250kB/s"
+    latency = "200ms"
+    windows = [["0h", "2h"], ["6h", "8h"]]    # up in these windows; or
+    markov = { up = "20m", down = "40m" }     # up and down for exponential times with these means
+
+    [[courier]]
+    name = "jeep"
+    stops = [["a1", "2h"], ["b1", "14h"]]     # carries a pack from each stop to the next
+
+    [[event]]
+    at = "30h"
+    kind = "revoke-node"        # rotate-ca | revoke-node | publish-policy
+    domain = "alpha.example"
+    node = "a3"
+
+    [[adversary]]
+    kind = "replay"             # replay | forge | withhold-revocations
+    node = "b1"
+    at = "40h"
+
+A bad file is refused with ``malformed`` and a message that names the file, the line and the key.
+Times are integer milliseconds from the start of the scenario.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+from qhx_edge.core.errors import Malformed
+from qhx_edge.core.spiffe import check_trust_domain
+
+MAX_SCENARIO_FILE = 4 << 20
+MAX_NODES = 100_000
+MAX_ITEMS = 1_000_000
+MAX_DURATION_MS = 365 * 86_400_000
+EVENT_KINDS = ("rotate-ca", "revoke-node", "publish-policy")
+ADVERSARY_KINDS = ("replay", "forge", "withhold-revocations")
+_TIME = re.compile(r"\s*(-?[0-9]{1,12}(?:\.[0-9]{1,3})?)\s*(ms|s|m|h|d|w)?\s*", re.ASCII)
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+_RATE = re.compile(r"\s*([0-9]{1,12}(?:\.[0-9]{1,6})?)\s*([kMG]?)(bit|B)/s\s*", re.ASCII)
+_PREFIX = {"": 1, "k": 1_000, "M": 1_000_000, "G": 1_000_000_000}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    authority: str
+    freshness_every: int
+    soft: int
+    hard: int
+    outages: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    domain: str
+    clock_skew: int = 0
+    requests_per_hour: float = 0.0
+
+
+@dataclass(frozen=True)
+class Link:
+    a: str
+    b: str
+    bandwidth: float  # bytes per second
+    latency: int
+    windows: tuple[tuple[int, int], ...] = ()
+    markov: tuple[int, int] | None = None  # mean up, mean down
+
+
+@dataclass(frozen=True)
+class Courier:
+    name: str
+    stops: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Event:
+    at: int
+    kind: str
+    domain: str
+    node: str | None = None
+
+
+@dataclass(frozen=True)
+class Adversary:
+    kind: str
+    node: str
+    at: int
+    until: int | None = None
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    duration: int
+    seed: int
+    sample: int
+    domains: tuple[Domain, ...]
+    nodes: tuple[Node, ...]
+    links: tuple[Link, ...] = ()
+    couriers: tuple[Courier, ...] = ()
+    events: tuple[Event, ...] = ()
+    adversaries: tuple[Adversary, ...] = ()
+    source: str = field(default="", compare=False)
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+
+class _Where:
+    """Finds the line of a key in the TOML text, for messages a user can act on."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.lines = text.splitlines()
+        self.source = source
+
+    def line(self, table: str, index: int | None, key: str | None) -> int | None:
+        header = re.compile(rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]" if index is not None else
+                            rf"^\s*\[\s*{re.escape(table)}\s*\]")  # fmt: skip
+        seen, start = -1, None
+        for i, text in enumerate(self.lines):
+            if header.match(text):
+                seen += 1
+                if index is None or seen == index:
+                    start = i
+                    break
+        if start is None:
+            return None
+        if key is None:
+            return start + 1
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for i in range(start + 1, len(self.lines)):
+            if re.match(r"^\s*\[", self.lines[i]):
+                break
+            if pattern.match(self.lines[i]):
+                return i + 1
+        return start + 1
+
+    def fail(self, table: str, index: int | None, key: str | None, message: str) -> Malformed:
+        line = self.line(table, index, key)
+        name = f"{table}[{index}]" if index is not None else table
+        what = f"{name}.{key}" if key else name
+        at = f"{self.source}:{line}" if line else self.source
+        return Malformed(f"{at}: {what}: {message}")
+
+
+def time_ms(value: Any) -> int:
+    """Milliseconds from ``"90ms"``, ``"2.5s"``, ``"30m"``, ``"6h"``, ``"3d"`` or a number of seconds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        ms = value * 1000
+    elif isinstance(value, str) and (m := _TIME.fullmatch(value)):
+        ms = int(Fraction(m.group(1)) * _UNIT_MS[m.group(2) or "s"])
+    else:
+        raise ValueError(f"{value!r} is not a time (examples: '200ms', '45s', '30m', '6h', '3d')")
+    if abs(ms) > MAX_DURATION_MS:
+        raise ValueError(f"{value!r} is longer than a year")
+    return ms
+
+
+def rate(value: Any) -> float:
+    """Bytes per second from ``"9600bit/s"``, ``"1Mbit/s"``, ``"250kB/s"``."""
+    m = _RATE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise ValueError(f"{value!r} is not a rate (examples: '9600bit/s', '1Mbit/s', '250kB/s')")
+    n = float(m.group(1)) * _PREFIX[m.group(2)]
+    out = n / 8 if m.group(3) == "bit" else n
+    if out <= 0:
+        raise ValueError("a rate must be positive")
+    return out
+
+
+def load(text: str, source: str = "<scenario>") -> Scenario:
+    """Parse and check a scenario; ``malformed`` naming the file, line and key of the first fault."""
+    if len(text) > MAX_SCENARIO_FILE:
+        raise Malformed(f"{source}: a scenario file is at most {MAX_SCENARIO_FILE} bytes")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise Malformed(f"{source}: {exc}") from exc
+    w = _Where(text, source)
+    unknown = set(data) - {"scenario", "domain", "node", "link", "courier", "event", "adversary"}
+    if unknown:
+        raise Malformed(f"{source}: unknown sections {sorted(unknown)}")
+
+    def table(name: str) -> dict[str, Any]:
+        value = data.get(name)
+        if not isinstance(value, dict):
+            raise w.fail(name, None, None, "is a table ([scenario]) and is required")
+        return value
+
+    def tables(name: str) -> list[dict[str, Any]]:
+        value = data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+            raise w.fail(name, None, None, f"is an array of tables ([[{name}]])")
+        if len(value) > MAX_NODES:
+            raise w.fail(name, None, None, f"at most {MAX_NODES} entries")
+        return value
+
+    def get(item: dict[str, Any], name: str, index: int | None, key: str, convert: Any, default: Any = ...) -> Any:
+        if key not in item:
+            if default is ...:
+                raise w.fail(name, index, None, f"'{key}' is required")
+            return default
+        try:
+            return convert(item[key])
+        except (ValueError, TypeError, Malformed) as exc:
+            raise w.fail(name, index, key, getattr(exc, "message", str(exc))) from exc
+
+    def only(item: dict[str, Any], name: str, index: int | None, keys: set[str]) -> None:
+        extra = sorted(set(item) - keys)
+        if extra:
+            raise w.fail(name, index, extra[0], f"unknown key (known: {', '.join(sorted(keys))})")
+
+    def windows(value: Any) -> tuple[tuple[int, int], ...]:
+        if not isinstance(value, list) or len(value) > MAX_ITEMS:
+            raise ValueError("a list of [start, end] windows")
+        out = []
+        for pair in value:
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError("each window is [start, end]")
+            a, b = time_ms(pair[0]), time_ms(pair[1])
+            if not 0 <= a < b:
+                raise ValueError(f"a window must start at or after 0 and end after it starts: {pair}")
+            out.append((a, b))
+        out.sort()
+        for (_, e1), (s2, _) in itertools.pairwise(out):
+            if s2 < e1:
+                raise ValueError("windows overlap")
+        return tuple(out)
+
+    def name_of(value: Any) -> str:
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            raise ValueError("a name of letters, digits, '.', '_' and '-' (at most 64)")
+        return value
+
+    def positive_int(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError("a non-negative integer")
+        return value
+
+    top = table("scenario")
+    only(top, "scenario", None, {"name", "duration", "seed", "sample"})
+    duration = get(top, "scenario", None, "duration", time_ms)
+    if duration <= 0:
+        raise w.fail("scenario", None, "duration", "must be positive")
+    sample = get(top, "scenario", None, "sample", time_ms, 300_000)
+    if sample <= 0:
+        raise w.fail("scenario", None, "sample", "must be positive")
+
+    domains = []
+    for i, d in enumerate(tables("domain")):
+        only(d, "domain", i, {"name", "authority", "freshness_every", "staleness", "outages"})
+        stale = get(d, "domain", i, "staleness", lambda v: v if isinstance(v, dict) else {}, {})
+        if set(stale) - {"soft", "hard"}:
+            raise w.fail("domain", i, "staleness", "has only soft and hard")
+        try:
+            soft, hard = time_ms(stale.get("soft", "6h")), time_ms(stale.get("hard", "72h"))
+        except ValueError as exc:
+            raise w.fail("domain", i, "staleness", str(exc)) from exc
+        if not 0 < soft < hard:
+            raise w.fail("domain", i, "staleness", "0 < soft < hard")
+        domains.append(Domain(
+            get(d, "domain", i, "name", check_trust_domain), get(d, "domain", i, "authority", name_of),
+            get(d, "domain", i, "freshness_every", time_ms, 3_600_000), soft, hard,
+            get(d, "domain", i, "outages", windows, ()),
+        ))  # fmt: skip
+        if domains[-1].freshness_every <= 0:
+            raise w.fail("domain", i, "freshness_every", "must be positive")
+    if not domains:
+        raise w.fail("domain", None, None, "at least one [[domain]]")
+    by_domain = {d.name for d in domains}
+    if len(by_domain) != len(domains):
+        raise Malformed(f"{source}: two domains share a name")
+
+    nodes = []
+    for i, n in enumerate(tables("node")):
+        only(n, "node", i, {"name", "domain", "clock_skew", "requests_per_hour"})
+        dom = get(n, "node", i, "domain", str)
+        if dom not in by_domain:
+            raise w.fail("node", i, "domain", f"no [[domain]] named {dom!r}")
+        rph = get(n, "node", i, "requests_per_hour", float, 0.0)
+        if not 0 <= rph <= 3_600_000:
+            raise w.fail("node", i, "requests_per_hour", "between 0 and 3,600,000")
+        nodes.append(Node(get(n, "node", i, "name", name_of), dom, get(n, "node", i, "clock_skew", time_ms, 0), rph))
+    names = [n.name for n in nodes]
+    if len(set(names)) != len(names):
+        raise Malformed(f"{source}: two nodes share a name")
+    known = set(names)
+    for i, dom_ in enumerate(domains):
+        if dom_.authority not in known:
+            raise w.fail("domain", i, "authority", f"no [[node]] named {dom_.authority!r}")
+
+    def node_ref(value: Any) -> str:
+        if value not in known:
+            raise ValueError(f"no [[node]] named {value!r}")
+        return str(value)
+
+    links = []
+    for i, item in enumerate(tables("link")):
+        only(item, "link", i, {"between", "bandwidth", "latency", "windows", "markov"})
+        pair = get(item, "link", i, "between", lambda v: v if isinstance(v, list) and len(v) == 2 else None)
+        if pair is None:
+            raise w.fail("link", i, "between", "is [node, node]")
+        a, b = (get({"between": p}, "link", i, "between", node_ref) for p in pair)
+        if a == b:
+            raise w.fail("link", i, "between", "a link joins two different nodes")
+        if ("windows" in item) == ("markov" in item):
+            raise w.fail("link", i, None, "has either 'windows' or 'markov'")
+        markov = None
+        if "markov" in item:
+            m = item["markov"]
+            if not isinstance(m, dict) or set(m) != {"up", "down"}:
+                raise w.fail("link", i, "markov", "is { up = MEAN, down = MEAN }")
+            try:
+                markov = (time_ms(m["up"]), time_ms(m["down"]))
+            except ValueError as exc:
+                raise w.fail("link", i, "markov", str(exc)) from exc
+            if min(markov) <= 0:
+                raise w.fail("link", i, "markov", "means must be positive")
+        links.append(Link(a, b, get(item, "link", i, "bandwidth", rate), get(item, "link", i, "latency", time_ms, 0),
+                          get(item, "link", i, "windows", windows, ()), markov))  # fmt: skip
+        if links[-1].latency < 0:
+            raise w.fail("link", i, "latency", "must not be negative")
+
+    couriers = []
+    for i, c in enumerate(tables("courier")):
+        only(c, "courier", i, {"name", "stops"})
+
+        def stops(value: Any) -> tuple[tuple[str, int], ...]:
+            if not isinstance(value, list) or len(value) < 2 or len(value) > MAX_ITEMS:
+                raise ValueError("at least two [node, time] stops")
+            out = [(node_ref(s[0]), time_ms(s[1])) for s in value if isinstance(s, list) and len(s) == 2]
+            if len(out) != len(value):
+                raise ValueError("each stop is [node, time]")
+            if any(t2 <= t1 for (_, t1), (_, t2) in itertools.pairwise(out)) or out[0][1] < 0:
+                raise ValueError("stops are in increasing time from 0")
+            return tuple(out)
+
+        couriers.append(Courier(get(c, "courier", i, "name", name_of), get(c, "courier", i, "stops", stops)))
+
+    events = []
+    for i, e in enumerate(tables("event")):
+        only(e, "event", i, {"at", "kind", "domain", "node"})
+        kind = get(e, "event", i, "kind", lambda v: v if v in EVENT_KINDS else _bad(f"one of {EVENT_KINDS}"))
+        dom = get(e, "event", i, "domain", lambda v: v if v in by_domain else _bad(f"no [[domain]] named {v!r}"))
+        target = get(e, "event", i, "node", node_ref, None)
+        if kind == "revoke-node" and target is None:
+            raise w.fail("event", i, None, "a revoke-node event names its 'node'")
+        events.append(Event(get(e, "event", i, "at", time_ms), kind, dom, target))
+
+    adversaries = []
+    for i, a in enumerate(tables("adversary")):
+        only(a, "adversary", i, {"kind", "node", "at", "until"})
+        kind = get(
+            a, "adversary", i, "kind", lambda v: v if v in ADVERSARY_KINDS else _bad(f"one of {ADVERSARY_KINDS}")
+        )
+        who, at = get(a, "adversary", i, "node", node_ref), get(a, "adversary", i, "at", time_ms)
+        adversaries.append(Adversary(kind, who, at, get(a, "adversary", i, "until", time_ms, None)))
+
+    return Scenario(
+        name=get(top, "scenario", None, "name", name_of, source.rsplit("/", 1)[-1].removesuffix(".toml")),
+        duration=duration, seed=get(top, "scenario", None, "seed", positive_int, 0), sample=sample,
+        domains=tuple(domains), nodes=tuple(nodes), links=tuple(links), couriers=tuple(couriers),
+        events=tuple(sorted(events, key=lambda e: e.at)), adversaries=tuple(adversaries), source=source,
+    )  # fmt: skip
+
+
+def _bad(message: str) -> Any:
+    raise ValueError(message)
