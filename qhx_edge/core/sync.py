@@ -55,7 +55,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
@@ -124,6 +124,14 @@ class Outgoing:
     @property
     def id(self) -> bytes:
         return hashlib.sha256(self.raw).digest()
+
+
+def wants(
+    ours: Mapping[Key, int], newer: Iterable[tuple[str, str, int]], trusted: Container[str]
+) -> list[tuple[str, str, int]]:
+    """What a node asks for of what its peer holds newer (:class:`PeerInventory`): only domains it trusts,
+    from its own newest on."""
+    return [(d, t, ours.get((d, t), 0)) for d, t, v in newer if d in trusted and v > ours.get((d, t), 0)]
 
 
 def summary_digest(inventory: Mapping[Key, int]) -> bytes:

@@ -115,9 +115,7 @@ def answer(cat: Catalog, items: tuple[tuple[str, str, int], ...]) -> list[sync.O
     return out
 
 
-def wants(ours: dict[sync.Key, int], newer: tuple[tuple[str, str, int], ...], trusted: set[str]) -> list[Any]:
-    """What we ask for of what the peer holds newer: only domains we trust, from our newest on."""
-    return [(d, t, ours.get((d, t), 0)) for d, t, v in newer if d in trusted and v > ours.get((d, t), 0)]
+wants = sync.wants
 
 
 def peer_inventory(summary: dict[str, Any]) -> dict[sync.Key, int]:

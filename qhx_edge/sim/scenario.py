@@ -65,7 +65,10 @@ MAX_ITEMS = 1_000_000
 MAX_DURATION_MS = 365 * 86_400_000
 EVENT_KINDS = ("rotate-ca", "revoke-node", "publish-policy")
 ADVERSARY_KINDS = ("replay", "forge", "withhold-revocations")
-_TIME = re.compile(r"\s*(-?[0-9]{1,12}(?:\.[0-9]{1,3})?)\s*(ms|s|m|h|d|w)?\s*", re.ASCII)
+_TIME = re.compile(
+    r"\s*(-?)((?:[0-9]{1,12}(?:\.[0-9]{1,3})?(?:ms|s|m|h|d|w))+|[0-9]{1,12}(?:\.[0-9]{1,3})?)\s*", re.ASCII
+)
+_PART = re.compile(r"([0-9]{1,12}(?:\.[0-9]{1,3})?)(ms|s|m|h|d|w)?", re.ASCII)
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 _RATE = re.compile(r"\s*([0-9]{1,12}(?:\.[0-9]{1,6})?)\s*([kMG]?)(bit|B)/s\s*", re.ASCII)
 _PREFIX = {"": 1, "k": 1_000, "M": 1_000_000, "G": 1_000_000_000}
@@ -181,11 +184,12 @@ class _Where:
 
 
 def time_ms(value: Any) -> int:
-    """Milliseconds from ``"90ms"``, ``"2.5s"``, ``"30m"``, ``"6h"``, ``"3d"`` or a number of seconds."""
+    """Milliseconds from ``"90ms"``, ``"2.5s"``, ``"30m"``, ``"6h"``, ``"5h45m"``, ``"3d"`` or a number of seconds."""
     if isinstance(value, int) and not isinstance(value, bool):
         ms = value * 1000
     elif isinstance(value, str) and (m := _TIME.fullmatch(value)):
-        ms = int(Fraction(m.group(1)) * _UNIT_MS[m.group(2) or "s"])
+        total = sum(Fraction(n) * _UNIT_MS[u or "s"] for n, u in _PART.findall(m.group(2)))
+        ms = int(-total if m.group(1) else total)
     else:
         raise ValueError(f"{value!r} is not a time (examples: '200ms', '45s', '30m', '6h', '3d')")
     if abs(ms) > MAX_DURATION_MS:
