@@ -27,6 +27,7 @@ EXPECTED = {
     "node",
     "pack",
     "receipt",
+    "scenario",
     "serve",
     "status",
     "svid",

@@ -64,6 +64,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "qhx_edge.cli.receipt:receipt_group",
         "Notary receipts: list and export this node's, verify anyone's offline against the bundle history.",
     ),
+    "scenario": (
+        "qhx_edge.cli.scenario:scenario_group",
+        "Partition scenarios: simulate a deployment's links, couriers and failures, report what breaks.",
+    ),
     "serve": (
         "qhx_edge.cli.serve:serve",
         "Serve the SPIFFE Workload API on a Unix socket until SIGTERM or SIGINT.",

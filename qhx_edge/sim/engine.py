@@ -422,6 +422,30 @@ class Engine:
             "baseline": baseline.figures(self.sc, self.plan, self.publications, [s["t"] for s in self.samples]),
         }
 
+    def series(self, limit: int = 32) -> dict[str, Any]:
+        """What the plots draw: sample times (hours) and, per node (at most ``limit``; the quantiles of all
+        nodes beyond), staleness in hours; the count of nodes in each mode per sample."""
+        hours = [round(s["t"] / 3_600_000, 4) for s in self.samples]
+        names = sorted(self.nodes)
+
+        def stale(s: dict[str, Any], n: str) -> float | None:
+            v = s["nodes"][n]["staleness"]
+            return None if v is None else round(v / 3600, 4)
+
+        out: dict[str, Any] = {"hours": hours, "modes": {}}
+        for m in ("connected", "degraded", "expired"):
+            out["modes"][m] = [sum(s["nodes"][n]["mode"] == m for n in names) for s in self.samples]
+        if len(names) <= limit:
+            out["staleness_h"] = {n: [stale(s, n) for s in self.samples] for n in names}
+        else:
+            qs: dict[str, list[Any]] = {"min": [], "median": [], "p90": [], "max": []}
+            for s in self.samples:
+                vals = sorted(v for n in names if (v := stale(s, n)) is not None)
+                for k, q in (("min", 0.0), ("median", 0.5), ("p90", 0.9), ("max", 1.0)):
+                    qs[k].append(_q(vals, q))
+            out["staleness_h_quantiles"] = qs
+        return out
+
 
 def _q(values: list[Any], q: float) -> Any:
     """The q-quantile of sorted ``values`` (nearest rank), rounded; None if empty."""
@@ -432,4 +456,6 @@ def _q(values: list[Any], q: float) -> Any:
 
 
 def run(scenario: Scenario, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    return Engine(scenario, progress).run().report()
+    """The report of one run, with the series its plots draw (``series``)."""
+    engine = Engine(scenario, progress).run()
+    return {**engine.report(), "series": engine.series()}

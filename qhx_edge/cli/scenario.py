@@ -1,0 +1,64 @@
+"""``qhx-edge scenario ...``: plan a deployment before the network fails it (docs/simulation.md; issue 12).
+
+Calls :mod:`qhx_edge.homes.scenario`, which runs :mod:`qhx_edge.sim.engine`.  Needs no home.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from qhx_edge.cli import Ctx, pass_ctx
+
+
+@click.group("scenario")
+def scenario_group() -> None:
+    """Partition scenarios: simulate a deployment's links, couriers and failures, report what breaks."""
+
+
+@scenario_group.command("run")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@pass_ctx
+def scenario_run(ctx: Ctx, file: Path, out: Path, quiet: bool) -> None:
+    """Run a scenario: report.json, summary.md and plots in --out.
+
+    Deterministic: the same file gives the same report.json, byte for byte.  Exit 1 (kind
+    invariant) when a run breaks an invariant: an SVID past its bound, a rollback or a forged document
+    accepted, a revoked identity accepted after the revocation reached the node.
+
+    \b
+    Example:
+      qhx-edge scenario run scenarios/courier-patrol.toml --out reports/patrol
+    """
+    from qhx_edge.homes import scenario
+
+    if quiet or ctx.json or not sys.stderr.isatty():
+        result = scenario.run(file, out)
+    else:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                      TimeElapsedColumn(), transient=True) as bar:  # fmt: skip
+            task = bar.add_task(f"simulating {file.name}", total=1.0)
+
+            def progress(at: int, total: int) -> None:
+                bar.update(task, completed=at / total if total else 1.0)
+
+            result = scenario.run(file, out, progress)
+
+    def text() -> str:
+        f: dict[str, Any] = result["figures"]
+        return (
+            f"{result['scenario']}: report in {result['out']}\n"
+            f"  delivery ratio {f['delivery_ratio']} (baseline {f['baseline_delivery_ratio']}), "
+            f"over the bound: median {f['over_bound']['median']}, p99 {f['over_bound']['p99']}\n"
+            f"  issuance available {f['issuance_available_mean']} (baseline {f['baseline_issuance_available_mean']})\n"
+            f"  invariants held"
+        )
+
+    ctx.emit(result, text)
