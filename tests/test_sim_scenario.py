@@ -165,3 +165,32 @@ def test_the_bound_matches_an_exhaustive_search_on_random_plans() -> None:
                                              rng.choice([100.0, 1000.0, 1e6]), rng.randrange(0, 2_000)))  # fmt: skip
         size, t0 = rng.choice([10, 1_000, 20_000]), rng.randrange(0, 50_000)
         assert contacts.earliest_arrival(plan, "n0", t0, size) == _brute(plan, "n0", t0, size), plan
+
+
+def test_a_cluster_is_a_tree_with_staggered_windows() -> None:
+    text = (
+        GOOD.split("[[link]]", maxsplit=1)[0]
+        + """
+[[cluster]]
+prefix = "c"
+count = 11
+domain = "alpha.example"
+root = "hq"
+fanout = 3
+bandwidth = "1Mbit/s"
+latency = "10ms"
+windows = [["0h", "1h"]]
+stagger = "10m"
+"""
+    )
+    s = scenario.load(text)
+    parents = {link.b: (link.a, link.windows[0][0]) for link in s.links}
+    assert parents["c0"] == ("hq", 0)
+    assert parents["c2"] == ("hq", 0)
+    assert parents["c3"] == ("c0", 600_000)  # c3, c4, c5 under c0, one level down
+    assert parents["c5"] == ("c0", 600_000)
+    assert parents["c6"] == ("c1", 600_000)
+    assert parents["c10"] == ("c2", 600_000)
+    with pytest.raises(Malformed) as exc:
+        scenario.load(text.replace('root = "hq"', 'root = "nowhere"'), "c.toml")
+    assert "cluster[0].root" in exc.value.message

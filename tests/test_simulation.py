@@ -18,7 +18,8 @@ from qhx_edge.sim import engine, scenario
 from tests.conftest import run_cli
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "scenarios"
-SHIPPED = sorted(p.name for p in SCENARIOS.glob("*.toml"))
+STRESS = "stress-10000.toml"  # run reduced: test_the_stress_case_reduced
+SHIPPED = sorted(p.name for p in SCENARIOS.glob("*.toml") if p.name != STRESS)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -44,6 +45,26 @@ def test_each_shipped_scenario_runs_holds_its_invariants_and_plots(name: str, tm
     for plot in runner.PLOTS:
         assert _png_size(out / plot) == (800, 450), plot
     assert (out / "summary.md").read_text().startswith(f"# Scenario {report['scenario']}")
+
+
+def test_the_stress_case_reduced(tmp_path: Path) -> None:
+    """The 10,000-node scenario with its cluster cut to 400 nodes (bench/simulation.py runs 10,000)."""
+    text = (SCENARIOS / STRESS).read_text()
+    assert "count = 9999" in text
+    small = tmp_path / "stress-400.toml"
+    small.write_text(text.replace("count = 9999", "count = 399").replace('node = "n9998"', 'node = "n398"'))
+    result = runner.run(small, tmp_path / "out")
+    assert result["figures"]["invariants_held"] is True
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["nodes"] == 400
+    assert report["delivery_ratio_reachable"] == 1.0
+    assert report["over_bound"]["p99"] <= 1.10
+    assert "staleness_h_quantiles" in report["series"]  # too many nodes for a line each
+    for plot in runner.PLOTS:
+        assert _png_size(tmp_path / "out" / plot) == (800, 450), plot
+    full = scenario.load(text, STRESS)
+    assert len(full.nodes) == 10_000
+    assert len(full.links) == 9_999
 
 
 def test_two_runs_give_the_same_report_bytes(tmp_path: Path) -> None:

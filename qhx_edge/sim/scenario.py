@@ -218,7 +218,7 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise Malformed(f"{source}: {exc}") from exc
     w = _Where(text, source)
-    unknown = set(data) - {"scenario", "domain", "node", "link", "courier", "event", "adversary"}
+    unknown = set(data) - {"scenario", "domain", "node", "cluster", "link", "courier", "event", "adversary"}
     if unknown:
         raise Malformed(f"{source}: unknown sections {sorted(unknown)}")
 
@@ -322,6 +322,38 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
         if not 0 <= rph <= 3_600_000:
             raise w.fail("node", i, "requests_per_hour", "between 0 and 3,600,000")
         nodes.append(Node(get(n, "node", i, "name", name_of), dom, get(n, "node", i, "clock_skew", time_ms, 0), rph))
+    # Clusters: many nodes at once, hung as a tree (``fanout`` children each) from a node declared above,
+    # every tree link with the same parameters and windows, each level's windows later by ``stagger``.
+    cluster_links: list[Link] = []
+    for i, c in enumerate(tables("cluster")):
+        only(c, "cluster", i, {"prefix", "count", "domain", "root", "fanout", "bandwidth", "latency", "windows",
+                                "stagger"})  # fmt: skip
+        dom = get(c, "cluster", i, "domain", str)
+        if dom not in by_domain:
+            raise w.fail("cluster", i, "domain", f"no [[domain]] named {dom!r}")
+        prefix = get(c, "cluster", i, "prefix", name_of)
+        count = get(c, "cluster", i, "count", positive_int)
+        if not 1 <= count <= MAX_NODES or len(nodes) + count > MAX_NODES:
+            raise w.fail("cluster", i, "count", f"1 to {MAX_NODES} nodes in all")
+        root = get(c, "cluster", i, "root", str)
+        if root not in {n.name for n in nodes}:
+            raise w.fail("cluster", i, "root", f"no [[node]] named {root!r} (declare the root as a [[node]])")
+        fanout = get(c, "cluster", i, "fanout", positive_int, 8)
+        if fanout < 1:
+            raise w.fail("cluster", i, "fanout", "at least 1")
+        bandwidth, latency = get(c, "cluster", i, "bandwidth", rate), get(c, "cluster", i, "latency", time_ms, 0)
+        base, stagger = get(c, "cluster", i, "windows", windows), get(c, "cluster", i, "stagger", time_ms, 0)
+        members = [f"{prefix}{k}" for k in range(count)]
+        nodes += [Node(m, dom) for m in members]
+        for k, member in enumerate(members):
+            parent, depth, above = (root, 0, -1) if k < fanout else (members[k // fanout - 1], 0, k // fanout - 1)
+            while above >= 0:
+                depth += 1
+                above = -1 if above < fanout else above // fanout - 1
+            shift = depth * stagger
+            cluster_links.append(
+                Link(parent, member, bandwidth, latency, tuple((a + shift, b + shift) for a, b in base))
+            )
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
         raise Malformed(f"{source}: two nodes share a name")
@@ -362,6 +394,7 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
         if links[-1].latency < 0:
             raise w.fail("link", i, "latency", "must not be negative")
 
+    links += cluster_links
     couriers = []
     for i, c in enumerate(tables("courier")):
         only(c, "courier", i, {"name", "stops"})
