@@ -2,14 +2,14 @@
 (docs/simulation.md; issue 12).
 
 Run ``python bench/simulation.py`` (``--quick`` for CI) from the repository root.  It prints one JSON
-object.  Each size is one generated scenario (``scenario_of``): a domain whose authority node is the
-root of a tree of field nodes (eight children each), every tree link up one hour in six with the
-windows staggered by depth, a freshness epoch every two hours and one revocation, for twelve simulated
-hours.  Per size: wall seconds of ``sim.engine.run`` (the real sync protocol, trust core and
-signatures, verified once per distinct check), simulated events per second, contacts, and signature
-checks made and remembered.  ``growth_exponent``: the slope of log(wall time) against log(nodes x
-contacts) between the smallest and the largest size; target <= 1.15 (work that grows with what is
-simulated, not with its square).
+object.  Each size is ``scenarios/stress-10000.toml`` with its cluster cut to that many nodes: a domain
+whose authority node is the root of a tree of field nodes (eight children each), every tree link up
+one hour in six with the windows staggered by depth, a freshness epoch every two hours and one
+revocation, for twelve simulated hours.  Per size: wall seconds of ``sim.engine.run`` (the real sync
+protocol, trust core and signatures, verified once per distinct check), simulated events per second,
+contacts, and signature checks made and remembered.  ``growth_exponent``: the slope of log(wall time)
+against log(nodes x contacts) between the smallest and the largest size; target <= 1.15 (work that
+grows with what is simulated, not with its square).
 """
 
 from __future__ import annotations
@@ -29,22 +29,18 @@ FULL = (100, 1_000, 10_000)
 QUICK = (100, 1_000)
 
 
+STRESS = Path(__file__).resolve().parent.parent / "scenarios" / "stress-10000.toml"
+
+
 def scenario_of(nodes: int) -> Any:
+    """``scenarios/stress-10000.toml`` with its cluster cut to ``nodes`` nodes in all."""
     from qhx_edge.sim import scenario
 
-    lines = ['[scenario]', f'name = "tree-{nodes}"', 'duration = "12h"', "seed = 9", 'sample = "1h"', "",
-             "[[domain]]", 'name = "alpha.example"', 'authority = "n0"', 'freshness_every = "2h"',
-             'staleness = { soft = "6h", hard = "24h" }', ""]  # fmt: skip
-    for i in range(nodes):
-        lines += ["[[node]]", f'name = "n{i}"', 'domain = "alpha.example"', ""]
-    for i in range(1, nodes):
-        parent, depth = (i - 1) // 8, int(math.log(i * 7 + 1, 8))
-        start = depth * 15
-        windows = ", ".join(f'["{h * 60 + start}m", "{h * 60 + start + 60}m"]' for h in range(0, 12, 6))
-        lines += ["[[link]]", f'between = ["n{parent}", "n{i}"]', 'bandwidth = "1Mbit/s"', 'latency = "50ms"',
-                  f"windows = [{windows}]", ""]  # fmt: skip
-    lines += ["[[event]]", 'at = "3h"', 'kind = "revoke-node"', 'domain = "alpha.example"', f'node = "n{nodes - 1}"']
-    return scenario.load("\n".join(lines), f"tree-{nodes}")
+    text = STRESS.read_text()
+    assert "count = 9999" in text
+    assert 'node = "n9998"' in text
+    text = text.replace("count = 9999", f"count = {nodes - 1}").replace('node = "n9998"', f'node = "n{nodes - 2}"')
+    return scenario.load(text, f"stress-{nodes}")
 
 
 def run(quick: bool, tmp: Path) -> dict[str, Any]:
