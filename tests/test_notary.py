@@ -130,26 +130,36 @@ def _notarized(tmp: Path, routes: list[dict[str, Any]]) -> Iterator[tuple[Homes,
     second = tmp / "N2"
     node.init(second, h.authority.anchor(), clock.now(), passphrase=PASSPHRASE.encode())
     attest_node(h, second)
-    sock, sock2 = tmp / "workload.sock", tmp / "w2.sock"
-    qhx = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)]
-    qhx2 = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(second)]
+    with _tunnels(tmp, h.node_home, second) as client:
+        yield h, [sys.executable, "-m", "qhx_edge", "--json", "--home", str(h.node_home)], client
+
+
+@contextlib.contextmanager
+def _tunnels(tmp: Path, server_home: Path, client_home: Path) -> Iterator[str]:
+    """Both nodes' Workload APIs served; on the server's node an HTTP server behind an inbound tunnel with
+    --notary (as the db workload), on the client's an outbound tunnel to it (as the web workload): the
+    address the client's workload calls."""
+    import sys
+
+    qa, qb = ([sys.executable, "-m", "qhx_edge", "--json", "--home", str(h)] for h in (server_home, client_home))
+    sa, sb = tmp / "wa.sock", tmp / "wb.sock"
     procs = []
     with _http_server() as port:
         try:
-            procs.append(_start([*qhx, "serve", "--socket", str(sock)], tmp / "serve.log")[0])
-            procs.append(_start([*qhx2, "serve", "--socket", str(sock2)], tmp / "serve2.log")[0])
+            procs.append(_start([*qa, "serve", "--socket", str(sa)], tmp / "serve.log")[0])
+            procs.append(_start([*qb, "serve", "--socket", str(sb)], tmp / "serve2.log")[0])
             inbound, info = _start(
-                [*qhx, "tunnel", "inbound", "--notary", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{port}",
-                 "--socket", str(sock)], tmp / "in.log", DB_GID,
+                [*qa, "tunnel", "inbound", "--notary", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{port}",
+                 "--socket", str(sa)], tmp / "in.log", DB_GID,
             )  # fmt: skip
             procs.append(inbound)
             assert info["notary"] is True
             outbound, out = _start(
-                [*qhx2, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"], "--peer-id", DB,
-                 "--socket", str(sock2)], tmp / "out.log", WEB_GID,
+                [*qb, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"], "--peer-id", DB,
+                 "--socket", str(sb)], tmp / "out.log", WEB_GID,
             )  # fmt: skip
             procs.append(outbound)
-            yield h, qhx, out["listening"]
+            yield out["listening"]
         finally:
             codes = [stop_process(p) for p in reversed(procs)]
         assert codes == [0] * len(procs), [(tmp / n).read_text()[-2000:] for n in ("in.log", "out.log", "serve.log")]
@@ -418,7 +428,6 @@ def test_a_partners_call_through_a_notary_names_both_domains(tmp_path: Path) -> 
     against the alpha node's home (which holds what beta released), and says what it cannot prove
     against alpha's authority home alone (which never held beta's bundles)."""
     need(os.geteuid() == 0, "the workloads run under their own group ids (set by root) for the Workload API")
-    import sys
 
     from tests.test_tunnel import partner_homes
 
@@ -430,33 +439,13 @@ def test_a_partners_call_through_a_notary_names_both_domains(tmp_path: Path) -> 
          "notary": [{"service": DB, "route": "/", "level": "log-request"}]},
         {"registrations": [{"spiffe_id": api, "selectors": [f"unix:gid:{WEB_GID}"]}], "algorithms": {"/": "ES256"}},
     )  # fmt: skip
-    qa = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(ha.node_home)]
-    qb = [sys.executable, "-m", "qhx_edge", "--json", "--home", str(hb.node_home)]
-    sa, sb = tmp_path / "wa.sock", tmp_path / "wb.sock"
-    procs = []
-    with _http_server() as port:
+    with _tunnels(tmp_path, ha.node_home, hb.node_home) as address:
+        client = _Client(address)
         try:
-            procs.append(_start([*qa, "serve", "--socket", str(sa)], tmp_path / "serve-a.log")[0])
-            procs.append(_start([*qb, "serve", "--socket", str(sb)], tmp_path / "serve-b.log")[0])
-            inbound, info = _start(
-                [*qa, "tunnel", "inbound", "--notary", "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{port}",
-                 "--socket", str(sa)], tmp_path / "in.log", DB_GID,
-            )  # fmt: skip
-            procs.append(inbound)
-            outbound, out = _start(
-                [*qb, "tunnel", "outbound", "--listen", "127.0.0.1:0", "--peer", info["listening"], "--peer-id", DB,
-                 "--socket", str(sb)], tmp_path / "out.log", WEB_GID,
-            )  # fmt: skip
-            procs.append(outbound)
-            client = _Client(out["listening"])
-            try:
-                status, body, _, response = client.request("POST", "/manifest", b"12 pallets")
-            finally:
-                client.close()
-            assert (status, body) == (200, b"posted 12 pallets")
+            status, body, _, response = client.request("POST", "/manifest", b"12 pallets")
         finally:
-            codes = [stop_process(p) for p in reversed(procs)]
-        assert codes == [0] * len(procs), (tmp_path / "in.log").read_text()[-2000:]
+            client.close()
+        assert (status, body) == (200, b"posted 12 pallets")
     receipt = tmp_path / "partner.receipt"
     _ok("--home", ha.node_home, "--json", "receipt", "export", "0", "--out", receipt)
     got = _ok("--json", "receipt", "verify", receipt, "--history", ha.node_home)["report"]

@@ -30,10 +30,11 @@ import h11
 import trio
 
 from qhx_edge.core import merkle
-from qhx_edge.core.authz import notary_level, parse_routes
-from qhx_edge.core.documents import NotaryDelegation, Policy
+from qhx_edge.core.authz import notary_level
+from qhx_edge.core.documents import NotaryDelegation
 from qhx_edge.core.errors import Expired, Malformed, NotInitialised, QhxError
 from qhx_edge.core.receipts import (
+    MAX_TARGET,
     Party,
     Receipt,
     ReceiptFile,
@@ -48,7 +49,6 @@ from qhx_edge.store.receipt_log import ReceiptLog
 
 HEAD_INTERVAL = 5.0  # seconds between tree heads while the log grows
 MAX_METHOD = 32
-MAX_TARGET = 2048  # core/receipts.py MAX_TARGET: what a receipt can hold
 MAX_PENDING = 64  # pipelined requests awaiting their responses, per connection
 BUFFER = 256 << 10
 
@@ -476,10 +476,6 @@ async def sign_heads(notary: Notary, interval: float = HEAD_INTERVAL) -> None:
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(notary.sign_head, clock.now())
-
-
-def routes_of(policy: Policy | None) -> tuple[Any, ...]:
-    return parse_routes(policy.notary) if policy is not None else ()
 
 
 # --- the log in evidence packs ------------------------------------------------------------------------
