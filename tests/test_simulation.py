@@ -138,3 +138,13 @@ def test_a_broken_invariant_fails_the_run(tmp_path: Path, monkeypatch: pytest.Mo
     broken = " ".join(report["invariants"]["broken"])
     assert "f1 accepted a rollback" in broken  # the replayed pack
     assert "f2 accepted a forged" in broken
+
+
+def test_a_file_that_is_not_a_scenario_is_refused_with_a_clear_error(tmp_path: Path) -> None:
+    for name, data in (("binary.toml", b"\xff\xfe[scenario]"), ("empty.toml", b""), ("other.toml", b"[x]\ny = 1\n")):
+        path = tmp_path / name
+        path.write_bytes(data)
+        r = run_cli("--json", "scenario", "run", path, "--out", tmp_path / "out")
+        assert r.code == 1, (name, r.stdout, r.stderr)
+        assert json.loads(r.stdout)["error"]["kind"] == "malformed", name
+        assert "Traceback" not in r.stderr

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qhx_edge.core.errors import Rejected
+from qhx_edge.core.errors import Malformed, Rejected
 from qhx_edge.sim import engine, scenario
 from qhx_edge.store.files import atomic_write, read_capped
 
@@ -31,7 +31,12 @@ class InvariantBroken(Rejected):
 
 
 def load(path: Path) -> scenario.Scenario:
-    return scenario.load(read_capped(path, scenario.MAX_SCENARIO_FILE, "scenario file").decode("utf-8"), str(path))
+    raw = read_capped(path, scenario.MAX_SCENARIO_FILE, "scenario file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Malformed(f"{path}: a scenario file is UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    return scenario.load(text, str(path))
 
 
 def run(path: Path, out: Path, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
