@@ -425,3 +425,16 @@ def test_partner_svids_by_pack_files(tmp_path: Path) -> None:
     ok("--home", n, "--json", "pack", "import", ours)
     fails("no-agreement", "--home", n, "--json", "svid", "verify", pems[inside])
     assert workload_view(clock.now()) == ({ALPHA}, {inside: "no-agreement", outside: "no-agreement"})
+
+
+def _connected(tmp_path: Path) -> tuple[tuple[Path, Path, str], tuple[Path, Path, str], Path]:
+    """alpha and beta authorities under TERMS, and an alpha node holding beta's released documents."""
+    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
+    n = tmp_path / "N"
+    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
+    agree(tmp_path, a, b, BETA, *TERMS)
+    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
+        pack_file = tmp_path / name
+        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
+        ok("--home", n, "--json", "pack", "import", pack_file)
+    return a, b, n

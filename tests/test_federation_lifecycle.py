@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qhx_edge.homes.node import Node
 from tests.conftest import make_pack
-from tests.test_federation import ALPHA, BETA, TERMS, agree, authority, fails, ok, reports, trust_digest
+from tests.test_federation import ALPHA, BETA, TERMS, _connected, agree, authority, fails, ok, reports, trust_digest
 
 
 def test_either_side_ends_it_and_terms_are_renegotiated(tmp_path: Path) -> None:
@@ -84,19 +84,6 @@ def test_rotating_our_federation_role_renews_agreements(tmp_path: Path) -> None:
     ok("--home", a[0], "--json", "pack", "export", "--to", mine)
     ok("--home", n, "--json", "pack", "import", mine)
     assert ok("--home", n, "--json", "federation", "check", inside)["agreement_version"] == 2
-
-
-def _connected(tmp_path: Path) -> tuple[tuple[Path, Path, str], tuple[Path, Path, str], Path]:
-    """alpha and beta authorities under TERMS, and an alpha node holding beta's released documents."""
-    a, b = authority(tmp_path, "A", ALPHA), authority(tmp_path, "B", BETA)
-    n = tmp_path / "N"
-    ok("--home", n, "--json", "node", "init", "--anchor", a[1], "--expect-fingerprint", a[2])
-    agree(tmp_path, a, b, BETA, *TERMS)
-    for name, args in (("a.pack", ("--home", a[0])), ("b.pack", ("--home", b[0], "--partner", ALPHA))):
-        pack_file = tmp_path / name
-        ok(*args[:2], "--json", "pack", "export", *args[2:], "--to", pack_file)
-        ok("--home", n, "--json", "pack", "import", pack_file)
-    return a, b, n
 
 
 def test_a_courier_cannot_terminate_an_agreement_with_a_root_of_its_own(tmp_path: Path) -> None:
