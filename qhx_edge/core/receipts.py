@@ -479,10 +479,13 @@ def verify(data: bytes, history: History) -> dict[str, Any]:
     if receipt.level == "sign-request" or rf.signature is not None:
         if rf.signature is None:
             raise Malformed("a sign-request receipt carries its own signature")
-        msg = cose.parse_signed(rf.signature, content_type=RECEIPT_CONTENT_TYPE, max_size=MAX_FILE,
-                                what="notary receipt", signer=card.signing_key)  # fmt: skip
-        if msg.envelope.payload != rf.receipt:
+        # The signed payload must be the receipt's exact bytes, decoded above: no second decode of it.
+        env = cose.Envelope.parse(rf.signature, max_size=MAX_FILE)
+        if env.headers.get(cose.H_CONTENT_TYPE) != RECEIPT_CONTENT_TYPE:
+            raise Malformed(f"not a notary receipt signature: the content type must be {RECEIPT_CONTENT_TYPE!r}")
+        if env.payload != rf.receipt:
             raise BadSignature("the receipt's signature covers another receipt")
+        cose.require_signed_by(env, card.signing_key, "notary receipt")
     _in_window("the receipt", receipt.at, notary, notary_revoked, until)
 
     # The chains, at the receipt's time, under the bundle versions it names.
