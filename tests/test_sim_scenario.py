@@ -34,7 +34,6 @@ domain = "alpha.example"
 name = "a1"
 domain = "alpha.example"
 clock_skew = "-90s"
-requests_per_hour = 60
 
 [[link]]
 between = ["hq", "a1"]
@@ -70,13 +69,13 @@ def test_a_scenario_parses_to_what_it_says() -> None:
 @pytest.mark.parametrize(
     ("change", "line", "what"),
     [
-        (('bandwidth = "9600bit/s"', 'bandwidth = "fast"'), 26, "link[0].bandwidth"),
-        (('between = ["hq", "a1"]', 'between = ["hq", "b9"]'), 25, "link[0].between"),
+        (('bandwidth = "9600bit/s"', 'bandwidth = "fast"'), 25, "link[0].bandwidth"),
+        (('between = ["hq", "a1"]', 'between = ["hq", "b9"]'), 24, "link[0].between"),
         (('domain = "alpha.example"\nclock_skew', 'domain = "beta.example"\nclock_skew'), 20, "node[1].domain"),
-        (('windows = [["6h", "8h"], ["0h", "2h"]]', 'windows = [["6h", "8h"], ["7h", "9h"]]'), 28, "link[0].windows"),
-        (('stops = [["hq", "3h"], ["a1", "5h"]]', 'stops = [["hq", "3h"], ["a1", "2h"]]'), 32, "courier[0].stops"),
-        (('kind = "revoke-node"', 'kind = "explode"'), 36, "event[0].kind"),
-        (("requests_per_hour = 60", 'requests_per_hour = 60\ncolour = "red"'), 23, "node[1].colour"),
+        (('windows = [["6h", "8h"], ["0h", "2h"]]', 'windows = [["6h", "8h"], ["7h", "9h"]]'), 27, "link[0].windows"),
+        (('stops = [["hq", "3h"], ["a1", "5h"]]', 'stops = [["hq", "3h"], ["a1", "2h"]]'), 31, "courier[0].stops"),
+        (('kind = "revoke-node"', 'kind = "explode"'), 35, "event[0].kind"),
+        (('clock_skew = "-90s"', 'clock_skew = "-90s"\ncolour = "red"'), 22, "node[1].colour"),
     ],
 )
 def test_a_bad_scenario_names_the_line_and_the_key(change: tuple[str, str], line: int, what: str) -> None:
@@ -194,3 +193,43 @@ stagger = "10m"
     with pytest.raises(Malformed) as exc:
         scenario.load(text.replace('root = "hq"', 'root = "nowhere"'), "c.toml")
     assert "cluster[0].root" in exc.value.message
+
+
+def test_review_findings_in_scenario_files_are_refused() -> None:
+    """Values that made a run wrong or endless are refused, each naming its key (review of issue 12)."""
+    cluster = (
+        GOOD.split("[[link]]", maxsplit=1)[0]
+        + """
+[[cluster]]
+prefix = "c"
+count = 3
+domain = "alpha.example"
+root = "hq"
+bandwidth = "1Mbit/s"
+latency = "10ms"
+windows = [["0h", "1h"]]
+"""
+    )
+    bad = {
+        "cluster[0].latency": cluster.replace('latency = "10ms"', 'latency = "-10ms"'),
+        "cluster[0].stagger": cluster + 'stagger = "-5m"\n',
+        "event[0].at": GOOD.replace('at = "30m"', 'at = "-5h"'),
+        "domain[0].staleness": GOOD.replace('staleness = { soft = "6h", hard = "72h" }', 'staleness = "6h"'),
+        "scenario.sample": GOOD.replace("seed = 3", 'seed = 3\nsample = "1ms"'),
+        "domain[0].freshness_every": GOOD.replace('freshness_every = "1h"', 'freshness_every = "1s"'),
+        "link[0].markov": GOOD.replace('windows = [["6h", "8h"], ["0h", "2h"]]',
+                                       'markov = { up = "1ms", down = "1ms" }'),
+    }  # fmt: skip
+    for key, text in bad.items():
+        with pytest.raises(Malformed) as exc:
+            scenario.load(text, "bad.toml")
+        assert f": {key}:" in exc.value.message, (key, exc.value.message)
+
+
+def test_a_fault_after_a_multi_line_array_names_its_own_line() -> None:
+    text = GOOD.replace('windows = [["6h", "8h"], ["0h", "2h"]]', 'windows = [\n  ["6h", "8h"],\n  ["0h", "2h"],\n]')
+    text = text.replace('latency = "200ms"\n', "").replace("[[courier]]", 'latency = "soon"\n\n[[courier]]')
+    with pytest.raises(Malformed) as exc:
+        scenario.load(text, "multi.toml")
+    line = next(i for i, s in enumerate(text.splitlines(), 1) if s.startswith("latency ="))
+    assert exc.value.message.startswith(f"multi.toml:{line}: link[0].latency:"), exc.value.message

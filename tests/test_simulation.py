@@ -147,3 +147,68 @@ def test_a_file_that_is_not_a_scenario_is_refused_with_a_clear_error(tmp_path: P
         assert r.code == 1, (name, r.stdout, r.stderr)
         assert json.loads(r.stdout)["error"]["kind"] == "malformed", name
         assert "Traceback" not in r.stderr
+
+
+def _tiny(links: str, couriers: str = "", duration: str = "12h", events: str = "") -> scenario.Scenario:
+    head = f"""[scenario]
+name = "tiny"
+duration = "{duration}"
+seed = 1
+sample = "30m"
+
+[[domain]]
+name = "alpha.example"
+authority = "hq"
+freshness_every = "10m"
+"""
+    nodes = "".join(f'[[node]]\nname = "{n}"\ndomain = "alpha.example"\n\n' for n in ("hq", "b", "c"))
+    return scenario.load(head + nodes + links + couriers + events, "tiny.toml")
+
+
+REVOKE = '[[event]]\nat = "30m"\nkind = "revoke-node"\ndomain = "alpha.example"\nnode = "c"\n'
+
+
+def test_a_sync_answer_sends_the_newest_version_only() -> None:
+    """After a long cut, a peer gets the newest freshness, not every one in between (sync_session.answer)."""
+    sc = _tiny('[[link]]\nbetween = ["hq", "b"]\nbandwidth = "9600bit/s"\nlatency = "100ms"\n'
+               'windows = [["0h", "5m"], ["10h", "10h3m"]]\n')  # fmt: skip
+    e = engine.Engine(sc).run()
+    fresh = [p for p in e.publications if p.kind == "freshness" and p.at < 10 * 3_600_000]
+    assert fresh[-1].arrivals.get("b") is not None  # it arrived inside the 3-minute window
+    assert e.bytes_moved < 30_000  # a few documents, not sixty
+
+
+def test_a_courier_chain_carries_what_its_previous_leg_brought() -> None:
+    sc = _tiny("", '[[courier]]\nname = "jeep"\nstops = [["hq", "1h"], ["b", "2h"], ["c", "3h"]]\n', events=REVOKE)
+    r = engine.run(sc)
+    (rev,) = r["revocations"].values()
+    assert rev["arrivals_ms"] == rev["bound_ms"] == {"b": 7_200_000, "c": 10_800_000}
+
+
+def test_a_window_that_closes_keeps_what_crossed_before_it() -> None:
+    """At 9600 bit/s a revocation (~3.7 kB) crosses in about 4 s: a 12-second window carries it, even though
+    the rest of the contact (a bundle, a freshness) is cut."""
+    sc = _tiny('[[link]]\nbetween = ["hq", "b"]\nbandwidth = "9600bit/s"\nlatency = "100ms"\n'
+               'windows = [["0h", "1m"], ["10h", "10h12s"]]\n', events=REVOKE)  # fmt: skip
+    r = engine.run(sc)
+    (rev,) = r["revocations"].values()
+    assert rev["arrivals_ms"]["b"] is not None
+
+
+def test_parallel_links_each_carry() -> None:
+    fast = '[[link]]\nbetween = ["hq", "b"]\nbandwidth = "1Mbit/s"\nlatency = "10ms"\nwindows = [["2h", "3h"]]\n'
+    slow = fast.replace("1Mbit/s", "9600bit/s").replace("10ms", "900ms")
+    alone = engine.run(_tiny(fast, events=REVOKE))
+    both = engine.run(_tiny(slow + fast, events=REVOKE))
+    (a,) = alone["revocations"].values()
+    (b,) = both["revocations"].values()
+    assert b["arrivals_ms"]["b"] <= a["arrivals_ms"]["b"] + 1_000
+
+
+def test_the_svid_bound_invariant_fires_when_the_rule_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qhx_edge.core.staleness import Mode
+    from qhx_edge.sim import state
+
+    monkeypatch.setattr(state, "mode", lambda *a, **k: Mode("connected", 0, 10**9))
+    r = engine.run(_tiny('[[link]]\nbetween = ["hq", "b"]\nbandwidth = "1Mbit/s"\nwindows = [["0h", "1h"]]\n'))
+    assert any("past its bound" in b for b in r["invariants"]["broken"])

@@ -61,21 +61,23 @@ class Baseline:
         return None
 
     def available(self, node: str, t: int) -> bool:
-        """Whether the node can issue at ``t``: its last poll that reached the server is under an SVID
-        lifetime old (the server's own node always can)."""
+        """Whether the node can issue at ``t``: its last poll whose round trip completed inside a window is
+        under an SVID lifetime old (every agent starts provisioned, as qhx-edge's nodes do: a poll at 0;
+        the server's own node always can)."""
         if node == self.server[node]:
             return True
         phase = self._phase(node)
-        last = None
+        last = 0
         for w in self.windows[node]:
             if w.start > t:
                 break
-            end = min(w.end, t)
+            rtt = 2 * w.latency + w.transmission(64)
+            end = min(w.end - rtt, t - rtt)  # the poll must be back by the window's end and by t
             k = (end - phase) // self.poll  # the last poll at or before ``end``
             p = phase + k * self.poll
             if p >= w.start:
-                last = p
-        return last is not None and t - last < SVID_TTL
+                last = max(last, p + rtt)
+        return t - last < SVID_TTL
 
 
 def figures(scenario: Scenario, plan: Sequence[contacts.Contact], publications: Sequence[Any],

@@ -27,7 +27,7 @@ import itertools
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from qhx_edge.core import documents as D  # noqa: N812 -- as the rest of the package names it
 from qhx_edge.core import sync
@@ -39,6 +39,8 @@ from qhx_edge.sim.state import Authority, MemoChecker, NodeState
 
 EPOCH = 1_800_000_000  # the simulated start, Unix seconds (2027-01-15): documents carry real-looking times
 RESYNC = 1_000  # ms after a contact on a link that is still up before the next one, if anything is new
+PIECE = 1024  # bytes: what a link carries as one unit of timing (a window that closes cuts between pieces)
+Key = tuple[str, str, int, int, float, int]  # a link window: its ends, start, end, rate, latency
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Engine:
     def __init__(self, scenario: Scenario, progress: Callable[[int, int], None] | None = None) -> None:
         self.sc = scenario
         self.now = 0
-        self.queue: list[tuple[int, int, str, Any]] = []
+        self.queue: list[tuple[int, int, int, str, Any]] = []
         self.seq = itertools.count()
         self.checker = MemoChecker()
         self.progress = progress
@@ -97,7 +99,7 @@ class Engine:
         self.events_run = 0
         self.invariant_failures: list[str] = []
         self.forged: set[bytes] = set()
-        self._active: dict[tuple[str, str, int], _Contact] = {}
+        self._active: dict[Key, _Contact] = {}
         self._schedule()
 
     # --- time -----------------------------------------------------------------------------------
@@ -106,9 +108,13 @@ class Engine:
         """The node's own clock, Unix seconds (its skew included)."""
         return EPOCH + (self.now + self.skew[node]) // 1000
 
+    # At one instant: what arrives (deliveries, frames) before what leaves (a courier's pickup), so a
+    # courier chain carries on what its previous leg brought; then everything else in the order pushed.
+    _ORDER: ClassVar[dict[str, int]] = {"delivery": 0, "frames": 0, "pickup": 2}
+
     def push(self, at: int, kind: str, payload: Any) -> None:
         if at <= self.sc.duration:
-            heapq.heappush(self.queue, (at, next(self.seq), kind, payload))
+            heapq.heappush(self.queue, (at, self._ORDER.get(kind, 1), next(self.seq), kind, payload))
 
     def _schedule(self) -> None:
         for d in self.sc.domains:
@@ -122,13 +128,13 @@ class Engine:
         for a in self.sc.adversaries:
             if a.kind != "withhold-revocations":
                 self.push(a.at, "adversary", a)
-        seen: set[tuple[int, int, str, str]] = set()
+        seen: set[tuple[int, int, str, str, float, int]] = set()
         for c in self.plan:
             if c.kind == "courier":
                 self.push(c.start, "pickup", c)
             else:
                 lo, hi = sorted((c.a, c.b))
-                key = (c.start, c.end, lo, hi)
+                key = (c.start, c.end, lo, hi, c.rate, c.latency)
                 if key not in seen:  # one contact series per window, both directions
                     seen.add(key)
                     self.push(c.start, "window", c)
@@ -142,7 +148,7 @@ class Engine:
     def run(self) -> Engine:
         total = self.sc.duration
         while self.queue:
-            at, _, kind, payload = heapq.heappop(self.queue)
+            at, _, _, kind, payload = heapq.heappop(self.queue)
             self.now = at
             self.events_run += 1
             getattr(self, f"_on_{kind}")(payload)
@@ -224,11 +230,11 @@ class Engine:
     # --- links ------------------------------------------------------------------------------------
 
     def _on_window(self, c: contacts.Contact) -> None:
-        key = (c.a, c.b, c.start)
+        key = (c.a, c.b, c.start, c.end, c.rate, c.latency)
         self._start_contact(c, key)
         self.push(c.end, "window_end", key)
 
-    def _on_window_end(self, key: tuple[str, str, int]) -> None:
+    def _on_window_end(self, key: Key) -> None:
         contact = self._active.pop(key, None)
         if contact is None:
             return
@@ -238,7 +244,7 @@ class Engine:
                 contact.arrived[node] = []
                 self._learned(node, docs)
 
-    def _start_contact(self, window: contacts.Contact, key: tuple[str, str, int]) -> None:
+    def _start_contact(self, window: contacts.Contact, key: Key) -> None:
         if self.now >= window.end:
             return
         a, b = window.a, window.b
@@ -249,20 +255,22 @@ class Engine:
         for n in (a, b):
             self._send(c, key, n)
 
-    def _send(self, c: _Contact, key: tuple[str, str, int], sender: str) -> None:
+    def _send(self, c: _Contact, key: Key, sender: str) -> None:
+        """Put what the sender's protocol state has to send on the link, piece by piece: each piece
+        arrives a latency after its last byte left; a piece the window's end cuts, and all after it, are
+        lost (the receiver keeps the whole documents that arrived before)."""
         data = c.ends[sender].data_to_send()
-        if not data:
-            return
-        start = max(self.now, c.busy[sender])
-        done = start + c.window.transmission(len(data))
-        c.busy[sender] = done
-        if done > c.window.end:  # the window closes under it: nothing more crosses
-            return
-        self.bytes_moved += len(data)
         receiver = c.window.b if sender == c.window.a else c.window.a
-        self.push(done + c.window.latency, "frames", (key, id(c), receiver, data))
+        for i in range(0, len(data), PIECE):
+            piece = data[i : i + PIECE]
+            done = max(self.now, c.busy[sender]) + c.window.transmission(len(piece))
+            c.busy[sender] = done
+            if done > c.window.end:  # the window closes under it: nothing more crosses
+                return
+            self.bytes_moved += len(piece)
+            self.push(done + c.window.latency, "frames", (key, id(c), receiver, piece))
 
-    def _on_frames(self, payload: tuple[tuple[str, str, int], int, str, bytes]) -> None:
+    def _on_frames(self, payload: tuple[Key, int, str, bytes]) -> None:
         key, ident, receiver, data = payload
         c = self._active.get(key)
         if c is None or id(c) != ident or not c.alive:
@@ -300,7 +308,7 @@ class Engine:
             ):
                 self.push(self.now + RESYNC, "resync", key)
 
-    def _on_resync(self, key: tuple[str, str, int]) -> None:
+    def _on_resync(self, key: Key) -> None:
         c = self._active.get(key)
         if c is not None and not c.alive:
             self._start_contact(c.window, key)
@@ -310,13 +318,15 @@ class Engine:
     def _on_sample(self, _: Any) -> None:
         row: dict[str, Any] = {"t": self.now, "nodes": {}}
         for name, state in self.nodes.items():
-            budget = self.authorities[state.home].staleness
+            budget = state.budget()  # the held policy's, as the node's issuer reads it
             now = self.clock(name)
             m = state.mode(now, budget)
             row["nodes"][name] = {"mode": m.mode, "staleness": m.staleness, "ttl": m.max_ttl}
             fresh = state.current(state.home, "freshness")
-            # Invariant: no SVID could outlive its bound (the freshness epoch's issue time + the hard budget).
-            if m.mode != EXPIRED and (fresh is None or now + m.max_ttl > fresh.payload.issued_at + budget.hard):
+            # Invariant: no SVID could outlive its bound, the held freshness epoch's issue time plus the hard
+            # budget of the authority's policy (computed here apart from core.staleness, which the mode uses).
+            bound = self.authorities[state.home].staleness.hard
+            if m.mode != EXPIRED and (fresh is None or now + m.max_ttl > fresh.payload.issued_at + bound):
                 self._broken(f"{name} would issue an SVID past its bound at {now}")
             # Invariant: once a revocation reached the node, the revoked identity is refused there.
             for p in self.publications:
@@ -361,7 +371,7 @@ class Engine:
                 expected += 1
                 got = p.arrivals.get(node)
                 bound = p.bound.get(node)
-                reachable += bound is not None
+                reachable += bound is not None and bound <= self.sc.duration
                 k = per_kind.setdefault(p.kind, {"published": 0, "deliveries": 0, "expected": 0, "ratios": []})
                 k["expected"] += 1
                 if got is None:

@@ -19,7 +19,6 @@ A scenario is a TOML file (``scenarios/*.toml``)::
     name = "a1"
     domain = "alpha.example"
     clock_skew = "0s"           # how far the node's clock runs ahead (negative: behind)
-    requests_per_hour = 60      # workload SVID requests
 
     [[link]]
     between = ["alpha-hq", "a1"]
@@ -73,6 +72,12 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w
 _RATE = re.compile(r"\s*([0-9]{1,12}(?:\.[0-9]{1,6})?)\s*([kMG]?)(bit|B)/s\s*", re.ASCII)
 _PREFIX = {"": 1, "k": 1_000, "M": 1_000_000, "G": 1_000_000_000}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+_HEADER = re.compile(r"^\s*\[\[?\s*[A-Za-z0-9_.\"-]+\s*\]\]?\s*(#.*)?$", re.ASCII)
+# What a run may generate, whatever the file says: the engine pre-computes contacts and samples.
+MAX_SAMPLES = 100_000
+MIN_MARKOV_MEAN = 1_000  # ms
+MIN_FRESHNESS_EVERY = 60_000  # ms
+MAX_CONTACT_WINDOWS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,6 @@ class Node:
     name: str
     domain: str
     clock_skew: int = 0
-    requests_per_hour: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class _Where:
             return start + 1
         pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
         for i in range(start + 1, len(self.lines)):
-            if re.match(r"^\s*\[", self.lines[i]):
+            if _HEADER.match(self.lines[i]):  # the next table, not an array's continuation line
                 break
             if pattern.match(self.lines[i]):
                 return i + 1
@@ -284,13 +288,15 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
     if duration <= 0:
         raise w.fail("scenario", None, "duration", "must be positive")
     sample = get(top, "scenario", None, "sample", time_ms, 300_000)
-    if sample <= 0:
-        raise w.fail("scenario", None, "sample", "must be positive")
+    if sample <= 0 or duration // sample > MAX_SAMPLES:
+        raise w.fail("scenario", None, "sample", f"positive, and at most {MAX_SAMPLES} samples in the duration")
 
     domains = []
     for i, d in enumerate(tables("domain")):
         only(d, "domain", i, {"name", "authority", "freshness_every", "staleness", "outages"})
-        stale = get(d, "domain", i, "staleness", lambda v: v if isinstance(v, dict) else {}, {})
+        stale = get(
+            d, "domain", i, "staleness", lambda v: v if isinstance(v, dict) else _bad("a table { soft, hard }"), {}
+        )
         if set(stale) - {"soft", "hard"}:
             raise w.fail("domain", i, "staleness", "has only soft and hard")
         try:
@@ -304,8 +310,8 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
             get(d, "domain", i, "freshness_every", time_ms, 3_600_000), soft, hard,
             get(d, "domain", i, "outages", windows, ()),
         ))  # fmt: skip
-        if domains[-1].freshness_every <= 0:
-            raise w.fail("domain", i, "freshness_every", "must be positive")
+        if domains[-1].freshness_every < MIN_FRESHNESS_EVERY:
+            raise w.fail("domain", i, "freshness_every", "at least a minute")
     if not domains:
         raise w.fail("domain", None, None, "at least one [[domain]]")
     by_domain = {d.name for d in domains}
@@ -314,14 +320,11 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
 
     nodes = []
     for i, n in enumerate(tables("node")):
-        only(n, "node", i, {"name", "domain", "clock_skew", "requests_per_hour"})
+        only(n, "node", i, {"name", "domain", "clock_skew"})
         dom = get(n, "node", i, "domain", str)
         if dom not in by_domain:
             raise w.fail("node", i, "domain", f"no [[domain]] named {dom!r}")
-        rph = get(n, "node", i, "requests_per_hour", float, 0.0)
-        if not 0 <= rph <= 3_600_000:
-            raise w.fail("node", i, "requests_per_hour", "between 0 and 3,600,000")
-        nodes.append(Node(get(n, "node", i, "name", name_of), dom, get(n, "node", i, "clock_skew", time_ms, 0), rph))
+        nodes.append(Node(get(n, "node", i, "name", name_of), dom, get(n, "node", i, "clock_skew", time_ms, 0)))
     # Clusters: many nodes at once, hung as a tree (``fanout`` children each) from a node declared above,
     # every tree link with the same parameters and windows, each level's windows later by ``stagger``.
     cluster_links: list[Link] = []
@@ -343,6 +346,8 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
             raise w.fail("cluster", i, "fanout", "at least 1")
         bandwidth, latency = get(c, "cluster", i, "bandwidth", rate), get(c, "cluster", i, "latency", time_ms, 0)
         base, stagger = get(c, "cluster", i, "windows", windows), get(c, "cluster", i, "stagger", time_ms, 0)
+        if latency < 0 or stagger < 0:
+            raise w.fail("cluster", i, "latency" if latency < 0 else "stagger", "must not be negative")
         members = [f"{prefix}{k}" for k in range(count)]
         nodes += [Node(m, dom) for m in members]
         for k, member in enumerate(members):
@@ -358,9 +363,12 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
     if len(set(names)) != len(names):
         raise Malformed(f"{source}: two nodes share a name")
     known = set(names)
+    home_of = {n.name: n.domain for n in nodes}
     for i, dom_ in enumerate(domains):
         if dom_.authority not in known:
             raise w.fail("domain", i, "authority", f"no [[node]] named {dom_.authority!r}")
+        if home_of[dom_.authority] != dom_.name:
+            raise w.fail("domain", i, "authority", f"{dom_.authority!r} is a node of {home_of[dom_.authority]}")
 
     def node_ref(value: Any) -> str:
         if value not in known:
@@ -387,14 +395,17 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
                 markov = (time_ms(m["up"]), time_ms(m["down"]))
             except ValueError as exc:
                 raise w.fail("link", i, "markov", str(exc)) from exc
-            if min(markov) <= 0:
-                raise w.fail("link", i, "markov", "means must be positive")
+            if min(markov) < MIN_MARKOV_MEAN:
+                raise w.fail("link", i, "markov", "means of at least a second")
         links.append(Link(a, b, get(item, "link", i, "bandwidth", rate), get(item, "link", i, "latency", time_ms, 0),
                           get(item, "link", i, "windows", windows, ()), markov))  # fmt: skip
         if links[-1].latency < 0:
             raise w.fail("link", i, "latency", "must not be negative")
 
     links += cluster_links
+    expected = sum(len(x.windows) if x.markov is None else duration // min(x.markov) + 1 for x in links)
+    if expected > MAX_CONTACT_WINDOWS:
+        raise Malformed(f"{source}: the links open about {expected} windows; at most {MAX_CONTACT_WINDOWS}")
     couriers = []
     for i, c in enumerate(tables("courier")):
         only(c, "courier", i, {"name", "stops"})
@@ -419,7 +430,10 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
         target = get(e, "event", i, "node", node_ref, None)
         if kind == "revoke-node" and target is None:
             raise w.fail("event", i, None, "a revoke-node event names its 'node'")
-        events.append(Event(get(e, "event", i, "at", time_ms), kind, dom, target))
+        at = get(e, "event", i, "at", time_ms)
+        if not 0 <= at <= duration:
+            raise w.fail("event", i, "at", "within the scenario's duration")
+        events.append(Event(at, kind, dom, target))
 
     adversaries = []
     for i, a in enumerate(tables("adversary")):
@@ -428,10 +442,15 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
             a, "adversary", i, "kind", lambda v: v if v in ADVERSARY_KINDS else _bad(f"one of {ADVERSARY_KINDS}")
         )
         who, at = get(a, "adversary", i, "node", node_ref), get(a, "adversary", i, "at", time_ms)
-        adversaries.append(Adversary(kind, who, at, get(a, "adversary", i, "until", time_ms, None)))
+        until = get(a, "adversary", i, "until", time_ms, None)
+        if not 0 <= at <= duration or (until is not None and until <= at):
+            raise w.fail("adversary", i, "until" if until is not None and until <= at else "at",
+                         "'at' within the duration, and 'until' after it")  # fmt: skip
+        adversaries.append(Adversary(kind, who, at, until))
 
     return Scenario(
-        name=get(top, "scenario", None, "name", name_of, source.rsplit("/", 1)[-1].removesuffix(".toml")),
+        name=get(top, "scenario", None, "name", name_of,
+                 re.sub(r"[^A-Za-z0-9._-]", "-", source.rsplit("/", 1)[-1].removesuffix(".toml"))[:64] or "scenario"),
         duration=duration, seed=get(top, "scenario", None, "seed", positive_int, 0), sample=sample,
         domains=tuple(domains), nodes=tuple(nodes), links=tuple(links), couriers=tuple(couriers),
         events=tuple(sorted(events, key=lambda e: e.at)), adversaries=tuple(adversaries), source=source,

@@ -234,11 +234,20 @@ class NodeState:
         return out
 
     def newer(self, domain: str, kind: str, since: int) -> list[bytes]:
-        """Held documents of (domain, type) newer than ``since``, oldest first (a root chain in order)."""
+        """What a sync answer sends for a want of (domain, type) since ``since``, as ``sync_session.answer``
+        does: every newer root, oldest first (a chain in order); of any other type, the newest alone."""
         by_v = self.docs.get((domain, kind), {})
-        return [self.raw[(domain, kind, v)] for v in sorted(by_v) if v > since]
+        versions = [v for v in sorted(by_v) if v > since]
+        if kind != "root":
+            versions = versions[-1:]
+        return [self.raw[(domain, kind, v)] for v in versions]
 
-    def mode(self, now: int, budget: D.Staleness) -> Mode:
+    def budget(self) -> D.Staleness | None:
+        """The staleness budgets of the policy the node holds (what the real issuer reads)."""
+        policy = self.current(self.home, "policy")
+        return policy.payload.staleness if policy is not None else None
+
+    def mode(self, now: int, budget: D.Staleness | None) -> Mode:
         fresh = self.current(self.home, "freshness")
         expires = {t: doc.payload.expires for t in ("root", "bundle", "policy") if (doc := self.current(self.home, t))}
         ok = now >= self.clock_high_water - trust.DEFAULT_CLOCK_TOLERANCE
