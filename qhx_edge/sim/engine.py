@@ -100,6 +100,7 @@ class Engine:
         self.invariant_failures: list[str] = []
         self.forged: set[bytes] = set()
         self._active: dict[Key, _Contact] = {}
+        self._windows_of: dict[str, set[Key]] = {}  # node -> its link windows now open (see _learned)
         self._schedule()
 
     # --- time -----------------------------------------------------------------------------------
@@ -180,8 +181,9 @@ class Engine:
         for p in self.publications:
             if node not in p.arrivals and after.get((p.domain, p.kind), 0) >= p.version:
                 p.arrivals[node] = self.now
-        for key, c in list(self._active.items()):
-            if node in c.ends and not c.alive:
+        for key in sorted(self._windows_of.get(node, ())):  # sorted: the same order on every run
+            c = self._active[key]
+            if not c.alive:
                 self._start_contact(c.window, key)
 
     def _publish(self, domain: str, docs: list[bytes]) -> None:
@@ -238,6 +240,8 @@ class Engine:
         contact = self._active.pop(key, None)
         if contact is None:
             return
+        for n in contact.ends:
+            self._windows_of[n].discard(key)
         contact.alive = False
         for node, docs in contact.arrived.items():  # what arrived before the cut is kept
             if docs:
@@ -251,6 +255,8 @@ class Engine:
         ends = {n: sync.SyncConnection(n, self.nodes[n].inventory()) for n in (a, b)}
         c = _Contact(window, ends, {a: [], b: []}, {a: self.now, b: self.now})
         self._active[key] = c
+        for n in (a, b):
+            self._windows_of.setdefault(n, set()).add(key)
         self.contacts_run += 1
         for n in (a, b):
             self._send(c, key, n)
