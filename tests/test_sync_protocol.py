@@ -575,3 +575,147 @@ class SyncMachine(RuleBasedStateMachine):
 
 SyncMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=12, deadline=None)
 test_sync_machine = SyncMachine.TestCase
+
+
+# --- live links: push after the contact, and from the first flight -----------------------------------
+
+ALPHA = "alpha.example"
+
+
+def _live_pair(
+    a_inv: dict[tuple[str, str], int], b_inv: dict[tuple[str, str], int], **b_kw: Any
+) -> tuple[SyncConnection, SyncConnection, dict[str, list[bytes]], Any]:
+    a = SyncConnection("a", a_inv, caps=[sync.LIVE])
+    b = SyncConnection("b", b_inv, caps=[sync.LIVE], **b_kw)
+    got: dict[str, list[bytes]] = {"a": [], "b": []}
+
+    def on(x: SyncConnection, ev: Any) -> None:
+        if isinstance(ev, PeerInventory):
+            x.want([(d, t, x.inventory.get((d, t), 0)) for d, t, _v in ev.newer])
+        elif isinstance(ev, PeerWants):
+            x.send_documents([])
+        elif isinstance(ev, DocumentReceived):
+            got[x.node].append(ev.raw)
+
+    return a, b, got, on
+
+
+def test_a_live_link_stays_open_and_a_push_arrives_whole() -> None:
+    a, b, got, on = _live_pair({(ALPHA, "root"): 1}, {(ALPHA, "root"): 1})
+    _pump(a, b, on)
+    assert a.finished
+    assert b.finished
+    assert a.live
+    assert b.live
+    assert a.peer_inventory() == {(ALPHA, "root"): 1}  # equal summaries: the peer holds what we hold
+    doc = make_doc(ALPHA, "revocation", 1, 2 * CHUNK + 5)
+    ours = {(ALPHA, "root"): 1, (ALPHA, "revocation"): 1}
+    assert a.lacking(ours) == [(ALPHA, "revocation", 0)]
+    a.push([Outgoing(ALPHA, "revocation", 1, doc)])
+    _pump(a, b, on)
+    assert got["b"] == [doc]
+    assert a.lacking(ours) == []  # sent: not pushed again
+    assert b.peer_inventory() == ours  # the announcement told b what a holds
+    a.push([Outgoing(ALPHA, "revocation", 1, doc)])  # the same bytes again: skipped
+    assert a.data_to_send() == b""
+
+
+def test_a_push_is_refused_where_live_was_not_agreed() -> None:
+    a = SyncConnection("a", {}, caps=[sync.LIVE])
+    b = SyncConnection("b", {})
+    _pump(a, b, lambda x, ev: None)
+    assert a.finished
+    assert not a.live
+    with pytest.raises(SyncProtocolError, match="does not speak live") as caught:
+        a.push([Outgoing(ALPHA, "bundle", 1, b"x")])
+    assert not caught.value.by_peer
+    with pytest.raises(SyncProtocolError, match="did not offer the live"):
+        b.push([Outgoing(ALPHA, "bundle", 1, b"x")])
+    with pytest.raises(SyncProtocolError, match="not known to speak live"):
+        SyncConnection("c", {}, caps=[sync.LIVE]).push([Outgoing(ALPHA, "bundle", 1, b"x")])
+    # A peer pushing to a side that never offered live breaks the protocol.
+    rogue = SyncConnection("r", {}, caps=[sync.LIVE], peer_live=True)
+    rogue.push([Outgoing(ALPHA, "bundle", 1, b"x")])
+    plain = SyncConnection("p", {})
+    with pytest.raises(SyncProtocolError, match="did not offer the live capability") as caught:
+        plain.receive_data(rogue.data_to_send())
+    assert caught.value.by_peer
+
+
+def test_a_remembered_live_peer_gets_news_in_the_first_flight() -> None:
+    """The pull exchange takes three flights before a document moves; a side that remembers its peer's
+    inventory pushes what it lacks at once, so the document arrives one flight after the link is up."""
+    doc = make_doc(ALPHA, "freshness", 7, 300)
+    remembered = {(ALPHA, "root"): 1, (ALPHA, "freshness"): 6}
+    a = SyncConnection("a", {(ALPHA, "root"): 1, (ALPHA, "freshness"): 7}, caps=[sync.LIVE], peer_live=True,
+                       peer_inventory=remembered)  # fmt: skip
+    b = SyncConnection("b", remembered, caps=[sync.LIVE])
+    a.push([Outgoing(ALPHA, "freshness", 7, doc)])
+    b.receive_data(a.data_to_send())  # the first flight alone
+    events = []
+    while (ev := b.next_event()) is not NEED_DATA:
+        events.append(ev)
+    assert DocumentReceived(doc) in events
+    # The pull exchange that follows does not send it twice, and both sides finish.
+    got: list[bytes] = []
+
+    def on(x: SyncConnection, ev: Any) -> None:
+        if isinstance(ev, PeerInventory):
+            x.want([(d, t, x.inventory.get((d, t), 0)) for d, t, _v in ev.newer])
+        elif isinstance(ev, PeerWants):
+            x.send_documents([Outgoing(ALPHA, "freshness", 7, doc)] if x is a and ev.items else [])
+        elif isinstance(ev, DocumentReceived):
+            got.append(ev.raw)
+
+    _pump(a, b, on)
+    assert a.finished
+    assert b.finished
+    assert got == []
+
+
+def test_pushed_bytes_count_against_the_receive_cap() -> None:
+    a, b, _got, on = _live_pair({}, {}, max_receive=2 * CHUNK)
+    _pump(a, b, on)
+    a.push([Outgoing(ALPHA, "policy", 1, make_doc(ALPHA, "policy", 1, CHUNK + 10))])
+    _pump(a, b, on)
+    a.push([Outgoing(ALPHA, "policy", 2, make_doc(ALPHA, "policy", 2, CHUNK + 10))])
+    with pytest.raises(SyncProtocolError, match="document bytes in one contact"):
+        _pump(a, b, on)
+
+
+def test_chunks_of_a_document_never_announced_are_refused_after_the_contact() -> None:
+    a, b, _got, on = _live_pair({}, {})
+    _pump(a, b, on)
+    doc = make_doc(ALPHA, "policy", 1, 50)
+    body = cbor.encode({"m": "chunk", "id": Outgoing(ALPHA, "policy", 1, doc).id, "total": len(doc), "offset": 0,
+                        "data": doc})  # fmt: skip
+    with pytest.raises(SyncProtocolError, match="asked for nothing"):
+        b.receive_data(len(body).to_bytes(4, "big") + body)
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [[ALPHA, "policy", 1]],  # no id
+        [[ALPHA, "policy", 1, b"short"]],
+        [[ALPHA, "policy", -1, b"\x00" * 32]],
+        [["", "policy", 1, b"\x00" * 32]],
+        "not a list",
+    ],
+)
+def test_malformed_push_announcements_are_the_peers_protocol_error(items: Any) -> None:
+    a, b, _got, on = _live_pair({}, {})
+    _pump(a, b, on)
+    body = cbor.encode({"m": "push", "items": items})
+    with pytest.raises(SyncProtocolError) as caught:
+        b.receive_data(len(body).to_bytes(4, "big") + body)
+    assert caught.value.by_peer
+
+
+def test_announcing_more_than_the_cap_at_once_is_refused() -> None:
+    a, b, _got, on = _live_pair({}, {})
+    _pump(a, b, on)
+    body = cbor.encode({"m": "push", "items": [[ALPHA, "t", i, i.to_bytes(32, "big")]
+                                               for i in range(sync.MAX_PARTIALS + 1)]})  # fmt: skip
+    with pytest.raises(SyncProtocolError, match="announced at once"):
+        b.receive_data(len(body).to_bytes(4, "big") + body)

@@ -21,6 +21,7 @@ A contact, each side doing the same (full duplex, no client or server role)::
     chunk     {"m": "chunk", "id": sha256(doc), "total": n, "offset": o, "data": bytes}   urgent first
     ack       {"m": "ack", "id": id, "upto": o}
     done      {"m": "done"}            I have sent (and had acknowledged) all you wanted
+    push      {"m": "push", "items": [[domain, type, version, id], ...]}   live links only, see below
 
 Rules:
 
@@ -43,6 +44,13 @@ Rules:
   (back-pressure on slow links).  A cut loses at most the unacknowledged
   chunks: the receiver keeps what it got (:meth:`~SyncConnection.partials`)
   and names it in its next ``want`` so the sender resumes at that offset.
+* A live link (both hellos list the ``live`` capability, :data:`LIVE`) stays open after the
+  contact: either side then *pushes* what it learns the moment it learns it (:meth:`~SyncConnection.push`),
+  announcing each document by ``push`` before its chunks, and the receiver passes each on as it
+  completes.  A side that remembers its peer spoke ``live`` may push from the first flight, before
+  the pull exchange, what it believes the peer lacks (:meth:`~SyncConnection.lacking`); one pull
+  exchange still follows, so a wrong belief costs bytes, never a document.  Pushed bytes count
+  against the same ``max_receive`` cap as pulled ones, over the life of the connection.
 * A reassembled document must hash to its id (SHA-256 of its bytes), and an
   inventory must hash to the summary sent before it: a relay can cut a
   transfer, not splice it.  The protocol does not authenticate the rest of
@@ -73,6 +81,7 @@ MAX_NODE_ID: Final = 256
 MAX_CAPS: Final = 32
 MAX_NAME: Final = 255  # a domain or document type name in an item
 MAX_CONTACT_BYTES: Final = 64 << 20  # document bytes one contact may bring (a peer sending what we never wanted)
+LIVE: Final = "live"  # the capability of a link that stays open and pushes news (module docstring)
 _HEADER = struct.Struct(">I")
 
 # Who goes first on a link: lower is sooner (docs/architecture.md, "Sync protocol").
@@ -120,6 +129,11 @@ class Outgoing:
     type: str
     version: int
     raw: bytes
+    sync_type: str = ""  # the inventory's name for it when not its type (an agreement: agreement/PARTNER)
+
+    @property
+    def key(self) -> Key:
+        return (self.domain, self.sync_type or self.type)
 
     @property
     def id(self) -> bytes:
@@ -242,6 +256,8 @@ class SyncConnection:
         versions: Sequence[int] = PROTOCOL_VERSIONS,
         caps: Sequence[str] = (),
         max_receive: int = MAX_CONTACT_BYTES,
+        peer_live: bool = False,
+        peer_inventory: Mapping[Key, int] | None = None,
     ) -> None:
         if window < CHUNK:
             raise _local(f"the window ({window}) must hold at least one chunk ({CHUNK})")
@@ -275,6 +291,12 @@ class SyncConnection:
         self._touched: set[bytes] = set()  # transfers a chunk of this contact added to
         self._carried: set[bytes] = set(self._partial)  # transfers resumed from an earlier contact's partials
         self._received = 0  # document bytes received in this contact
+        self._caps = tuple(caps)
+        self._peer_live = peer_live and LIVE in self._caps  # remembered from an earlier contact
+        self._announced: dict[bytes, int] = {}  # pushed ids we were told of and have not completed -> total
+        self._given: dict[Key, int] = {}  # the newest we queued for the peer, per key (it holds it or refused it)
+        self._peer_held: dict[Key, int] | None = dict(peer_inventory) if peer_inventory is not None else None
+        self._queued: set[bytes] = set()  # ids sent or queued in this connection: each at most once
         self.max_receive = max_receive
         self.bytes_in = 0  # wire bytes received and sent, for link statistics
         self.bytes_out = 0
@@ -286,6 +308,63 @@ class SyncConnection:
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def live(self) -> bool:
+        """Both sides speak ``live``: the link stays open after the contact and either side may push."""
+        return LIVE in self._caps and self.peer is not None and LIVE in self.peer.caps
+
+    def peer_inventory(self) -> dict[Key, int] | None:
+        """What we believe the peer holds: its inventory (or ours, when the summaries were equal), or what
+        an earlier contact left, raised by what it announced and by what we sent it; None if unknown."""
+        if self._peer_held is None:
+            return None
+        out = dict(self._peer_held)
+        for key, v in self._given.items():
+            out[key] = max(out.get(key, 0), v)
+        return out
+
+    def lacking(self, ours: Mapping[Key, int]) -> list[tuple[str, str, int]]:
+        """Of ``ours``, what the peer lacks as far as we know, as want items ``(domain, type, since)``:
+        only domains the peer holds something of (it trusts nothing else); none if we know nothing of it."""
+        held = self.peer_inventory()
+        if held is None:
+            return []
+        domains = {d for d, _t in held}
+        return [(d, t, held.get((d, t), 0)) for (d, t), v in sorted(ours.items())
+                if d in domains and v > held.get((d, t), 0)]  # fmt: skip
+
+    def push(self, docs: Iterable[Outgoing]) -> None:
+        """Send these documents unasked, urgent first, on a live link (after the contact, or from the
+        first flight when the peer was remembered to speak ``live``); documents this connection already
+        sent or queued are skipped."""
+        if LIVE not in self._caps:
+            raise _local("push() on a connection that did not offer the live capability")
+        if self.peer is not None and not self.live:
+            raise _local("push() to a peer that does not speak live")
+        if self.peer is None and not self._peer_live:
+            raise _local("push() before the peer's hello, to a peer not known to speak live")
+        out = self._enqueue(docs)
+        for start in range(0, len(out), MAX_ITEMS):
+            part = out[start : start + MAX_ITEMS]
+            self._frame({"m": "push", "items": [[*o.key, o.version, o.id] for o in part]})
+
+    def _enqueue(self, docs: Iterable[Outgoing]) -> list[Outgoing]:
+        fresh: list[Outgoing] = []
+        for doc in docs:
+            if len(doc.raw) > MAX_DOCUMENT_SIZE or not doc.raw:
+                raise _local(f"a document of {len(doc.raw)} bytes cannot be sent (1..{MAX_DOCUMENT_SIZE})")
+            i = doc.id
+            if i in self._queued:
+                continue
+            self._queued.add(i)
+            fresh.append(doc)
+            self._given[doc.key] = max(self._given.get(doc.key, 0), doc.version)
+            start = self._resume.get(i, 0)
+            start = start if 0 <= start < len(doc.raw) else 0
+            self._queue.append(_Out(i, doc.raw, URGENCY.get(doc.type, BULK), sent=start, acked=start))
+        self._queue.sort(key=lambda o: o.urgency)  # stable: the caller's order within an urgency
+        return fresh
 
     def partials(self) -> dict[bytes, Partial]:
         """Unfinished incoming transfers, to hand to the next contact with this peer."""
@@ -313,18 +392,7 @@ class SyncConnection:
         """Send these documents (the caller chose them for :class:`PeerWants`), once, urgent first."""
         if not self._got_want or self._answered_want:
             raise _local("send_documents() answers the peer's want, once")
-        seen: set[bytes] = set()
-        for doc in docs:
-            if len(doc.raw) > MAX_DOCUMENT_SIZE or not doc.raw:
-                raise _local(f"a document of {len(doc.raw)} bytes cannot be sent (1..{MAX_DOCUMENT_SIZE})")
-            i = doc.id
-            if i in seen:
-                continue
-            seen.add(i)
-            start = self._resume.get(i, 0)
-            start = start if 0 <= start < len(doc.raw) else 0
-            self._queue.append(_Out(i, doc.raw, URGENCY.get(doc.type, BULK), sent=start, acked=start))
-        self._queue.sort(key=lambda o: o.urgency)  # stable: the caller's order within an urgency
+        self._enqueue(docs)
         self._answered_want = True
         self._maybe_done()
 
@@ -426,6 +494,7 @@ class SyncConnection:
             # Nothing new either way: no inventory, no want; the peer concludes the same.
             self._sent_inventory = self._got_inventory = self._sent_want = self._got_want = True
             self._answered_want = True
+            self._peer_held = dict(self.inventory)
             self._events.append(InSync())
             self._maybe_done()
             return
@@ -449,6 +518,7 @@ class SyncConnection:
                 newer.append((d, t, v))
         if summary_digest(listed) != self._peer_summary:
             raise SyncProtocolError("the inventory does not match the peer's summary")
+        self._peer_held = listed
         self._got_inventory = True
         self._events.append(PeerInventory(tuple(newer)))
 
@@ -468,19 +538,40 @@ class SyncConnection:
         self._got_want = True
         self._events.append(PeerWants(items))
 
+    def _on_push(self, msg: dict[str, Any]) -> None:
+        if LIVE not in self._caps:
+            raise SyncProtocolError("a push, but we did not offer the live capability")
+        entries = _list(msg, "items", MAX_ITEMS)
+        for entry in entries:
+            if not (
+                isinstance(entry, list) and len(entry) == 4 and isinstance(entry[3], bytes) and len(entry[3]) == 32
+            ):
+                raise SyncProtocolError("push items are [domain, type, version, 32-byte id]")
+        for d, t, v in _items({"m": "push", "items": [e[:3] for e in entries]}, "items"):
+            held = self._peer_held if self._peer_held is not None else {}
+            held[(d, t)] = max(held.get((d, t), 0), v)
+            self._peer_held = held
+        for entry in entries:
+            if entry[3] not in self._announced and len(self._announced) >= MAX_PARTIALS:
+                raise SyncProtocolError(f"more than {MAX_PARTIALS} pushed documents announced at once")
+            self._announced[entry[3]] = 0
+
     def _on_chunk(self, msg: dict[str, Any]) -> None:
-        if not self._sent_want:
-            raise SyncProtocolError("a chunk before we asked for anything")
-        if not self._wanted:
-            raise SyncProtocolError("a chunk, but we asked for nothing")
         i, total, offset, data = msg.get("id"), msg.get("total"), msg.get("offset"), msg.get("data")
         if not (isinstance(i, bytes) and len(i) == 32 and isinstance(data, bytes) and data):
             raise SyncProtocolError("a chunk carries a 32-byte id and some data")
+        if i not in self._announced:
+            if not self._sent_want:
+                raise SyncProtocolError("a chunk before we asked for anything (or than was pushed)")
+            if not self._wanted:
+                raise SyncProtocolError("a chunk, but we asked for nothing (and nothing was pushed)")
         if type(total) is not int or type(offset) is not int or not 0 < total <= MAX_DOCUMENT_SIZE:
             raise SyncProtocolError(f"a chunk's total must be 1..{MAX_DOCUMENT_SIZE}")
         if len(data) > CHUNK or offset < 0 or offset + len(data) > total:
             raise SyncProtocolError("a chunk out of its document's bounds")
         held = self._partial.get(i)
+        if held is not None and offset == 0 and i in self._announced:
+            held = None  # pushed from the start: what an earlier contact left of it is dropped
         if held is None or held.total != total:
             if offset != 0:
                 raise SyncProtocolError("a chunk resumes a transfer we do not hold")
@@ -498,6 +589,7 @@ class SyncConnection:
         self._frame({"m": "ack", "id": i, "upto": len(held.data)})
         if len(held.data) == total:
             del self._partial[i]
+            self._announced.pop(i, None)
             raw = bytes(held.data)
             if hashlib.sha256(raw).digest() != i:
                 if i in self._carried:
@@ -568,4 +660,5 @@ _HANDLERS = {
     "chunk": SyncConnection._on_chunk,
     "ack": SyncConnection._on_ack,
     "done": SyncConnection._on_done,
+    "push": SyncConnection._on_push,
 }
