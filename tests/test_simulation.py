@@ -92,18 +92,20 @@ def test_adversaries_are_refused_by_the_trust_core() -> None:
 
 
 @pytest.mark.parametrize("name", ["courier-patrol.toml", "tactical-radio.toml", "flapping-satellite.toml"])
-def test_propagation_sits_on_the_bound_at_the_median(name: str) -> None:
+def test_propagation_sits_on_the_bound(name: str) -> None:
+    """The issue's figures: at most 1.05 of the bound at the median and 1.10 at p99.  Before live links
+    (push on news, import on arrival) the radio's p99 was 3.4 and the satellite's 5.2: the pull
+    protocol's three flights, and the import at the end of a contact, on a link up at publication."""
     r = _run(name)
     assert r["over_bound"]["median"] <= 1.05, r["over_bound"]
+    assert r["over_bound"]["p99"] <= 1.10, r["over_bound"]
     revocation = next(iter(r["revocations"].values()))
     t0 = revocation["published_ms"]
     for node, got in revocation["arrivals_ms"].items():
         bound = revocation["bound_ms"][node]
         assert got is not None
         assert got >= bound  # never before the best any protocol could do
-        # 15 s: the pull protocol's round trips (hello, inventory, want) on a link that is up when the
-        # revocation is published cost more than the one-way latency the bound counts (docs/simulation.md).
-        assert (got - t0) <= 1.10 * (bound - t0) + 15_000, (node, got - t0, bound - t0)
+        assert (got - t0) <= 1.10 * (bound - t0), (node, got - t0, bound - t0)
 
 
 def test_qhx_edge_outlasts_the_baseline_when_the_server_is_out_of_reach() -> None:

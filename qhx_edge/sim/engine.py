@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from qhx_edge.core import documents as D  # noqa: N812 -- as the rest of the package names it
-from qhx_edge.core import sync
+from qhx_edge.core import sync, trust
 from qhx_edge.core.errors import QhxError
 from qhx_edge.core.staleness import EXPIRED
 from qhx_edge.sim import baseline, contacts
@@ -38,16 +38,20 @@ from qhx_edge.sim.scenario import Scenario
 from qhx_edge.sim.state import Authority, MemoChecker, NodeState
 
 EPOCH = 1_800_000_000  # the simulated start, Unix seconds (2027-01-15): documents carry real-looking times
-RESYNC = 1_000  # ms after a contact on a link that is still up before the next one, if anything is new
 PIECE = 1024  # bytes: what a link carries as one unit of timing (a window that closes cuts between pieces)
 Key = tuple[str, str, int, int, float, int]  # a link window: its ends, start, end, rate, latency
 
 
 @dataclass
 class Publication:
+    """What one authority action publishes at one instant (a revocation with the bundle and freshness that
+    name it; a freshness epoch alone): one unit, as ``authority revoke-node`` publishes it and a node's
+    trust core accepts it (a freshness is refused without the versions it names).  It reaches a node when
+    the node holds every document of it; its bound is that of all its bytes."""
+
     domain: str
-    kind: str
-    version: int
+    kind: str  # the type of its first (most urgent) document
+    versions: dict[str, int]  # type -> version
     at: int  # ms
     node: str
     size: int
@@ -55,14 +59,23 @@ class Publication:
     bound: dict[str, int] = field(default_factory=dict)
     keys: list[bytes] = field(default_factory=list)  # what a revocation revokes
 
+    @property
+    def version(self) -> int:
+        return self.versions[self.kind]
+
+    def held_by(self, inventory: dict[tuple[str, str], int]) -> bool:
+        return all(inventory.get((self.domain, t), 0) >= v for t, v in self.versions.items())
+
 
 @dataclass
 class _Contact:
-    """One sync contact in progress over one link window: both ends' protocol state."""
+    """One sync connection over one link window: both ends' protocol state.  Both ends speak ``live``,
+    so after its contact the connection stays open until the window closes, and each end pushes what it
+    learns (core/sync.py, "live links")."""
 
     window: contacts.Contact
     ends: dict[str, sync.SyncConnection]
-    arrived: dict[str, list[bytes]]
+    pending: dict[str, list[bytes]]  # arrived, refused only for lack of a document still to come
     busy: dict[str, int]  # sender -> ms its direction is busy until
     alive: bool = True
 
@@ -100,6 +113,7 @@ class Engine:
         self.invariant_failures: list[str] = []
         self.forged: set[bytes] = set()
         self._active: dict[Key, _Contact] = {}
+        self._memory: dict[tuple[str, str], dict[tuple[str, str], int]] = {}  # (node, peer) -> peer's inventory
         self._windows_of: dict[str, set[Key]] = {}  # node -> its link windows now open (see _learned)
         self._schedule()
 
@@ -159,7 +173,7 @@ class Engine:
             self.progress(total, total)
         return self
 
-    def _learned(self, node: str, raw: list[bytes]) -> None:
+    def _learned(self, node: str, raw: list[bytes]) -> trust.Outcome | None:
         """``node`` imports ``raw`` at its own clock; arrivals are recorded, links that are up sync again."""
         before = self.nodes[node].inventory()
         try:
@@ -167,7 +181,7 @@ class Engine:
         except QhxError as exc:  # a whole batch refused (clock-rollback): counted, nothing applied
             rejected = self.nodes[node].rejected
             rejected[exc.kind] = rejected.get(exc.kind, 0) + 1
-            return
+            return None
         after = self.nodes[node].inventory()
         # Invariants: a mark never goes back but by a role rotation's reset; nothing forged is held.
         for (domain, kind), v in before.items():
@@ -177,27 +191,29 @@ class Engine:
             if doc.digest in self.forged:
                 self._broken(f"{node} accepted a forged {doc.describe()}")
         if after == before:
-            return
+            return outcome
         for p in self.publications:
-            if node not in p.arrivals and after.get((p.domain, p.kind), 0) >= p.version:
+            if node not in p.arrivals and p.held_by(after):
                 p.arrivals[node] = self.now
         for key in sorted(self._windows_of.get(node, ())):  # sorted: the same order on every run
             c = self._active[key]
             if not c.alive:
                 self._start_contact(c.window, key)
+            elif c.ends[node].peer is not None and c.ends[node].live:
+                self._push(c, key, node)
+        return outcome
 
     def _publish(self, domain: str, docs: list[bytes]) -> None:
-        auth = self.authorities[domain]
-        home = next(n.name for n in self.sc.nodes if n.name == self._authority_node(domain))
-        for raw in docs:
-            p = D.parse(raw).payload
-            pub = Publication(domain, p.type, p.version, self.now, home, len(raw))
+        home = self._authority_node(domain)
+        payloads = [D.parse(raw).payload for raw in docs]
+        size = sum(map(len, docs))
+        pub = Publication(domain, payloads[0].type, {p.type: p.version for p in payloads}, self.now, home, size)
+        for p in payloads:
             if isinstance(p, D.Revocation):
                 pub.keys = [r.key for r in p.revoked]
-            pub.bound = self.graph.earliest_arrival(home, self.now, len(raw))
-            self.publications.append(pub)
-            self.document_bytes += len(raw)
-        del auth
+        pub.bound = self.graph.earliest_arrival(home, self.now, size)
+        self.publications.append(pub)
+        self.document_bytes += size
         self._learned(home, docs)
 
     def _authority_node(self, domain: str) -> str:
@@ -243,23 +259,48 @@ class Engine:
         for n in contact.ends:
             self._windows_of[n].discard(key)
         contact.alive = False
-        for node, docs in contact.arrived.items():  # what arrived before the cut is kept
-            if docs:
-                contact.arrived[node] = []
-                self._learned(node, docs)
+        self._remember(contact)
+
+    def _remember(self, c: _Contact) -> None:
+        """What each end believes its peer holds, for the next contact over this pair (``PeerMemory``)."""
+        a, b = c.window.a, c.window.b
+        for x, y in ((a, b), (b, a)):
+            held = c.ends[x].peer_inventory()
+            if held is not None and c.ends[x].peer is not None:
+                self._memory[(x, y)] = held
 
     def _start_contact(self, window: contacts.Contact, key: Key) -> None:
         if self.now >= window.end:
             return
         a, b = window.a, window.b
-        ends = {n: sync.SyncConnection(n, self.nodes[n].inventory()) for n in (a, b)}
+        ends = {}
+        for x, y in ((a, b), (b, a)):
+            held = self._memory.get((x, y))
+            ends[x] = sync.SyncConnection(x, self.nodes[x].inventory(), caps=[sync.LIVE],
+                                          peer_live=held is not None, peer_inventory=held)  # fmt: skip
         c = _Contact(window, ends, {a: [], b: []}, {a: self.now, b: self.now})
         self._active[key] = c
         for n in (a, b):
             self._windows_of.setdefault(n, set()).add(key)
         self.contacts_run += 1
         for n in (a, b):
+            if self._memory.get((n, b if n == a else a)) is not None:
+                self._push(c, key, n, send=False)  # news from the first flight, behind hello and summary
             self._send(c, key, n)
+
+    def _push(self, c: _Contact, key: Key, node: str, *, send: bool = True) -> None:
+        """Push what ``node`` believes its peer lacks (core/sync.py, live links)."""
+        conn, state = c.ends[node], self.nodes[node]
+        peer = c.window.b if node == c.window.a else c.window.a
+        lacking = conn.lacking(state.inventory())
+        out = [sync.Outgoing(d, t, D.parse(raw).payload.version, raw) for d, t, since in lacking
+               for raw in state.newer(d, t, since)
+               if not (t == "revocation" and self._withholding(node))]  # fmt: skip
+        del peer
+        if out:
+            conn.push(out)
+            if send:
+                self._send(c, key, node)
 
     def _send(self, c: _Contact, key: Key, sender: str) -> None:
         """Put what the sender's protocol state has to send on the link, piece by piece: each piece
@@ -298,26 +339,23 @@ class Engine:
                            if not (t == "revocation" and self._withholding(receiver))]  # fmt: skip
                     conn.send_documents(out)
                 elif isinstance(ev, sync.DocumentReceived):
-                    c.arrived[receiver].append(ev.raw)
+                    self._arrived(c, receiver, ev.raw)
         except QhxError:
             c.alive = False
+            self._remember(c)
             return
         self._send(c, key, receiver)
-        if all(e.finished for e in c.ends.values()):
-            c.alive = False
-            arrived = {n: docs for n, docs in c.arrived.items() if docs}
-            c.arrived = {n: [] for n in c.ends}
-            for n, docs in arrived.items():
-                self._learned(n, docs)
-            if self.now + RESYNC < c.window.end and any(
-                self.nodes[x].inventory() != c.ends[x].inventory for x in c.ends
-            ):
-                self.push(self.now + RESYNC, "resync", key)
 
-    def _on_resync(self, key: Key) -> None:
-        c = self._active.get(key)
-        if c is not None and not c.alive:
-            self._start_contact(c.window, key)
+    def _arrived(self, c: _Contact, node: str, raw: bytes) -> None:
+        """Import a document the moment it is whole, with those that arrived before it and were refused only
+        for lack of a document it may be (a freshness naming a bundle still on its way)."""
+        batch = [*c.pending[node], raw]
+        outcome = self._learned(node, batch)
+        if outcome is None:
+            c.pending[node] = []
+            return
+        c.pending[node] = [batch[v.index] for v in outcome.rejected
+                           if v.error is not None and v.error.kind == "mix-and-match"]  # fmt: skip
 
     # --- sampling and the report -----------------------------------------------------------------------
 
