@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from qhx_edge.core.policyfile import policy_fields
@@ -161,10 +162,12 @@ def test_the_command_line_listens_and_dials(tmp_path: Path) -> None:
     assert (closed.code, closed.json["error"]["kind"]) == (3, "unreachable"), closed.stdout
 
 
-def test_serve_keeps_nodes_in_sync_and_reports_it(tmp_path: Path) -> None:
-    """Two ``qhx-edge serve`` processes, one accepting sync links and one dialling it every second:
-    the behind node catches up, then takes a revocation the other imported while both run; ``sync
-    status`` shows the peer; with the listener gone, the dialler reports ``unreachable`` and backs off."""
+@pytest.mark.parametrize("live", [True, False], ids=["live", "contacts"])
+def test_serve_keeps_nodes_in_sync_and_reports_it(tmp_path: Path, live: bool) -> None:
+    """Two ``qhx-edge serve`` processes, one accepting sync links and one dialling it: the behind node
+    catches up, then takes a revocation the other imported while both run, pushed over the live link;
+    ``sync status`` shows the peer; with the listener gone, the dialler reports ``unreachable`` and backs
+    off.  With ``--no-sync-live`` it takes a new contact every ``--sync-interval`` instead."""
     import json
     import select
     import subprocess
@@ -189,24 +192,21 @@ def test_serve_keeps_nodes_in_sync_and_reports_it(tmp_path: Path) -> None:
     dialler = None
     try:
         where = info["sync"]["listening"]
-        dialler, _info2, log2 = start(other, "n2", "--sync-peer", where, "--sync-interval", "1s")
+        mode = [] if live else ["--no-sync-live"]
+        dialler, info2, log2 = start(other, "n2", "--sync-peer", where, "--sync-interval", "1s", *mode)
         wait_until(lambda: _held(other) == _held(h.node_home), "the behind node never caught up")
         # The authority revokes a third node; only the listening node imports it: it reaches the other
         # by sync.  (A revoked node itself cannot sync at all: its issuer mints it no sync identity.)
-        third = tmp_path / "N3"
-        node.init(third, h.authority.anchor(), clock.now(), passphrase=PASSPHRASE.encode())
-        attest_node(h, third)
-        with node.Node(third) as n:
-            revoked_id = n.node_id
-        h.authority.revoke(clock.now(), node_id=revoked_id)
-        now = clock.now()
-        with node.Node(h.node_home) as n:
-            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+        _revoke_a_third_node(h, tmp_path, h.node_home)
         wait_until(lambda: "revocation" in _held(other)["alpha.example"], "the revocation never reached the other node")
         status = run_cli("--home", str(other), "--json", "sync", "status").json
         (peer,) = status["peers"]
         assert peer["peer"] == where
-        assert peer["contacts"] >= 2
+        if live:  # the revocation was pushed over the link the first contact left open
+            assert peer["contacts"] == 1
+        else:
+            assert peer["contacts"] >= 2
+        assert info2["sync"]["live"] is live
         with node.Node(h.node_home) as n:
             assert peer["node_id"] == n.node_id
         assert stop_process(listener) == 0
@@ -603,3 +603,102 @@ def test_a_found_address_that_never_answers_leaves_no_status_row(tmp_path: Path)
     with node.Node(other) as n:
         (row,) = n.store.sync_peers()
     assert row["failures"] >= 1
+
+
+def _revoke_a_third_node(h: Homes, tmp: Path, into: Path) -> None:
+    """The authority revokes a third node; only ``into`` imports it."""
+    third = tmp / "N3"
+    node.init(third, h.authority.anchor(), clock.now(), passphrase=PASSPHRASE.encode())
+    attest_node(h, third)
+    with node.Node(third) as n:
+        revoked_id = n.node_id
+    h.authority.revoke(clock.now(), node_id=revoked_id)
+    now = clock.now()
+    with node.Node(into) as n:
+        n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+
+
+def test_a_live_link_pushes_news_without_a_new_contact(tmp_path: Path) -> None:
+    """Both ends live: after the contact the link stays open; a revocation the listener's node imports
+    afterwards (a pack, in another thread: the store is looked at every LIVE_POLL s) reaches the dialler
+    over the same connection, imported the moment it is whole.  When the listener goes, the dialler's
+    result says the contact completed and the link was live; its memory keeps what the peer held."""
+    from qhx_edge.homes.sync_session import LIVE_POLL, PeerMemory
+
+    h, other = _two_nodes(tmp_path)
+    settled: list[Any] = []
+    results: list[Any] = []
+    memory = PeerMemory()
+
+    async def main() -> float:
+        server_credential = SyncCredential(h.node_home, PASSPHRASE.encode)
+        listener_scope = trio.CancelScope()
+        ready = trio.Event()
+
+        async def run_listener(task_status: Any) -> None:
+            with listener_scope:
+                await listen(h.node_home, "127.0.0.1", 0, server_credential, live=True, task_status=task_status)
+
+        def on_settled(r: Any) -> None:
+            settled.append(r.to_json())
+            trio.from_thread.run_sync(ready.set)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                host, port = await nursery.start(run_listener)
+
+                async def dialler() -> None:
+                    results.append(await dial(other, host, port, _credential(other), live=True, memory=memory,
+                                              on_settled=on_settled))  # fmt: skip
+
+                nursery.start_soon(dialler)
+                with trio.fail_after(60):
+                    await ready.wait()
+                assert _held(other) == _held(h.node_home)  # the contact itself caught up
+                await trio.to_thread.run_sync(_revoke_a_third_node, h, tmp_path, h.node_home)
+                t0 = trio.current_time()
+                with trio.fail_after(60):
+                    while "revocation" not in _held(other)["alpha.example"]:
+                        await trio.sleep(0.05)
+                took = trio.current_time() - t0
+                assert not results  # the same connection: the dialler's contact has not returned
+                listener_scope.cancel()
+        finally:
+            server_credential.close()
+        return took
+
+    took = trio.run(main)
+    assert took < LIVE_POLL + 10, took
+    (first,) = settled
+    assert first["complete"]
+    assert first["live"]
+    assert first["received"] >= 1
+    (mine,) = results
+    assert mine.error is None, mine.error
+    assert mine.complete
+    assert mine.live
+    assert mine.received > first["received"]  # the pushed revocation (with its bundle and freshness)
+    assert mine.imported["changed"]
+    assert memory.peer_live
+    assert memory.peer_inventory is not None
+    assert memory.peer_inventory[("alpha.example", "revocation")] >= 1
+    assert _held(other) == _held(h.node_home)
+    # sync status counts one contact, with everything it moved (the contact's record and the live rest).
+    with node.Node(other) as n:
+        n.store.record_sync("p", clock.now(), first)
+        n.store.record_sync("p", clock.now(), mine.to_record())
+        (row,) = n.store.sync_peers()
+    assert row["contacts"] == 1
+    assert row["failures"] == 0
+    assert row["received"] == mine.received
+
+
+def test_a_live_dialler_and_a_plain_listener_make_a_plain_contact(tmp_path: Path) -> None:
+    h, other = _two_nodes(tmp_path)
+    theirs, mine = trio.run(functools.partial(_run, h.node_home, other, _credential(other), live=True))
+    assert mine.error is None, mine.error
+    assert mine.complete
+    assert theirs.complete
+    assert not mine.live
+    assert not theirs.live
+    assert _held(h.node_home) == _held(other)

@@ -72,6 +72,13 @@ def _address(value: str) -> tuple[str, int]:
 )
 @click.option("--sync-interval", default="60s", show_default=True, help="How often to sync with each peer.")
 @click.option(
+    "--sync-live/--no-sync-live",
+    default=True,
+    show_default=True,
+    help="Keep each sync link open after its contact and push what this node learns the moment it learns it "
+    "(peers that do not speak it get plain contacts every --sync-interval).",
+)
+@click.option(
     "--sync-discover",
     is_flag=True,
     help="Advertise the sync listener over mDNS (_qhx-sync._tcp) on its interface and sync with the peers of "
@@ -104,6 +111,7 @@ def serve(
     sync_listen: str | None,
     sync_peers: tuple[str, ...],
     sync_interval: str,
+    sync_live: bool,
     sync_discover: bool,
     watch_dir: Path | None,
     fetch_partners: bool,
@@ -174,10 +182,11 @@ def serve(
             interval=float(duration(sync_interval, "--sync-interval")),
             report=_report_sync,
             discover=sync_discover,
+            live=sync_live,
         )
         bound = service.start()
         sync_service = service
-        info["sync"] = {"peers": list(sync_peers), "discover": sync_discover}
+        info["sync"] = {"peers": list(sync_peers), "discover": sync_discover, "live": sync_live}
         if bound is not None:
             shown_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
             info["sync"]["listening"] = f"{shown_host}:{bound[1]}"

@@ -39,7 +39,7 @@ from qhx_edge.core import svid
 from qhx_edge.core.documents import Policy
 from qhx_edge.core.errors import Downgrade, QhxError, ScopeViolation, Unreachable
 from qhx_edge.core.spiffe import trust_domain_of
-from qhx_edge.homes.sync_session import ContactResult, PeerMemory, contact
+from qhx_edge.homes.sync_session import ContactResult, News, PeerMemory, contact
 from qhx_edge.links import tls
 from qhx_edge.store import clock
 
@@ -52,6 +52,9 @@ SYNC_SELECTOR = "qhx-edge:sync"
 RESUMPTION = 12 * 3600  # seconds a listener lets a dialler resume a session (each resumption checks again)
 HANDSHAKE_TIMEOUT = 30.0
 CONTACT_TIMEOUT = 600.0
+KEEPALIVE_IDLE = 10  # s: a live link that is quiet this long is probed (TCP keepalive) ...
+KEEPALIVE_PROBES = 3  # ... this many times, KEEPALIVE_IDLE / 2 apart, before it counts as cut
+USER_TIMEOUT_MS = 30_000  # and data unacknowledged this long cuts it (TCP_USER_TIMEOUT)
 MAX_CONNECTIONS = 256  # sync links a listener serves at once; more are closed at once
 MAX_PEER_MEMORIES = 256  # peers whose unfinished transfers a listener keeps
 
@@ -148,6 +151,23 @@ class RefusalLog:
         return False, quiet + 1
 
 
+def keep_alive(stream: Any) -> None:
+    """Let the kernel tell a live link that went away (a radio out of range sends no FIN): TCP keepalive
+    probes on a quiet link, and a cap on how long sent data may stay unacknowledged."""
+    import socket
+
+    tcp = getattr(stream, "transport", stream)
+    sock = getattr(tcp, "socket", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, KEEPALIVE_IDLE // 2))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+
+
 def _typed(exc: BaseException) -> QhxError:
     if isinstance(exc, QhxError):
         return exc
@@ -165,6 +185,9 @@ async def dial(
     now: Callable[[], int] = clock.now,
     timeout: float = CONTACT_TIMEOUT,
     refusals: RefusalLog | None = None,
+    live: bool = False,
+    news: News | None = None,
+    on_settled: Callable[[ContactResult], None] | None = None,
 ) -> ContactResult:
     """Open a sync link to ``host:port`` and run one contact; a refused or failed link is a result
     with ``error`` set (nothing is trusted from it), never an exception.  A refusal is audited (at
@@ -190,10 +213,12 @@ async def dial(
         if audit:
             await trio.to_thread.run_sync(_audit_refusal, home, f"sync link to {host}:{port}", error)
         return result
+    if live:
+        keep_alive(stream)
     async with stream:
         result = await contact(
             home, stream, memory=memory, now=now, source=f"sync {host}:{port}", timeout=timeout,
-            peer_domain=peer_domain(stream),
+            peer_domain=peer_domain(stream), live=live, news=news, on_settled=on_settled,
         )  # fmt: skip
     result.resumed = stream.resumed
     if memory is not None:  # resumable only if the contact ended with close_notify both ways
@@ -211,6 +236,8 @@ async def listen(
     groups: tuple[str, ...] = tls.PQ_GROUPS,
     now: Callable[[], int] = clock.now,
     contacts: int | float = math.inf,
+    live: bool = False,
+    news: News | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept sync links on ``host:port`` (``task_status.started((host, port))`` once listening) until
@@ -252,6 +279,8 @@ async def listen(
                     await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}{more}", error)
                 return
             contexts.verified()
+            if live:
+                keep_alive(tcp)
             async with stream:
                 address = where.rsplit(":", 1)[0]
                 if address not in memories and len(memories) >= MAX_PEER_MEMORIES:
@@ -259,7 +288,8 @@ async def listen(
                 memory = memories.setdefault(address, PeerMemory())
                 result = await contact(
                     home, stream, memory=memory, now=now, source=f"sync {where}", timeout=CONTACT_TIMEOUT,
-                    peer_domain=peer_domain(stream),
+                    peer_domain=peer_domain(stream), live=live, news=news,
+                    on_settled=functools.partial(on_contact, where),
                 )  # fmt: skip
             result.resumed = stream.resumed
         except QhxError as exc:  # we cannot serve now (no sync identity, revoked, a locked store): this link only
@@ -309,7 +339,14 @@ def record(home: Path, peer: str, result: ContactResult) -> None:
     from qhx_edge.homes.node import Node
 
     with Node(home) as n:
-        n.store.record_sync(peer, clock.now(), result.to_json())
+        n.store.record_sync(peer, clock.now(), result.to_record())
+
+
+def _settled(home: Path, where: str, report: Callable[[str, ContactResult], None], result: ContactResult) -> None:
+    """A live link's contact is over (the link stays open): ``sync status`` and the log hear of it now."""
+    with contextlib.suppress(QhxError):
+        record(home, where, result)
+    report(where, result)
 
 
 async def keep_dialling(
@@ -321,10 +358,14 @@ async def keep_dialling(
     interval: float = DEFAULT_INTERVAL,
     report: Callable[[str, ContactResult], None] = lambda peer, result: None,
     record_unheard: bool = True,
+    live: bool = False,
+    news: News | None = None,
 ) -> None:
     """Dial one peer for ever: a contact every ``interval`` seconds while the link works, retries with
-    capped exponential backoff and jitter while it does not.  Runs until cancelled; a peer that
-    cannot be reached only ever delays itself (each peer is its own task)."""
+    capped exponential backoff and jitter while it does not.  With ``live``, a contact stays open while
+    the link does, and its end (the link went away) is retried at once and then with the same backoff.
+    Runs until cancelled; a peer that cannot be reached only ever delays itself (each peer is its own
+    task)."""
     where = f"{host}:{port}"
     memory = PeerMemory()
     refusals = RefusalLog()
@@ -332,7 +373,10 @@ async def keep_dialling(
     while True:
         try:
             cred = await trio.to_thread.run_sync(credential)
-            result = await dial(home, host, port, cred, memory=memory, refusals=refusals)
+            result = await dial(
+                home, host, port, cred, memory=memory, refusals=refusals, live=live, news=news,
+                on_settled=functools.partial(_settled, home, where, report),
+            )  # fmt: skip
         except QhxError as exc:  # no identity now (revoked, stale), a locked store: this attempt only
             result = ContactResult()
             result.fail(exc)
@@ -344,6 +388,9 @@ async def keep_dialling(
             with contextlib.suppress(QhxError):  # a locked store loses one status row, not the dialler
                 await trio.to_thread.run_sync(record, home, where, result)
         report(where, result)
+        if result.complete and result.live:  # it stayed open until the link went: try again at once
+            failures = 1
+            continue
         failures = 0 if result.complete else failures + 1
         await trio.sleep(interval if failures == 0 else next_retry(failures))
 
@@ -362,11 +409,12 @@ class SyncService:
         interval: float = DEFAULT_INTERVAL,
         report: Callable[[str, ContactResult], None] = lambda peer, result: None,
         discover: bool = False,
+        live: bool = True,
     ) -> None:
         import threading
 
         self.home, self.listen_on, self.peers, self.interval = home, listen_on, peers, interval
-        self.report, self.discover = report, discover
+        self.report, self.discover, self.live = report, discover, live
         self.discovered: dict[str, trio.CancelScope] = {}  # a found peer's instance name -> its dialler
         self.credential = SyncCredential(home, get_passphrase)
         self.address: tuple[str, int] | None = None
@@ -402,6 +450,7 @@ class SyncService:
 
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
+        self.news = News()
 
         def heard(peer: str, result: ContactResult) -> None:
             # Only a peer that passed the handshake (it said hello) gets a row, keyed by its address without
@@ -416,7 +465,16 @@ class SyncService:
                 if self.listen_on is not None:
                     host, port = self.listen_on
                     self.address = await nursery.start(
-                        functools.partial(listen, self.home, host, port, self.credential, on_contact=heard)
+                        functools.partial(
+                            listen,
+                            self.home,
+                            host,
+                            port,
+                            self.credential,
+                            on_contact=heard,
+                            live=self.live,
+                            news=self.news,
+                        )
                     )
                 for host, port in self.peers:
                     nursery.start_soon(self._dial, host, port, trio.CancelScope())
@@ -428,7 +486,7 @@ class SyncService:
         with scope:
             await keep_dialling(
                 self.home, host, port, self.credential, interval=self.interval, report=self.report,
-                record_unheard=not found,
+                record_unheard=not found, live=self.live, news=self.news,
             )  # fmt: skip
 
     async def _start_discovery(self, nursery: trio.Nursery) -> None:

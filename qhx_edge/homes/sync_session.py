@@ -15,7 +15,13 @@ stream (TCP, TLS over TCP, an in-memory pair in tests) and runs one contact to i
 * sending and receiving run side by side (a TCP link whose buffers are smaller than the window
   would otherwise stall both peers in ``send_all``);
 * a cut keeps what was half received (:class:`PeerMemory`, handed to the next contact with the same
-  peer, which resumes at that offset) and applies what arrived whole.
+  peer, which resumes at that offset) and applies what arrived whole;
+* a *live* contact (``live=True`` on both sides, as ``serve`` runs them) stays open after the exchange
+  until the link ends: each document is imported the moment it is whole (with any that arrived before it
+  and were refused only for lack of it: a freshness naming a bundle still on its way), and what the node
+  learns -- from another link (:class:`News`), or from a pack or an authority in another process (the
+  store is looked at every ``poll`` seconds) -- is pushed to the peer at once.  The next contact with the
+  same peer pushes what the peer lacked when the last one ended, from its first flight.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from qhx_edge.core.errors import QhxError, Rejected, Unreachable
 from qhx_edge.store import clock
 
 RECEIVE_SIZE = 64 << 10
+LIVE_POLL = 2.0  # seconds between looks at the store for news from another process, on a live link
 NOT_SYNCED = frozenset({"delegation", "notary"})
 
 
@@ -45,6 +52,24 @@ class PeerMemory:
 
     partials: dict[bytes, sync.Partial] = field(default_factory=dict)
     link: Any = None
+    peer_live: bool = False  # the peer spoke ``live`` in the last contact
+    peer_inventory: dict[sync.Key, int] | None = None  # what we believed it held when that contact ended
+
+
+class News:
+    """What the contacts of one ``serve`` tell each other: a node that imported something wakes every
+    live link, which pushes what its peer lacks (trio; one per event loop)."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def publish(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._event.wait()
 
 
 @dataclass
@@ -58,15 +83,28 @@ class ContactResult:
     bytes_in: int = 0
     bytes_out: int = 0
     resumed: bool | None = None  # whether the link resumed an earlier TLS session (None: no TLS link)
+    live: bool = False  # the link stayed open after the contact, pushing news both ways
+    pushed: int = 0  # documents pushed to the peer unasked
     imported: dict[str, Any] | None = None  # the import report (ImportResult.to_json), if any arrived
     error: dict[str, Any] | None = None  # what ended an incomplete contact (its to_json)
     failure: QhxError | None = field(default=None, repr=False)  # ... and the typed error itself
+    recorded: dict[str, int] | None = field(default=None, repr=False)  # counters already recorded (live)
 
     def fail(self, exc: QhxError) -> None:
         self.failure, self.error = exc, exc.to_json()
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "failure"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("failure", "recorded")}
+
+    def to_record(self) -> dict[str, Any]:
+        """What ``sync status`` adds for this result: a live link whose contact was recorded when it
+        finished adds only what moved since, as the same contact (``continued``)."""
+        out = self.to_json()
+        if self.recorded is not None:
+            for k, v in self.recorded.items():
+                out[k] = out.get(k, 0) - v
+            out["continued"] = True
+        return out
 
 
 Catalog = dict[sync.Key, list[tuple[int, str, bytes]]]  # key -> [(version, document type, bytes)], ascending
@@ -111,7 +149,7 @@ def answer(cat: Catalog, items: tuple[tuple[str, str, int], ...]) -> list[sync.O
         newer = [v for v in cat.get((domain, key_type), []) if v[0] > since]
         if key_type != "root":
             newer = newer[-1:]
-        out.extend(sync.Outgoing(domain, doc_type, version, raw) for version, doc_type, raw in newer)
+        out.extend(sync.Outgoing(domain, doc_type, version, raw, key_type) for version, doc_type, raw in newer)
     return out
 
 
@@ -181,20 +219,42 @@ async def contact(
     source: str = "sync",
     timeout: float = math.inf,
     peer_domain: str | None = None,
+    live: bool = False,
+    news: News | None = None,
+    poll: float = LIVE_POLL,
+    on_settled: Callable[[ContactResult], None] | None = None,
 ) -> ContactResult:
     """Run one contact over ``stream`` (both peers call this; the protocol has no client or server)
     and apply what arrived.  A peer of another domain (``peer_domain``, which the link authenticated)
-    is offered only what :func:`offer` allows.  Never raises for what the peer or the link did: the
-    result says."""
+    is offered only what :func:`offer` allows.  With ``live`` and a peer that says the same, the link
+    then stays open, pushing news both ways, until it ends (module docstring); ``timeout`` bounds the
+    contact, not the live time after it.  Never raises for what the peer or the link did: the result
+    says."""
 
     # Read off the event loop: a listener's other links go on while this one opens the store.
     cat, node_id, trusted = await trio.to_thread.run_sync(_load, home, peer_domain)
     ours = inventory(cat)
     memory = memory if memory is not None else PeerMemory()
-    conn = sync.SyncConnection(node_id, ours, partials=memory.partials)
+    conn = sync.SyncConnection(
+        node_id, ours, partials=memory.partials, caps=[sync.LIVE] if live else [],
+        peer_live=live and memory.peer_live, peer_inventory=memory.peer_inventory if live else None,
+    )  # fmt: skip
     result = ContactResult(offered=len(ours))
+    label = f"{source} {{}}"
     arrived: list[bytes] = []
+    pending: list[bytes] = []  # live: refused only for lack of a document still to come
+    reports: list[dict[str, Any]] = []
     wake = trio.Event()
+    contact_over = trio.Event()
+
+    def push(catalog: Catalog) -> None:
+        docs = answer(catalog, tuple(conn.lacking(inventory(catalog))))
+        if docs:
+            conn.push(docs)
+            result.pushed += len(docs)
+
+    if live and memory.peer_live and memory.peer_inventory is not None:
+        push(cat)  # from the first flight, behind hello and summary
 
     async def writer() -> None:
         nonlocal wake
@@ -203,7 +263,7 @@ async def contact(
             if data:
                 await stream.send_all(data)
                 continue
-            if conn.finished:
+            if conn.finished and not conn.live:
                 return
             await wake.wait()
             wake = trio.Event()
@@ -226,41 +286,119 @@ async def contact(
             elif isinstance(ev, sync.DocumentReceived):
                 arrived.append(ev.raw)
 
+    async def import_arrived() -> None:
+        """Live: import what is whole now, with what waited for it (module docstring)."""
+        nonlocal pending
+        batch = [*pending, *arrived]
+        result.received += len(arrived)
+        arrived.clear()
+        report = await trio.to_thread.run_sync(_apply, home, batch, now(), label.format(result.peer))
+        reports.append(report)
+        pending = [
+            batch[d["index"]] for d in report.get("documents", []) if d.get("report") == "rejected:mix-and-match"
+        ]
+        if report.get("changed") and news is not None:
+            news.publish()
+
     async def reader() -> None:
         handle()
         wake.set()
-        while not conn.finished:
+        while not conn.finished or conn.live:
             data = await stream.receive_some(RECEIVE_SIZE)
             conn.receive_data(bytes(data))
             handle()
             wake.set()
+            if conn.finished:
+                contact_over.set()
+            if not data:
+                return  # the link ended (after the contact: a live link closing)
+            if conn.live and arrived:
+                await import_arrived()
+
+    async def watch_news() -> None:
+        """Live, after the contact: push what the node learned since, woken by ``news`` or every ``poll`` s."""
+        nonlocal cat
+        await contact_over.wait()
+        if conn.live and on_settled is not None:  # the contact is over: sync status counts it now
+            result.complete = result.live = True
+            result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out
+            await trio.to_thread.run_sync(on_settled, result)
+            result.recorded = {k: getattr(result, k) for k in ("received", "sent", "bytes_in", "bytes_out")}
+        while conn.live:
+            await (news.wait(poll) if news is not None else trio.sleep(poll))
+            fresh, _node, _trusted = await trio.to_thread.run_sync(_load, home, peer_domain)
+            if inventory(fresh) != inventory(cat):
+                cat = fresh
+                push(cat)
+                wake.set()
 
     failure: list[BaseException] = []
 
     async def guarded(task: Callable[[], Any], scope: trio.CancelScope) -> None:
         # The first failure of either side ends the contact (a cut, the peer's protocol error); the
-        # writer otherwise ends by itself once the contact finished and its last frame left.
+        # writer otherwise ends by itself once the contact finished and its last frame left; the reader
+        # ends a live link when the link ends.
         try:
             await task()
         except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            failure.append(exc)
+            if not (conn.finished and conn.live):  # a live link's end is not the contact's failure
+                failure.append(exc)
             scope.cancel()
+        else:
+            if task is reader and conn.live:  # a live link ended: the writer and the watcher with it
+                scope.cancel()
 
-    with trio.move_on_after(timeout) as timed:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(guarded, writer, nursery.cancel_scope)
-            nursery.start_soon(guarded, reader, nursery.cancel_scope)
-    if timed.cancelled_caught and not failure:
-        failure.append(Unreachable(f"the contact took longer than {timeout} s"))
+    async with trio.open_nursery() as nursery:
+
+        async def contact_timer() -> None:
+            with trio.move_on_after(timeout):
+                await contact_over.wait()
+                return
+            failure.append(Unreachable(f"the contact took longer than {timeout} s"))
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(guarded, writer, nursery.cancel_scope)
+        nursery.start_soon(guarded, reader, nursery.cancel_scope)
+        nursery.start_soon(contact_timer)
+        if live:
+            nursery.start_soon(guarded, watch_news, nursery.cancel_scope)
     if failure:
         exc = failure[0]
         result.fail(exc if isinstance(exc, QhxError) else Unreachable(f"the link broke: {exc}"))
     result.complete = conn.finished and not failure
+    result.live = conn.live
     memory.partials = conn.partials()
-    result.received, result.bytes_in, result.bytes_out = len(arrived), conn.bytes_in, conn.bytes_out
+    memory.peer_live = conn.live
+    memory.peer_inventory = conn.peer_inventory() if conn.live else None
+    result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out
     if arrived:
-        result.imported = await trio.to_thread.run_sync(_apply, home, arrived, now(), f"{source} {result.peer}")
+        if live and conn.live:
+            with trio.CancelScope(shield=True):
+                await import_arrived()
+        else:
+            result.received += len(arrived)
+            reports.append(await trio.to_thread.run_sync(_apply, home, arrived, now(), label.format(result.peer)))
+    if reports:
+        result.imported = _merged(reports)
     return result
+
+
+def _merged(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One import report for a contact that imported several times (a live link): applied or changed if
+    any was, counts summed, every document's verdict (indexes per import)."""
+    if len(reports) == 1:
+        return reports[0]
+    out: dict[str, Any] = {"applied": False, "changed": False, "counts": {}, "documents": [], "imports": len(reports)}
+    for r in reports:
+        if "error" in r:
+            out.setdefault("errors", []).append(r["error"])
+            continue
+        out["applied"] = out["applied"] or bool(r.get("applied"))
+        out["changed"] = out["changed"] or bool(r.get("changed"))
+        for k, v in r.get("counts", {}).items():
+            out["counts"][k] = out["counts"].get(k, 0) + v
+        out["documents"] += r.get("documents", [])
+    return out
 
 
 def _load(home: Path, peer_domain: str | None) -> tuple[Catalog, str, set[str]]:

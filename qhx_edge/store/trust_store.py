@@ -585,6 +585,8 @@ class Store(SqliteFile):
         """One contact's outcome for ``sync status`` (``ContactResult.to_json``), in its own transaction."""
         ok = result.get("complete") and result.get("error") is None
         error = result.get("error") or {}
+        # A live link's later record (``continued``): what it moved since its contact was recorded, no new contact.
+        once = 0 if result.get("continued") else 1
         with self.transaction() as conn:
             conn.execute(
                 "INSERT INTO sync_peers (peer, last_attempt) VALUES (?, ?) "
@@ -598,7 +600,7 @@ class Store(SqliteFile):
                 "WHERE peer = ?",
                 (
                     result.get("peer"), ok, at, None if ok else f"{error.get('kind')}: {error.get('message')}",
-                    1 if ok else 0, 0 if ok else 1, result.get("received", 0), result.get("sent", 0),
+                    once if ok else 0, 0 if ok else once, result.get("received", 0), result.get("sent", 0),
                     result.get("bytes_in", 0), result.get("bytes_out", 0), peer,
                 ),
             )  # fmt: skip
