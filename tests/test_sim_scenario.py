@@ -62,6 +62,7 @@ def test_a_scenario_parses_to_what_it_says() -> None:
     assert s.node("a1").clock_skew == -90_000
     (link,) = s.links
     assert (link.bandwidth, link.latency, link.windows) == (1200.0, 200, ((0, 7_200_000), (21_600_000, 28_800_000)))
+    assert link.detect == "carrier"  # the default: the nodes see the link come up
     assert s.couriers[0].stops == (("hq", 10_800_000), ("a1", 18_000_000))
     assert s.events[0].node == "a1"
 
@@ -76,6 +77,7 @@ def test_a_scenario_parses_to_what_it_says() -> None:
         (('stops = [["hq", "3h"], ["a1", "5h"]]', 'stops = [["hq", "3h"], ["a1", "2h"]]'), 31, "courier[0].stops"),
         (('kind = "revoke-node"', 'kind = "explode"'), 35, "event[0].kind"),
         (('clock_skew = "-90s"', 'clock_skew = "-90s"\ncolour = "red"'), 22, "node[1].colour"),
+        (('bandwidth = "9600bit/s"', 'bandwidth = "9600bit/s"\ndetect = "psychic"'), 26, "link[0].detect"),
     ],
 )
 def test_a_bad_scenario_names_the_line_and_the_key(change: tuple[str, str], line: int, what: str) -> None:

@@ -214,3 +214,30 @@ def test_the_svid_bound_invariant_fires_when_the_rule_breaks(monkeypatch: pytest
     monkeypatch.setattr(state, "mode", lambda *a, **k: Mode("connected", 0, 10**9))
     r = engine.run(_tiny('[[link]]\nbetween = ["hq", "b"]\nbandwidth = "1Mbit/s"\nwindows = [["0h", "1h"]]\n'))
     assert any("past its bound" in b for b in r["invariants"]["broken"])
+
+
+def test_a_link_found_by_retrying_is_found_at_the_dialler_s_next_attempt() -> None:
+    """``detect = "retry"``: the nodes cannot see the satellite come up and find it by dialling with
+    serve's backoff (5 s doubling to 300 s, without jitter).  Contacts then start at those attempts:
+    later than the bound, by as much as the backoff had grown; nothing arrives before the bound."""
+    text = (SCENARIOS / "flapping-satellite.toml").read_text()
+    retry = text.replace(
+        'markov = { up = "15m", down = "45m" }', 'markov = { up = "15m", down = "45m" }\ndetect = "retry"'
+    )
+    assert retry != text
+    sc = scenario.load(retry, "retry.toml")
+    e = engine.Engine(sc)
+    assert [e._next_attempt(("x", "y"), at) for at in (0, 1, 5_000, 12_000, 16_000)] == [
+        0,
+        5_000,
+        5_000,
+        15_000,
+        35_000,
+    ]
+    slow = engine.run(sc)
+    fast = _run("flapping-satellite.toml")
+    assert slow["invariants"]["held"]
+    assert slow["over_bound"]["p99"] > 1.10 > fast["over_bound"]["p99"]
+    for rev in slow["revocations"].values():
+        for node, got in rev["arrivals_ms"].items():
+            assert got is None or got >= rev["bound_ms"][node]

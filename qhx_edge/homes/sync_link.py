@@ -40,7 +40,7 @@ from qhx_edge.core.documents import Policy
 from qhx_edge.core.errors import Downgrade, QhxError, ScopeViolation, Unreachable
 from qhx_edge.core.spiffe import trust_domain_of
 from qhx_edge.homes.sync_session import ContactResult, News, PeerMemory, contact
-from qhx_edge.links import tls
+from qhx_edge.links import netwatch, tls
 from qhx_edge.store import clock
 
 log = logging.getLogger(__name__)
@@ -360,12 +360,14 @@ async def keep_dialling(
     record_unheard: bool = True,
     live: bool = False,
     news: News | None = None,
+    network: News | None = None,
 ) -> None:
     """Dial one peer for ever: a contact every ``interval`` seconds while the link works, retries with
     capped exponential backoff and jitter while it does not.  With ``live``, a contact stays open while
     the link does, and its end (the link went away) is retried at once and then with the same backoff.
-    Runs until cancelled; a peer that cannot be reached only ever delays itself (each peer is its own
-    task)."""
+    A change of the node's network (``network``: :mod:`qhx_edge.links.netwatch`) ends any wait at once,
+    so a link that comes back is dialled when it does.  Runs until cancelled; a peer that cannot be
+    reached only ever delays itself (each peer is its own task)."""
     where = f"{host}:{port}"
     memory = PeerMemory()
     refusals = RefusalLog()
@@ -392,7 +394,8 @@ async def keep_dialling(
             failures = 1
             continue
         failures = 0 if result.complete else failures + 1
-        await trio.sleep(interval if failures == 0 else next_retry(failures))
+        delay = interval if failures == 0 else next_retry(failures)
+        await (network.wait(delay) if network is not None else trio.sleep(delay))
 
 
 class SyncService:
@@ -451,6 +454,7 @@ class SyncService:
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self.news = News()
+        self.network = News()  # the node's network changed: diallers waiting to retry dial now
 
         def heard(peer: str, result: ContactResult) -> None:
             # Only a peer that passed the handshake (it said hello) gets a row, keyed by its address without
@@ -476,6 +480,8 @@ class SyncService:
                             news=self.news,
                         )
                     )
+                if self.peers or self.discover:
+                    await nursery.start(netwatch.watch, self.network.publish)
                 for host, port in self.peers:
                     nursery.start_soon(self._dial, host, port, trio.CancelScope())
                 if self.discover:
@@ -486,7 +492,7 @@ class SyncService:
         with scope:
             await keep_dialling(
                 self.home, host, port, self.credential, interval=self.interval, report=self.report,
-                record_unheard=not found, live=self.live, news=self.news,
+                record_unheard=not found, live=self.live, news=self.news, network=self.network,
             )  # fmt: skip
 
     async def _start_discovery(self, nursery: trio.Nursery) -> None:

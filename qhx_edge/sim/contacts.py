@@ -38,6 +38,7 @@ class Contact:
     rate: float  # bytes per second (INFINITE for a courier)
     latency: int  # ms from the end of sending to arrival (a courier's travel time)
     kind: str = "link"  # link | courier
+    detect: str = "carrier"  # how the nodes learn a link window opened (scenario.DETECT)
 
     def transmission(self, size: int) -> int:
         """Milliseconds to send ``size`` bytes at this contact's rate (rounded up)."""
@@ -69,8 +70,8 @@ def plan(scenario: Scenario) -> list[Contact]:
         else:
             windows = [(s, min(e, scenario.duration)) for s, e in link.windows if s < scenario.duration]
         for s, e in windows:
-            out.append(Contact(s, e, link.a, link.b, link.bandwidth, link.latency))
-            out.append(Contact(s, e, link.b, link.a, link.bandwidth, link.latency))
+            out.append(Contact(s, e, link.a, link.b, link.bandwidth, link.latency, "link", link.detect))
+            out.append(Contact(s, e, link.b, link.a, link.bandwidth, link.latency, "link", link.detect))
     for courier in scenario.couriers:
         for (n1, t1), (n2, t2) in zip(courier.stops, courier.stops[1:], strict=False):
             if n1 != n2 and t1 < scenario.duration:

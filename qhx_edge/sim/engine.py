@@ -38,6 +38,10 @@ from qhx_edge.sim.scenario import Scenario
 from qhx_edge.sim.state import Authority, MemoChecker, NodeState
 
 EPOCH = 1_800_000_000  # the simulated start, Unix seconds (2027-01-15): documents carry real-looking times
+# serve's dialler (homes/sync_link.py: FIRST_RETRY, MAX_RETRY), without its jitter (the longest waits):
+# on a link whose nodes cannot see it come up (``detect = "retry"``) a window is found by the next attempt.
+FIRST_RETRY_MS = 5_000
+MAX_RETRY_MS = 300_000
 PIECE = 1024  # bytes: what a link carries as one unit of timing (a window that closes cuts between pieces)
 Key = tuple[str, str, int, int, float, int]  # a link window: its ends, start, end, rate, latency
 
@@ -114,6 +118,7 @@ class Engine:
         self.forged: set[bytes] = set()
         self._active: dict[Key, _Contact] = {}
         self._memory: dict[tuple[str, str], dict[tuple[str, str], int]] = {}  # (node, peer) -> peer's inventory
+        self._dialler: dict[tuple[str, str], tuple[int, int]] = {}  # retry links: (next attempt, failures so far)
         self._windows_of: dict[str, set[Key]] = {}  # node -> its link windows now open (see _learned)
         self._schedule()
 
@@ -248,6 +253,25 @@ class Engine:
     # --- links ------------------------------------------------------------------------------------
 
     def _on_window(self, c: contacts.Contact) -> None:
+        if c.detect == "retry":  # the window is found by the dialler's next attempt, if one falls in it
+            at = self._next_attempt((c.a, c.b), c.start)
+            if at >= c.end:
+                return
+            if at > self.now:
+                self.push(at, "dial", c)
+                return
+        self._on_dial(c)
+
+    def _next_attempt(self, pair: tuple[str, str], at: int) -> int:
+        """The dialler's first attempt at or after ``at``: every failed one waits 5 s, doubling, at most 300 s."""
+        t, failures = self._dialler.get(pair, (0, 0))
+        while t < at:
+            failures += 1
+            t += min(MAX_RETRY_MS, FIRST_RETRY_MS * 2 ** (failures - 1))
+        self._dialler[pair] = (t, failures)
+        return t
+
+    def _on_dial(self, c: contacts.Contact) -> None:
         key = (c.a, c.b, c.start, c.end, c.rate, c.latency)
         self._start_contact(c, key)
         self.push(c.end, "window_end", key)
@@ -260,6 +284,8 @@ class Engine:
             self._windows_of[n].discard(key)
         contact.alive = False
         self._remember(contact)
+        if contact.window.detect == "retry":  # the live link's end is redialled at once, then backs off
+            self._dialler[(contact.window.a, contact.window.b)] = (self.now, 0)
 
     def _remember(self, c: _Contact) -> None:
         """What each end believes its peer holds, for the next contact over this pair (``PeerMemory``)."""

@@ -26,6 +26,8 @@ A scenario is a TOML file (``scenarios/*.toml``)::
     latency = "200ms"
     windows = [["0h", "2h"], ["6h", "8h"]]    # up in these windows; or
     markov = { up = "20m", down = "40m" }     # up and down for exponential times with these means
+    detect = "carrier"          # the nodes see the link come up (serve redials on it); or "retry": they
+                                # learn it by dialling, with serve's backoff (5 s doubling to 300 s)
 
     [[courier]]
     name = "jeep"
@@ -76,6 +78,7 @@ _HEADER = re.compile(r"^\s*\[\[?\s*[A-Za-z0-9_.\"-]+\s*\]\]?\s*(#.*)?$", re.ASCI
 # What a run may generate, whatever the file says: the engine pre-computes contacts and samples.
 MAX_SAMPLES = 100_000
 MIN_MARKOV_MEAN = 1_000  # ms
+DETECT = ("carrier", "retry")  # how a link's nodes learn it is up (the module docstring)
 MIN_FRESHNESS_EVERY = 60_000  # ms
 MAX_CONTACT_WINDOWS = 2_000_000
 
@@ -105,6 +108,7 @@ class Link:
     latency: int
     windows: tuple[tuple[int, int], ...] = ()
     markov: tuple[int, int] | None = None  # mean up, mean down
+    detect: str = "carrier"  # carrier | retry (module docstring)
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,10 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
     cluster_links: list[Link] = []
     for i, c in enumerate(tables("cluster")):
         only(c, "cluster", i, {"prefix", "count", "domain", "root", "fanout", "bandwidth", "latency", "windows",
-                                "stagger"})  # fmt: skip
+                                "stagger", "detect"})  # fmt: skip
+        detect = get(c, "cluster", i, "detect", str, "carrier")
+        if detect not in DETECT:
+            raise w.fail("cluster", i, "detect", f"is one of {', '.join(DETECT)}")
         dom = get(c, "cluster", i, "domain", str)
         if dom not in by_domain:
             raise w.fail("cluster", i, "domain", f"no [[domain]] named {dom!r}")
@@ -357,7 +364,7 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
                 above = -1 if above < fanout else above // fanout - 1
             shift = depth * stagger
             cluster_links.append(
-                Link(parent, member, bandwidth, latency, tuple((a + shift, b + shift) for a, b in base))
+                Link(parent, member, bandwidth, latency, tuple((a + shift, b + shift) for a, b in base), None, detect)
             )
     names = [n.name for n in nodes]
     if len(set(names)) != len(names):
@@ -377,7 +384,7 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
 
     links = []
     for i, item in enumerate(tables("link")):
-        only(item, "link", i, {"between", "bandwidth", "latency", "windows", "markov"})
+        only(item, "link", i, {"between", "bandwidth", "latency", "windows", "markov", "detect"})
         pair = get(item, "link", i, "between", lambda v: v if isinstance(v, list) and len(v) == 2 else None)
         if pair is None:
             raise w.fail("link", i, "between", "is [node, node]")
@@ -397,8 +404,11 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
                 raise w.fail("link", i, "markov", str(exc)) from exc
             if min(markov) < MIN_MARKOV_MEAN:
                 raise w.fail("link", i, "markov", "means of at least a second")
+        detect = get(item, "link", i, "detect", str, "carrier")
+        if detect not in DETECT:
+            raise w.fail("link", i, "detect", f"is one of {', '.join(DETECT)}")
         links.append(Link(a, b, get(item, "link", i, "bandwidth", rate), get(item, "link", i, "latency", time_ms, 0),
-                          get(item, "link", i, "windows", windows, ()), markov))  # fmt: skip
+                          get(item, "link", i, "windows", windows, ()), markov, detect))  # fmt: skip
         if links[-1].latency < 0:
             raise w.fail("link", i, "latency", "must not be negative")
 
