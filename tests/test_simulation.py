@@ -241,3 +241,60 @@ def test_a_link_found_by_retrying_is_found_at_the_dialler_s_next_attempt() -> No
     for rev in slow["revocations"].values():
         for node, got in rev["arrivals_ms"].items():
             assert got is None or got >= rev["bound_ms"][node]
+
+
+def test_a_coalition_joined_by_a_courier_federates_under_its_agreements() -> None:
+    """Three domains, three agreements, one liaison between the headquarters: a beta node's revocation
+    and alpha's CA rotation reach every node of the partners, never before the bound (computed on the
+    contacts that may carry them: no domain relays another's documents to a third), and SPIRE's
+    servers, which never meet, federate nothing."""
+    r = _run("coalition-courier.toml")
+    assert r["invariants"]["held"]
+    assert r["delivery_ratio_reachable"] == 1.0
+    (name, rev), *_ = r["revocations"].items()
+    assert name.startswith("beta.example/revocation/")
+    partners = [n for n in rev["arrivals_ms"] if not n.startswith("beta-")]
+    assert len(partners) == 6  # alpha's and gamma's three each
+    for node, got in rev["arrivals_ms"].items():
+        assert got is not None, node
+        assert got >= rev["bound_ms"][node], node
+    assert r["publications"]["bundle"]["deliveries"] == r["publications"]["bundle"]["expected"] == 8
+    assert all(r["baseline"]["revocations"][name][n] is None for n in partners)
+    assert r["baseline"]["delivery_ratio"] < 0.2 < 0.8 < r["delivery_ratio"]
+
+
+def test_what_a_simulated_node_offers_a_partner_is_what_a_real_contact_offers() -> None:
+    """``NodeState.offered`` stands for ``sync_session.offer`` in the simulation: the same keys for every
+    node of the coalition towards every domain."""
+    from qhx_edge.homes import sync_session
+
+    sc = scenario.load((SCENARIOS / "coalition-courier.toml").read_text(), "coalition")
+    e = engine.Engine(sc).run()
+    for name, state in e.nodes.items():
+        held = [state.raw[k] for k in sorted(state.raw)]
+        cat = sync_session.catalog(held)
+        for peer in ("alpha.example", "beta.example", "gamma.example"):
+            real = sync_session.inventory(sync_session.offer(cat, our_domain=state.home, peer_domain=peer))
+            assert state.offered(peer) == real, (name, peer)
+        assert any(d != state.home for d, _t in state.offered(state.home)), name  # partners' documents relayed home
+
+
+def test_a_terminated_agreement_closes_the_partner_and_its_publications_are_no_longer_its() -> None:
+    text = (SCENARIOS / "coalition-courier.toml").read_text()
+    text += (
+        '\n[[event]]\nat = "40h"\nkind = "terminate-agreement"\ndomain = "gamma.example"\npartner = "beta.example"\n'
+    )
+    sc = scenario.load(text, "terminated.toml")
+    e = engine.Engine(sc).run()
+    r = e.report()
+    assert r["invariants"]["held"]
+    late = [p for p in e.publications if p.domain == "beta.example" and p.at > 40 * 3_600_000]
+    assert late
+    assert all(not n.startswith("gamma-") for p in late for n in p.audience)
+    # Every gamma node that heard of the termination holds no beta epoch newer than those before it.
+    before = max(p.version for p in e.publications if p.domain == "beta.example" and p.kind == "freshness"
+                 and p.at <= 40 * 3_600_000)  # fmt: skip
+    for name in ("gamma-hq", "gamma-f1", "gamma-f2"):
+        assert e.nodes[name].inventory().get(("beta.example", "freshness"), 0) <= before, name
+    with pytest.raises(Exception, match="partner"):
+        scenario.load(text.replace('partner = "beta.example"', 'partner = "gamma.example"'), "bad.toml")

@@ -719,3 +719,18 @@ def test_announcing_more_than_the_cap_at_once_is_refused() -> None:
                                                for i in range(sync.MAX_PARTIALS + 1)]})  # fmt: skip
     with pytest.raises(SyncProtocolError, match="announced at once"):
         b.receive_data(len(body).to_bytes(4, "big") + body)
+
+
+def test_an_agreement_with_a_trusted_domain_opens_the_other_partys_root_chain() -> None:
+    """A node of alpha, syncing with another alpha node that federated with beta, wants the agreement
+    (whichever side proposed it: its key names the proposer) and beta's roots, which the agreement pins
+    and without which the trust core refuses it; nothing else of beta until it trusts beta, and nothing of
+    a domain no agreement it could verify names."""
+    newer = [("beta.example", "agreement/alpha.example", 1), ("beta.example", "root", 2),
+             ("beta.example", "bundle", 3), ("gamma.example", "root", 1),
+             ("gamma.example", "agreement/delta.example", 1)]  # fmt: skip
+    got = sync.wants({("alpha.example", "root"): 1}, newer, {"alpha.example"})
+    assert got == [("beta.example", "agreement/alpha.example", 0), ("beta.example", "root", 0)]
+    proposed_by_us = [("alpha.example", "agreement/beta.example", 1), ("beta.example", "root", 2)]
+    got = sync.wants({("alpha.example", "root"): 1}, proposed_by_us, {"alpha.example"})
+    assert got == [("alpha.example", "agreement/beta.example", 0), ("beta.example", "root", 0)]

@@ -143,9 +143,21 @@ class Outgoing:
 def wants(
     ours: Mapping[Key, int], newer: Iterable[tuple[str, str, int]], trusted: Container[str]
 ) -> list[tuple[str, str, int]]:
-    """What a node asks for of what its peer holds newer (:class:`PeerInventory`): only domains it trusts,
-    from its own newest on."""
-    return [(d, t, ours.get((d, t), 0)) for d, t, v in newer if d in trusted and v > ours.get((d, t), 0)]
+    """What a node asks for of what its peer holds newer (:class:`PeerInventory`), from its own newest on:
+    documents of domains it trusts; an agreement between another domain and one it trusts (keyed by its
+    proposer, ``agreement/PARTNER``), which its own root verifies; and with such an agreement, the other
+    party's root chain, which the agreement pins (the trust core takes the two together, or neither)."""
+    newer = list(newer)
+    opening: set[str] = set()  # the other party of an agreement with a domain we trust
+    for d, t, _v in newer:
+        if t.startswith("agreement/"):
+            x = t.removeprefix("agreement/")
+            opening |= {d} if x in trusted else {x} if d in trusted else set()
+
+    def wanted(d: str, t: str) -> bool:
+        return d in trusted or (d in opening and (t == "root" or t.startswith("agreement/")))
+
+    return [(d, t, ours.get((d, t), 0)) for d, t, v in newer if wanted(d, t) and v > ours.get((d, t), 0)]
 
 
 def summary_digest(inventory: Mapping[Key, int]) -> bytes:

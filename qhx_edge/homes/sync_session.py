@@ -41,6 +41,10 @@ from qhx_edge.store import clock
 
 RECEIVE_SIZE = 64 << 10
 LIVE_POLL = 2.0  # seconds between looks at the store for news from another process, on a live link
+# Refusals a later document of the same live link may cure (a freshness naming a bundle on its way; a
+# partner's root before the agreement that pins it): such documents are tried again with the next arrival.
+RETRY = frozenset(f"rejected:{k}" for k in ("mix-and-match", "unknown-domain", "anchor-mismatch", "no-agreement"))
+MAX_PENDING = 64  # documents held for another try, at most
 NOT_SYNCED = frozenset({"delegation", "notary"})
 
 
@@ -294,9 +298,7 @@ async def contact(
         arrived.clear()
         report = await trio.to_thread.run_sync(_apply, home, batch, now(), label.format(result.peer))
         reports.append(report)
-        pending = [
-            batch[d["index"]] for d in report.get("documents", []) if d.get("report") == "rejected:mix-and-match"
-        ]
+        pending = [batch[d["index"]] for d in report.get("documents", []) if d.get("report") in RETRY][:MAX_PENDING]
         if report.get("changed") and news is not None:
             news.publish()
 
@@ -319,6 +321,9 @@ async def contact(
         """Live, after the contact: push what the node learned since, woken by ``news`` or every ``poll`` s."""
         nonlocal cat
         await contact_over.wait()
+        if conn.live:  # what the exchange showed the peer lacks and could not want (a partner domain it opened)
+            push(cat)
+            wake.set()
         if conn.live and on_settled is not None:  # the contact is over: sync status counts it now
             result.complete = result.live = True
             result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out

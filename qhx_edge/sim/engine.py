@@ -35,14 +35,17 @@ from qhx_edge.core.errors import QhxError
 from qhx_edge.core.staleness import EXPIRED
 from qhx_edge.sim import baseline, contacts
 from qhx_edge.sim.scenario import Scenario
-from qhx_edge.sim.state import Authority, MemoChecker, NodeState
+from qhx_edge.sim.state import Authority, MemoChecker, NodeState, agreement
 
 EPOCH = 1_800_000_000  # the simulated start, Unix seconds (2027-01-15): documents carry real-looking times
 # serve's dialler (homes/sync_link.py: FIRST_RETRY, MAX_RETRY), without its jitter (the longest waits):
 # on a link whose nodes cannot see it come up (``detect = "retry"``) a window is found by the next attempt.
 FIRST_RETRY_MS = 5_000
 MAX_RETRY_MS = 300_000
-PIECE = 1024  # bytes: what a link carries as one unit of timing (a window that closes cuts between pieces)
+PIECE = 1024
+# A live link's import (homes/sync_session.py RETRY, MAX_PENDING): refusals a later document may cure.
+RETRY = frozenset({"mix-and-match", "unknown-domain", "anchor-mismatch", "no-agreement"})
+MAX_PENDING = 64  # bytes: what a link carries as one unit of timing (a window that closes cuts between pieces)
 Key = tuple[str, str, int, int, float, int]  # a link window: its ends, start, end, rate, latency
 
 
@@ -62,6 +65,7 @@ class Publication:
     arrivals: dict[str, int] = field(default_factory=dict)  # node -> ms
     bound: dict[str, int] = field(default_factory=dict)
     keys: list[bytes] = field(default_factory=list)  # what a revocation revokes
+    audience: tuple[str, ...] = ()  # the nodes it is for: its domain's, and partners' it is released to
 
     @property
     def version(self) -> int:
@@ -82,6 +86,7 @@ class _Contact:
     pending: dict[str, list[bytes]]  # arrived, refused only for lack of a document still to come
     busy: dict[str, int]  # sender -> ms its direction is busy until
     alive: bool = True
+    caught_up: set[str] = field(default_factory=set)  # ends that pushed what the exchange showed the peer lacks
 
 
 class Engine:
@@ -119,6 +124,9 @@ class Engine:
         self._active: dict[Key, _Contact] = {}
         self._memory: dict[tuple[str, str], dict[tuple[str, str], int]] = {}  # (node, peer) -> peer's inventory
         self._dialler: dict[tuple[str, str], tuple[int, int]] = {}  # retry links: (next attempt, failures so far)
+        self._pair_version: dict[frozenset[str], int] = {}  # agreement versions count per pair of domains
+        self._partners: dict[str, dict[str, tuple[str, ...]]] = {}  # domain -> partner -> what it releases to it
+        self._graphs: dict[str, contacts.ContactGraph] = {}  # per publishing domain: the contacts that may carry it
         self._windows_of: dict[str, set[Key]] = {}  # node -> its link windows now open (see _learned)
         self._schedule()
 
@@ -143,6 +151,8 @@ class Engine:
                 if not any(s <= t < e for s, e in d.outages):
                     self.push(t, "freshness", d.name)
                 t += d.freshness_every
+        for g in self.sc.agreements:
+            self.push(g.at, "agreement", g)
         for e in self.sc.events:
             self.push(e.at, "event", e)
         for a in self.sc.adversaries:
@@ -216,10 +226,63 @@ class Engine:
         for p in payloads:
             if isinstance(p, D.Revocation):
                 pub.keys = [r.key for r in p.revoked]
-        pub.bound = self.graph.earliest_arrival(home, self.now, size)
+        pub.audience = self._audience(domain, set(pub.versions))
+        pub.bound = self._graph(domain).earliest_arrival(home, self.now, size)
         self.publications.append(pub)
         self.document_bytes += size
         self._learned(home, docs)
+
+    def _audience(self, domain: str, types: set[str]) -> tuple[str, ...]:
+        """The nodes a publication of ``domain`` is for: its domain's (but the authority's own), and those of
+        every partner that ``domain`` releases all its types to under an agreement in force now."""
+        open_to = {p for p, release in self._partners.get(domain, {}).items() if types <= set(release)}
+        return tuple(n for n, d in sorted(self.domain_of.items())
+                     if (d == domain or d in open_to) and n != self._authority_node(domain))  # fmt: skip
+
+    def _graph(self, domain: str) -> contacts.ContactGraph:
+        """The contacts that may carry a document of ``domain`` (``sync_session.offer``): between its own nodes;
+        from its node to a partner's; between two nodes of one partner (a relay forwards what it holds).
+        A node never passes a domain's documents to a third domain, nor back to the domain itself."""
+        if not self.sc.agreements:
+            return self.graph
+        if domain not in self._graphs:
+            partners = {x.b if x.a == domain else x.a for x in self.sc.agreements if domain in (x.a, x.b)}
+
+            def carries(c: contacts.Contact) -> bool:
+                da, db = self.domain_of[c.a], self.domain_of[c.b]
+                return (da == domain and (db == domain or db in partners)) or (da == db and da in partners)
+
+            self._graphs[domain] = contacts.ContactGraph([c for c in self.plan if carries(c)])
+        return self._graphs[domain]
+
+    def _on_agreement(self, g: Any) -> None:
+        """Both authorities sign an agreement (the proposer, then the partner countersigns) and publish a
+        freshness epoch naming it, each at its own node: ``federation propose`` / ``accept``."""
+        pair = frozenset((g.a, g.b))
+        version = self._pair_version[pair] = self._pair_version.get(pair, 0) + 1
+        a, b = self.authorities[g.a], self.authorities[g.b]
+        raw = agreement(a, b, version, self.clock(self._authority_node(g.a)), release=g.release,
+                        max_staleness=g.max_staleness // 1000)  # fmt: skip
+        for auth, partner in ((a, g.b), (b, g.a)):
+            auth.agreements[partner] = version
+            self._partners.setdefault(auth.domain, {})[partner] = g.release
+            fresh = auth.publish_freshness(self.clock(self._authority_node(auth.domain)))
+            theirs = [r for r in self.authorities[partner].published if D.parse(r).type == "root"]
+            self._learned(self._authority_node(auth.domain), [*theirs, raw, fresh])  # accept takes their root
+
+    def _terminate(self, domain: str, partner: str) -> list[bytes]:
+        """``domain`` ends its agreement with ``partner``: a terminated version signed by its side alone, and
+        a freshness that no longer names it."""
+        pair = frozenset((domain, partner))
+        version = self._pair_version[pair] = self._pair_version[pair] + 1
+        auth = self.authorities[domain]
+        now = self.clock(self._authority_node(domain))
+        raw = agreement(auth, self.authorities[partner], version, now, release=(), max_staleness=1,
+                        status="terminated")  # fmt: skip
+        auth.agreements.pop(partner, None)
+        for x, y in ((domain, partner), (partner, domain)):
+            self._partners.get(x, {}).pop(y, None)
+        return [raw, auth.publish_freshness(now)]
 
     def _authority_node(self, domain: str) -> str:
         return next(d.authority for d in self.sc.domains if d.name == domain)
@@ -235,12 +298,16 @@ class Engine:
             docs = auth.revoke(e.node, now)
         elif e.kind == "rotate-ca":
             docs = auth.rotate_ca(now)
+        elif e.kind == "terminate-agreement":
+            docs = self._terminate(e.domain, e.partner)
+            self._learned(self._authority_node(e.domain), docs)
+            return
         else:  # publish-policy
             docs = [auth.publish_policy(now), auth.publish_freshness(now)]
         self._publish(e.domain, docs)
 
     def _on_pickup(self, c: contacts.Contact) -> None:
-        docs = self.nodes[c.a].pack()  # what `pack export` writes: every root, the current of each type
+        docs = self.nodes[c.a].pack(self.domain_of[c.b])  # what `pack export --for` the next stop writes
         if self._withholding(c.a):
             docs = [raw for raw in docs if D.parse(raw).type != "revocation"]
         self.bytes_moved += sum(map(len, docs))
@@ -302,7 +369,7 @@ class Engine:
         ends = {}
         for x, y in ((a, b), (b, a)):
             held = self._memory.get((x, y))
-            ends[x] = sync.SyncConnection(x, self.nodes[x].inventory(), caps=[sync.LIVE],
+            ends[x] = sync.SyncConnection(x, self.nodes[x].offered(self.domain_of[y]), caps=[sync.LIVE],
                                           peer_live=held is not None, peer_inventory=held)  # fmt: skip
         c = _Contact(window, ends, {a: [], b: []}, {a: self.now, b: self.now})
         self._active[key] = c
@@ -318,11 +385,10 @@ class Engine:
         """Push what ``node`` believes its peer lacks (core/sync.py, live links)."""
         conn, state = c.ends[node], self.nodes[node]
         peer = c.window.b if node == c.window.a else c.window.a
-        lacking = conn.lacking(state.inventory())
-        out = [sync.Outgoing(d, t, D.parse(raw).payload.version, raw) for d, t, since in lacking
+        lacking = conn.lacking(state.offered(self.domain_of[peer]))
+        out = [sync.Outgoing(d, D.parse(raw).type, D.parse(raw).payload.version, raw, t) for d, t, since in lacking
                for raw in state.newer(d, t, since)
                if not (t == "revocation" and self._withholding(node))]  # fmt: skip
-        del peer
         if out:
             conn.push(out)
             if send:
@@ -360,7 +426,7 @@ class Engine:
                     trusted = {d for d, _ in node.marks}
                     conn.want(sync.wants(node.inventory(), ev.newer, trusted))
                 elif isinstance(ev, sync.PeerWants):
-                    out = [sync.Outgoing(d, t, D.parse(raw).payload.version, raw)
+                    out = [sync.Outgoing(d, D.parse(raw).type, D.parse(raw).payload.version, raw, t)
                            for d, t, since in ev.items for raw in node.newer(d, t, since)
                            if not (t == "revocation" and self._withholding(receiver))]  # fmt: skip
                     conn.send_documents(out)
@@ -370,6 +436,9 @@ class Engine:
             c.alive = False
             self._remember(c)
             return
+        if conn.finished and conn.live and receiver not in c.caught_up:
+            c.caught_up.add(receiver)  # push what the exchange showed the peer lacks and could not want
+            self._push(c, key, receiver, send=False)
         self._send(c, key, receiver)
 
     def _arrived(self, c: _Contact, node: str, raw: bytes) -> None:
@@ -381,7 +450,7 @@ class Engine:
             c.pending[node] = []
             return
         c.pending[node] = [batch[v.index] for v in outcome.rejected
-                           if v.error is not None and v.error.kind == "mix-and-match"]  # fmt: skip
+                           if v.error is not None and v.error.kind in RETRY][:MAX_PENDING]  # fmt: skip
 
     # --- sampling and the report -----------------------------------------------------------------------
 
@@ -400,8 +469,8 @@ class Engine:
                 self._broken(f"{name} would issue an SVID past its bound at {now}")
             # Invariant: once a revocation reached the node, the revoked identity is refused there.
             for p in self.publications:
-                if p.kind == "revocation" and name in p.arrivals and p.domain == state.home:
-                    held = state.current(state.home, "revocation")
+                if p.kind == "revocation" and name in p.arrivals:
+                    held = state.current(p.domain, "revocation")
                     keys = held.payload.index() if held is not None else {}
                     if not all(k in keys for k in p.keys):
                         self._broken(f"{name} holds revocation v{p.version} but would accept what it revokes")
@@ -437,7 +506,7 @@ class Engine:
         delays, ratios, delivered, expected, reachable = [], [], 0, 0, 0
         per_kind: dict[str, dict[str, Any]] = {}
         for p in self.publications:
-            for node in (n for n, d in self.domain_of.items() if d == p.domain and n != p.node):
+            for node in p.audience:
                 expected += 1
                 got = p.arrivals.get(node)
                 bound = p.bound.get(node)
@@ -488,12 +557,8 @@ class Engine:
             "revocations": {
                 f"{p.domain}/revocation/{p.version}#{i}": {
                     "published_ms": p.at,
-                    "arrivals_ms": {
-                        n: p.arrivals.get(n) for n, d in sorted(self.domain_of.items()) if d == p.domain and n != p.node
-                    },
-                    "bound_ms": {
-                        n: p.bound.get(n) for n, d in sorted(self.domain_of.items()) if d == p.domain and n != p.node
-                    },
+                    "arrivals_ms": {n: p.arrivals.get(n) for n in p.audience},
+                    "bound_ms": {n: p.bound.get(n) for n in p.audience},
                 }
                 for i, p in enumerate(self.publications)
                 if p.kind == "revocation"

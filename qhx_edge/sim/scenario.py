@@ -64,7 +64,8 @@ MAX_SCENARIO_FILE = 4 << 20
 MAX_NODES = 100_000
 MAX_ITEMS = 1_000_000
 MAX_DURATION_MS = 365 * 86_400_000
-EVENT_KINDS = ("rotate-ca", "revoke-node", "publish-policy")
+EVENT_KINDS = ("rotate-ca", "revoke-node", "publish-policy", "terminate-agreement")
+RELEASES = ("bundle", "freshness", "revocation", "policy")  # what an agreement may release (core.documents)
 ADVERSARY_KINDS = ("replay", "forge", "withhold-revocations")
 _TIME = re.compile(
     r"\s*(-?)((?:[0-9]{1,12}(?:\.[0-9]{1,3})?(?:ms|s|m|h|d|w))+|[0-9]{1,12}(?:\.[0-9]{1,3})?)\s*", re.ASCII
@@ -123,6 +124,19 @@ class Event:
     kind: str
     domain: str
     node: str | None = None
+    partner: str | None = None  # terminate-agreement: the other domain
+
+
+@dataclass(frozen=True)
+class AgreementSpec:
+    """A coalition federation between two domains from ``at``: each side releases ``release`` to the
+    other and accepts its whole trust domain; ``max_staleness`` caps each side's budget for the other."""
+
+    a: str  # the proposer
+    b: str
+    at: int = 0
+    release: tuple[str, ...] = ("bundle", "freshness", "revocation")
+    max_staleness: int = 86_400_000
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,7 @@ class Scenario:
     couriers: tuple[Courier, ...] = ()
     events: tuple[Event, ...] = ()
     adversaries: tuple[Adversary, ...] = ()
+    agreements: tuple[AgreementSpec, ...] = ()
     source: str = field(default="", compare=False)
 
     def node(self, name: str) -> Node:
@@ -226,7 +241,8 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise Malformed(f"{source}: {exc}") from exc
     w = _Where(text, source)
-    unknown = set(data) - {"scenario", "domain", "node", "cluster", "link", "courier", "event", "adversary"}
+    unknown = set(data) - {"scenario", "domain", "node", "cluster", "link", "courier", "event", "adversary",
+                           "agreement"}  # fmt: skip
     if unknown:
         raise Malformed(f"{source}: unknown sections {sorted(unknown)}")
 
@@ -434,16 +450,53 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
 
     events = []
     for i, e in enumerate(tables("event")):
-        only(e, "event", i, {"at", "kind", "domain", "node"})
+        only(e, "event", i, {"at", "kind", "domain", "node", "partner"})
         kind = get(e, "event", i, "kind", lambda v: v if v in EVENT_KINDS else _bad(f"one of {EVENT_KINDS}"))
         dom = get(e, "event", i, "domain", lambda v: v if v in by_domain else _bad(f"no [[domain]] named {v!r}"))
         target = get(e, "event", i, "node", node_ref, None)
         if kind == "revoke-node" and target is None:
             raise w.fail("event", i, None, "a revoke-node event names its 'node'")
+        partner = get(e, "event", i, "partner", lambda v, home=dom: v if v in by_domain and v != home else
+                      _bad("another [[domain]]"), None)  # fmt: skip
+        if (kind == "terminate-agreement") != (partner is not None):
+            raise w.fail("event", i, "partner", "a terminate-agreement event, and only it, names its 'partner'")
         at = get(e, "event", i, "at", time_ms)
         if not 0 <= at <= duration:
             raise w.fail("event", i, "at", "within the scenario's duration")
-        events.append(Event(at, kind, dom, target))
+        events.append(Event(at, kind, dom, target, partner))
+
+    specs: list[AgreementSpec] = []
+    for i, g in enumerate(tables("agreement")):
+        only(g, "agreement", i, {"between", "at", "release", "max_staleness"})
+
+        def two_domains(value: Any) -> tuple[str, str]:
+            if not (isinstance(value, list) and len(value) == 2 and all(v in by_domain for v in value)):
+                raise ValueError("is [domain, domain], two declared [[domain]]s")
+            if value[0] == value[1]:
+                raise ValueError("an agreement joins two different domains")
+            return str(value[0]), str(value[1])
+
+        def releases(value: Any) -> tuple[str, ...]:
+            if not isinstance(value, list) or not all(v in RELEASES for v in value) or len(set(value)) != len(value):
+                raise ValueError(f"lists each of {', '.join(RELEASES)} at most once")
+            return tuple(value)
+
+        a, b = get(g, "agreement", i, "between", two_domains)
+        if any({a, b} == {x.a, x.b} for x in specs):
+            raise w.fail("agreement", i, "between", "one [[agreement]] per pair of domains")
+        at = get(g, "agreement", i, "at", time_ms, 0)
+        if not 0 <= at <= duration:
+            raise w.fail("agreement", i, "at", "within the scenario's duration")
+        staleness = get(g, "agreement", i, "max_staleness", time_ms, 86_400_000)
+        if staleness < 1000:
+            raise w.fail("agreement", i, "max_staleness", "at least a second")
+        specs.append(AgreementSpec(a, b, at, get(g, "agreement", i, "release", releases, AgreementSpec.release),
+                                   staleness))  # fmt: skip
+    for i, ev in enumerate(events):
+        if ev.kind == "terminate-agreement" and not any(
+            {ev.domain, ev.partner} == {x.a, x.b} and x.at <= ev.at for x in specs
+        ):
+            raise w.fail("event", i, "partner", "no [[agreement]] between the two domains in force by then")
 
     adversaries = []
     for i, a in enumerate(tables("adversary")):
@@ -463,7 +516,8 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
                  re.sub(r"[^A-Za-z0-9._-]", "-", source.rsplit("/", 1)[-1].removesuffix(".toml"))[:64] or "scenario"),
         duration=duration, seed=get(top, "scenario", None, "seed", positive_int, 0), sample=sample,
         domains=tuple(domains), nodes=tuple(nodes), links=tuple(links), couriers=tuple(couriers),
-        events=tuple(sorted(events, key=lambda e: e.at)), adversaries=tuple(adversaries), source=source,
+        events=tuple(sorted(events, key=lambda e: e.at)), adversaries=tuple(adversaries), agreements=tuple(specs),
+        source=source,
     )  # fmt: skip
 
 

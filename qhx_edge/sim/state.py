@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qhx_edge.core import agreements, suites, trust
 from qhx_edge.core import documents as D  # noqa: N812 -- as the rest of the package names it
-from qhx_edge.core import suites, trust
 from qhx_edge.core.staleness import Mode, mode
 
 ROLES = ("root", "pki", "policy", "freshness", "federation", "notary")
@@ -68,6 +68,7 @@ class Authority:
         self.revoked: list[D.RevokedKey] = []
         self.staleness = D.Staleness.from_dict({"soft": soft, "hard": hard, "svid_ttl": 3600, "ttl_floor": 300})
         self.published: list[bytes] = []
+        self.agreements: dict[str, int] = {}  # partner -> the agreement version the freshness epoch names
         self.ca_generation = 1
         self.publish_root(now)
         self.publish_bundle(now)
@@ -119,7 +120,8 @@ class Authority:
         versions = {t: self.versions[t] for t in D.EPOCH_TYPES}
         if self.versions.get("revocation"):
             versions["revocation"] = self.versions["revocation"]
-        d = {**self._common("freshness", now, self.staleness.hard), "versions": versions, "agreements": {}}
+        d = {**self._common("freshness", now, self.staleness.hard), "versions": versions,
+             "agreements": dict(sorted(self.agreements.items()))}  # fmt: skip
         return self._publish(D.Freshness.from_dict(d), [self.key("freshness")])
 
     def revoke(self, node: str, now: int) -> list[bytes]:
@@ -134,6 +136,9 @@ class Authority:
     def rotate_ca(self, now: int) -> list[bytes]:
         self.ca_generation += 1
         return [self.publish_bundle(now), self.publish_freshness(now)]
+
+    def agreement_key(self, generation: int | None = None) -> suites.PrivateKey:
+        return self.key("federation", generation)
 
     def forged(self, now: int) -> list[bytes]:
         """A bundle and a freshness naming it, as the pki and freshness roles would sign them, signed by a
@@ -155,12 +160,36 @@ class Authority:
         newest: dict[str, bytes] = {}
         roots = []
         for raw in self.published:
-            t = D.parse(raw).type
-            if t == "root":
+            doc = D.parse(raw)
+            if doc.type == "root":
                 roots.append(raw)
-            else:
-                newest[t] = raw
+            elif doc.type != "agreement":
+                newest[doc.type] = raw
         return [*roots, *(newest[t] for t in sorted(newest))]
+
+
+def agreement(proposer: Authority, partner: Authority, version: int, now: int, *, release: Sequence[str],
+              max_staleness: int, status: str = "active") -> bytes:  # fmt: skip
+    """An agreement between two simulated domains, as ``federation propose`` and ``accept`` make it: both
+    roots pinned (each domain's first), each side accepting the other's whole trust domain and releasing
+    ``release``; signed by the proposer's federation role and countersigned by the partner's (a
+    termination by the proposer's alone)."""
+    a, b = proposer.domain, partner.domain
+    terms = {x: {"accept": [f"spiffe://{y}"], "release": list(release), "max_staleness": max_staleness,
+                 "allow_spiffe_bundles": False} for x, y in ((a, b), (b, a))}  # fmt: skip
+    payload = D.Agreement.from_dict({
+        "type": "agreement", "domain": a, "version": version, "issued_at": now, "expires": now + proposer.lifetime,
+        "partner": b, "status": status, "terms": terms,
+        "roots": {a: agreements.fingerprint(proposer.anchor()), b: agreements.fingerprint(partner.anchor())},
+    })  # fmt: skip
+    signed = D.sign(payload, [proposer.agreement_key()])
+    return signed if status != "active" else D.countersign(signed, [partner.agreement_key()])
+
+
+def sync_type(doc: D.Signed[Any]) -> str:
+    """The name a sync inventory gives a document's kind: its type, an agreement's per pair."""
+    p = doc.payload
+    return f"agreement/{p.partner}" if isinstance(p, D.Agreement) else p.type
 
 
 @dataclass
@@ -174,6 +203,44 @@ class NodeState:
     marks: dict[tuple[str, str], trust.Mark] = field(default_factory=dict)
     clock_high_water: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # kind -> count
+
+    def federation(self) -> agreements.Federation:
+        """What the node holds about its partners (``core.agreements.Federation``), from what it keeps."""
+        current: dict[str, D.Signed[Any]] = {}
+        roots: dict[str, D.Signed[Any]] = {}
+        floors: dict[str, int] = {}
+        for (domain, kind), by_v in self.docs.items():
+            if kind.startswith("agreement/") and (mark := self.marks.get((domain, kind))) is not None:
+                doc = by_v[mark.version]
+                partner = doc.payload.other(self.home) if self.home in doc.payload.parties else None
+                if partner is not None:
+                    current[partner] = doc
+            elif kind == "root" and domain != self.home:
+                for v, doc in by_v.items():
+                    roots[agreements.fingerprint(doc.raw)] = doc
+                    floors[domain] = min(floors.get(domain, v), v)
+        return agreements.Federation(self.home, current, roots, floors)
+
+    def offered(self, peer_domain: str) -> dict[tuple[str, str], int]:
+        """The inventory a contact with a node of ``peer_domain`` offers, as ``sync_session.offer`` chooses:
+        everything to our own domain (a relay stores and forwards); to a partner's node only our root
+        chain, the agreement between the two domains and what our side of it releases, never a third
+        domain's documents."""
+        inv = self.inventory()
+        if peer_domain == self.home:
+            return inv
+        return {k: v for k, v in inv.items() if k in self._released_to(peer_domain)}
+
+    def _released_to(self, peer_domain: str) -> set[tuple[str, str]]:
+        pair = {(self.home, f"agreement/{peer_domain}"), (peer_domain, f"agreement/{self.home}")}
+        held = {k: doc for k in pair if (doc := self.current(*k)) is not None}
+        newest = max(held.values(), key=lambda doc: doc.payload.version, default=None)
+        live = newest.payload if newest is not None and newest.payload.status == "active" else None
+        out = set(held)
+        if live is not None:
+            out |= {(self.home, t) for d, t in self.marks if d == self.home
+                    and (t == "root" or agreements.released(live, self.home, t))}  # fmt: skip
+        return out
 
     def current(self, domain: str, kind: str) -> D.Signed[Any] | None:
         mark = self.marks.get((domain, kind))
@@ -199,19 +266,25 @@ class NodeState:
         self.marks[(doc.payload.domain, "root")] = trust.Mark(doc.payload.version, doc.digest)
 
     def _keep(self, doc: D.Signed[Any]) -> None:
-        p = doc.payload
-        self.docs.setdefault((p.domain, p.type), {})[p.version] = doc
-        self.raw[(p.domain, p.type, p.version)] = doc.raw
+        p, kind = doc.payload, sync_type(doc)
+        self.docs.setdefault((p.domain, kind), {})[p.version] = doc
+        self.raw[(p.domain, kind, p.version)] = doc.raw
 
     def import_documents(self, raw: Sequence[bytes], now: int, checker: MemoChecker) -> trust.Outcome:
-        """The real trust core over ``raw`` at ``now`` (the node's clock), applied as the node store applies it."""
-        outcome = trust.verify_batch(list(raw), self.trust_state(), now, checker=checker)
+        """The real trust core over ``raw`` at ``now`` (the node's clock), with agreements and the partner
+        domains they open (``core.agreements.verify_batch``), applied as the node store applies it."""
+        outcome = agreements.verify_batch(list(raw), self.trust_state(), self.federation(), now, checker=checker)
         for domain, kind in outcome.resets:
             self.docs.pop((domain, kind), None)
             self.marks.pop((domain, kind), None)
         for doc in outcome.accepted:
             self._keep(doc)
         self.marks.update(outcome.marks)
+        for doc in outcome.agreements:  # kept per pair, the newest current (as the store keeps them)
+            self._keep(doc)
+            key = (doc.payload.domain, sync_type(doc))
+            if doc.payload.version >= (self.marks[key].version if key in self.marks else 0):
+                self.marks[key] = trust.Mark(doc.payload.version, doc.digest)
         self.clock_high_water = max(self.clock_high_water, outcome.clock_high_water)
         for v in outcome.rejected:
             kind = v.error.kind if v.error is not None else "rejected"
@@ -222,11 +295,15 @@ class NodeState:
         """The newest version held per (domain, type): what a sync contact offers."""
         return {k: m.version for k, m in self.marks.items()}
 
-    def pack(self) -> list[bytes]:
-        """What ``pack export`` of this node carries: every held root in order, then the current document of
-        every other type, domain by domain."""
+    def pack(self, for_domain: str | None = None) -> list[bytes]:
+        """What ``pack export`` of this node carries (``--for`` a node of ``for_domain``: what a contact
+        would offer it): every held root in order, then the current document of every other type, domain
+        by domain."""
         out = []
+        allowed = self.offered(for_domain) if for_domain is not None else None
         for (domain, kind), by_v in sorted(self.docs.items(), key=lambda kv: (kv[0][0], kv[0][1] != "root", kv[0][1])):
+            if allowed is not None and (domain, kind) not in allowed:
+                continue
             if kind == "root":
                 out += [self.raw[(domain, kind, v)] for v in sorted(by_v)]
             elif (mark := self.marks.get((domain, kind))) is not None and mark.version in by_v:
