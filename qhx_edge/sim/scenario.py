@@ -33,9 +33,15 @@ A scenario is a TOML file (``scenarios/*.toml``)::
     name = "jeep"
     stops = [["a1", "2h"], ["b1", "14h"]]     # carries a pack from each stop to the next
 
+    [[agreement]]
+    between = ["alpha.example", "beta.example"]   # the proposer first
+    at = "0h"
+    release = ["bundle", "freshness", "revocation"]   # what each side releases to the other
+    max_staleness = "24h"
+
     [[event]]
     at = "30h"
-    kind = "revoke-node"        # rotate-ca | revoke-node | publish-policy
+    kind = "revoke-node"        # rotate-ca | revoke-node | publish-policy | terminate-agreement (+ partner)
     domain = "alpha.example"
     node = "a3"
 
