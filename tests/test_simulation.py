@@ -298,3 +298,48 @@ def test_a_terminated_agreement_closes_the_partner_and_its_publications_are_no_l
         assert e.nodes[name].inventory().get(("beta.example", "freshness"), 0) <= before, name
     with pytest.raises(Exception, match="partner"):
         scenario.load(text.replace('partner = "beta.example"', 'partner = "gamma.example"'), "bad.toml")
+
+
+RESTART = """
+[scenario]
+name = "restart"
+duration = "4h"
+seed = 9
+sample = "10m"
+
+[[domain]]
+name = "alpha.example"
+authority = "hq"
+freshness_every = "30m"
+staleness = { soft = "6h", hard = "24h" }
+
+[[node]]
+name = "hq"
+domain = "alpha.example"
+
+[[node]]
+name = "a1"
+domain = "alpha.example"
+
+[[link]]
+between = ["hq", "a1"]
+bandwidth = "1Mbit/s"
+latency = "50ms"
+windows = [["0h", "1h"]]
+"""
+
+
+def test_a_restart_costs_the_baseline_its_issuance_and_qhx_edge_nothing() -> None:
+    """A node restarts a second before its link to the server goes for good.  qhx-edge's node
+    keeps its store, so it issues on (and its live link is contacted anew); the SPIRE-like agent lost its
+    SVIDs and cannot get new ones: it stops issuing at once instead of an hour after its last poll."""
+    plain = engine.run(scenario.load(RESTART, "plain.toml"))
+    event = '\n[[event]]\nat = "59m59s"\nkind = "restart"\ndomain = "alpha.example"\nnode = "a1"\n'
+    restarted = engine.run(scenario.load(RESTART + event, "restart.toml"))
+    assert restarted["invariants"]["held"]
+    assert restarted["issuance_available"]["a1"] == plain["issuance_available"]["a1"] == 1.0
+    assert restarted["sync_contacts"] == plain["sync_contacts"] + 1  # the link contacted anew
+    theirs, before = restarted["baseline"]["issuance_available"]["a1"], plain["baseline"]["issuance_available"]["a1"]
+    assert theirs < before
+    with pytest.raises(Exception, match="names its 'node'"):
+        scenario.load(RESTART + '\n[[event]]\nat = "1h"\nkind = "restart"\ndomain = "alpha.example"\n', "bad.toml")

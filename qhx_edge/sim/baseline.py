@@ -13,7 +13,9 @@
 * Issuance: an agent serves the SVIDs it holds until they expire and needs its server for new ones,
   so a node can issue while its last successful poll is less than one SVID lifetime (``svid_ttl``,
   SPIRE's default one hour) ago.
-* Nothing federated survives a restart (not modelled yet: the scenarios restart no node).
+* A restart (a ``restart`` event) loses what the agent held in memory: its SVIDs and the federated
+  bundles it had; it issues again, and holds partner bundles again, only after its next poll of its
+  server.
 
 Pure, like the engine: the same contacts give the same figures.
 """
@@ -42,6 +44,12 @@ class Baseline:
         self.server = {n.name: server[n.domain] for n in scenario.nodes}
         self.domain_of = {n.name: n.domain for n in scenario.nodes}
         self.of_domain = server
+        self.restarts = {n.name: sorted(e.at for e in scenario.events if e.kind == "restart" and e.node == n.name)
+                         for n in scenario.nodes}  # fmt: skip
+
+    def _restarted(self, node: str, t: int) -> int:
+        """The node's last restart at or before ``t`` (-1: none)."""
+        return max((r for r in self.restarts[node] if r <= t), default=-1)
 
     def _between(self, a: str, b: str) -> list[contacts.Contact]:
         return sorted((c for c in self.plan if c.kind == "link" and c.a == a and c.b == b), key=lambda c: c.start)
@@ -85,7 +93,8 @@ class Baseline:
         if node == self.server[node]:
             return True
         phase = self._phase(node)
-        last = 0
+        restarted = self._restarted(node, t)
+        last = 0 if restarted < 0 else -SVID_TTL  # provisioned at 0; a restart forgets it all
         for w in self.windows[node]:
             if w.start > t:
                 break
@@ -93,7 +102,7 @@ class Baseline:
             end = min(w.end - rtt, t - rtt)  # the poll must be back by the window's end and by t
             k = (end - phase) // self.poll  # the last poll at or before ``end``
             p = phase + k * self.poll
-            if p >= w.start:
+            if p >= w.start and p >= restarted:
                 last = max(last, p + rtt)
         return t - last < SVID_TTL
 

@@ -284,6 +284,17 @@ class Engine:
             self._partners.get(x, {}).pop(y, None)
         return [raw, auth.publish_freshness(now)]
 
+    def _restart(self, node: str) -> None:
+        """The node's process restarts: its live links drop (what arrived whole is kept, as a cut keeps it)
+        and what it remembered of its peers is gone; its store, and so its trust, stays.  Its diallers
+        start again at once: the links that are still up are contacted anew."""
+        for key in sorted(self._windows_of.get(node, ())):
+            c = self._active[key]
+            c.alive = False
+            self._start_contact(c.window, key)
+        for pair in [p for p in self._memory if node in p]:
+            del self._memory[pair]
+
     def _authority_node(self, domain: str) -> str:
         return next(d.authority for d in self.sc.domains if d.name == domain)
 
@@ -298,6 +309,9 @@ class Engine:
             docs = auth.revoke(e.node, now)
         elif e.kind == "rotate-ca":
             docs = auth.rotate_ca(now)
+        elif e.kind == "restart":
+            self._restart(e.node)
+            return
         elif e.kind == "terminate-agreement":
             docs = self._terminate(e.domain, e.partner)
             self._learned(self._authority_node(e.domain), docs)

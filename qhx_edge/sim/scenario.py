@@ -42,6 +42,7 @@ A scenario is a TOML file (``scenarios/*.toml``)::
     [[event]]
     at = "30h"
     kind = "revoke-node"        # rotate-ca | revoke-node | publish-policy | terminate-agreement (+ partner)
+                                # | restart (the node's process: its links drop, its store stays)
     domain = "alpha.example"
     node = "a3"
 
@@ -70,7 +71,7 @@ MAX_SCENARIO_FILE = 4 << 20
 MAX_NODES = 100_000
 MAX_ITEMS = 1_000_000
 MAX_DURATION_MS = 365 * 86_400_000
-EVENT_KINDS = ("rotate-ca", "revoke-node", "publish-policy", "terminate-agreement")
+EVENT_KINDS = ("rotate-ca", "revoke-node", "publish-policy", "terminate-agreement", "restart")
 RELEASES = ("bundle", "freshness", "revocation", "policy")  # what an agreement may release (core.documents)
 ADVERSARY_KINDS = ("replay", "forge", "withhold-revocations")
 _TIME = re.compile(
@@ -460,8 +461,8 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
         kind = get(e, "event", i, "kind", lambda v: v if v in EVENT_KINDS else _bad(f"one of {EVENT_KINDS}"))
         dom = get(e, "event", i, "domain", lambda v: v if v in by_domain else _bad(f"no [[domain]] named {v!r}"))
         target = get(e, "event", i, "node", node_ref, None)
-        if kind == "revoke-node" and target is None:
-            raise w.fail("event", i, None, "a revoke-node event names its 'node'")
+        if kind in ("revoke-node", "restart") and target is None:
+            raise w.fail("event", i, None, f"a {kind} event names its 'node'")
         partner = get(e, "event", i, "partner", lambda v, home=dom: v if v in by_domain and v != home else
                       _bad("another [[domain]]"), None)  # fmt: skip
         if (kind == "terminate-agreement") != (partner is not None):
