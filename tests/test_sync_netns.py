@@ -160,8 +160,9 @@ def test_three_nodes_converge_across_partitions(tmp_path: Path) -> None:
         assert codes == [0, 0, 0], [(tmp_path / f"n{i}.log").read_text()[-2000:] for i in (2, 1, 3)]
     with node.Node(homes[2]) as n:
         peers = n.store.sync_peers()
-    assert peers[0]["failures"] >= 1  # the partition was felt
-    assert peers[0]["contacts"] >= 1  # a live link may outlast the partition (TCP retransmits after the heal)
+    # The partition was felt: the live link ended when n3's link went down (a network change), and either
+    # a redial failed while it was down or the next link was a new contact.
+    assert peers[0]["failures"] >= 1 or peers[0]["contacts"] >= 2, peers
 
 
 def test_discovery_finds_a_peer_on_the_link_and_syncs(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def test_urgent_documents_travel_first() -> None:
         a.docs["alpha.example", t, 1] = make_doc("alpha.example", t, 1, 3000)
     b = Peer("b")
     assert contact(a, b)
-    assert [t for _d, t, _v in b.received][:3] == ["revocation", "freshness", "root"]
+    assert [t for _d, t, _v in b.received][:3] == ["root", "revocation", "freshness"]
     assert b.received[-1][1] == "receipt"
     assert newest(a) == newest(b)
 
@@ -689,7 +689,7 @@ def test_chunks_of_a_document_never_announced_are_refused_after_the_contact() ->
     doc = make_doc(ALPHA, "policy", 1, 50)
     body = cbor.encode({"m": "chunk", "id": Outgoing(ALPHA, "policy", 1, doc).id, "total": len(doc), "offset": 0,
                         "data": doc})  # fmt: skip
-    with pytest.raises(SyncProtocolError, match="asked for nothing"):
+    with pytest.raises(SyncProtocolError, match="after done"):
         b.receive_data(len(body).to_bytes(4, "big") + body)
 
 
@@ -734,3 +734,42 @@ def test_an_agreement_with_a_trusted_domain_opens_the_other_partys_root_chain() 
     proposed_by_us = [("alpha.example", "agreement/beta.example", 1), ("beta.example", "root", 2)]
     got = sync.wants({("alpha.example", "root"): 1}, proposed_by_us, {"alpha.example"})
     assert got == [("alpha.example", "agreement/beta.example", 0), ("beta.example", "root", 0)]
+
+
+def test_a_document_crosses_a_live_link_once_and_acks_do_not_pile_up() -> None:
+    """Review findings: a peer could re-announce and re-send one document without end (one import and one
+    audit row each time), and a peer that sends tiny chunks and never reads made us queue an ack frame
+    per chunk.  Now a delivered document cannot come again on the same link, and we owe one ack per id."""
+    a, b, got, on = _live_pair({}, {})
+    _pump(a, b, on)
+    doc = make_doc(ALPHA, "policy", 1, 40)
+    a.push([Outgoing(ALPHA, "policy", 1, doc)])
+    _pump(a, b, on)
+    assert got["b"] == [doc]
+    ident = Outgoing(ALPHA, "policy", 1, doc).id
+    again = cbor.encode({"m": "push", "items": [[ALPHA, "policy", 1, ident]]})
+    with pytest.raises(SyncProtocolError, match="already delivered"):
+        b.receive_data(len(again).to_bytes(4, "big") + again)
+    # Acks: 100 one-byte chunks of one announced document owe one ack frame, not 100.
+    c, d, _got2, on2 = _live_pair({}, {})
+    _pump(c, d, on2)
+    big = make_doc(ALPHA, "bundle", 1, 200)
+    big_id = Outgoing(ALPHA, "bundle", 1, big).id
+    frames = [cbor.encode({"m": "push", "items": [[ALPHA, "bundle", 1, big_id]]})]
+    frames += [cbor.encode({"m": "chunk", "id": big_id, "total": len(big), "offset": k, "data": big[k : k + 1]})
+               for k in range(100)]  # fmt: skip
+    d.receive_data(b"".join(len(f).to_bytes(4, "big") + f for f in frames))
+    out = d.data_to_send()
+    assert out.count(b"ack") == 1
+
+
+def test_an_honest_push_of_many_documents_stays_under_the_receivers_cap() -> None:
+    """Review finding: push() announced every document at once, and a push of 300 was refused by an
+    honest receiver (more than 256 announced).  Now each is announced just before its first chunk."""
+    a, b, got, on = _live_pair({}, {})
+    _pump(a, b, on)
+    docs = [Outgoing(ALPHA, f"t{k}", 1, make_doc(ALPHA, f"t{k}", 1, 30)) for k in range(300)]
+    a.push(docs)
+    for _ in range(20):
+        _pump(a, b, on)
+    assert len(got["b"]) == 300

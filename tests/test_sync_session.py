@@ -12,6 +12,7 @@ stream pair and over real TCP on 127.0.0.1, through the real trust core and SQLi
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -254,3 +255,63 @@ def test_the_stores_index_gives_the_catalog_parsing_every_document_would(tmp_pat
         indexed = held_catalog(nd.store.held_index())
     assert any(t.startswith("agreement/") for _d, t in indexed)
     assert indexed == parsed
+
+
+class _SmallReads(trio.abc.Stream):
+    """A slow radio link as the reader sees it: one byte per read, so a document can complete with nothing
+    else under way (where a live link imports)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(1)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_root_rotation_pushed_over_a_live_link_arrives_whole(tmp_path: Path) -> None:
+    """Review finding: a live link imported each document as it completed, and pushed the freshness
+    (signed by a rotated freshness key) before the root that holds that key: the freshness was refused
+    and never sent again, and the node was left with no freshness at all.  Now roots travel first."""
+    import trio.testing
+
+    from qhx_edge.homes.sync_session import News
+
+    h = make_homes(tmp_path, suite="classical")
+    other = _second_node(h)
+
+    def held(home: Path) -> dict[str, int]:
+        with node.Node(home) as n:
+            return {t: v["version"] for t, v in n.summary()["domains"]["alpha.example"].items()}
+
+    def rotate() -> None:
+        now = clock.now()
+        h.authority.rotate_root(now, root_keys=None, root_threshold=None, roles=("freshness",))
+        with node.Node(h.node_home) as n:
+            n.import_pack(h.authority.export_pack(h.authority.export_documents(), now), now)
+
+    async def main() -> None:
+        left, right = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(contact, h.node_home, left, live=True, news=News(), poll=0.2))
+            nursery.start_soon(functools.partial(contact, other, _SmallReads(right), live=True, news=News(), poll=0.2))
+            with trio.fail_after(30):
+                while held(other) != held(h.node_home):
+                    await trio.sleep(0.1)
+            await trio.to_thread.run_sync(rotate)
+            with trio.fail_after(30):
+                while held(other) != held(h.node_home):
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert held(other)["root"] == 2
+    assert "freshness" in held(other)

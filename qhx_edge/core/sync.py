@@ -37,7 +37,8 @@ Rules:
 * Otherwise each side says what it holds (newest version per domain and
   type, not every version), the other asks for what it lacks
   (``since`` = its newest), and the holder sends those documents in
-  urgency order: revocations, freshness, roots, then bundles, policy and
+  urgency order: roots (a rotation's keys sign what follows: on a live link each document is
+  imported as it completes), revocations, freshness, then bundles, policy and
   agreements, then the rest (:data:`URGENCY`).
 * Documents travel in chunks of at most :data:`CHUNK` bytes, each
   acknowledged; at most ``window`` bytes are unacknowledged at once
@@ -86,9 +87,9 @@ _HEADER = struct.Struct(">I")
 
 # Who goes first on a link: lower is sooner (docs/architecture.md, "Sync protocol").
 URGENCY: Final[Mapping[str, int]] = {
-    "revocation": 0,
-    "freshness": 1,
-    "root": 2,
+    "root": 0,
+    "revocation": 1,
+    "freshness": 2,
     "bundle": 3,
     "policy": 3,
     "agreement": 3,
@@ -233,6 +234,7 @@ class _Out:
     urgency: int
     sent: int = 0  # bytes handed to data_to_send
     acked: int = 0
+    announce: list[Any] | None = None  # a pushed document's push item, sent just before its first chunk
 
 
 @dataclass
@@ -306,6 +308,8 @@ class SyncConnection:
         self._caps = tuple(caps)
         self._peer_live = peer_live and LIVE in self._caps  # remembered from an earlier contact
         self._announced: dict[bytes, int] = {}  # pushed ids we were told of and have not completed -> total
+        self._completed: set[bytes] = set()  # ids received whole on this connection: never taken twice
+        self._acks: dict[bytes, int] = {}  # the acknowledgement owed per id (its latest offset), sent next
         self._given: dict[Key, int] = {}  # the newest we queued for the peer, per key (it holds it or refused it)
         self._peer_held: dict[Key, int] | None = dict(peer_inventory) if peer_inventory is not None else None
         self._queued: set[bytes] = set()  # ids sent or queued in this connection: each at most once
@@ -320,6 +324,11 @@ class SyncConnection:
     @property
     def finished(self) -> bool:
         return self._finished
+
+    @property
+    def quiescent(self) -> bool:
+        """No transfer is half received: what arrived may be imported now (a live link imports at these points)."""
+        return not self._announced and not any(i in self._partial for i in self._touched)
 
     @property
     def live(self) -> bool:
@@ -356,12 +365,9 @@ class SyncConnection:
             raise _local("push() to a peer that does not speak live")
         if self.peer is None and not self._peer_live:
             raise _local("push() before the peer's hello, to a peer not known to speak live")
-        out = self._enqueue(docs)
-        for start in range(0, len(out), MAX_ITEMS):
-            part = out[start : start + MAX_ITEMS]
-            self._frame({"m": "push", "items": [[*o.key, o.version, o.id] for o in part]})
+        self._enqueue(docs, push=True)
 
-    def _enqueue(self, docs: Iterable[Outgoing]) -> list[Outgoing]:
+    def _enqueue(self, docs: Iterable[Outgoing], *, push: bool = False) -> list[Outgoing]:
         fresh: list[Outgoing] = []
         for doc in docs:
             if len(doc.raw) > MAX_DOCUMENT_SIZE or not doc.raw:
@@ -374,7 +380,11 @@ class SyncConnection:
             self._given[doc.key] = max(self._given.get(doc.key, 0), doc.version)
             start = self._resume.get(i, 0)
             start = start if 0 <= start < len(doc.raw) else 0
-            self._queue.append(_Out(i, doc.raw, URGENCY.get(doc.type, BULK), sent=start, acked=start))
+            announce = [*doc.key, doc.version, i] if push else None
+            if push:
+                start = 0  # a pushed document goes whole: the receiver drops what it held of it
+            self._queue.append(_Out(i, doc.raw, URGENCY.get(doc.type, BULK), sent=start, acked=start,
+                                    announce=announce))  # fmt: skip
         self._queue.sort(key=lambda o: o.urgency)  # stable: the caller's order within an urgency
         return fresh
 
@@ -410,8 +420,15 @@ class SyncConnection:
 
     def data_to_send(self) -> bytes:
         """Every frame that may leave now: messages, then chunks as far as the window allows."""
+        for i, upto in self._acks.items():
+            self._frame({"m": "ack", "id": i, "upto": upto})
+        self._acks.clear()
         in_flight = sum(o.sent - o.acked for o in self._queue)
         for o in self._queue:
+            if o.announce is not None and o.sent < len(o.raw) and in_flight < self.window:
+                # Announced just before its first chunk: the receiver holds at most the transfers in flight.
+                self._frame({"m": "push", "items": [o.announce]})
+                o.announce = None
             while o.sent < len(o.raw) and in_flight < self.window:
                 n = min(CHUNK, len(o.raw) - o.sent, self.window - in_flight)
                 self._frame(
@@ -564,6 +581,8 @@ class SyncConnection:
             held[(d, t)] = max(held.get((d, t), 0), v)
             self._peer_held = held
         for entry in entries:
+            if entry[3] in self._completed:
+                raise SyncProtocolError("a push of a document this link already delivered")
             if entry[3] not in self._announced and len(self._announced) >= MAX_PARTIALS:
                 raise SyncProtocolError(f"more than {MAX_PARTIALS} pushed documents announced at once")
             self._announced[entry[3]] = 0
@@ -572,7 +591,11 @@ class SyncConnection:
         i, total, offset, data = msg.get("id"), msg.get("total"), msg.get("offset"), msg.get("data")
         if not (isinstance(i, bytes) and len(i) == 32 and isinstance(data, bytes) and data):
             raise SyncProtocolError("a chunk carries a 32-byte id and some data")
+        if i in self._completed:
+            raise SyncProtocolError("a chunk of a document this link already delivered")
         if i not in self._announced:
+            if self._got_done:
+                raise SyncProtocolError("a chunk after done of a document that was not pushed")
             if not self._sent_want:
                 raise SyncProtocolError("a chunk before we asked for anything (or than was pushed)")
             if not self._wanted:
@@ -598,10 +621,11 @@ class SyncConnection:
         if self._received > self.max_receive:
             raise SyncProtocolError(f"more than {self.max_receive} document bytes in one contact")
         self._touched.add(i)
-        self._frame({"m": "ack", "id": i, "upto": len(held.data)})
+        self._acks[i] = len(held.data)  # one acknowledgement per id, however many chunks came
         if len(held.data) == total:
             del self._partial[i]
             self._announced.pop(i, None)
+            self._completed.add(i)
             raw = bytes(held.data)
             if hashlib.sha256(raw).digest() != i:
                 if i in self._carried:

@@ -56,6 +56,7 @@ KEEPALIVE_IDLE = 10  # s: a live link that is quiet this long is probed (TCP kee
 KEEPALIVE_PROBES = 3  # ... this many times, KEEPALIVE_IDLE / 2 apart, before it counts as cut
 USER_TIMEOUT_MS = 30_000  # and data unacknowledged this long cuts it (TCP_USER_TIMEOUT)
 MAX_CONNECTIONS = 256  # sync links a listener serves at once; more are closed at once
+MAX_LIVE_LINKS = MAX_CONNECTIONS // 2  # links it keeps live at once; the others get plain contacts
 MAX_PEER_MEMORIES = 256  # peers whose unfinished transfers a listener keeps
 
 
@@ -98,6 +99,24 @@ def peer_verifier(home: Path, *, now: Callable[[], int] = clock.now) -> tls.Peer
             )
 
     return verify
+
+
+def peer_identity(stream: tls.TlsStream) -> bytes:
+    """Which node a verified stream speaks with: the digest of the CA that issued its SVID (each node's
+    own delegated CA; a node can mint many leaves, but has one CA), or of the leaf if it came alone."""
+    import hashlib
+
+    chain = stream.peer_chain
+    return hashlib.sha256(chain[1] if len(chain) > 1 else chain[0]).digest()
+
+
+def remembered(memory: PeerMemory, identity: bytes) -> PeerMemory:
+    """``memory`` if it is of the node ``identity``; emptied first if it was of another (an address now
+    answered by another node: its partials, and what it held and spoke, are not this one's)."""
+    if memory.identity != identity:
+        memory.partials, memory.peer_live, memory.peer_inventory = {}, False, None
+        memory.identity = identity
+    return memory
 
 
 def peer_domain(stream: tls.TlsStream) -> str:
@@ -188,6 +207,7 @@ async def dial(
     live: bool = False,
     news: News | None = None,
     on_settled: Callable[[ContactResult], None] | None = None,
+    network: News | None = None,
 ) -> ContactResult:
     """Open a sync link to ``host:port`` and run one contact; a refused or failed link is a result
     with ``error`` set (nothing is trusted from it), never an exception.  A refusal is audited (at
@@ -215,10 +235,12 @@ async def dial(
         return result
     if live:
         keep_alive(stream)
+    if memory is not None:
+        remembered(memory, peer_identity(stream))
     async with stream:
         result = await contact(
             home, stream, memory=memory, now=now, source=f"sync {host}:{port}", timeout=timeout,
-            peer_domain=peer_domain(stream), live=live, news=news, on_settled=on_settled,
+            peer_domain=peer_domain(stream), live=live, news=news, on_settled=on_settled, network=network,
         )  # fmt: skip
     result.resumed = stream.resumed
     if memory is not None:  # resumable only if the contact ended with close_notify both ways
@@ -247,7 +269,8 @@ async def listen(
     ended = 0
     active = 0
     done = trio.Event()
-    memories: dict[str, PeerMemory] = {}
+    memories: dict[bytes, PeerMemory] = {}  # per peer node (its CA), not per address
+    live_links: dict[bytes, trio.CancelScope] = {}  # per peer node, its live link: one each
     refusals = RefusalLog()
     contexts = tls.ServerContexts(groups=groups, require_client_certificate=True, resumption=RESUMPTION)
 
@@ -279,18 +302,33 @@ async def listen(
                     await trio.to_thread.run_sync(_audit_refusal, home, f"sync link from {where}{more}", error)
                 return
             contexts.verified()
-            if live:
+            identity = peer_identity(stream)
+            # Live links: one per peer node (a new one ends the old), and at most MAX_LIVE_LINKS, so that
+            # slots stay for plain contacts; over the cap a link gets a plain contact.
+            stale = live_links.pop(identity, None)
+            if stale is not None:
+                stale.cancel()
+            live_here = live and len(live_links) < MAX_LIVE_LINKS
+            if live_here:
                 keep_alive(tcp)
             async with stream:
-                address = where.rsplit(":", 1)[0]
-                if address not in memories and len(memories) >= MAX_PEER_MEMORIES:
+                if identity not in memories and len(memories) >= MAX_PEER_MEMORIES:
                     del memories[next(iter(memories))]  # the oldest: it only costs that peer a resend
-                memory = memories.setdefault(address, PeerMemory())
-                result = await contact(
-                    home, stream, memory=memory, now=now, source=f"sync {where}", timeout=CONTACT_TIMEOUT,
-                    peer_domain=peer_domain(stream), live=live, news=news,
-                    on_settled=functools.partial(on_contact, where),
-                )  # fmt: skip
+                memory = memories.setdefault(identity, PeerMemory(identity=identity))
+                with trio.CancelScope() as scope:
+                    if live_here:
+                        live_links[identity] = scope
+                    try:
+                        result = await contact(
+                            home, stream, memory=memory, now=now, source=f"sync {where}", timeout=CONTACT_TIMEOUT,
+                            peer_domain=peer_domain(stream), live=live_here, news=news,
+                            on_settled=functools.partial(on_contact, where),
+                        )  # fmt: skip
+                    finally:
+                        if live_links.get(identity) is scope:
+                            del live_links[identity]
+                if scope.cancelled_caught:
+                    result.ended = "replaced"  # the same node opened a new live link
             result.resumed = stream.resumed
         except QhxError as exc:  # we cannot serve now (no sync identity, revoked, a locked store): this link only
             result.fail(exc)
@@ -320,6 +358,8 @@ async def listen(
 # --- the long-running side: serve --sync-listen / --sync-peer ---------------------------------------
 
 FIRST_RETRY = 5.0
+LIVE_MIN = 60.0  # s a live link must have lasted to be redialled at once when it ends
+NETWORK_GAP = 1.0  # s from one attempt to the next that a network change may bring, at least
 MAX_RETRY = 300.0
 DEFAULT_INTERVAL = 60.0
 
@@ -373,11 +413,12 @@ async def keep_dialling(
     refusals = RefusalLog()
     failures = 0
     while True:
+        began = trio.current_time()
         try:
             cred = await trio.to_thread.run_sync(credential)
             result = await dial(
                 home, host, port, cred, memory=memory, refusals=refusals, live=live, news=news,
-                on_settled=functools.partial(_settled, home, where, report),
+                on_settled=functools.partial(_settled, home, where, report), network=network,
             )  # fmt: skip
         except QhxError as exc:  # no identity now (revoked, stale), a locked store: this attempt only
             result = ContactResult()
@@ -390,12 +431,18 @@ async def keep_dialling(
             with contextlib.suppress(QhxError):  # a locked store loses one status row, not the dialler
                 await trio.to_thread.run_sync(record, home, where, result)
         report(where, result)
-        if result.complete and result.live:  # it stayed open until the link went: try again at once
-            failures = 1
+        if result.complete and result.live and trio.current_time() - began >= LIVE_MIN:
+            failures = 1  # it stayed open until the link went (or was renewed): again at once
             continue
-        failures = 0 if result.complete else failures + 1
+        # A live link that ended soon after it opened is a failure: backing off, so a peer that answers and
+        # closes cannot make us dial in a loop.
+        failures = 0 if result.complete and not result.live else failures + 1
         delay = interval if failures == 0 else next_retry(failures)
-        await (network.wait(delay) if network is not None else trio.sleep(delay))
+        if network is None or failures == 0:  # a working peer's interval is not cut short by network news
+            await trio.sleep(delay)
+        else:
+            await network.wait(delay)
+            await trio.sleep_until(began + NETWORK_GAP)  # a storm of changes brings one attempt per NETWORK_GAP s
 
 
 class SyncService:

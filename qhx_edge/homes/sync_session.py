@@ -26,6 +26,7 @@ stream (TCP, TLS over TCP, an in-memory pair in tests) and runs one contact to i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +45,10 @@ LIVE_POLL = 2.0  # seconds between looks at the store for news from another proc
 # Refusals a later document of the same live link may cure (a freshness naming a bundle on its way; a
 # partner's root before the agreement that pins it): such documents are tried again with the next arrival.
 RETRY = frozenset(f"rejected:{k}" for k in ("mix-and-match", "unknown-domain", "anchor-mismatch", "no-agreement"))
-MAX_PENDING = 64  # documents held for another try, at most
+MAX_PENDING = 16  # documents held for another try, at most ...
+MAX_RETRIES = 4  # ... each tried again with at most this many later imports
+LIVE_SETTLE = 5.0  # s a live link is left alone after its contact before a network change ends it
+LIVE_LIFETIME = 600.0  # s a live link lasts before it is renewed (a new handshake and a full exchange)
 NOT_SYNCED = frozenset({"delegation", "notary"})
 
 
@@ -56,6 +60,7 @@ class PeerMemory:
 
     partials: dict[bytes, sync.Partial] = field(default_factory=dict)
     link: Any = None
+    identity: bytes | None = None  # the peer node's CA (its certificate's digest) these memories are of
     peer_live: bool = False  # the peer spoke ``live`` in the last contact
     peer_inventory: dict[sync.Key, int] | None = None  # what we believed it held when that contact ended
 
@@ -89,6 +94,7 @@ class ContactResult:
     resumed: bool | None = None  # whether the link resumed an earlier TLS session (None: no TLS link)
     live: bool = False  # the link stayed open after the contact, pushing news both ways
     pushed: int = 0  # documents pushed to the peer unasked
+    ended: str | None = None  # why a live link ended, when it was not the link itself (network-change)
     imported: dict[str, Any] | None = None  # the import report (ImportResult.to_json), if any arrived
     error: dict[str, Any] | None = None  # what ended an incomplete contact (its to_json)
     failure: QhxError | None = field(default=None, repr=False)  # ... and the typed error itself
@@ -227,6 +233,7 @@ async def contact(
     news: News | None = None,
     poll: float = LIVE_POLL,
     on_settled: Callable[[ContactResult], None] | None = None,
+    network: News | None = None,
 ) -> ContactResult:
     """Run one contact over ``stream`` (both peers call this; the protocol has no client or server)
     and apply what arrived.  A peer of another domain (``peer_domain``, which the link authenticated)
@@ -246,7 +253,7 @@ async def contact(
     result = ContactResult(offered=len(ours))
     label = f"{source} {{}}"
     arrived: list[bytes] = []
-    pending: list[bytes] = []  # live: refused only for lack of a document still to come
+    pending: list[tuple[bytes, int]] = []  # live: refused only for lack of a document still to come; tries
     reports: list[dict[str, Any]] = []
     wake = trio.Event()
     contact_over = trio.Event()
@@ -291,16 +298,21 @@ async def contact(
                 arrived.append(ev.raw)
 
     async def import_arrived() -> None:
-        """Live: import what is whole now, with what waited for it (module docstring)."""
+        """Live: import what is whole now, with what waited for it (module docstring).  A document waits
+        for at most MAX_RETRIES later imports, and at most MAX_PENDING wait: a peer cannot make one
+        document cost many imports."""
         nonlocal pending
-        batch = [*pending, *arrived]
+        batch = [*(raw for raw, _n in pending), *arrived]
+        tries = [n for _raw, n in pending] + [0] * len(arrived)
         result.received += len(arrived)
         arrived.clear()
-        report = await trio.to_thread.run_sync(_apply, home, batch, now(), label.format(result.peer))
-        reports.append(report)
-        pending = [batch[d["index"]] for d in report.get("documents", []) if d.get("report") in RETRY][:MAX_PENDING]
-        if report.get("changed") and news is not None:
-            news.publish()
+        with trio.CancelScope(shield=True):  # an import, once begun, is reported and its news told
+            report = await trio.to_thread.run_sync(_apply, home, batch, now(), label.format(result.peer))
+            reports.append(report)
+            pending = [(batch[d["index"]], tries[d["index"]] + 1) for d in report.get("documents", [])
+                       if d.get("report") in RETRY and tries[d["index"]] < MAX_RETRIES][:MAX_PENDING]  # fmt: skip
+            if report.get("changed") and news is not None:
+                news.publish()
 
     async def reader() -> None:
         handle()
@@ -314,7 +326,7 @@ async def contact(
                 contact_over.set()
             if not data:
                 return  # the link ended (after the contact: a live link closing)
-            if conn.live and arrived:
+            if conn.live and arrived and conn.quiescent:
                 await import_arrived()
 
     async def watch_news() -> None:
@@ -327,8 +339,9 @@ async def contact(
         if conn.live and on_settled is not None:  # the contact is over: sync status counts it now
             result.complete = result.live = True
             result.bytes_in, result.bytes_out = conn.bytes_in, conn.bytes_out
-            await trio.to_thread.run_sync(on_settled, result)
-            result.recorded = {k: getattr(result, k) for k in ("received", "sent", "bytes_in", "bytes_out")}
+            counted = {k: getattr(result, k) for k in ("received", "sent", "bytes_in", "bytes_out")}
+            await trio.to_thread.run_sync(on_settled, dataclasses.replace(result))
+            result.recorded = counted
         while conn.live:
             await (news.wait(poll) if news is not None else trio.sleep(poll))
             fresh, _node, _trusted = await trio.to_thread.run_sync(_load, home, peer_domain)
@@ -338,6 +351,7 @@ async def contact(
                 wake.set()
 
     failure: list[BaseException] = []
+    late: list[QhxError] = []
 
     async def guarded(task: Callable[[], Any], scope: trio.CancelScope) -> None:
         # The first failure of either side ends the contact (a cut, the peer's protocol error); the
@@ -346,8 +360,10 @@ async def contact(
         try:
             await task()
         except (QhxError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            if not (conn.finished and conn.live):  # a live link's end is not the contact's failure
+            if not (conn.finished and conn.live):
                 failure.append(exc)
+            elif isinstance(exc, QhxError):  # a live link ended by an error after its contact: said, not hidden
+                late.append(exc)
             scope.cancel()
         else:
             if task is reader and conn.live:  # a live link ended: the writer and the watcher with it
@@ -362,9 +378,37 @@ async def contact(
             failure.append(Unreachable(f"the contact took longer than {timeout} s"))
             nursery.cancel_scope.cancel()
 
+        async def renew() -> None:
+            """Live: the link ends after LIVE_LIFETIME s and its dialler dials again at once: a new handshake
+            checks the peer's identity and authorization afresh, and a full exchange repairs what either side
+            believed of the other."""
+            await contact_over.wait()
+            if conn.live:
+                await trio.sleep(LIVE_LIFETIME)
+                result.ended = "renewal"
+                nursery.cancel_scope.cancel()
+
+        async def network_changed() -> None:
+            """Live: the node's network changed (``network``): the path this link took may be gone or new,
+            so the link ends and its dialler dials afresh (after LIVE_SETTLE s, so a link's own coming up,
+            announced in a burst, does not end the contact it brought)."""
+            assert network is not None
+            await contact_over.wait()
+            opened = trio.current_time()
+            while conn.live:
+                await network.wait(math.inf)
+                if trio.current_time() - opened >= LIVE_SETTLE:
+                    result.ended = "network-change"
+                    nursery.cancel_scope.cancel()
+                    return
+
         nursery.start_soon(guarded, writer, nursery.cancel_scope)
         nursery.start_soon(guarded, reader, nursery.cancel_scope)
         nursery.start_soon(contact_timer)
+        if live:
+            nursery.start_soon(renew)
+        if live and network is not None:
+            nursery.start_soon(network_changed)
         if live:
             nursery.start_soon(guarded, watch_news, nursery.cancel_scope)
     if failure:
@@ -372,6 +416,8 @@ async def contact(
         result.fail(exc if isinstance(exc, QhxError) else Unreachable(f"the link broke: {exc}"))
     result.complete = conn.finished and not failure
     result.live = conn.live
+    if late and not failure:
+        result.fail(late[0])  # the contact completed; the live link after it ended with this
     memory.partials = conn.partials()
     memory.peer_live = conn.live
     memory.peer_inventory = conn.peer_inventory() if conn.live else None

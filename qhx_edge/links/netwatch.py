@@ -10,6 +10,7 @@ backoff.  A message is only a hint to dial now: nothing in it is read, trusted o
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Callable
@@ -47,11 +48,22 @@ async def watch(
     with sock:
         task_status.started(True)
         while True:
-            await sock.recv(65536)
+            await _message(sock)
             with trio.move_on_after(SETTLE):  # drain the rest of the burst
                 while True:
-                    await sock.recv(65536)
+                    await _message(sock)
             try:
                 on_change()
             except Exception:  # a dialler's trouble never ends the watch
                 log.exception("waking the diallers after a network change failed")
+
+
+async def _message(sock: trio.socket.SocketType) -> None:
+    """One message, or an overflow (ENOBUFS: messages were lost, so something changed): either is news.
+    Any other error of the socket is news too, after a pause (the watch never ends sync)."""
+    try:
+        await sock.recv(65536)
+    except OSError as exc:
+        if exc.errno != errno.ENOBUFS:
+            log.info("the network watch socket failed (%s); trying again", exc)
+            await trio.sleep(1.0)
