@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import sqlite3
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,16 @@ from qhx_edge.core.errors import MissingHistory, QhxError
 from qhx_edge.core.policyfile import policy_fields
 from qhx_edge.homes import node, notary
 from qhx_edge.store import clock
-from tests.conftest import Homes, attest_node, make_homes, need, run_cli, stop_process
+from tests.conftest import (
+    Homes,
+    attest_node,
+    faketime_prefix,
+    find_libfaketime,
+    make_homes,
+    need,
+    run_cli,
+    stop_process,
+)
 from tests.test_tunnel import DB, DB_GID, REGISTRATIONS, WEB, WEB_GID, _start
 
 ROUTES = [
@@ -173,8 +181,7 @@ def _ok(*args: Any) -> dict[str, Any]:
 
 def test_exchanges_through_a_notary_become_receipts_that_verify_offline(tmp_path: Path) -> None:
     need(os.geteuid() == 0, "the tunnels run under their own group ids (set by root) for the Workload API")
-    need_faketime = subprocess.run(["faketime", "-f", "+1d", "true"], check=False).returncode == 0
-    need(need_faketime, "faketime (Debian faketime) runs the verifier with the clock a year ahead")
+    need(find_libfaketime() is not None, "libfaketime (Debian faketime) runs the verifier with the clock a year ahead")
     with _notarized(tmp_path, ROUTES) as (h, _qhx, address):
         client = _Client(address)
         try:  # three exchanges on one connection: one per level
@@ -233,7 +240,7 @@ def test_exchanges_through_a_notary_become_receipts_that_verify_offline(tmp_path
 
     # A year and a month ahead: the SVIDs, the delegation, the notary key's card and every bundle have
     # expired; the receipt is checked at its own time and still verifies.
-    r = run_cli("--json", "receipt", "verify", files[0], "--history", h.a, prefix=["faketime", "-f", "+400d"])
+    r = run_cli("--json", "receipt", "verify", files[0], "--history", h.a, prefix=faketime_prefix("+400d"))
     assert r.code == 0, (r.stdout, r.stderr)
     assert json.loads(r.stdout)["report"]["verified"] is True
     with node.Node(h.node_home) as n:
