@@ -42,10 +42,15 @@ EPOCH = 1_800_000_000  # the simulated start, Unix seconds (2027-01-15): documen
 # on a link whose nodes cannot see it come up (``detect = "retry"``) a window is found by the next attempt.
 FIRST_RETRY_MS = 5_000
 MAX_RETRY_MS = 300_000
-PIECE = 1024
-# A live link's import (homes/sync_session.py RETRY, MAX_PENDING): refusals a later document may cure.
+PIECE = 1024  # bytes: what a link carries as one unit of timing (a window that closes cuts between pieces)
+# A live link as serve runs it (homes/sync_session.py): the refusals a later document may cure, how many
+# documents wait and how often each is tried again; the link's renewal, and how long after its contact a
+# change of the dialler's network (a link of its going up or down) leaves it alone.
 RETRY = frozenset({"mix-and-match", "unknown-domain", "anchor-mismatch", "no-agreement"})
-MAX_PENDING = 64  # bytes: what a link carries as one unit of timing (a window that closes cuts between pieces)
+MAX_PENDING = 16
+MAX_RETRIES = 4
+LIVE_LIFETIME_MS = 600_000
+LIVE_SETTLE_MS = 5_000
 Key = tuple[str, str, int, int, float, int]  # a link window: its ends, start, end, rate, latency
 
 
@@ -83,9 +88,11 @@ class _Contact:
 
     window: contacts.Contact
     ends: dict[str, sync.SyncConnection]
-    pending: dict[str, list[bytes]]  # arrived, refused only for lack of a document still to come
+    pending: dict[str, list[tuple[bytes, int]]]  # arrived, refused only for lack of a document to come; tries
     busy: dict[str, int]  # sender -> ms its direction is busy until
     alive: bool = True
+    arrived: dict[str, list[bytes]] = field(default_factory=dict)  # whole, not yet imported (a transfer under way)
+    settled_at: int | None = None  # ms: when its contact finished (the live time began)
     caught_up: set[str] = field(default_factory=set)  # ends that pushed what the exchange showed the peer lacks
 
 
@@ -354,6 +361,9 @@ class Engine:
 
     def _on_dial(self, c: contacts.Contact) -> None:
         key = (c.a, c.b, c.start, c.end, c.rate, c.latency)
+        if c.detect == "carrier":  # the link coming up is a network change at both ends
+            for n in (c.a, c.b):
+                self._network_changed(n)
         self._start_contact(c, key)
         self.push(c.end, "window_end", key)
 
@@ -365,6 +375,12 @@ class Engine:
             self._windows_of[n].discard(key)
         contact.alive = False
         self._remember(contact)
+        for node in list(contact.arrived):  # whole documents that arrived before the cut are kept
+            if contact.arrived[node]:
+                self._arrived(contact, node)
+        if contact.window.detect == "carrier":
+            for n in contact.ends:
+                self._network_changed(n)
         if contact.window.detect == "retry":  # the live link's end is redialled at once, then backs off
             self._dialler[(contact.window.a, contact.window.b)] = (self.now, 0)
 
@@ -445,26 +461,60 @@ class Engine:
                            if not (t == "revocation" and self._withholding(receiver))]  # fmt: skip
                     conn.send_documents(out)
                 elif isinstance(ev, sync.DocumentReceived):
-                    self._arrived(c, receiver, ev.raw)
+                    c.arrived.setdefault(receiver, []).append(ev.raw)
         except QhxError:
             c.alive = False
             self._remember(c)
             return
+        if c.arrived.get(receiver) and conn.live and conn.quiescent:  # as serve imports: nothing half received
+            self._arrived(c, receiver)
+        if conn.finished and c.settled_at is None and all(e.finished for e in c.ends.values()):
+            c.settled_at = self.now
+            if self.now + LIVE_LIFETIME_MS < c.window.end:
+                self.push(self.now + LIVE_LIFETIME_MS, "renew", (key, id(c)))
         if conn.finished and conn.live and receiver not in c.caught_up:
             c.caught_up.add(receiver)  # push what the exchange showed the peer lacks and could not want
             self._push(c, key, receiver, send=False)
         self._send(c, key, receiver)
 
-    def _arrived(self, c: _Contact, node: str, raw: bytes) -> None:
-        """Import a document the moment it is whole, with those that arrived before it and were refused only
-        for lack of a document it may be (a freshness naming a bundle still on its way)."""
-        batch = [*c.pending[node], raw]
+    def _arrived(self, c: _Contact, node: str) -> None:
+        """Import what is whole, with what arrived before and was refused only for lack of a document still to
+        come (a freshness naming a bundle on its way), each of those tried at most MAX_RETRIES times more."""
+        new = c.arrived.pop(node)
+        batch = [raw for raw, _n in c.pending[node]] + new
+        tries = [n for _raw, n in c.pending[node]] + [0] * len(new)
         outcome = self._learned(node, batch)
         if outcome is None:
             c.pending[node] = []
             return
-        c.pending[node] = [batch[v.index] for v in outcome.rejected
-                           if v.error is not None and v.error.kind in RETRY][:MAX_PENDING]  # fmt: skip
+        c.pending[node] = [(batch[v.index], tries[v.index] + 1) for v in outcome.rejected
+                           if v.error is not None and v.error.kind in RETRY
+                           and tries[v.index] < MAX_RETRIES][:MAX_PENDING]  # fmt: skip
+
+    def _on_renew(self, payload: tuple[Key, int]) -> None:
+        """A live link's renewal: it ends, and its dialler dials again at once (a new contact)."""
+        key, ident = payload
+        c = self._active.get(key)
+        if c is not None and id(c) == ident and c.alive:
+            self._redial(c, key)
+
+    def _redial(self, c: _Contact, key: Key) -> None:
+        c.alive = False
+        self._remember(c)
+        for node, docs in list(c.arrived.items()):  # whole documents are kept, as a cut keeps them
+            if docs:
+                self._arrived(c, node)
+        self._start_contact(c.window, key)
+
+    def _network_changed(self, node: str) -> None:
+        """A link of ``node`` went up or down: its live links that it dialled (the lower-named end dials),
+        settled for LIVE_SETTLE, end and are dialled again at once."""
+        for key in sorted(self._windows_of.get(node, ())):
+            c = self._active[key]
+            dialler = min(c.window.a, c.window.b)
+            if (c.alive and dialler == node and c.settled_at is not None
+                    and self.now - c.settled_at >= LIVE_SETTLE_MS):  # fmt: skip
+                self._redial(c, key)
 
     # --- sampling and the report -----------------------------------------------------------------------
 
