@@ -93,11 +93,8 @@ def make_node(tmp: Path) -> Path:
                                        "notary": routes}), now)  # fmt: skip
     home = tmp / "N"
     node.init(home, auth.anchor(), now, passphrase=PASSPHRASE)
-    token = attestation.create_join_token(auth, now, 600)
     with node.Node(home, lambda: PASSPHRASE) as n:
-        chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
-        docs = attestation.finish(auth, attestation.respond(n, chal, now), now)
-        n.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)
+        attestation.join_in_process(auth, n, now)
     return home
 
 

@@ -236,9 +236,5 @@ def attest_node(h: Homes, home: Path) -> None:
     delegation with everything current."""
     from qhx_edge.homes import attestation
 
-    auth, now = h.authority, clock.now()
-    token = attestation.create_join_token(auth, now, 600)
     with node.Node(home, PASSPHRASE.encode) as n:
-        chal = attestation.challenge(auth, attestation.make_request(n, "join-token", now, token=token), now)
-        docs = attestation.finish(auth, attestation.respond(n, chal, now), now)
-        n.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)
+        attestation.join_in_process(h.authority, n, clock.now())

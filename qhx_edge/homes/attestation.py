@@ -757,3 +757,13 @@ def finish(
         return docs
     finally:
         store.close()
+
+
+def join_in_process(auth: Authority, node: Node, now: int) -> None:
+    """Attest ``node`` to ``auth`` by a fresh join token, both in this process (the simulated field of
+    ``scenario run --live``, tests, benchmarks), and import the delegation with everything current: the
+    whole exchange that ``node attest`` and ``authority attest`` carry over packs."""
+    token = create_join_token(auth, now, 600)
+    chal = challenge(auth, make_request(node, "join-token", now, token=token), now)
+    docs = finish(auth, respond(node, chal, now), now)
+    node.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)

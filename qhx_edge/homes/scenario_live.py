@@ -170,11 +170,8 @@ def _homes(sc: Scenario, where: Path, passphrase: bytes) -> tuple[Any, dict[str,
     for n in sc.nodes:
         home = homes[n.name] = where / "nodes" / n.name
         node.init(home, auth.anchor(), now, passphrase=passphrase)
-        token = attestation.create_join_token(auth, now, 600)
         with node.Node(home, lambda: passphrase) as nd:
-            chal = attestation.challenge(auth, attestation.make_request(nd, "join-token", now, token=token), now)
-            docs = attestation.finish(auth, attestation.respond(nd, chal, now), now)
-            nd.import_pack(auth.export_pack(auth.export_documents() + docs, now), now)
+            attestation.join_in_process(auth, nd, now)
             ids[n.name] = nd.node_id
     return auth, homes, ids
 
