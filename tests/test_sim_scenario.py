@@ -78,6 +78,7 @@ def test_a_scenario_parses_to_what_it_says() -> None:
         (('kind = "revoke-node"', 'kind = "explode"'), 35, "event[0].kind"),
         (('clock_skew = "-90s"', 'clock_skew = "-90s"\ncolour = "red"'), 22, "node[1].colour"),
         (('bandwidth = "9600bit/s"', 'bandwidth = "9600bit/s"\ndetect = "psychic"'), 26, "link[0].detect"),
+        (('clock_skew = "-90s"', 'clock_skew = "-90s"\nrequests_per_hour = -1'), 22, "node[1].requests_per_hour"),
     ],
 )
 def test_a_bad_scenario_names_the_line_and_the_key(change: tuple[str, str], line: int, what: str) -> None:

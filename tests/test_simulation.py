@@ -115,6 +115,10 @@ def test_qhx_edge_outlasts_the_baseline_when_the_server_is_out_of_reach() -> Non
         assert ours[node] > 0.95
         assert theirs[node] < 0.4  # a SPIRE agent needs its server within an SVID lifetime
     assert r["baseline"]["delivery_ratio"] < r["delivery_ratio"]
+    # The workloads' requests over 96 hours: the baseline refuses most, qhx-edge almost none.
+    lead = r["requests"]["lead"]
+    assert lead["made"] == 120 * 96
+    assert lead["refused"] < 0.02 * lead["made"] < 0.5 * lead["made"] < lead["refused_baseline"]
 
 
 def test_a_broken_invariant_fails_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -105,6 +105,12 @@ def summary(r: dict[str, Any]) -> str:
             cells = [_h(None if x is None else x - t0) for x in (got, bound, b)]
             lines.append(f"| {node} | " + " | ".join(cells) + " |")
         lines.append("")
+    if r.get("requests"):
+        lines += ["## Workload requests", "", "| node | made | refused by qhx-edge | refused by the baseline |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for node, q in sorted(r["requests"].items()):
+            lines.append(f"| {node} | {q['made']} | {q['refused']} | {q['refused_baseline']} |")
+        lines.append("")
     lines.append("Invariants: " + ("all held." if r["invariants"]["held"] else "BROKEN:"))
     lines += [f"- {b}" for b in r["invariants"]["broken"]]
     return "\n".join(lines) + "\n"

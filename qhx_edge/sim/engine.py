@@ -597,6 +597,7 @@ class Engine:
         for kind, k in sorted(per_kind.items()):
             rs: list[float] = sorted(k.pop("ratios"))
             kinds[kind] = {**k, "over_bound_median": _q(rs, 0.5), "over_bound_p99": _q(rs, 0.99)}
+        base = baseline.figures(self.sc, self.plan, self.publications, [s["t"] for s in self.samples])
         return {
             "scenario": self.sc.name,
             "seed": self.sc.seed,
@@ -616,6 +617,7 @@ class Engine:
             "publications": kinds,
             "over_bound": {"median": _q(sorted(ratios), 0.5), "p99": _q(sorted(ratios), 0.99)},
             "issuance_available": available,
+            "requests": self._requests(available, base),
             "rejected": {n: dict(sorted(s.rejected.items())) for n, s in self.nodes.items() if s.rejected},
             "signatures": {"verified": self.checker.verified, "remembered": self.checker.remembered},
             "revocations": {
@@ -628,8 +630,21 @@ class Engine:
                 if p.kind == "revocation"
             },
             "invariants": {"held": not self.invariant_failures, "broken": list(self.invariant_failures)},
-            "baseline": baseline.figures(self.sc, self.plan, self.publications, [s["t"] for s in self.samples]),
+            "baseline": base,
         }
+
+    def _requests(self, available: dict[str, float], base: dict[str, Any]) -> dict[str, Any]:
+        """Per node with a request rate: the SVID requests its workloads made over the run, and how many
+        were refused (made while the node could not issue, by the sampled availability), by qhx-edge and by
+        the baseline."""
+        hours = self.sc.duration / 3_600_000
+        out = {}
+        for n in self.sc.nodes:
+            if n.requests_per_hour:
+                made = n.requests_per_hour * hours
+                out[n.name] = {"made": round(made), "refused": round(made * (1 - available[n.name])),
+                               "refused_baseline": round(made * (1 - base["issuance_available"][n.name]))}  # fmt: skip
+        return out
 
     def series(self, limit: int = 32) -> dict[str, Any]:
         """What the plots draw: sample times (hours) and, per node (at most ``limit``; the quantiles of all

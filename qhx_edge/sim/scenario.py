@@ -19,6 +19,7 @@ A scenario is a TOML file (``scenarios/*.toml``)::
     name = "a1"
     domain = "alpha.example"
     clock_skew = "0s"           # how far the node's clock runs ahead (negative: behind)
+    requests_per_hour = 120     # SVID requests its workloads make, spread evenly (the report counts refusals)
 
     [[link]]
     between = ["alpha-hq", "a1"]
@@ -106,6 +107,7 @@ class Node:
     name: str
     domain: str
     clock_skew: int = 0
+    requests_per_hour: float = 0.0  # SVID requests its workloads make (the report counts those refused)
 
 
 @dataclass(frozen=True)
@@ -347,11 +349,14 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
 
     nodes = []
     for i, n in enumerate(tables("node")):
-        only(n, "node", i, {"name", "domain", "clock_skew"})
+        only(n, "node", i, {"name", "domain", "clock_skew", "requests_per_hour"})
         dom = get(n, "node", i, "domain", str)
         if dom not in by_domain:
             raise w.fail("node", i, "domain", f"no [[domain]] named {dom!r}")
-        nodes.append(Node(get(n, "node", i, "name", name_of), dom, get(n, "node", i, "clock_skew", time_ms, 0)))
+        per_hour = get(n, "node", i, "requests_per_hour", requests, 0.0)
+        nodes.append(
+            Node(get(n, "node", i, "name", name_of), dom, get(n, "node", i, "clock_skew", time_ms, 0), per_hour)
+        )
     # Clusters: many nodes at once, hung as a tree (``fanout`` children each) from a node declared above,
     # every tree link with the same parameters and windows, each level's windows later by ``stagger``.
     cluster_links: list[Link] = []
@@ -526,6 +531,13 @@ def load(text: str, source: str = "<scenario>") -> Scenario:
         events=tuple(sorted(events, key=lambda e: e.at)), adversaries=tuple(adversaries), agreements=tuple(specs),
         source=source,
     )  # fmt: skip
+
+
+def requests(value: Any) -> float:
+    """A workload request rate: a number of SVID requests an hour, 0 to 1,000,000."""
+    if type(value) not in (int, float) or not 0 <= value <= 1e6:
+        raise ValueError("a number of requests an hour, 0 to 1,000,000")
+    return float(value)
 
 
 def _bad(message: str) -> Any:
