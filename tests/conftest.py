@@ -238,3 +238,14 @@ def attest_node(h: Homes, home: Path) -> None:
 
     with node.Node(home, PASSPHRASE.encode) as n:
         attestation.join_in_process(h.authority, n, clock.now())
+
+
+# Files that take minutes, started first: with pytest-xdist's --dist loadfile a worker takes whole files
+# in collection order, and one of these begun near the end would keep the suite waiting on it alone.
+SLOW_FILES = ("test_scenario_live.py", "test_packs.py", "test_crash_safety.py", "test_federation.py",
+              "test_bundle_endpoint.py", "test_partner_fetch.py", "test_federation_lifecycle.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: the order within a file holds

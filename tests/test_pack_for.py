@@ -48,8 +48,10 @@ def test_a_pack_for_a_summary_carries_what_the_peer_lacks_urgent_first(tmp_path:
     wrote = ok("--home", h.node_home, "--json", "pack", "export", "--for", summary, "--to", out)
     got = _types(out)
     assert wrote["documents"] == len(got)
-    assert got[0][1] == "revocation"  # urgent first
-    assert [t for _d, t, _v in got].index("freshness") < [t for _d, t, _v in got].index("root")
+    # Urgent first: roots (a rotation's keys sign what follows), then the revocation, then freshness.
+    types = [t for _d, t, _v in got]
+    assert types[:2] == ["root", "root"]
+    assert types.index("revocation") < types.index("freshness") < types.index("bundle")
     assert sorted(v for _d, t, v in got if t == "root") == [2, 3]  # the chain from what it holds, not v1
     assert "policy" not in {t for _d, t, _v in got}  # it holds the newest policy already
     assert "delegation" not in {t for _d, t, _v in got}  # each node's own: never synced
