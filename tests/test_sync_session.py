@@ -315,3 +315,41 @@ def test_a_root_rotation_pushed_over_a_live_link_arrives_whole(tmp_path: Path) -
     trio.run(main)
     assert held(other)["root"] == 2
     assert "freshness" in held(other)
+
+
+def test_a_live_link_reloads_its_catalog_only_when_the_trust_generation_moves(tmp_path: Path, monkeypatch: Any) -> None:
+    """Review finding: every live link loaded the node's whole catalog every 2 s.  Now it reads the store's
+    trust generation (one small query) and loads the catalog only when an import moved it."""
+    import trio.testing
+
+    from qhx_edge.homes import sync_session
+    from qhx_edge.store.trust_store import trust_generation
+
+    h = make_homes(tmp_path, suite="classical")
+    other = _second_node(h)
+    loads: list[Path] = []
+    real = sync_session._load
+
+    def counting(home: Path, peer_domain: str | None) -> Any:
+        loads.append(home)
+        return real(home, peer_domain)
+
+    monkeypatch.setattr(sync_session, "_load", counting)
+    before = trust_generation(h.node_home)
+
+    async def main() -> None:
+        left, right = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(contact, h.node_home, left, live=True, poll=0.05))
+            nursery.start_soon(functools.partial(contact, other, right, live=True, poll=0.05))
+            await trio.sleep(1.5)  # thirty looks each: the catalog loaded at the start and at the first look
+            quiet = loads.count(h.node_home)
+            _ahead(h)  # an import on the first node moves its generation ...
+            with trio.fail_after(30):
+                while loads.count(h.node_home) == quiet:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert quiet <= 2, quiet
+
+    trio.run(main)
+    assert trust_generation(h.node_home) > before

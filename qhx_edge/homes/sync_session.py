@@ -39,6 +39,7 @@ from qhx_edge.core import sync
 from qhx_edge.core.documents import Agreement, parse
 from qhx_edge.core.errors import QhxError, Rejected, Unreachable
 from qhx_edge.store import clock
+from qhx_edge.store.trust_store import trust_generation
 
 RECEIVE_SIZE = 64 << 10
 LIVE_POLL = 2.0  # seconds between looks at the store for news from another process, on a live link
@@ -342,8 +343,13 @@ async def contact(
             counted = {k: getattr(result, k) for k in ("received", "sent", "bytes_in", "bytes_out")}
             await trio.to_thread.run_sync(on_settled, dataclasses.replace(result))
             result.recorded = counted
+        generation = -1  # the first look loads the catalog whole: the store may have moved since the contact began
         while conn.live:
             await (news.wait(poll) if news is not None else trio.sleep(poll))
+            now_at = await trio.to_thread.run_sync(trust_generation, home)  # one small query, not the catalog
+            if now_at == generation:
+                continue
+            generation = now_at
             fresh, _node, _trusted = await trio.to_thread.run_sync(_load, home, peer_domain)
             if inventory(fresh) != inventory(cat):
                 cat = fresh

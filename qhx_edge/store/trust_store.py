@@ -1222,6 +1222,19 @@ class GroupCommit:
             nxt.event.release()
 
 
+def trust_generation(home: Path) -> int:
+    """The node store's trust generation (migration 5: raised by every import that changes trust state),
+    read without opening the store for use: one read-only query, for a watcher that only needs to know
+    whether anything changed (a live sync link, docs/architecture.md "Sync links")."""
+    path = Path(home) / STORE_FILE
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        row = conn.execute("SELECT n FROM generation").fetchone()
+    finally:
+        conn.close()
+    return int(row[0]) if row else 0
+
+
 def copy_error(exc: BaseException) -> BaseException:
     """One exception object per raising thread: typed errors keep their kind, the rest become one."""
     if isinstance(exc, QhxError):
