@@ -252,7 +252,10 @@ async def contact(
         peer_live=live and memory.peer_live, peer_inventory=memory.peer_inventory if live else None,
     )  # fmt: skip
     result = ContactResult(offered=len(ours))
-    label = f"{source} {{}}"
+
+    def label() -> str:  # the import's source, for the audit log: the link and the peer's node
+        return f"{source} {result.peer}"
+
     arrived: list[bytes] = []
     pending: list[tuple[bytes, int]] = []  # live: refused only for lack of a document still to come; tries
     reports: list[dict[str, Any]] = []
@@ -308,7 +311,7 @@ async def contact(
         result.received += len(arrived)
         arrived.clear()
         with trio.CancelScope(shield=True):  # an import, once begun, is reported and its news told
-            report = await trio.to_thread.run_sync(_apply, home, batch, now(), label.format(result.peer))
+            report = await trio.to_thread.run_sync(_apply, home, batch, now(), label())
             reports.append(report)
             pending = [(batch[d["index"]], tries[d["index"]] + 1) for d in report.get("documents", [])
                        if d.get("report") in RETRY and tries[d["index"]] < MAX_RETRIES][:MAX_PENDING]  # fmt: skip
@@ -434,7 +437,7 @@ async def contact(
                 await import_arrived()
         else:
             result.received += len(arrived)
-            reports.append(await trio.to_thread.run_sync(_apply, home, arrived, now(), label.format(result.peer)))
+            reports.append(await trio.to_thread.run_sync(_apply, home, arrived, now(), label()))
     if reports:
         result.imported = _merged(reports)
     return result
